@@ -1,0 +1,21 @@
+"""Chinese-CLIP in JAX/Flax: models, checkpoint conversion, inference and sharded training."""
+
+from .config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from .modeling import (
+    ChineseCLIPModel,
+    ChineseCLIPOutput,
+    ChineseCLIPTextModel,
+    ChineseCLIPVisionModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChineseCLIPConfig",
+    "ChineseCLIPTextConfig",
+    "ChineseCLIPVisionConfig",
+    "ChineseCLIPModel",
+    "ChineseCLIPOutput",
+    "ChineseCLIPTextModel",
+    "ChineseCLIPVisionModel",
+]

@@ -1,0 +1,106 @@
+"""The joint Chinese-CLIP model: both towers, their projections and the logit scale.
+
+Param tree (unscanned; with ``scan_layers`` each ``encoder`` holds one stacked ``layers``)::
+
+    text_model/{embeddings, encoder/layer_i}      vision_model/{patch_embedding, class_embedding,
+    text_projection/kernel (text_hidden, proj)    position_embedding, pre_layernorm, encoder/layer_i,
+    visual_projection/kernel (vision_hidden, proj) post_layernorm}
+    logit_scale ()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from ..config import ChineseCLIPConfig
+from .layers import Dense, partitioned
+from .text import TextOutput, TextTower
+from .vision import VisionOutput, VisionTower
+
+Dtype = Any
+
+
+@struct.dataclass
+class ChineseCLIPOutput:
+    """Same meaning as transformers' ``ChineseCLIPOutput``; all arrays fp32."""
+
+    logits_per_image: jax.Array  # (n_images, n_texts) = exp(logit_scale) * cos
+    logits_per_text: jax.Array  # (n_texts, n_images)
+    text_embeds: jax.Array  # (n_texts, proj), L2-normalized
+    image_embeds: jax.Array  # (n_images, proj), L2-normalized
+    text_model_output: TextOutput | None = None
+    vision_model_output: VisionOutput | None = None
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class ChineseCLIPModel(nn.Module):
+    """Chinese-CLIP as a Flax Linen module.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype (params stay fp32; LayerNorm statistics, softmax and logits are fp32).
+      attention_impl: ``implementation`` of ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+      scan_layers: stack layer params and run the encoders with ``nn.scan`` (fast compiles).
+      remat: recompute layer activations in the backward pass.
+    """
+
+    config: ChineseCLIPConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    scan_layers: bool = False
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        opts = dict(dtype=self.dtype, attention_impl=self.attention_impl,
+                    scan_layers=self.scan_layers, remat=self.remat)
+        self.text_model = TextTower(cfg.text_config, **opts)
+        self.vision_model = VisionTower(cfg.vision_config, **opts)
+        self.text_projection = Dense(
+            cfg.projection_dim, ("embed",), (None,), std=cfg.text_config.hidden_size ** -0.5,
+            use_bias=False, dtype=self.dtype,
+        )
+        self.visual_projection = Dense(
+            cfg.projection_dim, ("embed",), (None,), std=cfg.vision_config.hidden_size ** -0.5,
+            use_bias=False, dtype=self.dtype,
+        )
+        self.logit_scale = self.param(
+            "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
+        )
+
+    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                          deterministic: bool = True) -> jax.Array:
+        """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32."""
+        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        return self.text_projection(hidden[:, 0]).astype(jnp.float32)
+
+    def get_image_features(self, pixel_values, deterministic: bool = True) -> jax.Array:
+        """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32."""
+        pooled = self.vision_model(pixel_values, deterministic).pooler_output
+        return self.visual_projection(pooled).astype(jnp.float32)
+
+    def __call__(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True) -> ChineseCLIPOutput:
+        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        vision = self.vision_model(pixel_values, deterministic)
+        text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
+        image_embeds = l2_normalize(self.visual_projection(vision.pooler_output))
+        cos = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST)
+        logits_per_text = jnp.exp(self.logit_scale) * cos
+        return ChineseCLIPOutput(
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=TextOutput(last_hidden_state=hidden),
+            vision_model_output=vision,
+        )

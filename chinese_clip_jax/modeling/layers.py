@@ -1,0 +1,163 @@
+"""Building blocks shared by both towers: dense layers with logical axes, attention, MLP, and
+the layer stack (unrolled or ``nn.scan``-ed, optionally rematerialised).
+
+Logical axis names used for params: ``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``,
+``layers`` (the stacked axis under ``scan_layers``); for activations: ``batch``, ``seq``,
+``act_embed``. ``chinese_clip_jax.sharding`` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+ACTIVATION_AXES = ("batch", "seq", "act_embed")
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's erf GELU
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array) -> jax.Array:
+    """Activation sharding hint at block boundaries: (batch, seq, embed)."""
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class Dense(nn.Module):
+    """``x @ kernel + bias`` over the last ``len(in_axes)`` dims of x; kernel axes named.
+
+    ``features`` may be a tuple (e.g. ``(heads, head_dim)``) for a multi-dim output.
+    """
+
+    features: int | tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    std: float = 0.02
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        n_in = len(self.in_axes)
+        in_shape = x.shape[-n_in:]
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.normal(self.std), self.in_axes + self.out_axes),
+            in_shape + features,
+            jnp.float32,
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, self.out_axes), features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm whose statistics are fp32 whatever ``dtype`` (flax's force_float32_reductions)."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones, ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``.
+
+    Params: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed).
+    ``mask``: bool (batch, 1, 1, seq) with True for keys that may be attended, or None.
+    """
+
+    num_heads: int
+    head_dim: int
+    qkv_std: float = 0.02
+    out_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        def proj(name):
+            return Dense(
+                (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"),
+                std=self.qkv_std, dtype=self.dtype, name=name,
+            )(x)
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        return Dense(
+            x.shape[-1], ("heads", "kv"), ("embed",), std=self.out_std, dtype=self.dtype, name="out"
+        )(y)
+
+
+class MLP(nn.Module):
+    intermediate_size: int
+    activation: str
+    fc1_std: float = 0.02
+    fc2_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Dense(self.intermediate_size, ("embed",), ("mlp",), std=self.fc1_std, dtype=self.dtype, name="fc1")(x)
+        h = ACTIVATIONS[self.activation](h)
+        return Dense(x.shape[-1], ("mlp",), ("embed",), std=self.fc2_std, dtype=self.dtype, name="fc2")(h)
+
+
+class LayerStack(nn.Module):
+    """Applies ``num_layers`` copies of ``layer_cls(**layer_kwargs)`` to ``x``.
+
+    Unrolled, the params are ``layer_0 ... layer_{N-1}``; with ``scan`` they are one ``layers``
+    subtree whose leaves have a leading axis of size N (logical name ``layers``), which compiles
+    one layer body instead of N. ``remat`` recomputes each layer's activations in the backward
+    pass (``nothing_saveable``), trading FLOPs for memory.
+    """
+
+    layer_cls: type[nn.Module]
+    layer_kwargs: dict
+    num_layers: int
+    scan: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        cls = self.layer_cls
+        if self.remat:
+            cls = nn.remat(cls, prevent_cse=not self.scan, policy=jax.checkpoint_policies.nothing_saveable)
+        if self.scan:
+            stack = nn.scan(
+                cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**self.layer_kwargs, name="layers")
+            x, _ = stack(x, mask)
+            return x
+        for i in range(self.num_layers):
+            x, _ = cls(**self.layer_kwargs, name=f"layer_{i}")(x, mask)
+        return x
