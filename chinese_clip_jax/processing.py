@@ -1,0 +1,402 @@
+"""Text and image preprocessing, identical to transformers' ChineseCLIPProcessor.
+
+Text goes through transformers' BERT tokenizer (the real 21128-token Chinese vocab ships in
+`chinese_clip_jax/assets/vocab.txt`); images are decoded and resized with PIL and normalized
+with numpy here, following `ChineseCLIPImageProcessor` (PIL backend) step for step:
+
+  1. convert to RGB (transparent pixels composited onto white, as transformers does);
+  2. resize with PIL (`size` = {"shortest_edge": s}: the short side becomes s and the long side
+     `int(s * long / short)`; `size` = {"height": h, "width": w}: squash to h x w);
+  3. center crop to `crop_size` (zero padding when the image is smaller, as transformers does);
+  4. rescale and normalize: `(x * rescale_factor - mean) / std` in float32, via a 256-entry table.
+
+`resize_mode="squash"` instead reproduces cn_clip's evaluation transform: bicubic resize of the
+image as given to r x r (no crop), then `convert("RGB")`, `/ 255` and normalize.
+
+No torch is needed. Outputs: `input_ids`, `attention_mask`, `token_type_ids` (int32, (N, L),
+L = 52 by default) and `pixel_values` (float32, NCHW).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_LENGTH = 52
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
+
+
+class ImageLoadError(ValueError):
+    """An input image could not be read or converted; the message names the image and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """Image preprocessing settings, with the meaning of transformers' preprocessor_config.json.
+
+    size: {"shortest_edge": s} or {"height": h, "width": w}, in pixels.
+    crop_size: {"height": h, "width": w}, in pixels.
+    resample: a PIL resampling filter number (3 = bicubic).
+    """
+
+    size: dict = dataclasses.field(default_factory=lambda: {"shortest_edge": 224})
+    crop_size: dict = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+    resample: int = int(PIL.Image.Resampling.BICUBIC)
+
+    def __post_init__(self):
+        if set(self.size) not in ({"shortest_edge"}, {"height", "width"}):
+            raise ValueError(
+                f"image size must be {{'shortest_edge': s}} or {{'height': h, 'width': w}}, got {self.size}"
+            )
+        if set(self.crop_size) != {"height", "width"}:
+            raise ValueError(f"crop_size must be {{'height': h, 'width': w}}, got {self.crop_size}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean/image_std need 3 values, got {self.image_mean}, {self.image_std}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageSettings":
+        """Reads a preprocessor_config.json dict the way transformers does.
+
+        An int `size` means the shortest edge, a [h, w] list means height/width; an int
+        `crop_size` means a square. Unknown keys (e.g. "feature_extractor_type") are ignored.
+        """
+        kw: dict[str, Any] = {}
+        if d.get("size") is not None:
+            kw["size"] = _size_dict(d["size"], int_means="shortest_edge", name="size")
+        if d.get("crop_size") is not None:
+            kw["crop_size"] = _size_dict(d["crop_size"], int_means="square", name="crop_size")
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            if d.get(key) is not None:
+                kw[key] = bool(d[key])
+        if d.get("rescale_factor") is not None:
+            kw["rescale_factor"] = float(d["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if d.get(key) is not None:
+                v = d[key]
+                kw[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+        if d.get("resample") is not None:
+            kw["resample"] = int(d["resample"])
+        if d.get("do_convert_rgb") is False:
+            logger.warning("do_convert_rgb=False is ignored: the model needs 3-channel RGB input")
+        return cls(**kw)
+
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the pixel_values this produces, when it does not depend on the image."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and "height" in self.size:
+            return self.size["height"], self.size["width"]
+        raise ValueError("output size depends on the input image (no center crop, shortest-edge resize)")
+
+
+def _size_dict(v, int_means: str, name: str) -> dict:
+    if isinstance(v, dict):
+        return {k: int(x) for k, x in v.items() if x is not None}
+    if isinstance(v, int):
+        return {"shortest_edge": v} if int_means == "shortest_edge" else {"height": v, "width": v}
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return {"height": int(v[0]), "width": int(v[1])}
+    raise ValueError(f"cannot read {name}={v!r} from the preprocessor config")
+
+
+def _normalize_table(scale: float | None, mean, std, torch_style: bool = False) -> np.ndarray:
+    """(3, 256) float32 table: normalized value of grey level v in channel c.
+
+    Same float32 arithmetic as transformers (float64 rescale then cast) or, with torch_style,
+    as torchvision's ToTensor (float32 division by 255).
+    """
+    v = np.arange(256, dtype=np.float64)
+    if torch_style:
+        x = v.astype(np.float32) / np.float32(255)
+    elif scale is not None:
+        x = (v * scale).astype(np.float32)
+    else:
+        x = v.astype(np.float32)
+    table = np.stack([x, x, x])
+    if mean is not None:
+        m = np.asarray(mean, np.float32)[:, None]
+        s = np.asarray(std, np.float32)[:, None]
+        table = (table - m) / s
+    return table.astype(np.float32)
+
+
+def _image_name(image, index: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"image {index} ({os.fspath(image)!r})"
+    return f"image {index} ({type(image).__name__})"
+
+
+def _open_path(path) -> PIL.Image.Image:
+    img = PIL.Image.open(path)
+    img.load()
+    return PIL.ImageOps.exif_transpose(img)
+
+
+def _array_to_pil(a: np.ndarray) -> PIL.Image.Image:
+    """uint8 (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4} -> PIL image (L, RGB or RGBA).
+
+    Channels-last is assumed whenever the last axis has 1, 3 or 4 entries.
+    """
+    if a.dtype != np.uint8:
+        raise ValueError(f"arrays must be uint8 (0..255), got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return PIL.Image.fromarray(np.ascontiguousarray(a), mode="L")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise ValueError(f"arrays must be (H, W), (H, W, 1|3|4) or (1|3|4, H, W), got shape {a.shape}")
+    if a.shape[-1] == 4:  # composite onto white, rounded, as transformers does for arrays
+        alpha = a[..., 3:4] / 255.0
+        a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return PIL.Image.fromarray(np.ascontiguousarray(a), mode="RGB")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode -> RGB; images with an alpha band or a transparency key go onto white."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImagePreprocessor:
+    """Images -> float32 pixel_values (N, 3, H, W).
+
+    resize_mode: "processor" (the settings, as transformers) or "squash" (cn_clip's eval
+    transform at resolution `crop_size`). num_threads: images decoded/resized in parallel
+    (PIL releases the GIL); 1 = in the calling thread.
+    """
+
+    def __init__(self, settings: ImageSettings | None = None, resize_mode: str = "processor",
+                 num_threads: int | None = None):
+        if resize_mode not in ("processor", "squash"):
+            raise ValueError(f"resize_mode must be 'processor' or 'squash', got {resize_mode!r}")
+        self.settings = settings or ImageSettings()
+        self.resize_mode = resize_mode
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        s = self.settings
+        if resize_mode == "squash":
+            self._table = _normalize_table(None, s.image_mean, s.image_std, torch_style=True)
+        else:
+            self._table = _normalize_table(s.rescale_factor if s.do_rescale else None,
+                                           s.image_mean if s.do_normalize else None, s.image_std)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the output pixels."""
+        if self.resize_mode == "squash":
+            return self.settings.crop_size["height"], self.settings.crop_size["width"]
+        return self.settings.output_size()
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """images: one image or a list -> (N, 3, H, W) float32. Raises ImageLoadError naming the image."""
+        if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        if self.num_threads > 1 and len(images) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(self.num_threads, len(images))) as pool:
+                arrays = list(pool.map(self._one, images, range(len(images))))
+        else:
+            arrays = [self._one(im, i) for i, im in enumerate(images)]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"images came out with different sizes {sorted(shapes)}; set a crop_size")
+        return np.stack(arrays)
+
+    def _one(self, image: ImageInput, index: int) -> np.ndarray:
+        try:
+            if self.resize_mode == "squash":
+                return self._squash(self._load(image, convert=False))
+            return self._process(self._load(image, convert=True))
+        except ImageLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with the image's name
+            raise ImageLoadError(f"cannot read {_image_name(image, index)}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _load(image: ImageInput, convert: bool) -> PIL.Image.Image:
+        if isinstance(image, (str, os.PathLike)):
+            img = _open_path(image)
+            # transformers' load_image: plain convert("RGB") for files (alpha is dropped, not composited)
+            return img.convert("RGB") if convert else img
+        if isinstance(image, np.ndarray):
+            img = _array_to_pil(image)
+        elif isinstance(image, PIL.Image.Image):
+            img = image
+        else:
+            raise TypeError(f"expected a PIL image, a uint8 array or a path, got {type(image).__name__}")
+        return to_rgb(img) if convert else img
+
+    def _process(self, img: PIL.Image.Image) -> np.ndarray:
+        s = self.settings
+        if s.do_resize:
+            w, h = img.size
+            if "shortest_edge" in s.size:
+                short, long = (w, h) if w <= h else (h, w)
+                new_short, new_long = s.size["shortest_edge"], int(s.size["shortest_edge"] * long / short)
+                new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
+            else:
+                new_h, new_w = s.size["height"], s.size["width"]
+            img = img.resize((new_w, new_h), resample=s.resample)
+        arr = np.asarray(img)
+        if s.do_center_crop:
+            arr = _center_crop(arr, s.crop_size["height"], s.crop_size["width"])
+        return self._normalize(arr)
+
+    def _squash(self, img: PIL.Image.Image) -> np.ndarray:
+        h, w = self.image_size
+        img = img.resize((w, h), resample=PIL.Image.Resampling.BICUBIC).convert("RGB")
+        return self._normalize(np.asarray(img))
+
+    def _normalize(self, arr: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (3, H, W) float32 via the per-channel table."""
+        out = np.empty((3,) + arr.shape[:2], np.float32)
+        for c in range(3):
+            np.take(self._table[c], arr[..., c], out=out[c])
+        return out
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """(H, W, 3) -> (ch, cw, 3), zero-padded where the image is smaller (as transformers)."""
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return arr[top:top + ch, left:left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    pad_top, pad_left = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil, as transformers
+    canvas = np.zeros((nh, nw, 3), arr.dtype)
+    canvas[pad_top:pad_top + h, pad_left:pad_left + w] = arr
+    top, left = top + pad_top, left + pad_left
+    return canvas[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+def _load_tokenizer(directory):
+    from transformers import AutoTokenizer, BertTokenizer
+
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(directory))
+    # A bare vocab.txt: BertTokenizer(vocab_file=...) would silently build a 5-token vocab in
+    # transformers 5, from_pretrained(dir) reads the file.
+    return BertTokenizer.from_pretrained(str(directory))
+
+
+class ChineseCLIPProcessor:
+    """Tokenizer + image preprocessor, outputs identical to transformers' ChineseCLIPProcessor.
+
+    ChineseCLIPProcessor() works offline (bundled vocab, transformers' default image settings);
+    ChineseCLIPProcessor.from_pretrained(dir_or_hub_id) uses the checkpoint's own files.
+    """
+
+    def __init__(self, tokenizer=None, image_settings: ImageSettings | dict | None = None,
+                 context_length: int = DEFAULT_CONTEXT_LENGTH, resize_mode: str = "processor",
+                 num_threads: int | None = None):
+        if isinstance(image_settings, dict):
+            image_settings = ImageSettings.from_dict(image_settings)
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(ASSETS_DIR)
+        self.context_length = int(context_length)
+        self.image_processor = ImagePreprocessor(image_settings, resize_mode, num_threads)
+
+    @classmethod
+    def from_pretrained(cls, src: str | os.PathLike, **kwargs) -> "ChineseCLIPProcessor":
+        """src: a checkpoint directory or a hub id (downloaded when online).
+
+        Reads the tokenizer files (tokenizer_config.json / tokenizer.json / vocab.txt) and
+        preprocessor_config.json; a missing file falls back, with a warning, to the bundled vocab
+        or to transformers' default image settings. kwargs go to __init__.
+        """
+        directory = Path(src)
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(
+                str(src), allow_patterns=["*.json", "*.txt"], ignore_patterns=["*.safetensors*", "*.bin"]))
+        if any((directory / f).exists() for f in _TOKENIZER_FILES):
+            tokenizer = _load_tokenizer(directory)
+        else:
+            logger.warning("no tokenizer files in %s: using the bundled Chinese-CLIP vocab", directory)
+            tokenizer = None
+        pre = directory / "preprocessor_config.json"
+        if "image_settings" not in kwargs:
+            if pre.exists():
+                kwargs["image_settings"] = ImageSettings.from_dict(json.loads(pre.read_text()))
+            else:
+                logger.warning("no preprocessor_config.json in %s: using transformers' defaults", directory)
+        return cls(tokenizer=tokenizer, **kwargs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of pixel_values."""
+        return self.image_processor.image_size
+
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> dict[str, np.ndarray]:
+        """texts -> {"input_ids", "attention_mask", "token_type_ids"}, int32 (N, context_length).
+
+        Padded to context_length (52 by default) and truncated, [CLS] ... [SEP] as transformers.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        length = self.context_length if context_length is None else int(context_length)
+        if not texts:
+            z = np.zeros((0, length), np.int32)
+            return {"input_ids": z, "attention_mask": z.copy(), "token_type_ids": z.copy()}
+        enc = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="np", return_token_type_ids=True, return_attention_mask=True)
+        return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def preprocess_images(self, images) -> np.ndarray:
+        """images (PIL / uint8 array / path, or a list) -> pixel_values (N, 3, H, W) float32."""
+        return self.image_processor(images)
+
+    def __call__(self, text=None, images=None, return_tensors: str | None = "np",
+                 max_length: int | None = None) -> dict[str, Any]:
+        """Either or both of text and images -> dict of arrays (numpy, or jax with "jax")."""
+        if text is None and images is None:
+            raise ValueError("give text, images or both")
+        if return_tensors not in (None, "np", "jax"):
+            raise ValueError(f"return_tensors must be 'np' or 'jax', got {return_tensors!r}")
+        out: dict[str, Any] = {}
+        if text is not None:
+            out.update(self.tokenize(text, max_length))
+        if images is not None:
+            out["pixel_values"] = self.preprocess_images(images)
+        if return_tensors == "jax":
+            import jax.numpy as jnp
+
+            out = {k: jnp.asarray(v) for k, v in out.items()}
+        return out

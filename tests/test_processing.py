@@ -1,0 +1,185 @@
+"""ChineseCLIPProcessor against transformers' ChineseCLIPProcessor (PIL backend) as reference."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertTokenizer, ChineseCLIPImageProcessorPil  # noqa: E402
+
+from chinese_clip_jax.processing import (  # noqa: E402
+    ASSETS_DIR,
+    ChineseCLIPProcessor,
+    ImageLoadError,
+    ImageSettings,
+)
+
+TEXTS = [
+    "皮卡丘",
+    "",
+    "一只可爱的小猫咪在草地上玩耍, A cute kitten 😺 playing on the grass！",
+    "ＡＢＣ全角字符１２３，。？",
+    "[MASK] 是 [MASK]",
+    "长" * 80,
+    "mixed 中英 text with UPPER case and ümlaut, 日本語のテキスト, 한국어",
+    "   \t\n  ",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return BertTokenizer.from_pretrained(str(ASSETS_DIR))
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return ChineseCLIPProcessor(num_threads=2)
+
+
+def _rng_image(h, w, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    # smooth-ish content, so bicubic resampling is exercised on real gradients
+    base = rng.integers(0, 256, (max(h // 4, 1), max(w // 4, 1), 4), dtype=np.uint8)
+    img = PIL.Image.fromarray(base, "RGBA").resize((w, h), PIL.Image.Resampling.BILINEAR)
+    noise = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    arr = ((np.asarray(img).astype(np.uint16) + noise) // 2).astype(np.uint8)
+    img = PIL.Image.fromarray(arr, "RGBA")
+    if mode == "I;16":
+        return PIL.Image.frombytes("I;16", (w, h), (arr[..., 0].astype("<u2") * 257).tobytes())
+    if mode == "P_transparent":
+        p = img.convert("RGB").convert("P")
+        p.info["transparency"] = 3
+        return p
+    return img.convert(mode)
+
+
+def test_tokens_equal_transformers(proc, hf_tokenizer):
+    ours = proc(text=TEXTS)
+    ref = hf_tokenizer(TEXTS, padding="max_length", max_length=52, truncation=True, return_tensors="np")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert ours[key].shape == (len(TEXTS), 52)
+        assert ours[key].dtype == np.int32
+        np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
+    assert len(proc.tokenizer) == 21128
+    # [MASK] stays the special token, the long text is truncated and ends with [SEP]
+    assert (ours["input_ids"][4] == hf_tokenizer.mask_token_id).sum() == 2
+    assert ours["input_ids"][5, -1] == hf_tokenizer.sep_token_id
+    assert ours["input_ids"][1, :3].tolist() == [hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id, 0]
+
+
+def test_tokenize_single_string_and_length(proc):
+    out = proc.tokenize("你好", context_length=8)
+    assert out["input_ids"].shape == (1, 8)
+    with pytest.raises(TypeError, match="item 1"):
+        proc.tokenize(["ok", 3])
+
+
+MODES = ["RGB", "RGBA", "LA", "L", "P", "P_transparent", "CMYK", "1", "I;16"]
+SIZES = [(480, 640), (224, 224), (1, 1), (3, 500), (700, 2), (150, 100)]
+
+
+def _reference_pixels(images, **settings):
+    ref = ChineseCLIPImageProcessorPil(**settings)
+    return ref(images, return_tensors="np")["pixel_values"]
+
+
+def _assert_close_pixels(ours, ref):
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    # "within one grey level after normalisation": 1/255/std ~= 0.0146
+    tol = 1.0 / 255 / min(ImageSettings().image_std) + 1e-6
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tol)
+    # in practice they are bit-identical: pin that too, so a drift does not go unnoticed
+    assert np.mean(ours == ref) > 0.999
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pixels_every_mode(proc, mode):
+    images = [_rng_image(h, w, mode, seed=i) for i, (h, w) in enumerate(SIZES)]
+    _assert_close_pixels(proc(images=images)["pixel_values"], _reference_pixels(images))
+
+
+def test_pixels_arrays_and_paths(proc, tmp_path):
+    rgb = np.asarray(_rng_image(97, 131, "RGB"))
+    rgba = np.asarray(_rng_image(64, 40, "RGBA", seed=3))
+    grey = np.asarray(_rng_image(50, 70, "L", seed=4))[..., None]
+    arrays = [rgb, rgba, grey]
+    _assert_close_pixels(proc(images=arrays)["pixel_values"], _reference_pixels(arrays))
+    paths = []
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        p = tmp_path / f"img{i}.png"
+        _rng_image(120 + 10 * i, 90, mode, seed=i).save(p)
+        paths.append(str(p))
+    jpg = tmp_path / "photo.jpg"
+    _rng_image(480, 640, "RGB", seed=9).save(jpg, quality=90)
+    paths.append(str(jpg))
+    _assert_close_pixels(proc(images=paths)["pixel_values"], _reference_pixels(paths))
+
+
+def test_pixels_from_directory_with_height_width(tmp_path, hf_tokenizer):
+    cfg = {
+        "size": {"height": 256, "width": 192},
+        "crop_size": {"height": 240, "width": 200},  # bigger than the resize width: zero padding
+        "do_center_crop": True,
+        "resample": 2,
+        "image_mean": [0.5, 0.4, 0.3],
+        "image_std": [0.2, 0.3, 0.25],
+        "image_processor_type": "ChineseCLIPImageProcessor",
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    hf_tokenizer.save_pretrained(tmp_path)
+    proc = ChineseCLIPProcessor.from_pretrained(tmp_path)
+    ref = ChineseCLIPImageProcessorPil.from_pretrained(str(tmp_path))
+    images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES)]
+    ours = proc(images=images)["pixel_values"]
+    assert ours.shape == (len(images), 3, 240, 200)
+    _assert_close_pixels(ours, ref(images, return_tensors="np")["pixel_values"])
+    np.testing.assert_array_equal(proc(text=TEXTS)["input_ids"],
+                                  hf_tokenizer(TEXTS, padding="max_length", max_length=52,
+                                               truncation=True, return_tensors="np")["input_ids"])
+
+
+def test_int_sizes_in_legacy_config(tmp_path):
+    # released checkpoints' configs use ints: size = shortest edge, crop_size = square
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 160, "crop_size": 128}))
+    proc = ChineseCLIPProcessor.from_pretrained(tmp_path)  # no tokenizer files: bundled vocab
+    assert proc.image_size == (128, 128)
+    ref = ChineseCLIPImageProcessorPil.from_pretrained(str(tmp_path))
+    images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES)]
+    _assert_close_pixels(proc(images=images)["pixel_values"], ref(images, return_tensors="np")["pixel_values"])
+
+
+def test_squash_matches_cn_clip_transform():
+    torch = pytest.importorskip("torch")
+    images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES)]
+    proc = ChineseCLIPProcessor(resize_mode="squash", num_threads=1)
+    ours = proc(images=images)["pixel_values"]
+    assert ours.shape == (len(images), 3, 224, 224)
+    # cn_clip: Resize((r, r), BICUBIC) on the PIL image, convert RGB, ToTensor, Normalize
+    mean = torch.tensor(ImageSettings().image_mean)[:, None, None]
+    std = torch.tensor(ImageSettings().image_std)[:, None, None]
+    for img, got in zip(images, ours):
+        r = img.resize((224, 224), PIL.Image.Resampling.BICUBIC).convert("RGB")
+        t = torch.from_numpy(np.array(r)).permute(2, 0, 1).float().div(255)
+        np.testing.assert_allclose(got, ((t - mean) / std).numpy(), rtol=0, atol=1e-6)
+
+
+def test_unreadable_image_is_named(proc, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageLoadError, match=r"image 1 .*broken\.jpg"):
+        proc(images=[_rng_image(10, 10), str(bad)])
+    with pytest.raises(ImageLoadError, match="image 0 .*missing"):
+        proc(images=[str(tmp_path / "missing.png")])
+    with pytest.raises(ImageLoadError, match="uint8"):
+        proc(images=[np.zeros((8, 8, 3), np.float64)])
+    with pytest.raises(ValueError, match="give text, images or both"):
+        proc()
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="shortest_edge"):
+        ImageSettings.from_dict({"size": {"longest_edge": 3}})
+    with pytest.raises(ValueError, match="resize_mode"):
+        ChineseCLIPProcessor(resize_mode="stretch")
