@@ -1,0 +1,109 @@
+"""The train state: params, optimizer state, step and RNG, placed on the mesh.
+
+``params`` are the model's (fp32, unboxed) plus ``logit_bias`` for the sigmoid loss.
+``rng`` is a raw ``uint32[2]`` key (checkpointable as a plain array); dropout keys are folded
+from it and the step, so a resumed run draws the same dropout masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .. import sharding as shd
+from ..losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+
+__all__ = ["TrainState", "create_train_state", "example_inputs"]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # fp32 param dict
+    opt_state: Any
+    rng: jax.Array  # uint32[2]
+
+
+def example_inputs(model) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Shapes that ``model.init`` needs (batch 1): input_ids (1, 8), pixel_values (1, 3, H, W)."""
+    v = model.config.vision_config
+    return (
+        jax.ShapeDtypeStruct((1, 8), jnp.int32),
+        jax.ShapeDtypeStruct((1, v.num_channels, v.image_size, v.image_size), jnp.float32),
+    )
+
+
+def _opt_state_shardings(abstract_opt, params, param_shardings, mesh: Mesh):
+    """Moments shard like their params (matched by the trailing dict-key path and shape);
+    counts and other leaves replicate."""
+    by_path = {}
+    for (path, s), x in zip(jax.tree_util.tree_flatten_with_path(param_shardings)[0], jax.tree.leaves(params)):
+        by_path[tuple(k.key for k in path)] = (s, tuple(x.shape))
+    rep = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        found = by_path.get(tuple(keys))
+        return found[0] if found is not None and found[1] == tuple(leaf.shape) else rep
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def create_train_state(model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax",
+                       init_params: dict | None = None) -> tuple[TrainState, TrainState]:
+    """A fresh ``TrainState`` sharded on ``mesh`` and the matching pytree of shardings.
+
+    ``init_params`` (e.g. from ``ccj.from_pretrained``) replaces the random init; the random
+    init is done shard by shard (``jax.jit(init, out_shardings=...)``).
+    """
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    ids, pixels = example_inputs(model)
+    if init_params is None:
+        params, p_shard = shd.sharded_init(model, mesh, init_rng, jnp.zeros(ids.shape, ids.dtype),
+                                           jnp.zeros(pixels.shape, pixels.dtype))
+        params = dict(params)
+        if loss == "sigmoid":
+            params["logit_scale"] = jax.device_put(jnp.float32(SIGLIP_INIT_LOGIT_SCALE), p_shard["logit_scale"])
+    else:
+        p_shard = shd.param_shardings(model, mesh, jnp.zeros(ids.shape, ids.dtype),
+                                      jnp.zeros(pixels.shape, pixels.dtype))
+        _check_same_tree(init_params, p_shard)
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), dict(init_params),
+                              dict(p_shard))
+    p_shard = dict(p_shard)
+    if loss == "sigmoid":
+        p_shard["logit_bias"] = NamedSharding(mesh, P())
+        params["logit_bias"] = jax.device_put(jnp.float32(SIGLIP_INIT_LOGIT_BIAS), p_shard["logit_bias"])
+    abstract_opt = jax.eval_shape(tx.init, params)
+    o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    rep = NamedSharding(mesh, P())
+    state = TrainState(
+        step=jax.device_put(jnp.int32(0), rep),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(train_rng, rep),
+    )
+    shardings = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
+    return state, shardings
+
+
+def _check_same_tree(params: dict, expected: dict) -> None:
+    got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if got != want:
+        missing, unexpected = sorted(want - got)[:5], sorted(got - want)[:5]
+        raise ValueError(
+            f"init params do not match the model config: missing {missing}, unexpected {unexpected} "
+            "(was the checkpoint converted with scan_layers matching this run?)"
+        )

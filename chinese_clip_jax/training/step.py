@@ -1,0 +1,148 @@
+"""The train step: one ``jax.jit`` with in/out shardings and the donated state.
+
+Loss and gradients are those of the GLOBAL batch. With ``accum_steps = K > 1`` the batch is
+split into K micro-batches and the gradient is still exactly the full-batch one (GradCache,
+as cn_clip's ``--accum-freq``):
+
+1. embed every micro-batch without gradients (``lax.scan``), giving all (B, D) embeddings;
+2. loss of the full batch from those embeddings and its gradient w.r.t. the embeddings
+   (and directly w.r.t. ``logit_scale`` / ``logit_bias``);
+3. re-run each micro-batch with gradients, pulling back its slice of the embedding gradient
+   through the towers (``jax.vjp``), and sum.
+
+Micro-batch k takes rows k, k+K, k+2K, ... so every device keeps working on every micro-batch.
+Dropout keys are ``fold_in(fold_in(state.rng, step), k)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .. import sharding as shd
+from ..losses import clamp_logit_scale, contrastive_loss
+from ..modeling import l2_normalize
+from .optim import is_frozen
+from .state import TrainState
+
+__all__ = ["make_embed_fn", "make_train_step", "BATCH_KEYS"]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
+LOSS_PARAMS = ("logit_bias",)  # trainable params of the loss, not of the model
+
+
+def make_embed_fn(model) -> Callable:
+    """``embed(params, batch, rng, deterministic) -> (text_embeds, image_embeds)``, L2-normalized fp32."""
+
+    def embed(params, batch, rng, deterministic=False):
+        variables = {"params": {k: v for k, v in params.items() if k not in LOSS_PARAMS}}
+        text = model.apply(variables, batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
+                           rngs={"dropout": rng}, method="get_text_features")
+        image = model.apply(variables, batch["pixel_values"], deterministic=deterministic,
+                            method="get_image_features")
+        return l2_normalize(text), l2_normalize(image)
+
+    return embed
+
+
+def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, loss: str = "softmax",
+                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
+
+    ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
+    input_ids/attention_mask int32 (B, L), pixel_values float32 (B, 3, H, W).
+    ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
+    Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    embed = make_embed_fn(model)
+    micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
+
+    def loss_of(params, text, image):
+        return contrastive_loss(loss, text, image, params["logit_scale"], params.get("logit_bias"))
+
+    def stop_frozen(params):
+        return {k: jax.lax.stop_gradient(v) if is_frozen(k, freeze) else v for k, v in params.items()}
+
+    def full_batch_grad(params, batch, rng):
+        def loss_fn(p):
+            p = stop_frozen(p)
+            text, image = embed(p, batch, jax.random.fold_in(rng, 0), deterministic)
+            return loss_of(p, text, image)
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    def accumulated_grad(params, batch, rng):
+        b = batch["input_ids"].shape[0]
+        if b % accum_steps:
+            raise ValueError(f"batch {b} is not divisible by accum_steps {accum_steps}")
+
+        def split(x):  # (B, ...) -> (K, B/K, ...); micro-batch k = rows k::K
+            x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+        micro = {k: split(batch[k]) for k in BATCH_KEYS}
+        ks = jnp.arange(accum_steps)
+        p = stop_frozen(params)
+
+        def embed_one(_, xs):
+            mb, k = xs
+            return None, embed(p, mb, jax.random.fold_in(rng, k), deterministic)
+
+        _, (text, image) = jax.lax.scan(embed_one, None, (micro, ks))  # (K, B/K, D) each
+        d = text.shape[-1]
+
+        def loss_from_embeds(p_loss, text, image):
+            return loss_of(p_loss, text.reshape(b, d), image.reshape(b, d))
+
+        p_loss = {k: params[k] for k in ("logit_scale", *LOSS_PARAMS) if k in params}
+        loss_value, (g_loss, g_text, g_image) = jax.value_and_grad(loss_from_embeds, argnums=(0, 1, 2))(
+            p_loss, text, image)
+
+        def grad_one(acc, xs):
+            mb, k, gt, gi = xs
+            _, pullback = jax.vjp(lambda q: embed(stop_frozen(q), mb, jax.random.fold_in(rng, k), deterministic),
+                                  params)
+            (g,) = pullback((gt, gi))
+            return jax.tree.map(jnp.add, acc, g), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, _ = jax.lax.scan(grad_one, zeros, (micro, ks, g_text, g_image))
+        grads = dict(grads)
+        for k, g in g_loss.items():
+            grads[k] = grads[k] + g
+        return loss_value, grads
+
+    def step_fn(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        params = state.params
+        if accum_steps == 1:
+            loss_value, grads = full_batch_grad(params, batch, rng)
+        else:
+            loss_value, grads = accumulated_grad(params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_params = dict(optax.apply_updates(params, updates))
+        for k in new_params:  # frozen towers: keep the exact bits
+            if is_frozen(k, freeze):
+                new_params[k] = params[k]
+        new_params["logit_scale"] = clamp_logit_scale(new_params["logit_scale"])
+        metrics = {
+            "loss": loss_value.astype(jnp.float32),
+            "logit_scale": params["logit_scale"],
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "grad_norm": optax.global_norm({k: v for k, v in grads.items() if not is_frozen(k, freeze)}),
+        }
+        return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, rng=state.rng), metrics
+
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
