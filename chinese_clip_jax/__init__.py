@@ -1,6 +1,7 @@
 """Chinese-CLIP in JAX/Flax: models, checkpoint conversion, inference and sharded training."""
 
 from .config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from .conversion import CheckpointError, from_pretrained, save_pretrained
 from .modeling import (
     ChineseCLIPModel,
     ChineseCLIPOutput,
@@ -18,4 +19,7 @@ __all__ = [
     "ChineseCLIPOutput",
     "ChineseCLIPTextModel",
     "ChineseCLIPVisionModel",
+    "CheckpointError",
+    "from_pretrained",
+    "save_pretrained",
 ]

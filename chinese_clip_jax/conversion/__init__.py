@@ -1,0 +1,28 @@
+"""PyTorch <-> Flax checkpoint conversion (HF layout and original cn_clip .pt files)."""
+
+from .api import (
+    flax_to_hf,
+    from_pretrained,
+    hf_to_flax,
+    load_flax_params,
+    load_params,
+    save_flax,
+    save_pretrained,
+)
+from .mapping import parse_cn_clip_arch, stack_layers, unstack_layers
+from .sources import CheckpointError, open_tensors
+
+__all__ = [
+    "CheckpointError",
+    "flax_to_hf",
+    "from_pretrained",
+    "hf_to_flax",
+    "load_flax_params",
+    "load_params",
+    "open_tensors",
+    "parse_cn_clip_arch",
+    "save_flax",
+    "save_pretrained",
+    "stack_layers",
+    "unstack_layers",
+]

@@ -1,0 +1,258 @@
+"""Loading any published Chinese-CLIP checkpoint into Flax params, and writing them back.
+
+``from_pretrained(src)`` accepts: a HF checkpoint directory (``model.safetensors``, a sharded index,
+or ``pytorch_model.bin``), a hub id (downloaded with huggingface_hub when online), an original
+cn_clip ``.pt`` file (architecture from ``arch=`` or inferred from its shapes), or a directory
+written by ``python -m convert`` (Orbax params + ``config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ChineseCLIPConfig
+from ..modeling import ChineseCLIPModel
+from . import mapping
+from .sources import HF_WEIGHT_FILES, CheckpointError, TensorSource, find_hf_weights, open_tensors
+
+FLAX_PARAMS_DIR = "params"  # Orbax checkpoint inside a directory written by `python -m convert`
+FLAX_META = "flax_checkpoint.json"
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+
+
+def expected_shapes(cfg: ChineseCLIPConfig) -> dict[str, tuple[int, ...]]:
+    """Flax path (unscanned) -> param shape, from the model definition itself."""
+    model = ChineseCLIPModel(cfg)
+    v = cfg.vision_config
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+        jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32),
+    )
+    from flax import linen as nn
+
+    return {k: tuple(x.shape) for k, x in mapping.flatten(nn.unbox(shapes["params"])).items()}
+
+
+def hf_to_flax(source: TensorSource, cfg: ChineseCLIPConfig, rename: dict | None = None) -> dict:
+    """HF-named tensors -> unscanned Flax params (numpy fp32). Checks names and shapes first.
+
+    ``rename`` maps HF names to a list of ``(source_name, op, part)`` for sources in another layout
+    (cn_clip); by default each HF name is read as is.
+    """
+    rows = mapping.table(cfg)
+    expected = expected_shapes(cfg)
+    available = set(source.names())
+    if rename is None:
+        rename = {n: [(n, "copy", None)] for n in available}
+    wanted = {r.hf for r in rows}
+    missing = sorted(n for n in wanted if n not in rename)
+    unexpected = sorted(n for n in rename if n not in wanted and not mapping.IGNORED_HF_KEYS.match(n))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:30])}" + (" ..." if len(missing) > 30 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:30])}"
+                         + (" ..." if len(unexpected) > 30 else ""))
+        raise CheckpointError(f"{source.path} does not match the configured architecture: " + "; ".join(parts))
+
+    cache: dict[str, np.ndarray] = {}  # one fused cn_clip in_proj tensor, reused for q, k, v
+
+    def read(hf_name: str) -> np.ndarray:
+        (src_name, op, part), = rename[hf_name]
+        if op == "split":
+            if src_name not in cache:
+                cache.clear()
+                cache[src_name] = source.get(src_name)
+            return np.split(cache[src_name], 3, axis=0)[part]
+        x = source.get(src_name)
+        return x.T if op == "transpose" else x
+
+    params: dict = {}
+    for row in rows:
+        x = read(row.hf)
+        want = expected[row.flax]
+        want_hf = tuple(jax.eval_shape(row.transform.to_hf, jax.ShapeDtypeStruct(want, jnp.float32)).shape)
+        if tuple(x.shape) != want_hf:
+            raise CheckpointError(
+                f"{source.path}: tensor {row.hf!r} has shape {tuple(x.shape)}, the configured architecture "
+                f"expects {want_hf}"
+            )
+        mapping.set_path(params, row.flax, np.array(row.transform.to_flax(x, row.num_heads), order="C"))
+    return params
+
+
+def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
+    """Flax params (scanned or not) -> HF-named numpy fp32 tensors."""
+    flat = mapping.flatten(mapping.unstack_layers(params))
+    rows = mapping.table(cfg)
+    wanted = {r.flax for r in rows}
+    missing = sorted(wanted - set(flat))
+    unexpected = sorted(set(flat) - wanted)
+    if missing or unexpected:
+        raise CheckpointError(
+            "params do not match the config: "
+            + (f"missing {', '.join(missing[:20])}; " if missing else "")
+            + (f"unexpected {', '.join(unexpected[:20])}" if unexpected else "")
+        )
+    return {r.hf: np.array(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)), order="C") for r in rows}
+
+
+# --------------------------------------------------------------------------- locating sources
+
+def _looks_like_hub_id(src: str) -> bool:
+    return src.count("/") == 1 and not src.startswith((".", "/", "~")) and not os.path.exists(src)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id,
+            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*",
+                            "vocab.txt", "preprocessor_config.json", "tokenizer*", "special_tokens_map.json"],
+        )
+    except Exception as e:
+        raise OSError(
+            f"could not download {repo_id!r} from the hub ({type(e).__name__}: {e}). Offline? "
+            "Download it elsewhere and pass the local directory."
+        ) from None
+
+
+def _is_cn_clip(names) -> bool:
+    return any(n.startswith("visual.") for n in names) and any(n.startswith("bert.") for n in names)
+
+
+def load_params(src: str | os.PathLike, arch: str | None = None) -> tuple[ChineseCLIPConfig, dict, str]:
+    """Any supported source -> (config, unscanned-or-scanned Flax params as numpy, kind).
+
+    kind is "flax", "hf" or "cn_clip".
+    """
+    src = os.fspath(src)
+    if _looks_like_hub_id(src):
+        src = _hub_snapshot(src)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    if os.path.isdir(src):
+        if os.path.isdir(os.path.join(src, FLAX_PARAMS_DIR)):
+            return ChineseCLIPConfig.from_pretrained(src), load_flax_params(src), "flax"
+        weights = find_hf_weights(src)
+        if weights is None:
+            raise CheckpointError(
+                f"{src} holds no checkpoint: looked for {', '.join(HF_WEIGHT_FILES)} and a '{FLAX_PARAMS_DIR}/' "
+                "Orbax directory"
+            )
+        cfg = ChineseCLIPConfig.from_pretrained(src)
+        return cfg, hf_to_flax(open_tensors(weights), cfg), "hf"
+    source = open_tensors(src)
+    if _is_cn_clip(source.names()):
+        shapes = {n: source.shape(n) for n in source.names()}
+        cfg = mapping.parse_cn_clip_arch(arch) if arch else mapping.infer_cn_clip_config(shapes)
+        rename: dict[str, list] = {}
+        for cn_name, targets in mapping.cn_clip_to_hf_names(source.names()).items():
+            for hf_name, op, part in targets:
+                rename[hf_name] = [(cn_name, op, part)]
+        return cfg, hf_to_flax(source, cfg, rename), "cn_clip"
+    config_path = os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{src} uses HF names but no config.json was found beside it ({config_path})")
+    cfg = ChineseCLIPConfig.from_json_file(config_path)
+    return cfg, hf_to_flax(source, cfg), "hf"
+
+
+def from_pretrained(
+    src: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    arch: str | None = None,
+    scan_layers: bool = False,
+    attention_impl: str | None = None,
+    remat: bool = False,
+) -> tuple[ChineseCLIPModel, dict]:
+    """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute."""
+    cfg, params, _ = load_params(src, arch)
+    params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
+    return model, params
+
+
+# --------------------------------------------------------------------------- writers
+
+def _safetensors_save(tensors: dict[str, np.ndarray], path: str, dtype: str) -> None:
+    tmp = path + ".tmp"
+    if dtype == "bfloat16":
+        from safetensors.flax import save_file
+
+        save_file({k: jnp.asarray(v, jnp.bfloat16) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)  # never leave a half-written model.safetensors behind
+
+
+def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32") -> str:
+    """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
+    ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
+    path = os.fspath(path)
+    tensors = flax_to_hf(_to_numpy(params), cfg)  # validate before touching the directory
+    os.makedirs(path, exist_ok=True)
+    _safetensors_save(tensors, os.path.join(path, "model.safetensors"), dtype)
+    cfg.save(path)
+    _copy_vocab(path)
+    return path
+
+
+def _copy_vocab(path: str) -> None:
+    target = os.path.join(path, "vocab.txt")
+    if not os.path.exists(target):
+        shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), target)
+
+
+def _to_numpy(params: dict) -> dict:
+    from flax import linen as nn
+
+    return jax.tree_util.tree_map(lambda x: np.asarray(x), nn.unbox(params))
+
+
+def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32") -> str:
+    """Writes an Orbax checkpoint of the params (``path/params``) plus ``config.json`` and ``vocab.txt``."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    params = _to_numpy(params)
+    flax_to_hf(params, cfg)  # validates names and shapes; cheap next to the write
+    target = os.path.join(path, FLAX_PARAMS_DIR)
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} already exists; choose an empty output directory")
+    np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np_dtype), params)
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(target, params)
+    cfg.save(path)
+    with open(os.path.join(path, FLAX_META), "w") as f:
+        json.dump({"format": "chinese_clip_jax", "scan_layers": mapping.is_scanned(params), "dtype": dtype}, f)
+    _copy_vocab(path)
+    return path
+
+
+def load_flax_params(path: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    target = os.path.join(os.path.abspath(path), FLAX_PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(target)
+    except Exception as e:
+        raise CheckpointError(f"cannot restore the Orbax params in {target}: {type(e).__name__}: {e}") from None
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
