@@ -1,0 +1,189 @@
+"""The embedded demo set: synthetic Chinese image-text pairs drawn deterministically in numpy.
+
+Each image is one coloured shape (6 colours x 5 shapes) at one of 9 positions on a noisy,
+low-saturation background, captioned in Chinese with one of several phrasings, e.g.
+"左上角有一个红色的圆形". Six colour-shape combinations (one per colour, every shape at least
+once) never appear in training: they give the "unseen combinations" zero-shot figure, while
+every colour and every shape is still seen in training with other partners.
+
+Images are uint8 (size, size, 3), a pure function of (seed, split, index), drawn with vectorised
+numpy on a cached coordinate grid (tens of microseconds at 32-64 px), so nothing is stored.
+
+Config keys (``data.*`` when ``data.name == "demo"``):
+  demo_seed        int, seed of the image content (independent of the shuffling seed)
+  num_train        images per training epoch (index space; each is drawn on demand)
+  eval_per_class   held-out images per class for "zeroshot" and "zeroshot_unseen"
+  num_retrieval    held-out image-caption pairs for "retrieval"
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "POSITIONS",
+    "CLASS_NAMES",
+    "UNSEEN_COMBOS",
+    "TRAIN_COMBOS",
+    "CLASS_PROMPTS",
+    "DemoSource",
+    "render",
+    "eval_images",
+]
+
+# name -> RGB in [0, 255]
+COLORS = {
+    "红色": (215, 35, 35),
+    "橙色": (245, 135, 20),
+    "黄色": (235, 215, 35),
+    "绿色": (35, 165, 55),
+    "蓝色": (35, 75, 225),
+    "紫色": (145, 50, 195),
+}
+SHAPES = ("圆形", "正方形", "三角形", "十字形", "星形")
+# name -> centre as (x, y) fractions of the image side
+POSITIONS = {
+    "左上角": (0.27, 0.27), "上方": (0.5, 0.27), "右上角": (0.73, 0.27),
+    "左边": (0.27, 0.5), "中间": (0.5, 0.5), "右边": (0.73, 0.5),
+    "左下角": (0.27, 0.73), "下方": (0.5, 0.73), "右下角": (0.73, 0.73),
+}
+_COLOR_NAMES = tuple(COLORS)
+_POSITION_NAMES = tuple(POSITIONS)
+
+# (colour index, shape index); one held-out shape per colour, every shape held out at most twice.
+UNSEEN_COMBOS = tuple((c, c % len(SHAPES)) for c in range(len(COLORS)))
+ALL_COMBOS = tuple(itertools.product(range(len(COLORS)), range(len(SHAPES))))
+TRAIN_COMBOS = tuple(combo for combo in ALL_COMBOS if combo not in UNSEEN_COMBOS)
+# Zero-shot classes are all 30 colour-shape combinations (chance 1/30), in ALL_COMBOS order.
+CLASS_NAMES = tuple(f"{_COLOR_NAMES[c]}{SHAPES[s]}" for c, s in ALL_COMBOS)
+
+_CAPTIONS = (
+    "{pos}有一个{color}的{shape}",
+    "一个{color}的{shape}在{pos}",
+    "图片的{pos}是一个{color}{shape}",
+    "这是一张{color}{shape}的图片",
+    "{color}的{shape}",
+)
+# Phrasings that name all three attributes (used for retrieval, whose positives are exact matches).
+_FULL_CAPTIONS = _CAPTIONS[:3]
+CLASS_PROMPTS = ("一个{color}的{shape}", "{color}的{shape}", "一张{color}{shape}的照片")
+
+_SPLITS = {"train": 0, "zeroshot": 1, "zeroshot_unseen": 2, "retrieval": 3}
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates, each (size, size) float32 in pixels."""
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    return np.meshgrid(coords, coords, indexing="xy")
+
+
+def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray, r: float, angle: float) -> np.ndarray:
+    """Boolean (size, size) mask of shape ``shape`` of radius ``r`` px; dx, dy are offsets (px)."""
+    if shape == 0:  # circle
+        return dx * dx + dy * dy <= r * r
+    if shape == 1:  # axis-aligned square
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * r
+    if shape == 2:  # upward triangle: apex at -r, base at +0.7 r
+        return (dy <= 0.7 * r) & (np.abs(dx) <= (dy + r) * 0.62)
+    if shape == 3:  # plus-shaped cross
+        ax, ay = np.abs(dx), np.abs(dy)
+        arm = 0.34 * r
+        return ((ax <= arm) & (ay <= r)) | ((ay <= arm) & (ax <= r))
+    # five-pointed star: radius alternates between r (tips) and 0.45 r over 36-degree sectors
+    theta = np.arctan2(dy, dx) - angle
+    sector = np.abs(((theta * 5.0 / (2 * np.pi)) % 1.0) * 2.0 - 1.0)  # 1 at tips, 0 between
+    return np.hypot(dx, dy) <= r * (0.45 + 0.55 * sector**1.5)
+
+
+def render(size: int, color: int, shape: int, position: int, rng: np.random.Generator) -> np.ndarray:
+    """Draws one image: uint8 (size, size, 3). Jitter (place, radius, hue, background) from ``rng``."""
+    xs, ys = _grid(size)
+    # background: a low-saturation grey with a linear gradient and pixel noise
+    base = rng.uniform(60.0, 190.0) + rng.uniform(-14.0, 14.0, size=3)
+    gx, gy = rng.uniform(-30.0, 30.0, size=2) / size
+    img = base + ((xs - size / 2) * gx + (ys - size / 2) * gy)[..., None]
+    img = img + rng.normal(0.0, 5.0, size=(size, size, 3))
+    # the object
+    fx, fy = POSITIONS[_POSITION_NAMES[position]]
+    cx = (fx + rng.uniform(-0.05, 0.05)) * size
+    cy = (fy + rng.uniform(-0.05, 0.05)) * size
+    r = rng.uniform(0.15, 0.21) * size
+    mask = _shape_mask(shape, xs - cx, ys - cy, r, angle=-np.pi / 2)
+    rgb = np.asarray(COLORS[_COLOR_NAMES[color]], np.float64) + rng.uniform(-15.0, 15.0, size=3)
+    img = np.where(mask[..., None], rgb, img)
+    return np.clip(img, 0.0, 255.0).astype(np.uint8)
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLITS[split], index])
+
+
+def _caption(template: str, color: int, shape: int, position: int) -> str:
+    return template.format(pos=_POSITION_NAMES[position], color=_COLOR_NAMES[color], shape=SHAPES[shape])
+
+
+class DemoSource:
+    """Random-access training source: ``src[i]`` -> {"image": uint8 (s, s, 3), "text": str, "where": str}.
+
+    Only TRAIN_COMBOS are drawn; ``len(src) == num_train``; element i depends only on (seed, i).
+    """
+
+    def __init__(self, *, image_size: int, num_train: int, seed: int = 0):
+        if image_size < 16:
+            raise ValueError(f"demo: image_size must be >= 16 px, got {image_size}")
+        if num_train <= 0:
+            raise ValueError(f"demo: num_train must be positive, got {num_train}")
+        self.image_size, self.num_train, self.seed = int(image_size), int(num_train), int(seed)
+
+    def __len__(self) -> int:
+        return self.num_train
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_train:
+            raise IndexError(f"demo: index {index} out of range [0, {self.num_train})")
+        rng = _rng(self.seed, "train", index)
+        color, shape = TRAIN_COMBOS[rng.integers(len(TRAIN_COMBOS))]
+        position = int(rng.integers(len(POSITIONS)))
+        template = _CAPTIONS[rng.integers(len(_CAPTIONS))]
+        image = render(self.image_size, color, shape, position, rng)
+        return {"image": image, "text": _caption(template, color, shape, position), "where": f"demo[{index}]"}
+
+
+def eval_images(split: str, *, image_size: int, count: int, seed: int = 0):
+    """Held-out images of one eval split (fresh rng streams, disjoint from training).
+
+    split: "zeroshot" (cycles over TRAIN_COMBOS), "zeroshot_unseen" (cycles over UNSEEN_COMBOS)
+    or "retrieval" (random TRAIN_COMBOS, random position).
+    Returns (images uint8 (count, s, s, 3), attributes int (count, 3) as (colour, shape, position),
+    captions list[str] (one full-attribute caption per image)).
+    """
+    combos = UNSEEN_COMBOS if split == "zeroshot_unseen" else TRAIN_COMBOS
+    images, attrs, captions = [], [], []
+    for i in range(count):
+        rng = _rng(seed, split, i)
+        if split == "retrieval":
+            color, shape = combos[rng.integers(len(combos))]
+        else:
+            color, shape = combos[i % len(combos)]
+        position = int(rng.integers(len(POSITIONS)))
+        template = _FULL_CAPTIONS[rng.integers(len(_FULL_CAPTIONS))]
+        images.append(render(image_size, color, shape, position, rng))
+        attrs.append((color, shape, position))
+        captions.append(_caption(template, color, shape, position))
+    return np.stack(images), np.asarray(attrs, np.int64).reshape(count, 3), captions
+
+
+def class_prompts() -> list[list[str]]:
+    """Prompts for each of CLASS_NAMES, in the same order."""
+    return [[t.format(color=_COLOR_NAMES[c], shape=SHAPES[s]) for t in CLASS_PROMPTS] for c, s in ALL_COMBOS]
+
+
+def class_label(color: int, shape: int) -> int:
+    """Index into CLASS_NAMES of a colour-shape combination."""
+    return ALL_COMBOS.index((color, shape))

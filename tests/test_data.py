@@ -1,0 +1,216 @@
+"""Data pipeline: determinism, per-process sharding, exact resume, skip-and-count, tokens, pixels."""
+
+import io
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from chinese_clip_jax.data import default_data_config, demo, eval_sets, train_iterator
+from chinese_clip_jax.data.pipeline import ImageDecoder, TextEncoder, build_train_iterator
+
+import grain
+
+S = 32  # image side used throughout
+
+
+def _demo_cfg(num_train=16):
+    cfg = default_data_config("demo")
+    cfg.demo.num_train = num_train
+    cfg.demo.eval_per_class = 2
+    cfg.demo.num_retrieval = 24
+    cfg.num_threads = 1
+    cfg.prefetch_buffer_size = 8
+    return cfg
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _index_of_rows(batch, source):
+    """Maps each batch row back to its source index by its pixels (demo images are distinct)."""
+    table = {ImageDecoder(S)(source[i]["image"]).tobytes(): i for i in range(len(source))}
+    return [table[row.tobytes()] for row in batch["pixel_values"]]
+
+
+def _tokens(texts):
+    from transformers import BertTokenizer
+    from chinese_clip_jax.processing import ASSETS_DIR
+
+    tok = BertTokenizer.from_pretrained(str(ASSETS_DIR))
+    return tok(texts, padding="max_length", max_length=52, truncation=True, return_tensors="np")
+
+
+def test_demo_batches_are_deterministic_and_shaped():
+    cfg = _demo_cfg(64)
+    a = _take(train_iterator(cfg, global_batch_size=8, seed=3, image_size=S, process_index=0, process_count=1), 3)
+    b = _take(train_iterator(cfg, global_batch_size=8, seed=3, image_size=S, process_index=0, process_count=1), 3)
+    c = next(train_iterator(cfg, global_batch_size=8, seed=4, image_size=S, process_index=0, process_count=1))
+    for x, y in zip(a, b):
+        assert x.keys() == {"input_ids", "attention_mask", "pixel_values"}
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert a[0]["input_ids"].shape == (8, 52) and a[0]["input_ids"].dtype == np.int32
+    assert a[0]["attention_mask"].dtype == np.int32
+    assert a[0]["pixel_values"].shape == (8, 3, S, S) and a[0]["pixel_values"].dtype == np.float32
+    assert not np.array_equal(a[0]["pixel_values"], c["pixel_values"])
+
+
+def test_epochs_cover_everything_and_are_reshuffled():
+    cfg = _demo_cfg(12)
+    source = demo.DemoSource(image_size=S, num_train=12, seed=0)
+    it = train_iterator(cfg, global_batch_size=4, seed=0, image_size=S, process_index=0, process_count=1)
+    epochs = [sum((_index_of_rows(next(it), source) for _ in range(3)), []) for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(12))
+    assert epochs[0] != epochs[1]
+
+
+def test_two_processes_read_disjoint_shards_covering_everything():
+    cfg = _demo_cfg(11)  # odd: shards of 6 and 5
+    source = demo.DemoSource(image_size=S, num_train=11, seed=0)
+    seen = []
+    for p, n in ((0, 6), (1, 5)):
+        it = train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=p, process_count=2)
+        rows = sum((_index_of_rows(next(it), source) for _ in range(n)), [])
+        assert len(set(rows)) == n
+        seen.append(set(rows))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(11))
+
+
+def test_token_ids_equal_the_processor_and_the_reference_tokenizer():
+    cfg = _demo_cfg(16)
+    source = demo.DemoSource(image_size=S, num_train=16, seed=0)
+    batch = next(train_iterator(cfg, global_batch_size=8, seed=1, image_size=S, process_index=0, process_count=1))
+    texts = [source[i]["text"] for i in _index_of_rows(batch, source)]
+    ref = _tokens(texts)
+    np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask"])
+    from chinese_clip_jax.processing import ChineseCLIPProcessor
+
+    np.testing.assert_array_equal(batch["input_ids"], ChineseCLIPProcessor().tokenize(texts)["input_ids"])
+    # [CLS] + one token per Chinese character + [SEP]
+    assert batch["attention_mask"][0].sum() == len(texts[0]) + 2
+
+
+def test_get_state_set_state_resumes_exactly():
+    cfg = _demo_cfg(10)
+    it = train_iterator(cfg, global_batch_size=4, seed=7, image_size=S, process_index=0, process_count=1)
+    _take(it, 3)  # crosses an epoch boundary (10 samples)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 4)
+    resumed = train_iterator(cfg, global_batch_size=4, seed=7, image_size=S, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for x, y in zip(expected, _take(resumed, 4)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(ValueError, match="lacks keys"):
+        resumed.set_state({"next_index": 3})
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
+    rng = np.random.default_rng(0)
+    good = [{"image": _png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), "text": f"第{i}张", "where": f"s:{i}"}
+            for i in range(6)]
+    bad = [{"image": b"not an image", "text": "坏", "where": "s:bad1"},
+           {"image": _png(np.zeros((8, 8, 3), np.uint8)), "text": "", "where": "s:empty-caption"}]
+    source = good[:3] + bad[:1] + good[3:] + bad[1:]
+    make = lambda: build_train_iterator(source, batch_size=3, seed=0, image_size=S, context_length=52,
+                                        shard=grain.sharding.ShardOptions(0, 1), num_threads=1)
+    it = make()
+    with caplog.at_level("WARNING"):
+        _take(it, 2)  # exactly one epoch of good samples: both bad ones were met
+    assert it.stats["skipped"] == 2 and it.stats["samples"] == 6
+    assert "s:bad1" in caplog.text and "s:empty-caption" in caplog.text
+    state = it.get_state()
+    later = _take(it, 2)
+    again = make()
+    again.set_state(state)
+    for x, y in zip(later, _take(again, 2)):
+        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+    assert again.stats == it.stats
+
+
+def test_all_bad_source_raises_instead_of_spinning():
+    source = [{"image": b"junk", "text": "坏", "where": f"s:{i}"} for i in range(3)]
+    it = build_train_iterator(source, batch_size=2, seed=0, image_size=S, context_length=52,
+                              shard=grain.sharding.ShardOptions(0, 1), num_threads=1)
+    with pytest.raises(RuntimeError, match="could not be decoded"):
+        next(it)
+
+
+def test_pixel_normalisation_by_hand():
+    image = np.zeros((S, S, 3), np.uint8)
+    image[0, 0] = (255, 128, 0)
+    out = ImageDecoder(S)(image)
+    assert out.shape == (3, S, S)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    for c, v in enumerate((255, 128, 0)):
+        assert out[c, 0, 0] == pytest.approx((v / 255 - mean[c]) / std[c], abs=1e-6)
+        assert out[c, 1, 1] == pytest.approx((0 - mean[c]) / std[c], abs=1e-6)
+
+
+def test_encoded_images_match_transformers_image_processor():
+    from transformers import ChineseCLIPImageProcessor
+
+    rgb = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    ref = ChineseCLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    expected = ref(PIL.Image.fromarray(rgb), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(ImageDecoder(S)(_png(rgb)), expected, atol=1e-5)
+
+
+def test_text_encoder_matches_reference_including_truncation():
+    texts = ["左上角有一个红色的圆形", "长" * 80, "蓝色的星形"]
+    out = TextEncoder(52)(texts + texts[:1])
+    ref = _tokens(texts + texts[:1])
+    np.testing.assert_array_equal(out["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(out["attention_mask"], ref["attention_mask"])
+
+
+def test_unseen_combinations_never_in_training_but_each_part_is():
+    colors, shapes = list(demo.COLORS), list(demo.SHAPES)
+    assert len(demo.CLASS_NAMES) >= 12
+    unseen = {(colors[c], shapes[s]) for c, s in demo.UNSEEN_COMBOS}
+    train_parts = {(colors[c], shapes[s]) for c, s in demo.TRAIN_COMBOS}
+    assert {c for c, _ in train_parts} == set(colors) and {s for _, s in train_parts} == set(shapes)
+    source = demo.DemoSource(image_size=16, num_train=1500, seed=0)
+    found = set()
+    for i in range(len(source)):
+        text = source[i]["text"]
+        pairs = {(c, s) for c in colors for s in shapes if c in text and s in text}
+        assert len(pairs) == 1, text
+        assert not pairs & unseen, text
+        found |= pairs
+    assert found == train_parts
+
+
+def test_demo_eval_sets():
+    cfg = _demo_cfg()
+    sets = eval_sets(cfg, image_size=S)
+    assert set(sets) == {"zeroshot", "zeroshot_unseen", "retrieval"}
+    n_classes = len(demo.CLASS_NAMES)
+    for name, combos in (("zeroshot", demo.TRAIN_COMBOS), ("zeroshot_unseen", demo.UNSEEN_COMBOS)):
+        z = sets[name]
+        assert z["pixel_values"].shape == (2 * len(combos), 3, S, S)
+        assert z["labels"].shape == (2 * len(combos),) and z["labels"].max() < n_classes
+        assert len(z["class_names"]) == len(z["class_texts"]) == n_classes
+        assert {int(x) for x in z["labels"]} == {demo.class_label(c, s) for c, s in combos}
+    unseen_labels = {demo.class_label(c, s) for c, s in demo.UNSEEN_COMBOS}
+    assert not unseen_labels & set(sets["zeroshot"]["labels"].tolist())
+    # held-out images are fresh: none equals a training image
+    train = demo.DemoSource(image_size=S, num_train=200, seed=0)
+    train_bytes = {ImageDecoder(S)(train[i]["image"]).tobytes() for i in range(200)}
+    assert not any(p.tobytes() in train_bytes for p in sets["zeroshot"]["pixel_values"])
+    r = sets["retrieval"]
+    assert r["pixel_values"].shape == (24, 3, S, S) and r["input_ids"].shape == (24, 52)
+    for t, positives in enumerate(r["text_to_images"]):
+        assert t in positives
+        assert all(0 <= i < 24 for i in positives)
