@@ -1,0 +1,236 @@
+"""The training loop: config -> model, mesh, state (fresh, converted or resumed) -> steps,
+logging, evaluation, checkpoints.
+
+``train(config, workdir)`` reads the keys documented in ``train/configs/base.py``. It appends
+one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run appends to the
+same file; if a run died after its last checkpoint, steps after that checkpoint appear twice
+and the later line is the valid one), writes TensorBoard events to ``workdir/tensorboard`` and
+shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss raises
+``FloatingPointError`` naming the step, without saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import sharding as shd
+from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from ..modeling import ChineseCLIPModel
+from .checkpoint import Checkpointer, abstract_like
+from .evaluate import Evaluator
+from .optim import make_optimizer
+from .state import create_train_state
+from .step import BATCH_KEYS, make_train_step
+
+__all__ = ["train", "build_model_config", "TrainResult"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model_config(model_cfg) -> ChineseCLIPConfig:
+    """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes."""
+    if model_cfg.get("preset"):
+        return ChineseCLIPConfig.preset(model_cfg.preset)
+    text = ChineseCLIPTextConfig(**dict(model_cfg.text))
+    vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
+    return ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=model_cfg.projection_dim)
+
+
+class _Preemption:
+    """Records SIGTERM; the loop saves and stops at the next step boundary (all processes agree)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard, on process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+class TrainResult(dict):
+    """What ``train`` returns: ``step``, ``stopped_early`` (SIGTERM), ``first_eval``,
+    ``last_eval``, ``chance``, ``checkpoint_dir``, ``wall_s``, ``samples_per_sec``."""
+
+
+def _load_init(config, dtype, scan_layers):
+    import chinese_clip_jax as ccj
+
+    model, params = ccj.from_pretrained(config.init_from, dtype=dtype, scan_layers=scan_layers)
+    return model.config, params
+
+
+def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: bool = True) -> TrainResult:
+    """Runs (or resumes) training as ``config`` says; returns a ``TrainResult``.
+
+    ``data_iter`` / ``eval_sets`` replace ``chinese_clip_jax.data``'s (tests); a replacement
+    iterator must yield this process's numpy batches and have ``get_state`` / ``set_state``.
+    """
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    dtype = DTYPES[config.dtype]
+    model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
+                      scan_layers=bool(config.model.get("scan_layers", False)),
+                      remat=bool(config.model.get("remat", False)))
+    init_params = None
+    if config.get("init_from"):
+        model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
+    else:
+        model_config = build_model_config(config.model)
+    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts)
+    image_size = model_config.vision_config.image_size
+
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (n_batch_shards * config.accum_steps):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
+                         f"accum_steps ({config.accum_steps})")
+    freeze = config.get("freeze") or None
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
+    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
+    del init_params
+
+    if data_iter is None:
+        from .. import data
+
+        data_iter = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                        image_size=image_size, context_length=config.context_length)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                        max_to_keep=config.get("keep_checkpoints", 3))
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(abstract_like(state, shardings), data_iter, step=start)
+        logger.info("resumed from %s at step %d", ckpt.directory, start)
+
+    evaluator = None
+    if config.eval_every:
+        if eval_sets is None:
+            from .. import data
+
+            eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
+        evaluator = Evaluator(model, mesh, shardings.params, eval_sets) if eval_sets else None
+
+    step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
+                              accum_steps=config.accum_steps, freeze=freeze)
+    log = _Logger(workdir)
+    preempt = _Preemption()
+    result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
+                         checkpoint_dir=ckpt.directory, chance=evaluator.chance() if evaluator else None)
+
+    def run_eval(step):
+        metrics = evaluator(state.params)
+        log.write(step, metrics)
+        if result["first_eval"] is None:
+            result["first_eval"] = dict(metrics, step=step)
+        result["last_eval"] = dict(metrics, step=step)
+        return metrics
+
+    bar = _progress(progress and jax.process_index() == 0, start, config.total_steps)
+    if evaluator is not None and start == 0:
+        run_eval(0)
+    timed_steps, timed_s, window_s, window_n = 0, 0.0, 0.0, 0
+    step = start
+    try:
+        while step < config.total_steps:
+            t0 = time.perf_counter()
+            host = next(data_iter)
+            batch = shd.shard_batch({k: host[k] for k in BATCH_KEYS}, mesh)
+            with shd.use_mesh_and_rules(mesh):
+                state, metrics = step_fn(state, batch)
+            loss = float(metrics["loss"])
+            step += 1
+            if not math.isfinite(loss):
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {step} (the update from step {step - 1}); stopping. "
+                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+            dt = time.perf_counter() - t0
+            if step > start + 1:  # the first step compiles
+                timed_steps, timed_s = timed_steps + 1, timed_s + dt
+            window_s, window_n = window_s + dt, window_n + 1
+            sps = config.batch_size * window_n / window_s
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{sps:.0f}")
+            if step % config.log_every == 0 or step == config.total_steps:
+                log.write(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
+                                 "train/logit_scale": float(metrics["logit_scale"]),
+                                 "train/grad_norm": float(metrics["grad_norm"]),
+                                 "train/samples_per_sec": sps,
+                                 **{f"data/{k}": v for k, v in getattr(data_iter, "stats", {}).items()}})
+                window_s, window_n = 0.0, 0
+            if evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps):
+                run_eval(step)
+            ckpt.save(step, state, data_iter, force=step == config.total_steps)
+            if preempt.should_stop():
+                ckpt.save(step, state, data_iter, force=True)
+                result["stopped_early"] = True
+                logger.warning("SIGTERM: saved step %d in %s, exiting", step, ckpt.directory)
+                break
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        log.close()
+    result.update(step=step, wall_s=time.time() - t_start,
+                  samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
+    return result
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,1 @@
+"""``python -m train --config train/configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]``."""

@@ -1,0 +1,54 @@
+"""Every key the trainer reads, with defaults; other configs start from ``get_config()`` here.
+
+Override any key on the command line: ``--config.optimizer.lr=1e-5 --config.mesh.fsdp=4``.
+"""
+
+import ml_collections
+
+from chinese_clip_jax.data import default_data_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256  # GLOBAL batch (all processes, all micro-batches)
+    c.accum_steps = 1  # micro-batches per step; the gradient is still the full-batch one (GradCache)
+    c.loss = "softmax"  # "softmax" (CLIP InfoNCE) | "sigmoid" (SigLIP, learnable bias)
+    c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params and loss stay fp32
+    c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
+    c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
+    c.context_length = 52
+
+    c.log_every = 10
+    c.eval_every = 0  # 0 = no evaluation
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
+
+    c.optimizer = ml_collections.ConfigDict({
+        "lr": 5e-4, "warmup_steps": 100, "weight_decay": 0.2, "b1": 0.9, "b2": 0.98, "eps": 1e-6,
+        "grad_clip": 0.0,  # global-norm clip over trainable params; 0 = off
+        "end_lr_factor": 0.0,
+    })
+
+    # Architecture: model.preset (e.g. "chinese-clip-vit-base-patch16") or the sizes below.
+    # Ignored when init_from is set (the checkpoint's config.json decides).
+    c.model = ml_collections.ConfigDict({
+        "preset": "",
+        "projection_dim": 512,
+        "text": {"vocab_size": 21128, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "max_position_embeddings": 512},
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
+        "attention_impl": "",  # "" (jax default) | "xla" | "cudnn"
+        "scan_layers": False,
+        "remat": False,
+    })
+
+    c.data = default_data_config("demo")
+
+    # Multi-host (jax.distributed.initialize); also from the usual cluster environment.
+    c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 0, "process_id": -1})
+    return c
