@@ -214,3 +214,153 @@ def test_demo_eval_sets():
     for t, positives in enumerate(r["text_to_images"]):
         assert t in positives
         assert all(0 <= i < 24 for i in positives)
+
+
+# ---------------------------------------------------------------- file sources
+
+def _jpeg(seed: int, shape=(36, 48)) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, shape + (3,), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _epoch_rows(it, n_batches):
+    """(input_ids bytes, pixel bytes) of every row in n_batches batches."""
+    rows = []
+    for _ in range(n_batches):
+        b = next(it)
+        rows += [(i.tobytes(), p.tobytes()) for i, p in zip(b["input_ids"], b["pixel_values"])]
+    return rows
+
+
+def _expected_rows(pairs):
+    ids = TextEncoder(52)([t for t, _ in pairs])["input_ids"]
+    return sorted((i.tobytes(), ImageDecoder(S)(img).tobytes()) for i, (_, img) in zip(ids, pairs))
+
+
+@pytest.fixture
+def cn_clip_dir(tmp_path):
+    """train: 5 good images, 1 bad-base64 line, 1 line without a tab; 6 captions (7 pairs, one missing image)."""
+    import base64
+
+    images = {i: _jpeg(i) for i in range(5)}
+    lines = [f"{i}\t{base64.urlsafe_b64encode(b).decode()}" for i, b in images.items()]
+    lines.insert(2, "99\t!!!this is not base64 at all###")
+    lines.insert(4, "a line with no tab")
+    (tmp_path / "train_imgs.tsv").write_text("\n".join(lines) + "\n")
+    captions = [(0, "一只猫", [0]), (1, "一条狗", [1, 2]), (2, "红色的花", [3]), (3, "蓝天", [4]),
+                (4, "坏图片", [99]), (5, "不存在的图片", [1234])]
+    with open(tmp_path / "train_texts.jsonl", "w", encoding="utf-8") as f:
+        for tid, text, ids in captions:
+            f.write(json.dumps({"text_id": tid, "text": text, "image_ids": ids}, ensure_ascii=False) + "\n")
+    (tmp_path / "valid_imgs.tsv").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "valid_texts.jsonl").write_text(
+        json.dumps({"text_id": 0, "text": "两张图", "image_ids": [0, 1]}, ensure_ascii=False) + "\n"
+        + json.dumps({"text_id": 1, "text": "第一张", "image_ids": [0]}, ensure_ascii=False) + "\n")
+    good = [("一只猫", images[0]), ("一条狗", images[1]), ("一条狗", images[2]), ("红色的花", images[3]),
+            ("蓝天", images[4])]
+    return tmp_path, captions, images, good
+
+
+def _cn_clip_cfg(root, fmt="tsv"):
+    cfg = default_data_config("cn_clip")
+    cfg.cn_clip.root, cfg.cn_clip.format = str(root), fmt
+    cfg.num_threads, cfg.prefetch_buffer_size = 1, 4
+    return cfg
+
+
+def test_cn_clip_tsv_skips_bad_base64_and_counts(cn_clip_dir, caplog):
+    root, _, _, good = cn_clip_dir
+    with caplog.at_level("WARNING"):
+        it = train_iterator(_cn_clip_cfg(root), global_batch_size=5, seed=0, image_size=S,
+                            process_index=0, process_count=1)
+        rows = _epoch_rows(it, 1)  # the 6 pairs with an image id in the TSV, one of them undecodable
+    assert sorted(rows) == _expected_rows(good)
+    assert it.stats == {"skipped": 1, "skipped_at_index": 2, "samples": 5}
+    assert "train_imgs.tsv:5" in caplog.text  # the line with no tab, named by line
+    assert "train_imgs.tsv:3" in caplog.text  # the bad base64 line
+
+
+def test_cn_clip_eval_retrieval(cn_clip_dir):
+    root = cn_clip_dir[0]
+    r = eval_sets(_cn_clip_cfg(root), image_size=S)["retrieval"]
+    assert r["texts"] == ["两张图", "第一张"]
+    assert r["text_to_images"] == [[0, 1], [0]]
+    assert r["pixel_values"].shape == (2, 3, S, S) and r["input_ids"].shape == (2, 52)
+    np.testing.assert_array_equal(r["pixel_values"][1], ImageDecoder(S)(cn_clip_dir[2][1]))
+
+
+def test_cn_clip_lmdb_build_gives_the_same_samples(cn_clip_dir):
+    lmdb = pytest.importorskip("lmdb")
+    import pickle
+
+    root, captions, _, good = cn_clip_dir
+    split = root / "lmdb" / "train"
+    split.mkdir(parents=True)
+    with lmdb.open(str(split / "pairs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        k = 0
+        for tid, text, ids in captions:
+            for image_id in ids:
+                txn.put(str(k).encode(), pickle.dumps((image_id, tid, text)))
+                k += 1
+        txn.put(b"num_samples", str(k).encode())
+    with lmdb.open(str(split / "imgs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for line in (root / "train_imgs.tsv").read_text().splitlines():
+            if "\t" in line:
+                image_id, b64 = line.split("\t")
+                txn.put(image_id.encode(), b64.encode())
+    it = train_iterator(_cn_clip_cfg(root, "lmdb"), global_batch_size=5, seed=0, image_size=S,
+                        process_index=0, process_count=1)
+    assert sorted(_epoch_rows(it, 1)) == _expected_rows(good)
+    # bad base64 (99) and the missing image (1234) are both skipped when read
+    assert it.stats["skipped"] == 2
+
+
+def _tar(path, members):
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_skip_bad_jpeg_and_count(tmp_path, caplog):
+    imgs = [_jpeg(10 + i) for i in range(4)]
+    _tar(tmp_path / "00000.tar", [
+        ("000000000.jpg", imgs[0]), ("000000000.txt", "一只猫".encode()),
+        ("000000001.jpg", imgs[1]), ("000000001.json", json.dumps({"caption": "一条狗"}).encode()),
+        ("000000002.jpg", b"\xff\xd8\xff broken jpeg"), ("000000002.txt", "坏的".encode()),
+        ("000000003.txt", "没有图片".encode()),
+    ])
+    _tar(tmp_path / "00001.tar", [("a/000000004.jpg", imgs[2]), ("a/000000004.txt", "红色的花".encode()),
+                                  ("000000005.png", _png(np.full((20, 30, 3), 7, np.uint8))),
+                                  ("000000005.txt", "灰色".encode())])
+    cfg = default_data_config("webdataset")
+    cfg.webdataset.shards = str(tmp_path / "{00000..00001}.tar")
+    cfg.num_threads, cfg.prefetch_buffer_size = 1, 4
+    with caplog.at_level("WARNING"):
+        it = train_iterator(cfg, global_batch_size=4, seed=0, image_size=S, process_index=0, process_count=1)
+        rows = _epoch_rows(it, 1)
+    good = [("一只猫", imgs[0]), ("一条狗", imgs[1]), ("红色的花", imgs[2]),
+            ("灰色", _png(np.full((20, 30, 3), 7, np.uint8)))]
+    assert sorted(rows) == _expected_rows(good)
+    assert it.stats == {"skipped": 1, "skipped_at_index": 1, "samples": 4}
+    assert "00000.tar:000000002" in caplog.text and "00000.tar:000000003" in caplog.text
+    cfg.webdataset.eval_shards = str(tmp_path / "00001.tar")
+    r = eval_sets(cfg, image_size=S)["retrieval"]
+    assert r["texts"] == ["红色的花", "灰色"] and r["text_to_images"] == [[0], [1]]
+
+
+def test_missing_files_are_named(tmp_path):
+    cfg = default_data_config("webdataset")
+    cfg.webdataset.shards = str(tmp_path / "{00000..00001}.tar")
+    with pytest.raises(FileNotFoundError, match="00000.tar"):
+        train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
+    cfg = _cn_clip_cfg(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_imgs.tsv"):
+        train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="process count"):
+        train_iterator(_demo_cfg(), global_batch_size=3, seed=0, image_size=S, process_index=0, process_count=2)

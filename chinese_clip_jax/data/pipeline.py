@@ -3,7 +3,8 @@
 A *source* is any random-access sequence whose items are raw records
 ``{"image": ..., "text": str, "where": str}``; ``image`` is a uint8 (H, W, 3) array, encoded
 image bytes (JPEG/PNG/...) or a base64 string of them, and ``where`` names the sample in error
-messages (e.g. "train_imgs.tsv:17"). The pipeline, per process:
+messages (e.g. "train_imgs.tsv:17"); a source that cannot even read a record returns
+``{"error": why, "where": ...}`` instead of raising, so the sample is skipped and counted. The pipeline, per process:
 
   1. takes this process's contiguous shard of the index space (grain ``ShardOptions`` from
      ``jax.process_index()`` / ``jax.process_count()``);
@@ -87,6 +88,8 @@ class _Decode:
     def __call__(self, record: dict) -> dict:
         where = record.get("where", "?") if isinstance(record, dict) else "?"
         try:
+            if record.get("error"):
+                raise ValueError(record["error"])
             text = record["text"]
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"caption must be a non-empty string, got {text!r}")
