@@ -364,3 +364,22 @@ def test_missing_files_are_named(tmp_path):
         train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="process count"):
         train_iterator(_demo_cfg(), global_batch_size=3, seed=0, image_size=S, process_index=0, process_count=2)
+
+
+def test_default_threaded_reader_is_deterministic_and_resumes():
+    cfg = default_data_config("demo")  # 2 reader threads, as in training
+    cfg.demo.num_train = 40
+    make = lambda: train_iterator(cfg, global_batch_size=16, seed=5, image_size=S, process_index=0, process_count=1)
+    it = make()
+    first = _take(it, 2)
+    state = it.get_state()
+    rest = _take(it, 3)
+    it.close()
+    again = make()
+    for x, y in zip(first + rest, _take(again, 5)):
+        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+    resumed = make()
+    resumed.set_state(state)
+    for x, y in zip(rest, _take(resumed, 3)):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])

@@ -177,6 +177,10 @@ class TrainIterator:
         """JSON-able state: grain's iterator state plus the counters."""
         return {"grain": self._samples.get_state(), "skipped": self._skipped, "samples": self._yielded}
 
+    def close(self) -> None:
+        """Stops grain's reader threads."""
+        self._samples.close()
+
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a state from ``get_state`` (possibly after a JSON round trip)."""
         missing = {"grain", "skipped", "samples"} - set(state)
