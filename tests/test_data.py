@@ -383,3 +383,41 @@ def test_default_threaded_reader_is_deterministic_and_resumes():
     for x, y in zip(rest, _take(resumed, 3)):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
         np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+
+
+_WORKER = r"""
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from chinese_clip_jax.data import default_data_config, demo, train_iterator
+from chinese_clip_jax.data.pipeline import ImageDecoder
+cfg = default_data_config("demo")
+cfg.demo.num_train, cfg.num_threads = 10, 1
+src = demo.DemoSource(image_size=16, num_train=10, seed=0)
+table = {ImageDecoder(16)(src[i]["image"]).tobytes(): i for i in range(10)}
+it = train_iterator(cfg, global_batch_size=2, seed=0, image_size=16)  # process index/count from jax
+rows = [table[p.tobytes()] for _ in range(5) for p in next(it)["pixel_values"]]
+print("ROWS", json.dumps([jax.process_index(), jax.process_count(), rows]))
+"""
+
+
+def test_jax_distributed_processes_read_their_own_shards(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("ROWS"))[5:]))
+    (i0, n0, rows0), (i1, n1, rows1) = sorted(results)
+    assert (i0, i1, n0, n1) == (0, 1, 2, 2)
+    assert sorted(rows0) == list(range(5)) and sorted(rows1) == list(range(5, 10))
