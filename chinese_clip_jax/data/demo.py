@@ -9,7 +9,7 @@ every colour and every shape is still seen in training with other partners.
 Images are uint8 (size, size, 3), a pure function of (seed, split, index), drawn with vectorised
 numpy on a cached coordinate grid (tens of microseconds at 32-64 px), so nothing is stored.
 
-Config keys (``data.*`` when ``data.name == "demo"``):
+Config keys (``data.demo.*``, used when ``data.name == "demo"``):
   demo_seed        int, seed of the image content (independent of the shuffling seed)
   num_train        images per training epoch (index space; each is drawn on demand)
   eval_per_class   held-out images per class for "zeroshot" and "zeroshot_unseen"
