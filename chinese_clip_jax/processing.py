@@ -216,8 +216,11 @@ class ImagePreprocessor:
             return self.settings.crop_size["height"], self.settings.crop_size["width"]
         return self.settings.output_size()
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """images: one image or a list -> (N, 3, H, W) float32. Raises ImageLoadError naming the image."""
+    def __call__(self, images: ImageInput | Sequence[ImageInput], start_index: int = 0) -> np.ndarray:
+        """images: one image or a list -> (N, 3, H, W) float32.
+
+        Raises ImageLoadError naming the image (its position, counted from start_index).
+        """
         if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
                 isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
@@ -226,9 +229,9 @@ class ImagePreprocessor:
             raise ValueError("no images given")
         if self.num_threads > 1 and len(images) > 1:
             with concurrent.futures.ThreadPoolExecutor(min(self.num_threads, len(images))) as pool:
-                arrays = list(pool.map(self._one, images, range(len(images))))
+                arrays = list(pool.map(self._one, images, range(start_index, start_index + len(images))))
         else:
-            arrays = [self._one(im, i) for i, im in enumerate(images)]
+            arrays = [self._one(im, i) for i, im in enumerate(images, start_index)]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise ValueError(f"images came out with different sizes {sorted(shapes)}; set a crop_size")
@@ -379,9 +382,12 @@ class ChineseCLIPProcessor:
                              return_tensors="np", return_token_type_ids=True, return_attention_mask=True)
         return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def preprocess_images(self, images) -> np.ndarray:
-        """images (PIL / uint8 array / path, or a list) -> pixel_values (N, 3, H, W) float32."""
-        return self.image_processor(images)
+    def preprocess_images(self, images, start_index: int = 0) -> np.ndarray:
+        """images (PIL / uint8 array / path, or a list) -> pixel_values (N, 3, H, W) float32.
+
+        start_index: position of the first image in the caller's list, for error messages.
+        """
+        return self.image_processor(images, start_index)
 
     def __call__(self, text=None, images=None, return_tensors: str | None = "np",
                  max_length: int | None = None) -> dict[str, Any]:
