@@ -271,6 +271,8 @@ class ImagePreprocessor:
                 new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
             else:
                 new_h, new_w = s.size["height"], s.size["width"]
+            # Not resize(box=crop window): PIL may then run its two passes in the other order,
+            # and the uint8 rounding between them moves pixels by a grey level or two.
             img = img.resize((new_w, new_h), resample=s.resample)
         arr = np.asarray(img)
         if s.do_center_crop:
