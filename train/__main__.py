@@ -36,7 +36,7 @@ def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
+    logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
     config = _CONFIG.value
     _maybe_initialize_distributed(config.distributed)
 

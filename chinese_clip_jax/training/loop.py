@@ -233,4 +233,4 @@ def _progress(enabled: bool, start: int, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)

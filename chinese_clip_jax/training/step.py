@@ -29,7 +29,7 @@ from ..modeling import l2_normalize
 from .optim import is_frozen
 from .state import TrainState
 
-__all__ = ["make_embed_fn", "make_train_step", "BATCH_KEYS"]
+__all__ = ["make_embed_fn", "make_grad_fn", "make_train_step", "BATCH_KEYS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
 LOSS_PARAMS = ("logit_bias",)  # trainable params of the loss, not of the model
@@ -49,14 +49,13 @@ def make_embed_fn(model) -> Callable:
     return embed
 
 
-def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, loss: str = "softmax",
-                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False):
-    """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
+def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int = 1,
+                 freeze: str | None = None, deterministic: bool = False) -> Callable:
+    """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
-    ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
-    input_ids/attention_mask int32 (B, L), pixel_values float32 (B, 3, H, W).
-    ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
-    Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
+    With ``accum_steps > 1`` it runs the GradCache recipe of the module docstring; the result
+    equals the ``accum_steps=1`` gradient up to float summation order (dropout aside: the
+    micro-batches draw their own masks). Frozen towers get zero gradients (stop_gradient).
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -118,13 +117,25 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState
             grads[k] = grads[k] + g
         return loss_value, grads
 
+    return full_batch_grad if accum_steps == 1 else accumulated_grad
+
+
+def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, loss: str = "softmax",
+                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
+
+    ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
+    input_ids/attention_mask int32 (B, L), pixel_values float32 (B, 3, H, W).
+    ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
+    Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
+    """
+    grad_fn = make_grad_fn(model, mesh, loss=loss, accum_steps=accum_steps, freeze=freeze,
+                           deterministic=deterministic)
+
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         params = state.params
-        if accum_steps == 1:
-            loss_value, grads = full_batch_grad(params, batch, rng)
-        else:
-            loss_value, grads = accumulated_grad(params, batch, rng)
+        loss_value, grads = grad_fn(params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         new_params = dict(optax.apply_updates(params, updates))
         for k in new_params:  # frozen towers: keep the exact bits

@@ -10,11 +10,11 @@ from train.configs import base
 def get_config():
     c = base.get_config()
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 1200
     c.batch_size = 128
     c.log_every = 20
-    c.eval_every = 200
-    c.checkpoint_every = 200
+    c.eval_every = 300
+    c.checkpoint_every = 300
     c.context_length = 24  # the demo captions are at most ~15 characters
     c.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
     c.model.projection_dim = 64
