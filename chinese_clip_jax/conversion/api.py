@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,11 +131,18 @@ def _is_cn_clip(names) -> bool:
     return any(n.startswith("visual.") for n in names) and any(n.startswith("bert.") for n in names)
 
 
-def load_params(src: str | os.PathLike, arch: str | None = None) -> tuple[ChineseCLIPConfig, dict, str]:
-    """Any supported source -> (config, unscanned-or-scanned Flax params as numpy, kind).
+class Loaded(NamedTuple):
+    config: ChineseCLIPConfig
+    params: dict  # Flax params as numpy fp32, unscanned (or as stored, for "flax")
+    kind: str  # "flax", "hf" or "cn_clip"
+    directory: str | None  # the checkpoint's directory (its vocab / preprocessor_config.json live there)
 
-    kind is "flax", "hf" or "cn_clip".
-    """
+
+PROCESSOR_FILES = ("vocab.txt", "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_params(src: str | os.PathLike, arch: str | None = None) -> Loaded:
+    """Any supported source -> ``Loaded(config, params, kind, directory)``."""
     src = os.fspath(src)
     if _looks_like_hub_id(src):
         src = _hub_snapshot(src)
@@ -143,7 +150,7 @@ def load_params(src: str | os.PathLike, arch: str | None = None) -> tuple[Chines
         raise FileNotFoundError(f"no such file or directory: {src}")
     if os.path.isdir(src):
         if os.path.isdir(os.path.join(src, FLAX_PARAMS_DIR)):
-            return ChineseCLIPConfig.from_pretrained(src), load_flax_params(src), "flax"
+            return Loaded(ChineseCLIPConfig.from_pretrained(src), load_flax_params(src), "flax", src)
         weights = find_hf_weights(src)
         if weights is None:
             raise CheckpointError(
@@ -151,7 +158,7 @@ def load_params(src: str | os.PathLike, arch: str | None = None) -> tuple[Chines
                 "Orbax directory"
             )
         cfg = ChineseCLIPConfig.from_pretrained(src)
-        return cfg, hf_to_flax(open_tensors(weights), cfg), "hf"
+        return Loaded(cfg, hf_to_flax(open_tensors(weights), cfg), "hf", src)
     source = open_tensors(src)
     if _is_cn_clip(source.names()):
         shapes = {n: source.shape(n) for n in source.names()}
@@ -160,12 +167,12 @@ def load_params(src: str | os.PathLike, arch: str | None = None) -> tuple[Chines
         for cn_name, targets in mapping.cn_clip_to_hf_names(source.names()).items():
             for hf_name, op, part in targets:
                 rename[hf_name] = [(cn_name, op, part)]
-        return cfg, hf_to_flax(source, cfg, rename), "cn_clip"
+        return Loaded(cfg, hf_to_flax(source, cfg, rename), "cn_clip", None)
     config_path = os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{src} uses HF names but no config.json was found beside it ({config_path})")
     cfg = ChineseCLIPConfig.from_json_file(config_path)
-    return cfg, hf_to_flax(source, cfg), "hf"
+    return Loaded(cfg, hf_to_flax(source, cfg), "hf", os.path.dirname(config_path))
 
 
 def from_pretrained(
@@ -178,7 +185,7 @@ def from_pretrained(
     remat: bool = False,
 ) -> tuple[ChineseCLIPModel, dict]:
     """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute."""
-    cfg, params, _ = load_params(src, arch)
+    cfg, params, _, _ = load_params(src, arch)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
@@ -200,7 +207,8 @@ def _safetensors_save(tensors: dict[str, np.ndarray], path: str, dtype: str) -> 
     os.replace(tmp, path)  # never leave a half-written model.safetensors behind
 
 
-def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32") -> str:
+def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
+                    processor_from: str | None = None) -> str:
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
@@ -208,14 +216,18 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
     os.makedirs(path, exist_ok=True)
     _safetensors_save(tensors, os.path.join(path, "model.safetensors"), dtype)
     cfg.save(path)
-    _copy_vocab(path)
+    copy_processor_files(path, processor_from)
     return path
 
 
-def _copy_vocab(path: str) -> None:
-    target = os.path.join(path, "vocab.txt")
-    if not os.path.exists(target):
-        shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), target)
+def copy_processor_files(path: str, source_dir: str | None) -> None:
+    """Carries the checkpoint's own tokenizer/preprocessing files over; the bundled vocab otherwise."""
+    for name in PROCESSOR_FILES:
+        src = os.path.join(source_dir, name) if source_dir else None
+        if src and os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
+            shutil.copyfile(src, os.path.join(path, name))
+    if not os.path.exists(os.path.join(path, "vocab.txt")):
+        shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), os.path.join(path, "vocab.txt"))
 
 
 def _to_numpy(params: dict) -> dict:
@@ -224,7 +236,8 @@ def _to_numpy(params: dict) -> dict:
     return jax.tree_util.tree_map(lambda x: np.asarray(x), nn.unbox(params))
 
 
-def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32") -> str:
+def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
+              processor_from: str | None = None) -> str:
     """Writes an Orbax checkpoint of the params (``path/params``) plus ``config.json`` and ``vocab.txt``."""
     import orbax.checkpoint as ocp
 
@@ -242,7 +255,7 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     cfg.save(path)
     with open(os.path.join(path, FLAX_META), "w") as f:
         json.dump({"format": "chinese_clip_jax", "scan_layers": mapping.is_scanned(params), "dtype": dtype}, f)
-    _copy_vocab(path)
+    copy_processor_files(path, processor_from)
     return path
 
 

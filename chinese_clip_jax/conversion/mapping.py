@@ -19,6 +19,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 
 from ..config import ChineseCLIPConfig
+from .sources import CheckpointError
 
 
 class Transform(NamedTuple):
@@ -288,12 +289,12 @@ def infer_cn_clip_config(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
             "text_projection", "bert.encoder.layer.0.intermediate.dense.weight"]
     missing = [n for n in need if n not in shapes]
     if missing:
-        raise ValueError(f"not a cn_clip ViT checkpoint: missing {', '.join(missing)}")
+        raise CheckpointError(f"not a cn_clip ViT checkpoint: missing {', '.join(missing)}")
     width, _, patch, _ = shapes["visual.conv1.weight"]
     grid = int(round((shapes["visual.positional_embedding"][0] - 1) ** 0.5))
     hidden = shapes["bert.embeddings.word_embeddings.weight"][1]
     if width not in _VISION_HEADS_BY_WIDTH or hidden not in _TEXT_HEADS_BY_WIDTH:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot infer the number of attention heads for vision width {width} / text width {hidden}; "
             "pass arch='ViT-...@RoBERTa-...' explicitly"
         )
@@ -336,6 +337,6 @@ def cn_clip_to_hf_names(names) -> dict[str, tuple[str, str, int | None]]:
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"unexpected keys in cn_clip checkpoint: {', '.join(sorted(unknown)[:20])}"
+        raise CheckpointError(f"unexpected keys in cn_clip checkpoint: {', '.join(sorted(unknown)[:20])}"
                          + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
     return out

@@ -1,0 +1,1 @@
+"""`python -m convert`: thin CLI over chinese_clip_jax.conversion."""

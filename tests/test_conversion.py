@@ -1,0 +1,304 @@
+"""Checkpoint conversion: HF <-> Flax round trips, the cn_clip .pt path against cn_clip's own model,
+the convert CLI, and the error cases (each must name the problem and leave nothing corrupted)."""
+
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import chinese_clip_jax as ccj
+from chinese_clip_jax.conversion import CheckpointError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**vision):
+    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    vis = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               patch_size=8, image_size=32, projection_dim=16)
+    vis.update(vision)
+    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, ccj.ChineseCLIPVisionConfig(**vis), projection_dim=16)
+
+
+def inputs(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(106, 21128, (3, 12))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[mask == 0] = 0
+    r = cfg.vision_config.image_size
+    return ids, mask, rng.standard_normal((2, 3, r, r)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)
+    return cfg, path, model
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_save_pretrained_loads_cleanly_in_transformers(hf_dir, tmp_path):
+    cfg, path, ref_model = hf_dir
+    model, params = ccj.from_pretrained(path, scan_layers=True)  # write from the scanned layout
+    out = ccj.save_pretrained(tmp_path / "export", cfg, params)
+    loaded, info = transformers.ChineseCLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask, px = inputs(cfg)
+    with torch.no_grad():
+        want = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         pixel_values=torch.tensor(px)).logits_per_image.numpy()
+        got_torch = loaded.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                  pixel_values=torch.tensor(px)).logits_per_image.numpy()
+    got_jax = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(px),
+                                     attention_mask=jnp.asarray(mask)).logits_per_image)
+    np.testing.assert_array_equal(got_torch, want)  # identical weights back in torch
+    np.testing.assert_allclose(got_jax, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cli_round_trip_hf_flax_hf_is_bitwise(hf_dir, tmp_path, scan):
+    cfg, path, _ = hf_dir
+    flags = ["--scan-layers"] if scan else []
+    r1 = run_cli(path, tmp_path / "flax", *flags)
+    assert r1.returncode == 0, r1.stderr
+    assert "parameters:" in r1.stdout and "peak memory" in r1.stdout
+    assert sorted(os.listdir(tmp_path / "flax")) == ["config.json", "flax_checkpoint.json", "params", "vocab.txt"]
+    r2 = run_cli(tmp_path / "flax", tmp_path / "hf2", "--to", "hf")
+    assert r2.returncode == 0, r2.stderr
+    original = load_file(str(path / "model.safetensors"))
+    back = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert set(back) == set(original)
+    for k in original:
+        assert original[k].dtype == back[k].dtype and np.array_equal(original[k], back[k]), k
+    assert ccj.ChineseCLIPConfig.from_pretrained(tmp_path / "hf2") == cfg
+
+
+def test_bfloat16_storage_loads_close(hf_dir, tmp_path):
+    cfg, path, _ = hf_dir
+    assert run_cli(path, tmp_path / "bf16", "--dtype", "bfloat16").returncode == 0
+    _, p32 = ccj.from_pretrained(path)
+    _, p16 = ccj.from_pretrained(tmp_path / "bf16")
+    k32 = np.asarray(p32["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"])
+    k16 = np.asarray(p16["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"])
+    assert k16.dtype == np.float32 and not np.array_equal(k16, k32)
+    np.testing.assert_allclose(k16, k32, rtol=1e-2, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cn_clip .pt
+
+
+def import_cn_clip_model():
+    """cn_clip's own model code; its clip/utils.py imports torchvision, which we stub."""
+    if "torchvision" not in sys.modules:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        for name in ("Compose", "ToTensor", "Normalize", "Resize", "InterpolationMode", "CenterCrop",
+                     "RandomResizedCrop"):
+            setattr(tv.transforms, name, object)
+        sys.modules["torchvision"] = tv
+        sys.modules["torchvision.transforms"] = tv.transforms
+    from cn_clip.clip import model as cn_model
+
+    return cn_model
+
+
+@pytest.fixture(scope="module")
+def cn_clip_checkpoint(tmp_path_factory):
+    cn_model = import_cn_clip_model()
+    import json
+
+    spec_dir = os.path.join(os.path.dirname(cn_model.__file__), "model_configs")
+    spec = {}
+    for name in ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"):
+        with open(os.path.join(spec_dir, name + ".json")) as f:
+            spec.update(json.load(f))
+    torch.manual_seed(0)
+    model = cn_model.CLIP(**spec).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(100.0))
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    # released checkpoints still carry the RoBERTa pooler, which the CLIP model does not use
+    state["module.bert.pooler.dense.weight"] = torch.randn(768, 768)
+    state["module.bert.pooler.dense.bias"] = torch.randn(768)
+    path = tmp_path_factory.mktemp("cn_clip") / "epoch_latest.pt"
+    torch.save({"epoch": 3, "step": 100, "name": "exp", "state_dict": state}, path)
+    return model, path
+
+
+@pytest.mark.parametrize("arch", [None, "ViT-B-16@RoBERTa-wwm-ext-base-chinese"], ids=["inferred", "named"])
+def test_cn_clip_pt_matches_cn_clip_model(cn_clip_checkpoint, arch):
+    ref, path = cn_clip_checkpoint
+    model, params = ccj.from_pretrained(path, arch=arch)
+    assert model.config == ccj.ChineseCLIPConfig.preset("chinese-clip-vit-base-patch16")
+    ids, mask, _ = inputs(model.config)
+    px = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        want_text = ref.encode_text(torch.tensor(ids)).numpy()  # cn_clip masks [PAD] (id 0) itself
+        want_image = ref.encode_image(torch.tensor(px)).numpy()
+        want_logits, _ = ref.get_similarity(torch.tensor(px), torch.tensor(ids))
+    v = {"params": params}
+    text = model.apply(v, jnp.asarray(ids), jnp.asarray(mask), method="get_text_features")
+    image = model.apply(v, jnp.asarray(px), method="get_image_features")
+    logits = model.apply(v, jnp.asarray(ids), jnp.asarray(px), attention_mask=jnp.asarray(mask)).logits_per_image
+    np.testing.assert_allclose(np.asarray(text), want_text, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(image), want_image, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), want_logits.numpy(), atol=1e-3, rtol=0)
+
+
+def test_cn_clip_to_hf_export_loads_in_transformers(cn_clip_checkpoint, tmp_path):
+    ref, path = cn_clip_checkpoint
+    result = run_cli(path, tmp_path / "hf", "--to", "hf")
+    assert result.returncode == 0, result.stderr
+    hf, info = transformers.ChineseCLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    px = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        got = hf.eval().get_image_features(pixel_values=torch.tensor(px)).pooler_output.numpy()
+        want = ref.encode_image(torch.tensor(px)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_cn_clip_unknown_width_needs_arch(tmp_path):
+    state = {
+        "visual.conv1.weight": torch.zeros(640, 3, 16, 16),
+        "visual.positional_embedding": torch.zeros(197, 640),
+        "bert.embeddings.word_embeddings.weight": torch.zeros(10, 768),
+        "bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(3072, 768),
+        "text_projection": torch.zeros(768, 512),
+    }
+    torch.save({"state_dict": state}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="arch="):
+        ccj.from_pretrained(tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="ResNet towers are not ported"):
+        ccj.from_pretrained(tmp_path / "odd.pt", arch="RN50@RBT3-chinese")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def rewrite_weights(src_dir, dst_dir, edit):
+    import shutil
+
+    shutil.copytree(src_dir, dst_dir)
+    tensors = load_file(str(dst_dir / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst_dir / "model.safetensors"), metadata={"format": "pt"})
+    return dst_dir
+
+
+def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
+    _, path, _ = hf_dir
+
+    def edit(t):
+        del t["vision_model.encoder.layers.1.mlp.fc2.bias"]
+        t["vision_model.extra_head.weight"] = np.zeros(3, np.float32)
+
+    bad = rewrite_weights(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError) as e:
+        ccj.from_pretrained(bad)
+    msg = str(e.value)
+    assert "missing keys (1): vision_model.encoder.layers.1.mlp.fc2.bias" in msg
+    assert "unexpected keys (1): vision_model.extra_head.weight" in msg
+
+
+def test_wrong_shape_names_key_and_both_shapes(hf_dir, tmp_path):
+    _, path, _ = hf_dir
+    key = "text_model.encoder.layer.0.intermediate.dense.weight"
+    bad = rewrite_weights(path, tmp_path / "bad", lambda t: t.__setitem__(key, np.zeros((65, 32), np.float32)))
+    with pytest.raises(CheckpointError, match=rf"'{key}' has shape \(65, 32\).*expects \(64, 32\)"):
+        ccj.from_pretrained(bad)
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "pytorch_model.bin"
+    with open(path, "wb") as f:
+        pickle.dump({"text_projection.weight": Evil()}, f)
+    with pytest.raises(CheckpointError, match="refusing to load .*pytorch_model.bin.*safetensors"):
+        ccj.from_pretrained(path)
+    assert not marker.exists()
+
+
+def test_truncated_files_name_the_file(hf_dir, tmp_path):
+    _, path, ref_model = hf_dir
+    import shutil
+
+    shutil.copytree(path, tmp_path / "st")
+    weights = tmp_path / "st" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{weights}.*truncated"):
+        ccj.from_pretrained(tmp_path / "st")
+
+    (tmp_path / "bin").mkdir()
+    shutil.copy(path / "config.json", tmp_path / "bin" / "config.json")
+    binary = tmp_path / "bin" / "pytorch_model.bin"
+    torch.save(ref_model.state_dict(), binary)
+    binary.write_bytes(binary.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"{binary}.*truncated"):
+        ccj.from_pretrained(tmp_path / "bin")
+
+
+def test_pytorch_model_bin_loads(hf_dir, tmp_path):
+    cfg, path, ref_model = hf_dir
+    import shutil
+
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    torch.save(ref_model.state_dict(), tmp_path / "pytorch_model.bin")
+    _, from_bin = ccj.from_pretrained(tmp_path)
+    _, from_st = ccj.from_pretrained(path)
+    k = ("vision_model", "encoder", "layer_2", "attention", "out", "kernel")
+    a, b = from_bin, from_st
+    for part in k:
+        a, b = a[part], b[part]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_paths_and_empty_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        ccj.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds no checkpoint"):
+        ccj.from_pretrained(tmp_path)
+
+
+def test_cli_errors_are_one_line_and_keep_existing_output(hf_dir, tmp_path):
+    _, path, _ = hf_dir
+    result = run_cli(tmp_path / "missing", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"no such file or directory: {tmp_path / 'missing'}" in result.stderr
+    assert run_cli(path, tmp_path / "out").returncode == 0
+    before = sorted(os.listdir(tmp_path / "out" / "params"))
+    again = run_cli(path, tmp_path / "out")  # refuses to overwrite, and leaves the first output intact
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert sorted(os.listdir(tmp_path / "out" / "params")) == before
+    _, params = ccj.from_pretrained(tmp_path / "out")
+    assert "text_model" in params
+
+
+def test_save_pretrained_rejects_params_of_another_config(hf_dir, tmp_path):
+    _, path, _ = hf_dir
+    _, params = ccj.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="missing .*vision_model/encoder/layer_3"):
+        ccj.save_pretrained(tmp_path / "x", tiny_config(num_hidden_layers=4), params)
+    assert not (tmp_path / "x").exists()
