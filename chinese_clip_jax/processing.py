@@ -11,7 +11,8 @@ with numpy here, following `ChineseCLIPImageProcessor` (PIL backend) step for st
   4. rescale and normalize: `(x * rescale_factor - mean) / std` in float32, via a 256-entry table.
 
 `resize_mode="squash"` instead reproduces cn_clip's evaluation transform: bicubic resize of the
-image as given to r x r (no crop), then `convert("RGB")`, `/ 255` and normalize.
+image as given to r x r (no crop), then `convert("RGB")`, `/ 255` and normalize (mean/std from
+the settings; r x r = the processor's output size).
 
 No torch is needed. Outputs: `input_ids`, `attention_mask`, `token_type_ids` (int32, (N, L),
 L = 52 by default) and `pixel_values` (float32, NCHW).
@@ -212,8 +213,11 @@ class ImagePreprocessor:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of the output pixels."""
-        if self.resize_mode == "squash":
-            return self.settings.crop_size["height"], self.settings.crop_size["width"]
+        if self.resize_mode == "squash":  # the processor's output size, else crop_size
+            try:
+                return self.settings.output_size()
+            except ValueError:
+                return self.settings.crop_size["height"], self.settings.crop_size["width"]
         return self.settings.output_size()
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], start_index: int = 0) -> np.ndarray:

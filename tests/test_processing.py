@@ -50,7 +50,7 @@ def _rng_image(h, w, mode="RGB", seed=0):
         return PIL.Image.frombytes("I;16", (w, h), (arr[..., 0].astype("<u2") * 257).tobytes())
     if mode == "P_transparent":
         p = img.convert("RGB").convert("P")
-        p.info["transparency"] = 3
+        p.info["transparency"] = int(np.bincount(np.asarray(p).ravel()).argmax())  # a used index
         return p
     return img.convert(mode)
 
@@ -117,23 +117,28 @@ def test_pixels_arrays_and_paths(proc, tmp_path):
     _assert_close_pixels(proc(images=paths)["pixel_values"], _reference_pixels(paths))
 
 
-def test_pixels_from_directory_with_height_width(tmp_path, hf_tokenizer):
-    cfg = {
-        "size": {"height": 256, "width": 192},
-        "crop_size": {"height": 240, "width": 200},  # bigger than the resize width: zero padding
-        "do_center_crop": True,
-        "resample": 2,
-        "image_mean": [0.5, 0.4, 0.3],
-        "image_std": [0.2, 0.3, 0.25],
-        "image_processor_type": "ChineseCLIPImageProcessor",
-    }
+HEIGHT_WIDTH_CONFIGS = [
+    ({"size": {"height": 256, "width": 192},
+      "crop_size": {"height": 240, "width": 200},  # bigger than the resize width: zero padding
+      "do_center_crop": True, "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.25],
+      "image_processor_type": "ChineseCLIPImageProcessor"}, (240, 200)),
+    # the layout of the released checkpoints' configs: a squash to height x width, no crop
+    ({"size": {"height": 224, "width": 224}, "crop_size": 224, "do_center_crop": False, "do_resize": True,
+      "do_normalize": True, "resample": 3, "feature_extractor_type": "ChineseCLIPFeatureExtractor",
+      "image_mean": list(ImageSettings().image_mean), "image_std": list(ImageSettings().image_std)}, (224, 224)),
+]
+
+
+@pytest.mark.parametrize("cfg,out_size", HEIGHT_WIDTH_CONFIGS)
+def test_pixels_from_directory_with_height_width(tmp_path, hf_tokenizer, cfg, out_size):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     hf_tokenizer.save_pretrained(tmp_path)
     proc = ChineseCLIPProcessor.from_pretrained(tmp_path)
+    assert proc.image_size == out_size
     ref = ChineseCLIPImageProcessorPil.from_pretrained(str(tmp_path))
     images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES)]
     ours = proc(images=images)["pixel_values"]
-    assert ours.shape == (len(images), 3, 240, 200)
+    assert ours.shape == (len(images), 3) + out_size
     _assert_close_pixels(ours, ref(images, return_tensors="np")["pixel_values"])
     np.testing.assert_array_equal(proc(text=TEXTS)["input_ids"],
                                   hf_tokenizer(TEXTS, padding="max_length", max_length=52,
@@ -183,3 +188,18 @@ def test_bad_settings_are_named():
         ImageSettings.from_dict({"size": {"longest_edge": 3}})
     with pytest.raises(ValueError, match="resize_mode"):
         ChineseCLIPProcessor(resize_mode="stretch")
+
+
+def test_joint_call_equals_transformers_processor(proc, hf_tokenizer):
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
+                                                 tokenizer=hf_tokenizer)
+    images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES[:3])]
+    ref = ref_proc(text=TEXTS, images=images, padding="max_length", max_length=52, truncation=True,
+                   return_tensors="np")
+    ours = proc(text=TEXTS, images=images)
+    assert set(ours) == {"input_ids", "attention_mask", "token_type_ids", "pixel_values"}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
+    _assert_close_pixels(ours["pixel_values"], ref["pixel_values"])
+    jax_out = proc(text=TEXTS[:2], return_tensors="jax")
+    assert jax_out["input_ids"].dtype == np.int32 and jax_out["input_ids"].shape == (2, 52)
