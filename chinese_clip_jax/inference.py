@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .modeling import ChineseCLIPModel
@@ -143,9 +144,11 @@ class ChineseCLIP:
                      progress: bool | None = None) -> np.ndarray:
         """Images (PIL images, uint8 arrays, paths) -> (N, projection_dim) float32, L2-normalized.
 
+        images: one image, a sequence or iterable of them, or a uint8 (N, H, W, C) array.
         An unreadable image raises processing.ImageLoadError naming it and the reason.
         """
-        if not isinstance(images, (list, tuple)):
+        if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
         offset = 0
 

@@ -73,7 +73,7 @@ def test_encode_text_equals_raw_model(tiny, processor, clip):
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_encode_image_equals_raw_model(tiny, processor, clip):
+def test_encode_image_equals_raw_model(tiny, processor, clip, tmp_path):
     _, model, params = tiny
     imgs = images(5)
     raw = model.apply({"params": params}, processor(images=imgs)["pixel_values"], method="get_image_features")
@@ -82,6 +82,10 @@ def test_encode_image_equals_raw_model(tiny, processor, clip):
     # a path and a uint8 array give the same embedding as the PIL image
     single = clip.encode_image(np.asarray(imgs[0]))
     np.testing.assert_allclose(single[0], ours[0], atol=2e-5)
+    stacked = clip.encode_image(np.stack([np.asarray(imgs[0])] * 2))  # (N, H, W, C) uint8 batch
+    np.testing.assert_allclose(stacked, ours[[0, 0]], atol=2e-5)
+    imgs[1].save(tmp_path / "one.png")
+    np.testing.assert_allclose(clip.encode_image(tmp_path / "one.png")[0], ours[1], atol=2e-5)
 
 
 def test_zero_shot_equals_model_logits(tiny, processor, clip):
