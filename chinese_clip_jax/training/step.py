@@ -146,7 +146,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState
             "loss": loss_value.astype(jnp.float32),
             "logit_scale": params["logit_scale"],
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "grad_norm": optax.global_norm({k: v for k, v in grads.items() if not is_frozen(k, freeze)}),
+            "grad_norm": optax.tree.norm({k: v for k, v in grads.items() if not is_frozen(k, freeze)}),
         }
         return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, rng=state.rng), metrics
 

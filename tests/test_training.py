@@ -1,0 +1,209 @@
+"""Training: GradCache accumulation, frozen towers, the logit-scale clamp, the weight-decay mask,
+and the loop: exact resume after kill -9, SIGTERM, a poisoned batch, and a short demo run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import chinese_clip_jax as ccj
+from chinese_clip_jax import sharding as shd
+from chinese_clip_jax.training import create_train_state, decay_mask, make_optimizer, make_schedule, make_train_step
+from chinese_clip_jax.training.loop import train
+from chinese_clip_jax.training.step import make_grad_fn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
+from _train_run import make_iterator, tiny_train_config  # noqa: E402
+
+MESH = None
+
+
+def _mesh():
+    global MESH
+    MESH = MESH or shd.make_mesh(-1, 1, 1)
+    return MESH
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_accum_steps_gives_the_full_batch_gradient(loss):
+    model = ccj.ChineseCLIPModel(tiny_config())
+    tx, _ = make_optimizer(opt_config(), 10)
+    state, _ = create_train_state(model, tx, _mesh(), 0, loss=loss)
+    batch = shd.shard_batch(fake_batches(1, 16, seed=5)[0], _mesh())
+    rng = jax.random.PRNGKey(1)
+    with shd.use_mesh_and_rules(_mesh()):
+        lf, gf = jax.jit(make_grad_fn(model, _mesh(), loss=loss, accum_steps=1))(state.params, batch, rng)
+        la, ga = jax.jit(make_grad_fn(model, _mesh(), loss=loss, accum_steps=4))(state.params, batch, rng)
+    rel, key_abs = max_rel_err(ga, gf)
+    assert abs(float(la) - float(lf)) <= 1e-5 * abs(float(lf))
+    norm = float(optax.tree.norm(gf))
+    assert norm > 1e-3  # a real gradient, not zeros == zeros
+    assert rel <= 1e-5 and key_abs <= 1e-6 * norm, (rel, key_abs)
+    if loss == "sigmoid":
+        assert float(jnp.abs(gf["logit_bias"])) > 0
+
+
+def _run_steps(freeze, n=3, **state_overrides):
+    model = ccj.ChineseCLIPModel(tiny_config())
+    tx, schedule = make_optimizer(opt_config(lr=0.05), 10, freeze=freeze)
+    state, shardings = create_train_state(model, tx, _mesh(), 0)
+    if state_overrides:
+        state = state.replace(params={**state.params, **state_overrides})
+    before = jax.tree.map(np.array, state.params)
+    step = make_train_step(model, tx, schedule, _mesh(), shardings, freeze=freeze)
+    scales = []
+    with shd.use_mesh_and_rules(_mesh()):
+        for b in fake_batches(n, 8):
+            state, m = step(state, shd.shard_batch(b, _mesh()))
+            scales.append(float(state.params["logit_scale"]))
+    return before, state, scales
+
+
+@pytest.mark.parametrize("freeze,frozen,trained", [("image", ("vision_model", "visual_projection"), "text_model"),
+                                                   ("text", ("text_model", "text_projection"), "vision_model")])
+def test_frozen_tower_is_bitwise_unchanged_and_has_no_moments(freeze, frozen, trained):
+    before, state, _ = _run_steps(freeze)
+    for key in frozen:
+        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(state.params[key])):
+            assert np.array_equal(a, np.asarray(b)) and a.tobytes() == np.asarray(b).tobytes()
+    changed = [not np.array_equal(a, np.asarray(b))
+               for a, b in zip(jax.tree.leaves(before[trained]), jax.tree.leaves(state.params[trained]))]
+    assert sum(changed) > len(changed) // 2
+    adam = state.opt_state.inner_states["trainable"].inner_state[0][0]
+    for key in frozen:  # no moment arrays at all for the frozen tower
+        assert jax.tree.leaves(adam.mu[key]) == [] and jax.tree.leaves(adam.nu[key]) == []
+    n_params = sum(x.size for k in before if k not in frozen for x in jax.tree.leaves(before[k]))
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert n_state == 2 * n_params - sum(  # mu + nu for trainable params only (scalars excluded)
+        2 for k in before if k not in frozen for x in jax.tree.leaves(before[k]) if x.ndim == 0)
+
+
+def test_logit_scale_never_exceeds_ln100():
+    _, state, scales = _run_steps(None, n=3, logit_scale=jnp.float32(6.0))
+    assert max(scales) <= math.log(100) + 1e-7
+    assert scales[0] == pytest.approx(math.log(100), abs=1e-6)
+
+
+def test_weight_decay_mask_and_schedule():
+    model = ccj.ChineseCLIPModel(tiny_config())
+    state, _ = create_train_state(model, make_optimizer(opt_config(), 10)[0], _mesh(), 0)
+    mask = decay_mask(state.params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["['text_model']['encoder']['layer_0']['mlp']['fc1']['kernel']"] is True
+    assert flat["['visual_projection']['kernel']"] is True
+    assert flat["['vision_model']['patch_embedding']['kernel']"] is True
+    for no_decay in ("['logit_scale']", "['text_model']['embeddings']['word_embeddings']['embedding']",
+                     "['text_model']['encoder']['layer_0']['mlp']['fc1']['bias']",
+                     "['text_model']['encoder']['layer_0']['attention_norm']['scale']",
+                     "['vision_model']['class_embedding']", "['vision_model']['position_embedding']"):
+        assert flat[no_decay] is False, no_decay
+    sched = make_schedule(1.0, warmup_steps=10, total_steps=110)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0) and float(sched(60)) == pytest.approx(0.5, abs=1e-6)
+    assert float(sched(110)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="freeze must be"):
+        make_optimizer(opt_config(), 10, freeze="both")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _losses(workdir):
+    by_step = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                by_step[rec["step"]] = rec["train/loss"]  # later lines win (a resumed run re-logs)
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    config = tiny_train_config(8)
+    result = train(config, workdir, data_iter=make_iterator(config), progress=False)
+    assert result["step"] == 8
+    return _losses(workdir)
+
+
+def test_metrics_file_has_the_documented_keys(reference_run, tmp_path):
+    assert sorted(reference_run) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in reference_run.values())
+
+
+def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    script = os.path.join(HERE, "_train_run.py")
+    proc = subprocess.run([sys.executable, script, workdir, "8", "--kill9-after-checkpoint", "4", "--at-batch", "7"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:1] == ["4"]
+    killed = _losses(workdir)
+    assert max(killed) == 6  # steps 5 and 6 ran after the checkpoint, then the kill
+    config = tiny_train_config(8)
+    result = train(config, workdir, data_iter=make_iterator(config), progress=False)
+    assert result["step"] == 8
+    resumed = _losses(workdir)
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(reference_run[step], rel=1e-6, abs=1e-6), step
+
+
+def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_train_config(8)
+
+    def hook(index, batch):
+        if index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(config, workdir, data_iter=make_iterator(config, hook), progress=False)
+    assert result["stopped_early"] and result["step"] == 3
+    assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+    result = train(config, workdir, data_iter=make_iterator(config), progress=False)
+    assert result["step"] == 8 and not result["stopped_early"]
+    resumed = _losses(workdir)
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference_run[step], rel=1e-6, abs=1e-6), step
+
+
+def test_poisoned_batch_stops_naming_the_step(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_train_config(8)
+
+    def hook(index, batch):
+        if index == 6:
+            batch["pixel_values"][0, 0, 0, 0] = np.nan
+
+    with pytest.raises(FloatingPointError, match="at step 6") as err:
+        train(config, workdir, data_iter=make_iterator(config, hook), progress=False)
+    assert "Last good checkpoint: step 4" in str(err.value)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+
+
+def test_short_demo_run_lands_far_above_chance(tmp_path):
+    sys.path.insert(0, os.path.dirname(HERE))
+    from train.configs import demo
+
+    config = demo.get_config()
+    config.total_steps = 150
+    config.eval_every = 150
+    config.checkpoint_every = 150
+    config.data.demo.eval_per_class = 8
+    config.data.demo.num_retrieval = 100
+    result = train(config, str(tmp_path / "demo"), progress=False)
+    last, chance = result["last_eval"], result["chance"]
+    assert chance["zeroshot/top1"] == pytest.approx(1 / 30)
+    assert last["zeroshot/top1"] >= 5 * chance["zeroshot/top1"], last
+    assert last["retrieval/mean_recall"] >= 2 * chance["retrieval/mean_recall"], last
