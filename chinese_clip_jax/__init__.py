@@ -2,12 +2,14 @@
 
 from .config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 from .conversion import CheckpointError, from_pretrained, save_pretrained
+from .inference import ChineseCLIP
 from .modeling import (
     ChineseCLIPModel,
     ChineseCLIPOutput,
     ChineseCLIPTextModel,
     ChineseCLIPVisionModel,
 )
+from .processing import ChineseCLIPProcessor
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,6 @@ __all__ = [
     "CheckpointError",
     "from_pretrained",
     "save_pretrained",
+    "ChineseCLIP",
+    "ChineseCLIPProcessor",
 ]

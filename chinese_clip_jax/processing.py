@@ -104,6 +104,13 @@ class ImageSettings:
             logger.warning("do_convert_rgb=False is ignored: the model needs 3-channel RGB input")
         return cls(**kw)
 
+    def to_dict(self) -> dict:
+        """The preprocessor_config.json that transformers' ChineseCLIPProcessor reads back the same."""
+        d = dataclasses.asdict(self)
+        d.update(image_mean=list(self.image_mean), image_std=list(self.image_std), do_convert_rgb=True,
+                 image_processor_type="ChineseCLIPImageProcessor", processor_class="ChineseCLIPProcessor")
+        return d
+
     def output_size(self) -> tuple[int, int]:
         """(height, width) of the pixel_values this produces, when it does not depend on the image."""
         if self.do_center_crop:

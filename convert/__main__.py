@@ -33,6 +33,7 @@ def main(argv=None) -> int:
                         help="--to flax: store stacked layers (for scan_layers=True models)")
     args = parser.parse_args(argv)
 
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
     from chinese_clip_jax.conversion import mapping
 

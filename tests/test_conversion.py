@@ -79,7 +79,8 @@ def test_cli_round_trip_hf_flax_hf_is_bitwise(hf_dir, tmp_path, scan):
     r1 = run_cli(path, tmp_path / "flax", *flags)
     assert r1.returncode == 0, r1.stderr
     assert "parameters:" in r1.stdout and "peak memory" in r1.stdout
-    assert sorted(os.listdir(tmp_path / "flax")) == ["config.json", "flax_checkpoint.json", "params", "vocab.txt"]
+    assert sorted(os.listdir(tmp_path / "flax")) == [
+        "config.json", "flax_checkpoint.json", "params", "preprocessor_config.json", "vocab.txt"]
     r2 = run_cli(tmp_path / "flax", tmp_path / "hf2", "--to", "hf")
     assert r2.returncode == 0, r2.stderr
     original = load_file(str(path / "model.safetensors"))
@@ -302,3 +303,16 @@ def test_save_pretrained_rejects_params_of_another_config(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="missing .*vision_model/encoder/layer_3"):
         ccj.save_pretrained(tmp_path / "x", tiny_config(num_hidden_layers=4), params)
     assert not (tmp_path / "x").exists()
+
+
+def test_written_preprocessor_config_matches_model_resolution(hf_dir, tmp_path):
+    cfg, path, _ = hf_dir
+    _, params = ccj.from_pretrained(path)
+    out = ccj.save_pretrained(tmp_path / "export", cfg, params)
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    want = transformers.ChineseCLIPImageProcessor.from_pretrained(out)(image, return_tensors="np")["pixel_values"]
+    got = ccj.ChineseCLIPProcessor.from_pretrained(out)(images=[image], return_tensors="np")["pixel_values"]
+    assert want.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(got, want, atol=1 / 255 / 0.26)

@@ -41,7 +41,10 @@ def expected_shapes(cfg: ChineseCLIPConfig) -> dict[str, tuple[int, ...]]:
 
 
 def hf_to_flax(source: TensorSource, cfg: ChineseCLIPConfig, rename: dict | None = None) -> dict:
-    """HF-named tensors -> unscanned Flax params (numpy fp32). Checks names and shapes first.
+    """HF-named tensors -> unscanned Flax params (fp32 jax arrays). Checks names and shapes first.
+
+    Tensors are read, transformed and placed one at a time, so peak memory stays near the size of
+    the params (run under ``JAX_PLATFORMS=cpu`` to keep them in host memory).
 
     ``rename`` maps HF names to a list of ``(source_name, op, part)`` for sources in another layout
     (cn_clip); by default each HF name is read as is.
@@ -85,24 +88,34 @@ def hf_to_flax(source: TensorSource, cfg: ChineseCLIPConfig, rename: dict | None
                 f"{source.path}: tensor {row.hf!r} has shape {tuple(x.shape)}, the configured architecture "
                 f"expects {want_hf}"
             )
-        mapping.set_path(params, row.flax, np.array(row.transform.to_flax(x, row.num_heads), order="C"))
+        mapping.set_path(params, row.flax, jnp.asarray(row.transform.to_flax(x, row.num_heads)))
+        del x
     return params
+
+
+def check_params(params: dict, cfg: ChineseCLIPConfig) -> dict:
+    """Checks names and shapes of Flax params (scanned or not) against ``cfg``; returns them flat
+    and unscanned (views, no copies). Raises CheckpointError naming what differs."""
+    flat = mapping.flatten(mapping.unstack_layers(params))
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = [f"{k} {tuple(flat[k].shape)} (expected {expected[k]})"
+             for k in sorted(set(flat) & set(expected)) if tuple(flat[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            "params do not match the config: "
+            + "; ".join(f"{what} {', '.join(names[:20])}" for what, names in
+                        (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
+        )
+    return flat
 
 
 def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
     """Flax params (scanned or not) -> HF-named numpy fp32 tensors."""
-    flat = mapping.flatten(mapping.unstack_layers(params))
-    rows = mapping.table(cfg)
-    wanted = {r.flax for r in rows}
-    missing = sorted(wanted - set(flat))
-    unexpected = sorted(set(flat) - wanted)
-    if missing or unexpected:
-        raise CheckpointError(
-            "params do not match the config: "
-            + (f"missing {', '.join(missing[:20])}; " if missing else "")
-            + (f"unexpected {', '.join(unexpected[:20])}" if unexpected else "")
-        )
-    return {r.hf: np.array(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)), order="C") for r in rows}
+    flat = check_params(params, cfg)
+    return {r.hf: np.array(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)), order="C")
+            for r in mapping.table(cfg)}
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -133,7 +146,7 @@ def _is_cn_clip(names) -> bool:
 
 class Loaded(NamedTuple):
     config: ChineseCLIPConfig
-    params: dict  # Flax params as numpy fp32, unscanned (or as stored, for "flax")
+    params: dict  # Flax params as fp32 jax arrays, unscanned (or as stored, for "flax")
     kind: str  # "flax", "hf" or "cn_clip"
     directory: str | None  # the checkpoint's directory (its vocab / preprocessor_config.json live there)
 
@@ -187,7 +200,6 @@ def from_pretrained(
     """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute."""
     cfg, params, _, _ = load_params(src, arch)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
     return model, params
 
@@ -212,28 +224,37 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
-    tensors = flax_to_hf(_to_numpy(params), cfg)  # validate before touching the directory
+    tensors = flax_to_hf(_unboxed(params), cfg)  # validate before touching the directory
     os.makedirs(path, exist_ok=True)
     _safetensors_save(tensors, os.path.join(path, "model.safetensors"), dtype)
     cfg.save(path)
-    copy_processor_files(path, processor_from)
+    copy_processor_files(path, cfg, processor_from)
     return path
 
 
-def copy_processor_files(path: str, source_dir: str | None) -> None:
-    """Carries the checkpoint's own tokenizer/preprocessing files over; the bundled vocab otherwise."""
+def copy_processor_files(path: str, cfg: ChineseCLIPConfig, source_dir: str | None) -> None:
+    """Carries the checkpoint's own tokenizer/preprocessing files over. Where it has none: the
+    bundled vocab, and transformers' default preprocessing at the model's image size."""
     for name in PROCESSOR_FILES:
         src = os.path.join(source_dir, name) if source_dir else None
         if src and os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
             shutil.copyfile(src, os.path.join(path, name))
     if not os.path.exists(os.path.join(path, "vocab.txt")):
         shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), os.path.join(path, "vocab.txt"))
+    preprocessor = os.path.join(path, "preprocessor_config.json")
+    if not os.path.exists(preprocessor):
+        from ..processing import ImageSettings
+
+        r = cfg.vision_config.image_size
+        settings = ImageSettings(size={"shortest_edge": r}, crop_size={"height": r, "width": r})
+        with open(preprocessor, "w", encoding="utf-8") as f:
+            json.dump(settings.to_dict(), f, indent=2)
 
 
-def _to_numpy(params: dict) -> dict:
+def _unboxed(params: dict) -> dict:
     from flax import linen as nn
 
-    return jax.tree_util.tree_map(lambda x: np.asarray(x), nn.unbox(params))
+    return nn.unbox(params)
 
 
 def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
@@ -242,20 +263,21 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    params = _to_numpy(params)
-    flax_to_hf(params, cfg)  # validates names and shapes; cheap next to the write
+    params = _unboxed(params)
+    check_params(params, cfg)
     target = os.path.join(path, FLAX_PARAMS_DIR)
     if os.path.exists(target):
         raise FileExistsError(f"{target} already exists; choose an empty output directory")
     np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np_dtype), params)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, np_dtype), params)  # no copy if already so
     os.makedirs(path, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(target, params)
+    # At most ~1 GB in flight and no OCDBT write buffer: peak memory stays near the size of the params.
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
+        ckpt.save(target, ocp.args.StandardSave(params))
     cfg.save(path)
     with open(os.path.join(path, FLAX_META), "w") as f:
         json.dump({"format": "chinese_clip_jax", "scan_layers": mapping.is_scanned(params), "dtype": dtype}, f)
-    copy_processor_files(path, processor_from)
+    copy_processor_files(path, cfg, processor_from)
     return path
 
 
@@ -268,4 +290,4 @@ def load_flax_params(path: str) -> dict:
             params = ckpt.restore(target)
     except Exception as e:
         raise CheckpointError(f"cannot restore the Orbax params in {target}: {type(e).__name__}: {e}") from None
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)

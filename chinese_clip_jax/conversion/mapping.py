@@ -177,7 +177,7 @@ def _stack(encoder: Mapping) -> dict:
     if "layers" in encoder:
         return dict(encoder)
     layers = [encoder[f"layer_{i}"] for i in range(len(encoder))]
-    return {"layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)}
+    return {"layers": jax.tree_util.tree_map(lambda *xs: jax.numpy.stack(xs), *layers)}
 
 
 def _unstack(encoder: Mapping) -> dict:

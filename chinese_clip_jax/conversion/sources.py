@@ -35,42 +35,44 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """One or several safetensors files; tensors are read lazily from memory maps."""
+    """One or several safetensors files. Each ``get`` opens the file, copies one tensor out and
+    closes it again, so no memory map of the whole checkpoint stays resident."""
 
     def __init__(self, path: str, files: Iterable[str]):
         super().__init__(path)
-        from safetensors import safe_open
-
         self._where: dict[str, str] = {}
-        self._handles = {}
+        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
         for file in files:
             if not os.path.isfile(file):
                 raise CheckpointError(f"shard listed in {path} does not exist: {file}")
             try:
-                handle = safe_open(file, framework="numpy")
-                keys = list(handle.keys())
+                with self._open(file) as handle:
+                    for k in handle.keys():
+                        sl = handle.get_slice(k)
+                        self._where[k] = file
+                        self._meta[k] = (sl.get_dtype(), tuple(sl.get_shape()))
             except Exception as e:
                 raise CheckpointError(f"{file} is truncated or not a safetensors file ({e})") from None
-            self._handles[file] = handle
-            for k in keys:
-                self._where[k] = file
+
+    @staticmethod
+    def _open(file: str, framework: str = "numpy"):
+        from safetensors import safe_open
+
+        return safe_open(file, framework=framework)
 
     def names(self):
         return list(self._where)
 
     def shape(self, name):
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._meta[name][1]
 
     def get(self, name):
         file = self._where[name]
-        handle = self._handles[file]
+        # numpy has no bf16/fp8: those are read through jax and upcast
+        framework = "flax" if self._meta[name][0] in ("BF16", "F8_E4M3", "F8_E5M2") else "numpy"
         try:
-            if handle.get_slice(name).get_dtype() in ("BF16", "F8_E4M3", "F8_E5M2"):
-                from safetensors import safe_open  # numpy has no bf16: read through jax
-
-                with safe_open(file, framework="flax") as f:
-                    return np.asarray(f.get_tensor(name), dtype=np.float32)
-            return np.asarray(handle.get_tensor(name), dtype=np.float32)
+            with self._open(file, framework) as handle:
+                return np.asarray(handle.get_tensor(name), dtype=np.float32)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e}") from None
 
