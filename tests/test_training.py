@@ -131,15 +131,31 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ref"))
-    config = tiny_train_config(8)
+    config = tiny_train_config(8, export_hf=True)
     result = train(config, workdir, data_iter=make_iterator(config), progress=False)
-    assert result["step"] == 8
-    return _losses(workdir)
+    assert result["step"] == 8 and result["export_dir"] == os.path.join(workdir, "hf")
+    return {"losses": _losses(workdir), "export_dir": result["export_dir"]}
+
+
+def test_init_from_a_converted_checkpoint(reference_run, tmp_path):
+    src = reference_run["export_dir"]
+    _, exported = ccj.from_pretrained(src)
+    config = tiny_train_config(1, init_from=src, export_hf=True)
+    config.optimizer.lr = 0.0  # one step with lr 0: the params must be exactly the loaded ones
+    result = train(config, str(tmp_path / "ft"), data_iter=make_iterator(config), progress=False)
+    _, after = ccj.from_pretrained(result["export_dir"])
+    rel, key_abs = max_rel_err(after, exported)
+    assert rel == 0.0 and key_abs == 0.0
+    with pytest.raises(ValueError, match="init_from"):
+        sys.path.insert(0, os.path.dirname(HERE))
+        from train.configs import finetune
+
+        train(finetune.get_config(), str(tmp_path / "none"), progress=False)
 
 
 def test_metrics_file_has_the_documented_keys(reference_run, tmp_path):
-    assert sorted(reference_run) == list(range(1, 9))
-    assert all(math.isfinite(v) for v in reference_run.values())
+    assert sorted(reference_run["losses"]) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in reference_run["losses"].values())
 
 
 def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
@@ -157,7 +173,7 @@ def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
     assert result["step"] == 8
     resumed = _losses(workdir)
     for step in range(5, 9):
-        assert resumed[step] == pytest.approx(reference_run[step], rel=1e-6, abs=1e-6), step
+        assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
 
 
 def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
@@ -175,7 +191,7 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
     assert result["step"] == 8 and not result["stopped_early"]
     resumed = _losses(workdir)
     for step in range(1, 9):
-        assert resumed[step] == pytest.approx(reference_run[step], rel=1e-6, abs=1e-6), step
+        assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
 
 
 def test_poisoned_batch_stops_naming_the_step(tmp_path):

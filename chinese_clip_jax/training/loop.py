@@ -97,7 +97,8 @@ class _Logger:
 
 class TrainResult(dict):
     """What ``train`` returns: ``step``, ``stopped_early`` (SIGTERM), ``first_eval``,
-    ``last_eval``, ``chance``, ``checkpoint_dir``, ``wall_s``, ``samples_per_sec``."""
+    ``last_eval``, ``chance``, ``checkpoint_dir``, ``wall_s``, ``samples_per_sec`` and, with
+    ``export_hf``, ``export_dir`` (HF layout that ``ccj.from_pretrained`` and transformers read)."""
 
 
 def _load_init(config, dtype, scan_layers):
@@ -123,6 +124,9 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
                       scan_layers=bool(config.model.get("scan_layers", False)),
                       remat=bool(config.model.get("remat", False)))
     init_params = None
+    if config.get("require_init_from") and not config.get("init_from"):
+        raise ValueError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
+                         ".pt file or a `python -m convert` output)")
     if config.get("init_from"):
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
@@ -223,9 +227,25 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             bar.close()
         ckpt.close()
         log.close()
+    if config.get("export_hf") and not result["stopped_early"]:
+        result["export_dir"] = _export_hf(model_config, state.params, os.path.join(workdir, "hf"))
     result.update(step=step, wall_s=time.time() - t_start,
                   samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
     return result
+
+
+def _export_hf(model_config, params, path: str) -> str:
+    """Writes the final params in the HF layout (``ccj.save_pretrained``), from process 0."""
+    import chinese_clip_jax as ccj
+
+    params = {k: v for k, v in params.items() if k != "logit_bias"}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        ccj.save_pretrained(path, model_config, jax.tree.map(np.asarray, params))
+    return path
 
 
 def _progress(enabled: bool, start: int, total: int):

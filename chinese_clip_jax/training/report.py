@@ -31,6 +31,8 @@ def format_report(result: dict, config, workdir: str) -> str:
     lines.append(f"checkpoint: {result['checkpoint_dir']}/{result['step']}")
     lines.append(f"metrics:    {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')} "
                  f"(TensorBoard: {os.path.join(os.path.abspath(workdir), 'tensorboard')})")
+    if result.get("export_dir"):
+        lines.append(f"HF export: {result['export_dir']} (ccj.from_pretrained / transformers read it)")
     if result.get("stopped_early"):
         lines.append("stopped early by SIGTERM; rerun the same command to resume")
     return "\n".join(lines)

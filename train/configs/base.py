@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0 = no evaluation
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.export_hf = False  # at the end, also write DIR/hf (config.json + model.safetensors, ccj.save_pretrained)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
 

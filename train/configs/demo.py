@@ -15,6 +15,7 @@ def get_config():
     c.log_every = 20
     c.eval_every = 300
     c.checkpoint_every = 300
+    c.export_hf = True  # build/demo/hf: a converted-format checkpoint, e.g. for configs/finetune.py
     c.context_length = 24  # the demo captions are at most ~15 characters
     c.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
     c.model.projection_dim = 64
