@@ -316,3 +316,16 @@ def test_written_preprocessor_config_matches_model_resolution(hf_dir, tmp_path):
     got = ccj.ChineseCLIPProcessor.from_pretrained(out)(images=[image], return_tensors="np")["pixel_values"]
     assert want.shape == (1, 3, 32, 32)
     np.testing.assert_allclose(got, want, atol=1 / 255 / 0.26)
+
+
+def test_bfloat16_hf_export_reads_back_in_torch(hf_dir, tmp_path):
+    cfg, path, ref_model = hf_dir
+    assert run_cli(path, tmp_path / "hf16", "--to", "hf", "--dtype", "bfloat16").returncode == 0
+    from safetensors.torch import load_file as torch_load_file
+
+    back = torch_load_file(str(tmp_path / "hf16" / "model.safetensors"))
+    original = ref_model.state_dict()
+    assert set(back) == {k for k in original if not k.endswith(("position_ids", "token_type_ids"))}
+    for name, tensor in back.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name

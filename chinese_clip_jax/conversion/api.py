@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from typing import Any, NamedTuple
 
 import jax
@@ -111,11 +112,16 @@ def check_params(params: dict, cfg: ChineseCLIPConfig) -> dict:
     return flat
 
 
-def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
-    """Flax params (scanned or not) -> HF-named numpy fp32 tensors."""
+def iter_hf_tensors(params: dict, cfg: ChineseCLIPConfig):
+    """Yields ``(hf_name, fp32 numpy tensor)`` one at a time from Flax params (scanned or not)."""
     flat = check_params(params, cfg)
-    return {r.hf: np.array(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)), order="C")
-            for r in mapping.table(cfg)}
+    for r in mapping.table(cfg):
+        yield r.hf, np.asarray(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)))
+
+
+def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
+    """Flax params (scanned or not) -> HF-named numpy fp32 tensors (all in memory)."""
+    return {name: np.array(x, order="C") for name, x in iter_hf_tensors(params, cfg)}
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -206,16 +212,29 @@ def from_pretrained(
 
 # --------------------------------------------------------------------------- writers
 
-def _safetensors_save(tensors: dict[str, np.ndarray], path: str, dtype: str) -> None:
+def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
+    """Streams ``(name, array)`` pairs into one safetensors file, converting one tensor at a time.
+
+    Two passes over ``tensors`` (a callable returning a fresh iterator): shapes for the header,
+    then the data. The file appears under ``path`` only once complete.
+    """
+    import ml_dtypes
+
+    np_dtype, tag = (ml_dtypes.bfloat16, "BF16") if dtype == "bfloat16" else (np.float32, "F32")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, x in tensors():
+        nbytes = int(np.prod(x.shape)) * np.dtype(np_dtype).itemsize
+        header[name] = {"dtype": tag, "shape": list(x.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
     tmp = path + ".tmp"
-    if dtype == "bfloat16":
-        from safetensors.flax import save_file
-
-        save_file({k: jnp.asarray(v, jnp.bfloat16) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    else:
-        from safetensors.numpy import save_file
-
-        save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, x in tensors():
+            f.write(np.ascontiguousarray(x.astype(np_dtype, copy=False)).reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)  # never leave a half-written model.safetensors behind
 
 
@@ -224,9 +243,10 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
-    tensors = flax_to_hf(_unboxed(params), cfg)  # validate before touching the directory
+    params = _unboxed(params)
+    check_params(params, cfg)  # validate before touching the directory
     os.makedirs(path, exist_ok=True)
-    _safetensors_save(tensors, os.path.join(path, "model.safetensors"), dtype)
+    write_safetensors(os.path.join(path, "model.safetensors"), lambda: iter_hf_tensors(params, cfg), dtype)
     cfg.save(path)
     copy_processor_files(path, cfg, processor_from)
     return path
