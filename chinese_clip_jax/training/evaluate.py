@@ -102,8 +102,8 @@ class Evaluator:
         return metrics
 
     def chance(self) -> dict[str, float]:
-        """Expected metrics of a random model (zero-shot 1/classes and k/classes, retrieval
-        approximately k * positives / images, averaged over texts)."""
+        """Expected metrics of a random ranking: zero-shot 1/classes and 5/classes; retrieval
+        R@k = P(some positive among k random candidates), averaged over the queries."""
         out = {}
         for name, s in self.sets.items():
             if "class_texts" in s:
@@ -112,9 +112,15 @@ class Evaluator:
             elif "text_to_images" in s:
                 n_img = len(s["pixel_values"])
                 pos = np.array([len(p) for p in s["text_to_images"]])
+                n_txt = len(s["text_to_images"])
+                texts_of = np.bincount(np.concatenate([np.asarray(p, int) for p in s["text_to_images"]]),
+                                       minlength=n_img)
+                texts_of = texts_of[texts_of > 0]  # images that are some text's positive are the queries
                 for k in (1, 5, 10):
                     out[f"{name}/t2i_R@{k}"] = float(np.mean(1 - _none_hit(n_img, pos, k)))
-                out[f"{name}/mean_recall"] = float(np.mean([out[f"{name}/t2i_R@{k}"] for k in (1, 5, 10)]))
+                    out[f"{name}/i2t_R@{k}"] = float(np.mean(1 - _none_hit(n_txt, texts_of, k)))
+                out[f"{name}/mean_recall"] = float(np.mean([out[f"{name}/{d}_R@{k}"]
+                                                            for d in ("t2i", "i2t") for k in (1, 5, 10)]))
         return out
 
 

@@ -205,7 +205,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             sps = config.batch_size * window_n / window_s
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{sps:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{sps:.0f}", refresh=False)
             if step % config.log_every == 0 or step == config.total_steps:
                 log.write(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
                                  "train/logit_scale": float(metrics["logit_scale"]),
