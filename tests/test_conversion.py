@@ -329,3 +329,13 @@ def test_bfloat16_hf_export_reads_back_in_torch(hf_dir, tmp_path):
     for name, tensor in back.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    code = ("import chinese_clip_jax as ccj\n"
+            "try:\n    ccj.from_pretrained('OFA-Sys/chinese-clip-vit-base-patch16')\n"
+            "except OSError as e:\n    print('ERR', e)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(REPO) + "/build/empty-hf-home")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "ERR could not download 'OFA-Sys/chinese-clip-vit-base-patch16' from the hub" in out, out
+    assert "Offline?" in out
