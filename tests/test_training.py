@@ -174,6 +174,9 @@ def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
     resumed = _losses(workdir)
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:  # steps 5, 6 of the killed run were dropped
+        logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
+    assert logged == list(range(1, 9))
 
 
 def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):

@@ -3,8 +3,7 @@ logging, evaluation, checkpoints.
 
 ``train(config, workdir)`` reads the keys documented in ``train/configs/base.py``. It appends
 one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run appends to the
-same file; if a run died after its last checkpoint, steps after that checkpoint appear twice
-and the later line is the valid one), writes TensorBoard events to ``workdir/tensorboard`` and
+same file, after dropping the lines of steps past the checkpoint it resumes from), writes TensorBoard events to ``workdir/tensorboard`` and
 shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss raises
 ``FloatingPointError`` naming the step, without saving.
 """
@@ -72,14 +71,27 @@ class _Preemption:
 class _Logger:
     """metrics.jsonl + TensorBoard, on process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        if self.active and os.path.exists(self.path):
+            self._truncate(resume_step)
         if self.active:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _truncate(self, resume_step: int) -> None:
+        """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -166,7 +178,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
                               accum_steps=config.accum_steps, freeze=freeze)
-    log = _Logger(workdir)
+    log = _Logger(workdir, start)
     preempt = _Preemption()
     result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
                          checkpoint_dir=ckpt.directory, chance=evaluator.chance() if evaluator else None)
