@@ -339,3 +339,21 @@ def test_hub_id_offline_gives_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert "ERR could not download 'OFA-Sys/chinese-clip-vit-base-patch16' from the hub" in out, out
     assert "Offline?" in out
+
+
+def test_sharded_safetensors_index_loads(hf_dir, tmp_path):
+    cfg, path, ref_model = hf_dir
+    ref_model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    _, sharded = ccj.from_pretrained(tmp_path)
+    _, single = ccj.from_pretrained(path)
+    from chinese_clip_jax.conversion.mapping import flatten
+
+    a, b = flatten(sharded), flatten(single)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    os.remove(tmp_path / shards[0])  # a shard listed in the index but gone: named
+    with pytest.raises(CheckpointError, match=f"shard listed in .*index.json does not exist: .*{shards[0]}"):
+        ccj.from_pretrained(tmp_path)
