@@ -84,11 +84,32 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     )
 
 
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention, same maths as ``jax.nn.dot_product_attention(implementation="xla")``.
+
+    q, k, v: (batch, seq, heads, head_dim); mask: bool broadcastable to (batch, heads, q, k) or None.
+    Returns (batch, seq, heads, head_dim) in q's dtype; scores and softmax in fp32. The two
+    products run head-major, (batch, heads, seq, head_dim), so XLA:CPU gets plain batched GEMMs:
+    ViT-B/16 forward ~15% faster on CPU than ``jax.nn.dot_product_attention`` (README, performance).
+    """
+    dtype = q.dtype
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, dtype), k,
+                        preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention``.
+    """Multi-head self-attention.
 
     Params: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed).
     ``mask``: bool (batch, 1, 1, seq) with True for keys that may be attended, or None.
+    ``implementation``: "xla" or "cudnn" go through ``jax.nn.dot_product_attention`` with that
+    implementation; None uses it too (JAX picks) except on the CPU backend, where the faster
+    ``head_major_attention`` runs.
     """
 
     num_heads: int
@@ -107,7 +128,10 @@ class Attention(nn.Module):
             )(x)
 
         q, k, v = proj("query"), proj("key"), proj("value")
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        if self.implementation is None and jax.default_backend() == "cpu":
+            y = head_major_attention(q, k, v, mask)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return Dense(
             x.shape[-1], ("heads", "kv"), ("embed",), std=self.out_std, dtype=self.dtype, name="out"
         )(y)
