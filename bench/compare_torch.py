@@ -3,8 +3,10 @@
     .venv/bin/python bench/compare_torch.py [--repeats 5] [--only image|text|train] [--threads N]
 
 A random-init ``transformers.ChineseCLIPModel`` of the base-patch16 preset is saved and loaded
-with ``ccj.from_pretrained``; both run, interleaved (JAX, torch, JAX, torch, ...) in this one
-process, after one untimed warm-up call each (JAX's is the jit compile):
+with ``ccj.from_pretrained``. Each framework runs in its own worker process (so neither one's
+allocator or thread pool disturbs the other's, and each has its own peak-memory figure) and the
+parent drives them interleaved: JAX, torch, JAX, torch, ... after one untimed warm-up call each
+(JAX's is the jit compile). Programs:
 
 * image: ``get_image_features`` of 16 images at 224 px (fp32);
 * text: ``get_text_features`` of 64 texts x 52 tokens, mixed lengths with padding;
@@ -14,14 +16,14 @@ process, after one untimed warm-up call each (JAX's is the jit compile):
   Text hidden dropout 0.1 in both; torch's attention-probability dropout is set to 0 since
   ours has none (see modeling/text.py), so both do the same work.
 
-Per program: median seconds of each, median of the per-pair ratios (torch time / JAX time: JAX
+Per program: median seconds of each, median of the per-round ratios (torch s / JAX s: JAX
 throughput relative to torch, > 1 = JAX faster), GFLOP/s from ``bench/flops.py`` and that as a
-fraction of each framework's own f32 2048x2048 matmul rate, measured (interleaved) in the same
-run. Peak memory is measured in separate processes, one per framework and program (``--memory``,
-on by default): the peak RSS (VmHWM) while running the timed calls after the warm-up, reset with
-/proc/self/clear_refs just before them, and the process's whole-life peak (compile included).
-``--threads N`` pins this process to N cores (both frameworks follow the affinity) and sets
-torch's intra-op threads. ``--tiny`` runs a tiny config (the test's smoke mode).
+fraction of each framework's own f32 2048x2048 matmul rate, measured in the same rounds. Peak
+memory: each worker's peak RSS (VmHWM, reset through /proc/self/clear_refs after the warm-up)
+over the timed calls; programs run one at a time (the previous one is dropped), weights included.
+``--threads N`` pins the processes to N cores (both frameworks follow the affinity) and sets
+torch's intra-op threads. ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
+inherit the environment, so ``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per framework and program")
     p.add_argument("--only", choices=PROGRAMS, action="append", help="program(s) to run (default: all)")
     p.add_argument("--threads", type=int, default=0, help="pin to this many cores (0: all available)")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     p.add_argument("--scan", action="store_true", help="JAX with scan_layers=True (default: unrolled)")
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -111,34 +112,41 @@ def save_reference(cfg, path: str) -> None:
 
 # ------------------------------------------------------------------ the programs, per framework
 
-def jax_programs(ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, wanted) -> dict:
-    """name -> zero-arg callable running one call to completion (state carried between calls)."""
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
+class JaxPrograms:
+    """Builds one program at a time: ``build(name)`` -> zero-arg callable that runs one call to
+    completion and returns its output (features) or None (train); the previous program is dropped."""
 
-    import chinese_clip_jax as ccj
-    from chinese_clip_jax import sharding as shd
-    from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool):
+        import chinese_clip_jax as ccj
 
-    model, params = ccj.from_pretrained(ckpt, scan_layers=scan)
-    progs = {}
-    if "image" in wanted:
-        image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="get_image_features"))
-        pixels = jnp.asarray(inputs["pixel_values"])
-        progs["image"] = lambda: image_fn(params, pixels).block_until_ready()
-    if "text" in wanted:
-        text_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="get_text_features"))
-        ids, mask = (jnp.asarray(inputs[k], jnp.int32) for k in ("input_ids", "attention_mask"))
-        progs["text"] = lambda: text_fn(params, ids, mask).block_until_ready()
-    if "train" in wanted:
+        self.model, self.params = ccj.from_pretrained(ckpt, scan_layers=scan)
+        self.cfg, self.inputs, self.train_inputs = cfg, inputs, train_inputs
+
+    def build(self, name: str):
+        import jax
+        import jax.numpy as jnp
+        import ml_collections
+
+        from chinese_clip_jax import sharding as shd
+        from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
+
+        model, params = self.model, self.params
+        if name == "image":
+            fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="get_image_features"))
+            pixels = jnp.asarray(self.inputs["pixel_values"])
+            return lambda: fn(params, pixels).block_until_ready()
+        if name == "text":
+            fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="get_text_features"))
+            ids, mask = (jnp.asarray(self.inputs[k], jnp.int32) for k in ("input_ids", "attention_mask"))
+            return lambda: fn(params, ids, mask).block_until_ready()
         mesh = shd.make_mesh(devices=jax.devices()[:1])
         opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
         tx, schedule = make_optimizer(opt, total_steps=1000)
         state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=params)
+        self.params = params = None  # train is the last program: the state holds the only copy
         step = make_train_step(model, tx, schedule, mesh, shardings)
-        batch = shd.shard_batch({k: train_inputs[k].astype("int32") if k != "pixel_values" else train_inputs[k]
-                                 for k in ("input_ids", "attention_mask", "pixel_values")}, mesh)
+        batch = shd.shard_batch({k: self.train_inputs[k].astype("int32") if k != "pixel_values" else
+                                 self.train_inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}, mesh)
         box = [state]
 
         def train():
@@ -146,78 +154,71 @@ def jax_programs(ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, w
                 box[0], metrics = step(box[0], batch)
             metrics["loss"].block_until_ready()
 
-        progs["train"] = train
-    return progs
+        return train
+
+    @staticmethod
+    def matmul(n: int):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((2, n, n)).astype(np.float32))
+        mm = jax.jit(jnp.matmul)
+        return lambda: mm(a[0], a[1]).block_until_ready()
 
 
-def torch_programs(ckpt: str, inputs: dict, train_inputs: dict, wanted) -> dict:
-    import torch
-    import transformers
+class TorchPrograms:
+    """transformers' model: eval mode + inference_mode for features; train mode, its own
+    ``return_loss=True`` loss, ``backward()`` and ``torch.optim.AdamW`` for the step."""
 
-    model = transformers.ChineseCLIPModel.from_pretrained(ckpt).eval()
-    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    progs = {}
-    if "image" in wanted:
-        def image():
-            with torch.inference_mode():
-                return model.get_image_features(pixel_values=t["pixel_values"]).pooler_output
-        progs["image"] = image
-    if "text" in wanted:
-        def text():
-            with torch.inference_mode():
-                return model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).pooler_output
-        progs["text"] = text
-    if "train" in wanted:
-        train_model = transformers.ChineseCLIPModel.from_pretrained(ckpt).train()
-        optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-        tb = {k: torch.from_numpy(v) for k, v in train_inputs.items()}
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool):
+        import torch
+        import transformers
+
+        self.model = transformers.ChineseCLIPModel.from_pretrained(ckpt).eval()
+        self.inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        self.train_inputs = {k: torch.from_numpy(v) for k, v in train_inputs.items()}
+
+    def build(self, name: str):
+        import torch
+
+        model, t = self.model, self.inputs
+        if name == "image":
+            def image():
+                with torch.inference_mode():
+                    return model.get_image_features(pixel_values=t["pixel_values"]).pooler_output.numpy()
+            return image
+        if name == "text":
+            def text():
+                with torch.inference_mode():
+                    return model.get_text_features(input_ids=t["input_ids"],
+                                                   attention_mask=t["attention_mask"]).pooler_output.numpy()
+            return text
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+        tb = self.train_inputs
 
         def train():
             optimizer.zero_grad(set_to_none=True)
-            out = train_model(input_ids=tb["input_ids"], pixel_values=tb["pixel_values"],
-                              attention_mask=tb["attention_mask"], return_loss=True)
+            out = model(input_ids=tb["input_ids"], pixel_values=tb["pixel_values"],
+                        attention_mask=tb["attention_mask"], return_loss=True)
             out.loss.backward()
             optimizer.step()
 
-        progs["train"] = train
-    return progs
+        return train
+
+    @staticmethod
+    def matmul(n: int):
+        import numpy as np
+        import torch
+
+        a = torch.from_numpy(np.random.default_rng(0).standard_normal((2, n, n)).astype(np.float32))
+        return lambda: torch.mm(a[0], a[1])
 
 
-# ------------------------------------------------------------------ timing and memory
+# ------------------------------------------------------------------ workers: one process per framework
 
-def matmul_programs(n: int) -> dict:
-    """f32 (n, n) @ (n, n) in each framework: the reference rate the programs are measured against."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    a = np.random.default_rng(0).standard_normal((2, n, n)).astype(np.float32)
-    ja, jb = jnp.asarray(a[0]), jnp.asarray(a[1])
-    ta, tb = torch.from_numpy(a[0]), torch.from_numpy(a[1])
-    mm = jax.jit(jnp.matmul)
-    return {"jax": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}
-
-
-def interleave(fns: dict, repeats: int, inner: int = 1) -> tuple[dict, dict]:
-    """Warm-up once each, then ``repeats`` rounds calling each in turn; each timing is the mean
-    of ``inner`` back-to-back calls. Returns ({name: (first-call s, its output)}, {name: [s]})."""
-    first = {}
-    for name, fn in fns.items():
-        t = time.perf_counter()
-        out = fn()
-        first[name] = (time.perf_counter() - t, out)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - t) / inner)
-    return first, times
-
-
-def rss_peak_mib() -> dict:
+def rss_mib() -> dict:
     """VmHWM (peak RSS since the last reset) and VmRSS of this process, MiB."""
     out = {}
     with open("/proc/self/status") as f:
@@ -227,47 +228,85 @@ def rss_peak_mib() -> dict:
     return out
 
 
-def memory_worker(args) -> None:
-    """Run one framework's programs like the timed loop; print peak-RSS figures as JSON."""
+def worker(args) -> None:
+    """Serves the parent over stdin/stdout, one JSON line per request:
+    ``build NAME`` -> first-call seconds (+ output file); ``run`` -> seconds of one call;
+    ``mm`` -> seconds of 3 matmuls; ``memreset`` / ``mem`` -> peak-RSS figures."""
     import numpy as np
 
     cfg = bench_config(args.tiny)
     sz = shapes(args.tiny)
     inputs = make_inputs(cfg, sz["image"], *sz["text"])
     train_inputs = make_inputs(cfg, sz["train"], sz["train"], sz["text"][1], seed=1)
-    result = {}
-    for name in args.only or PROGRAMS:
-        if args.worker == "jax":
-            fn = jax_programs(args.ckpt, cfg, inputs, train_inputs, args.scan, [name])[name]
-        else:
-            fn = torch_programs(args.ckpt, inputs, train_inputs, [name])[name]
-        fn()  # warm-up / compile
-        before = rss_peak_mib()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        for _ in range(max(2, min(args.repeats, 3))):
+    if args.threads and args.worker == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs, args.scan)
+    mm = progs.matmul(256 if args.tiny else 2048)
+    fn = None
+
+    def reply(obj):
+        sys.stdout.write("@@" + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    reply({"ready": True})
+    for line in sys.stdin:
+        op, *rest = line.split()
+        if op == "build":
+            fn = None
+            fn = progs.build(rest[0])
+            t = time.perf_counter()
+            out = fn()
+            sec = time.perf_counter() - t
+            path = None
+            if out is not None:
+                path = os.path.join(args.ckpt, f"out_{args.worker}_{rest[0]}.npy")
+                np.save(path, np.asarray(out))
+            reply({"s": sec, "out": path})
+        elif op == "run":
+            t = time.perf_counter()
             fn()
-        after = rss_peak_mib()
-        result[name] = dict(steady_peak=after["VmHWM"], rss_before=before["VmRSS"], life_peak=before["VmHWM"])
-        del fn
-        np.zeros(0)
-    print(json.dumps(result))
+            reply({"s": time.perf_counter() - t})
+        elif op == "mm":
+            t = time.perf_counter()
+            for _ in range(3):
+                mm()
+            reply({"s": time.perf_counter() - t})
+        elif op == "memreset":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := current RSS
+            reply(rss_mib())
+        elif op == "mem":
+            reply(rss_mib())
+        elif op == "quit":
+            return
 
 
-def measure_memory(args, ckpt: str, programs) -> dict:
-    """framework -> program -> figures, each framework in fresh processes (one per program)."""
-    out = {}
-    for fw in ("jax", "torch"):
-        out[fw] = {}
-        for name in programs:
-            cmd = [sys.executable, __file__, "--worker", fw, "--ckpt", ckpt, "--only", name,
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            cmd += ["--tiny"] * args.tiny + ["--scan"] * args.scan
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                raise RuntimeError(f"memory worker {fw}/{name} failed:\n{res.stderr[-3000:]}")
-            out[fw].update(json.loads(res.stdout.strip().splitlines()[-1]))
-    return out
+class Worker:
+    def __init__(self, fw: str, args, ckpt: str):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
+               "--threads", str(args.threads)] + ["--tiny"] * args.tiny + ["--scan"] * args.scan
+        self.fw = fw
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.wait()
+
+    def ask(self, request: str) -> dict:
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return self.wait()
+
+    def wait(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"{self.fw} worker exited with status {self.proc.wait()} (see its stderr above)")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        self.proc.wait()
 
 
 # ------------------------------------------------------------------ main
@@ -276,80 +315,78 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     pin_threads(args.threads)
     if args.worker:
-        return memory_worker(args)
+        return worker(args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import numpy as np
-    import torch
 
     import flops
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     wanted = args.only or list(PROGRAMS)
     cfg = bench_config(args.tiny)
     sz = shapes(args.tiny)
-    inputs = make_inputs(cfg, sz["image"], *sz["text"])
-    train_inputs = make_inputs(cfg, sz["train"], sz["train"], sz["text"][1], seed=1)
     n_text, seq = sz["text"]
     work = {  # FLOPs per call
         "image": sz["image"] * flops.image_forward_flops(cfg),
         "text": n_text * flops.text_forward_flops(cfg, seq),
         "train": flops.train_step_flops(cfg, sz["train"], seq),
     }
-    samples = {"image": sz["image"], "text": n_text, "train": sz["train"]}
+    n_mm = 256 if args.tiny else 2048
+    mm_work = 3 * flops.matmul_flops(n_mm)
     load0 = os.getloadavg()
     print(f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
-          f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, load {load0[0]:.2f}", flush=True)
-
+          f"repeats {args.repeats}, load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
+          f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}", flush=True)
+    rows = {}
     with tempfile.TemporaryDirectory() as ckpt:
         save_reference(cfg, ckpt)
-        jp = jax_programs(ckpt, cfg, inputs, train_inputs, args.scan, wanted)
-        tp = torch_programs(ckpt, inputs, train_inputs, wanted)
-        n_mm = 256 if args.tiny else 2048
-        mmp = matmul_programs(n_mm)
-        rows = {}
-        for name in wanted:  # each round: JAX program, torch program, XLA matmul, torch matmul
-            first, t = interleave({"jax": jp[name], "torch": tp[name], "jax_mm": lambda: [mmp["jax"]() for _ in range(3)],
-                                   "torch_mm": lambda: [mmp["torch"]() for _ in range(3)]}, args.repeats)
-            rows[name] = (first, t)
-            check = ""
-            if name != "train":  # same weights and inputs: the features must agree
-                diff = np.max(np.abs(np.asarray(first["jax"][1]) - first["torch"][1].numpy()))
-                check = f", max |JAX - torch| {diff:.1e}"
-            print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}", flush=True)
-        del jp, tp
-        mem = measure_memory(args, ckpt, wanted) if args.memory else None
+        workers = {fw: Worker(fw, args, ckpt) for fw in ("jax", "torch")}
+        try:
+            for name in wanted:
+                first = {fw: w.ask(f"build {name}") for fw, w in workers.items()}
+                check = ""
+                if first["jax"]["out"]:  # same weights and inputs: the features must agree
+                    diff = np.max(np.abs(np.load(first["jax"]["out"]) - np.load(first["torch"]["out"])))
+                    check = f", max |JAX - torch| {diff:.1e}"
+                for w in workers.values():
+                    w.ask("memreset")
+                t = {k: [] for k in ("jax", "torch", "jax_mm", "torch_mm")}
+                for _ in range(args.repeats):  # JAX, torch, XLA matmul, torch matmul
+                    for fw, w in workers.items():
+                        t[fw].append(w.ask("run")["s"])
+                    for fw, w in workers.items():
+                        t[fw + "_mm"].append(w.ask("mm")["s"])
+                mem = {fw: w.ask("mem") for fw, w in workers.items()}
+                rows[name] = (first, t, mem)
+                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}", flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+    print_table(rows, work, mm_work, n_mm, sz, load0)
 
-    mm_work = 3 * flops.matmul_flops(n_mm)
+
+def print_table(rows, work, mm_work, n_mm, sz, load0) -> None:
     head = (f"{'program':<18}{'JAX s':>8}{'torch s':>9}{'JAX/torch':>11}{'JAX GF/s':>10}{'XLA mm':>8}{'%':>5}"
-            f"{'torch GF/s':>11}{'torch mm':>9}{'%':>5}{'JAX 1st s':>10}")
-    if mem:
-        head += f"{'JAX MiB':>9}{'torch MiB':>10}"
+            f"{'torch GF/s':>11}{'torch mm':>9}{'%':>5}{'JAX 1st s':>10}{'JAX MiB':>9}{'torch MiB':>10}")
     print("\n" + head)
-    for name, (first, t) in rows.items():
+    for name, (first, t, mem) in rows.items():
         med = {k: statistics.median(v) for k, v in t.items()}
         ratio = statistics.median(b / a for a, b in zip(t["jax"], t["torch"]))
-        frac = {fw: statistics.median(m / p * mm_work / work[name] for p, m in zip(t[fw], t[fw + "_mm"]))
+        frac = {fw: statistics.median(work[name] * m / (p * mm_work) for p, m in zip(t[fw], t[fw + "_mm"]))
                 for fw in ("jax", "torch")}
-        label = {"image": f"image x{samples['image']}", "text": f"text x{n_text}x{seq}",
-                 "train": f"train step x{samples['train']}"}[name]
-        line = (f"{label:<18}{med['jax']:>8.3f}{med['torch']:>9.3f}{ratio:>10.2f}x"
-                f"{work[name] / med['jax'] / 1e9:>10.1f}{mm_work / med['jax_mm'] / 1e9:>8.0f}{100 * frac['jax']:>4.0f}%"
-                f"{work[name] / med['torch'] / 1e9:>11.1f}{mm_work / med['torch_mm'] / 1e9:>9.0f}"
-                f"{100 * frac['torch']:>4.0f}%{first['jax'][0]:>10.1f}")
-        if mem:
-            line += f"{mem['jax'][name]['steady_peak']:>9.0f}{mem['torch'][name]['steady_peak']:>10.0f}"
-        print(line)
-    print(f"\nGF/s from bench/flops.py; 'XLA mm' / 'torch mm': each framework's f32 {n_mm}x{n_mm} matmul GFLOP/s "
-          "measured in the same rounds; %: median over rounds of the program's rate / that round's matmul rate.")
-    print(f"\nJAX/torch: median of per-pair (torch s / JAX s) ratios = JAX throughput relative to torch. "
-          f"load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    if mem:
-        print("MiB: peak RSS during the timed calls (after warm-up), one fresh process per framework and program. "
-              "Whole-process peak incl. load/compile:",
-              ", ".join(f"{fw} {n} {v[n]['life_peak']:.0f}" for fw, v in mem.items() for n in v))
+        label = {"image": f"image x{sz['image']}", "text": f"text x{sz['text'][0]}x{sz['text'][1]}",
+                 "train": f"train step x{sz['train']}"}[name]
+        print(f"{label:<18}{med['jax']:>8.3f}{med['torch']:>9.3f}{ratio:>10.2f}x"
+              f"{work[name] / med['jax'] / 1e9:>10.1f}{mm_work / med['jax_mm'] / 1e9:>8.0f}{100 * frac['jax']:>4.0f}%"
+              f"{work[name] / med['torch'] / 1e9:>11.1f}{mm_work / med['torch_mm'] / 1e9:>9.0f}"
+              f"{100 * frac['torch']:>4.0f}%{first['jax']['s']:>10.1f}"
+              f"{mem['jax']['VmHWM']:>9.0f}{mem['torch']['VmHWM']:>10.0f}")
+    print(f"\nJAX/torch: median over rounds of torch s / JAX s (JAX throughput relative to torch; > 1: JAX faster).\n"
+          f"GF/s: bench/flops.py FLOPs / median s. 'XLA mm', 'torch mm': each framework's f32 {n_mm}x{n_mm} matmul "
+          "GFLOP/s in the same rounds; %: median over rounds of program rate / that round's matmul rate.\n"
+          "MiB: peak RSS of the framework's worker process during the timed calls (VmHWM reset after the warm-up "
+          f"call; the loaded weights included).  load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print("per-round s:", json.dumps({n: {fw: [round(x, 3) for x in v] for fw, v in t.items() if "mm" not in fw}
-                                     for n, (_, t) in rows.items()}))
+                                      for n, (_, t, _) in rows.items()}))
 
 
 if __name__ == "__main__":
