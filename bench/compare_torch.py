@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=PROGRAMS, action="append", help="program(s) to run (default: all)")
     p.add_argument("--threads", type=int, default=0, help="pin to this many cores (0: all available)")
     p.add_argument("--scan", action="store_true", help="JAX with scan_layers=True (default: unrolled)")
+    p.add_argument("--remat", action="store_true", help="JAX with remat=True (recompute layer activations)")
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -116,10 +117,10 @@ class JaxPrograms:
     """Builds one program at a time: ``build(name)`` -> zero-arg callable that runs one call to
     completion and returns its output (features) or None (train); the previous program is dropped."""
 
-    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool):
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: bool):
         import chinese_clip_jax as ccj
 
-        self.model, self.params = ccj.from_pretrained(ckpt, scan_layers=scan)
+        self.model, self.params = ccj.from_pretrained(ckpt, scan_layers=scan, remat=remat)
         self.cfg, self.inputs, self.train_inputs = cfg, inputs, train_inputs
 
     def build(self, name: str):
@@ -171,7 +172,7 @@ class TorchPrograms:
     """transformers' model: eval mode + inference_mode for features; train mode, its own
     ``return_loss=True`` loss, ``backward()`` and ``torch.optim.AdamW`` for the step."""
 
-    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool):
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: bool):
         import torch
         import transformers
 
@@ -242,7 +243,8 @@ def worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs, args.scan)
+    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs, args.scan,
+                                                                    args.remat)
     mm = progs.matmul(256 if args.tiny else 2048)
     fn = None
 
@@ -286,7 +288,8 @@ def worker(args) -> None:
 class Worker:
     def __init__(self, fw: str, args, ckpt: str):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
-               "--threads", str(args.threads)] + ["--tiny"] * args.tiny + ["--scan"] * args.scan
+               "--threads", str(args.threads)]
+        cmd += ["--tiny"] * args.tiny + ["--scan"] * args.scan + ["--remat"] * args.remat
         self.fw = fw
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.wait()

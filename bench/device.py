@@ -1,0 +1,210 @@
+"""Accelerator benchmark: training-step samples/s and MFU, inference throughput, compile times and
+peak device memory, for base-patch16 and large-patch14 in bf16, per attention implementation.
+
+    .venv/bin/python bench/device.py                 # one GPU / TPU host; about 5-8 minutes
+    .venv/bin/python bench/device.py --smoke         # tiny config on CPU, seconds (run by the tests)
+    .venv/bin/python bench/device.py --sizes base-patch16 --impls xla,cudnn --peak-tflops 989
+
+Random weights (``create_train_state``), params fp32, compute bf16, ``scan_layers=True`` (one
+compiled layer body: fast compiles). Per (size, attention implementation):
+
+* train: ``make_train_step`` (both towers, symmetric InfoNCE, AdamW, donated state) on a mesh
+  over all local devices (data parallel), ``--train-batch`` pairs per device, 52-token texts;
+* image / text: jitted ``get_image_features`` / ``get_text_features``, ``--infer-batch`` per device.
+
+Reported: compile seconds (``lower().compile()``), steady-state samples/s (median of
+``--repeats`` timings of ``--steps`` calls each), MFU = model FLOPs/s / peak FLOP/s (FLOPs from
+``bench/flops.py``: 2 x matmul params x tokens + attention, x3 for a training step; peak bf16
+FLOP/s per device from ``PEAK_TFLOPS`` by ``device_kind``, or ``--peak-tflops``), and the
+device's ``peak_bytes_in_use`` after the program (``memory_stats()``; a process-wide high-water
+mark, so it never decreases across rows). An implementation that fails to compile or run (e.g.
+cudnn on CPU, or a shape cuDNN rejects) is skipped with its error's first line. Rows that would
+start after ``--budget-s`` seconds are skipped, so the script ends within its time budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops  # noqa: E402
+
+import chinese_clip_jax as ccj  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
+from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of device_kind (first match).
+PEAK_TFLOPS = (
+    ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+    ("A10G", 70.0), ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v4", 275.0), ("TPU v3", 123.0),
+)
+SIZES = {"base-patch16": "chinese-clip-vit-base-patch16", "large-patch14": "chinese-clip-vit-large-patch14"}
+SEQ = 52
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="base-patch16,large-patch14", help=f"comma list of {', '.join(SIZES)}")
+    p.add_argument("--impls", default="xla,cudnn", help="attention implementations (comma list)")
+    p.add_argument("--train-batch", type=int, default=0, help="pairs per device (0: 256 base, 128 large)")
+    p.add_argument("--infer-batch", type=int, default=0, help="images/texts per device (0: 512 base, 256 large)")
+    p.add_argument("--steps", type=int, default=5, help="calls per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timings per program (median reported)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per device (0: from table)")
+    p.add_argument("--remat", action="store_true", help="rematerialise layer activations in the train step")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
+    p.add_argument("--smoke", action="store_true", help="tiny config, tiny batches, one step (CPU smoke test)")
+    return p.parse_args(argv)
+
+
+def peak_flops(device, override_tflops: float) -> tuple[float | None, str]:
+    """(peak FLOP/s per device or None, where it came from)."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in device.device_kind.lower():
+            return tflops * 1e12, f"table ({key})"
+    return None, f"unknown device kind {device.device_kind!r}: pass --peak-tflops"
+
+
+def smoke_config() -> ccj.ChineseCLIPConfig:
+    text = ccj.ChineseCLIPTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=32, patch_size=8)
+    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
+
+
+def host_batch(cfg, n: int, seed: int = 0) -> dict:
+    """Random pairs: input_ids/attention_mask int32 (n, 52), pixel_values f32 (n, 3, R, R)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, SEQ + 1, n)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = (rng.integers(106, cfg.text_config.vocab_size, (n, SEQ)) * mask).astype(np.int32)
+    r = cfg.vision_config.image_size
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=rng.standard_normal((n, 3, r, r)).astype(np.float32))
+
+
+def timed(fn, steps: int, repeats: int) -> float:
+    """Median seconds per call of ``fn`` (which blocks on its result), ``steps`` calls per timing."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        out.append((time.perf_counter() - t) / steps)
+    return statistics.median(out)
+
+
+def peak_mem_gib(device) -> float | None:
+    stats = device.memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
+
+
+def run_size(name: str, cfg, impl: str | None, args, mesh, peak: float | None) -> list[dict]:
+    """Rows (dicts) for the train step, image and text features of one size and implementation."""
+    n_dev = mesh.devices.size
+    dev = mesh.devices.flat[0]
+    large = cfg.vision_config.hidden_size > 768
+    tb = (args.train_batch or (128 if large else 256)) * n_dev
+    ib = (args.infer_batch or (256 if large else 512)) * n_dev
+    model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=impl, scan_layers=True, remat=args.remat)
+    opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+    tx, schedule = make_optimizer(opt, total_steps=1000)
+    rows = []
+    state, shardings = create_train_state(model, tx, mesh, seed=0)
+    step = make_train_step(model, tx, schedule, mesh, shardings)
+    batch = shd.shard_batch(host_batch(cfg, tb), mesh)
+    infer = shd.shard_batch(host_batch(cfg, ib, seed=1), mesh)
+    with shd.use_mesh_and_rules(mesh):
+        t = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
+        box = [state]
+
+        def train():
+            box[0], metrics = compiled(box[0], batch)
+            metrics["loss"].block_until_ready()
+
+        train()
+        sec = timed(train, args.steps, args.repeats)
+        rows.append(dict(program=f"train x{tb}", compile_s=compile_s, sec=sec, rate=tb / sec,
+                         flops=flops.train_step_flops(cfg, tb, SEQ), mem=peak_mem_gib(dev)))
+        params = box[0].params
+        programs = (
+            ("image", lambda p, b: model.apply({"params": p}, b["pixel_values"], method="get_image_features"),
+             flops.image_forward_flops(cfg)),
+            ("text", lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                              method="get_text_features"), flops.text_forward_flops(cfg, SEQ)),
+        )
+        for prog, fn, per_sample in programs:
+            t = time.perf_counter()
+            compiled_fn = jax.jit(fn).lower(params, infer).compile()
+            compile_s = time.perf_counter() - t
+            call = lambda: compiled_fn(params, infer).block_until_ready()  # noqa: E731
+            call()
+            sec = timed(call, args.steps, args.repeats)
+            rows.append(dict(program=f"{prog} x{ib}", compile_s=compile_s, sec=sec, rate=ib / sec,
+                             flops=per_sample * ib, mem=peak_mem_gib(dev)))
+    for r in rows:
+        r.update(size=name, impl=impl or "default", mfu=r["flops"] / r["sec"] / (peak * n_dev) if peak else None)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.smoke:
+        args.train_batch, args.infer_batch, args.steps, args.repeats = 2, 2, 1, 1
+        sizes = {"smoke": smoke_config()}
+    else:
+        unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+        if unknown:
+            raise SystemExit(f"unknown --sizes {unknown}; known: {', '.join(SIZES)}")
+        sizes = {s: ccj.ChineseCLIPConfig.preset(SIZES[s]) for s in args.sizes.split(",")}
+    impls = [None if i in ("", "default", "none") else i for i in args.impls.split(",")]
+    devices = jax.local_devices()
+    mesh = shd.make_mesh(devices=devices)
+    peak, peak_src = peak_flops(devices[0], args.peak_tflops)
+    print(f"# {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), bf16 compute, scan_layers, "
+          f"remat={args.remat}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s/device from {peak_src}",
+          flush=True)
+    print(f"{'size':<14}{'attention':<10}{'program':<14}{'compile s':>10}{'ms/call':>10}{'samples/s':>11}"
+          f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}", flush=True)
+    notes = []
+    for name, cfg in sizes.items():
+        for impl in impls:
+            if time.perf_counter() - start > args.budget_s:
+                notes.append(f"{name}/{impl}: skipped, past --budget-s {args.budget_s:.0f}")
+                continue
+            try:
+                rows = run_size(name, cfg, impl, args, mesh, peak)
+            except Exception as e:  # an implementation this device/shape does not support
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                notes.append(f"{name}/{impl}: skipped ({type(e).__name__}: {first})")
+                continue
+            for r in rows:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                mem = f"{r['mem']:.1f}" if r["mem"] is not None else "n/a"
+                print(f"{r['size']:<14}{r['impl']:<10}{r['program']:<14}{r['compile_s']:>10.1f}"
+                      f"{1e3 * r['sec']:>10.1f}{r['rate']:>11.1f}{r['flops'] / r['sec'] / 1e12:>9.1f}{mfu:>7}{mem:>10}",
+                      flush=True)
+    for n in notes:
+        print("# " + n)
+    print(f"# total {time.perf_counter() - start:.0f} s; samples/s: pairs (train), images or 52-token texts; "
+          "peak GiB: device peak_bytes_in_use so far (process high-water mark)")
+
+
+if __name__ == "__main__":
+    main()
