@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="base-patch16,large-patch14", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--impls", default="xla,cudnn", help="attention implementations (comma list)")
-    p.add_argument("--train-batch", type=int, default=0, help="pairs per device (0: 256 base, 128 large)")
+    p.add_argument("--train-batch", type=int, default=0, help="pairs per device (0: 256 base, 64 large)")
     p.add_argument("--infer-batch", type=int, default=0, help="images/texts per device (0: 512 base, 256 large)")
     p.add_argument("--steps", type=int, default=5, help="calls per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per program (median reported)")
@@ -117,7 +117,7 @@ def run_size(name: str, cfg, impl: str | None, args, mesh, peak: float | None) -
     n_dev = mesh.devices.size
     dev = mesh.devices.flat[0]
     large = cfg.vision_config.hidden_size > 768
-    tb = (args.train_batch or (128 if large else 256)) * n_dev
+    tb = (args.train_batch or (64 if large else 256)) * n_dev
     ib = (args.infer_batch or (256 if large else 512)) * n_dev
     model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=impl, scan_layers=True, remat=args.remat)
     opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
