@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from ..config import ChineseCLIPConfig
-from .layers import Dense, partitioned
+from .layers import ModelOptions, Dense, partitioned
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
 
@@ -42,22 +41,9 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class ChineseCLIPModel(nn.Module):
-    """Chinese-CLIP as a Flax Linen module.
-
-    Attributes:
-      config: the architecture.
-      dtype: compute dtype (params stay fp32; LayerNorm statistics, softmax and logits are fp32).
-      attention_impl: ``implementation`` of ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
-      scan_layers: stack layer params and run the encoders with ``nn.scan`` (fast compiles).
-      remat: recompute layer activations in the backward pass.
-    """
-
-    config: ChineseCLIPConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    scan_layers: bool = False
-    remat: bool = False
+class ChineseCLIPModel(ModelOptions):
+    """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the other
+    fields (dtype, attention_impl, scan_layers, remat) are ``ModelOptions``'."""
 
     def setup(self):
         cfg = self.config

@@ -151,6 +151,22 @@ class MLP(nn.Module):
         return Dense(x.shape[-1], ("mlp",), ("embed",), std=self.fc2_std, dtype=self.dtype, name="fc2")(h)
 
 
+class ModelOptions(nn.Module):
+    """Fields of the towers and of the joint model: the architecture and how to run it.
+
+    config: the architecture (a text, vision or joint config). dtype: compute dtype (params stay
+    fp32; LayerNorm statistics, softmax and logits are fp32). attention_impl: ``implementation``
+    for ``jax.nn.dot_product_attention`` (None, "xla", "cudnn"; see ``Attention``). scan_layers:
+    stacked layer params run with ``nn.scan``. remat: recompute layer activations in the backward.
+    """
+
+    config: Any
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    scan_layers: bool = False
+    remat: bool = False
+
+
 class LayerStack(nn.Module):
     """Applies ``num_layers`` copies of ``layer_cls(**layer_kwargs)`` to ``x``.
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPTextConfig
-from .layers import MLP, Attention, Dense, LayerStack, constrain, layer_norm, partitioned
+from .layers import ModelOptions, MLP, Attention, Dense, LayerStack, constrain, layer_norm, partitioned
 
 Dtype = Any
 
@@ -76,14 +76,8 @@ def key_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
-class TextTower(nn.Module):
-    """Embeddings + encoder; returns the last hidden state (no pooler)."""
-
-    config: ChineseCLIPTextConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    scan_layers: bool = False
-    remat: bool = False
+class TextTower(ModelOptions):
+    """Embeddings + encoder; returns the last hidden state (no pooler). ``config``: ChineseCLIPTextConfig."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -112,17 +106,11 @@ class TextTower(nn.Module):
         )(x, key_padding_mask(attention_mask))
 
 
-class ChineseCLIPTextModel(nn.Module):
+class ChineseCLIPTextModel(ModelOptions):
     """The text tower with its BERT pooler, as transformers' ``ChineseCLIPTextModel``.
 
     Params: ``{"text_model": ..., "pooler": {"kernel", "bias"}}``.
     """
-
-    config: ChineseCLIPTextConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    scan_layers: bool = False
-    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,

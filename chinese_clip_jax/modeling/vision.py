@@ -11,7 +11,7 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
-from .layers import MLP, Attention, LayerStack, constrain, layer_norm, partitioned
+from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, partitioned
 
 Dtype = Any
 
@@ -74,12 +74,8 @@ class VisionLayer(nn.Module):
         return constrain(x), None
 
 
-class VisionTower(nn.Module):
-    config: ChineseCLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    scan_layers: bool = False
-    remat: bool = False
+class VisionTower(ModelOptions):
+    """Patch embedding + encoder + post-LN class token; ``config``: ChineseCLIPVisionConfig."""
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
@@ -117,14 +113,8 @@ class VisionTower(nn.Module):
         return VisionOutput(last_hidden_state=x, pooler_output=pooled)
 
 
-class ChineseCLIPVisionModel(nn.Module):
+class ChineseCLIPVisionModel(ModelOptions):
     """The image tower as transformers' ``ChineseCLIPVisionModel``: params ``{"vision_model": ...}``."""
-
-    config: ChineseCLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    scan_layers: bool = False
-    remat: bool = False
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
