@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .modeling import ChineseCLIPModel
+from .modeling import ChineseCLIPModel, l2_normalize
 from .processing import ChineseCLIPProcessor, ImageSettings
 from .templates import CHINESE_TEMPLATES, fill
 
@@ -43,11 +43,6 @@ def bucket_sizes(batch_size: int, num_devices: int = 1) -> tuple[int, ...]:
         b = max(num_devices, -(-(b // 4) // num_devices) * num_devices)
         sizes.add(b)
     return tuple(sorted(sizes))
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 class ChineseCLIP:
@@ -90,11 +85,11 @@ class ChineseCLIP:
             self.trace_counts["text"] += 1
             feats = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
                                 method="get_text_features")
-            return _l2_normalize(feats)
+            return l2_normalize(feats)
 
         def image_fn(params, pixel_values):
             self.trace_counts["image"] += 1
-            return _l2_normalize(model.apply({"params": params}, pixel_values, method="get_image_features"))
+            return l2_normalize(model.apply({"params": params}, pixel_values, method="get_image_features"))
 
         b = self._batch_sharding
         self._text_fn = jax.jit(text_fn, in_shardings=(replicated, b, b, b), out_shardings=b)
