@@ -112,16 +112,15 @@ def check_params(params: dict, cfg: ChineseCLIPConfig) -> dict:
     return flat
 
 
-def iter_hf_tensors(params: dict, cfg: ChineseCLIPConfig):
-    """Yields ``(hf_name, fp32 numpy tensor)`` one at a time from Flax params (scanned or not)."""
-    flat = check_params(params, cfg)
+def iter_hf_tensors(flat: dict, cfg: ChineseCLIPConfig):
+    """Yields ``(hf_name, fp32 numpy tensor)`` one at a time from ``check_params``' flat params."""
     for r in mapping.table(cfg):
         yield r.hf, np.asarray(r.transform.to_hf(np.asarray(flat[r.flax], np.float32)))
 
 
 def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
     """Flax params (scanned or not) -> HF-named numpy fp32 tensors (all in memory)."""
-    return {name: np.array(x, order="C") for name, x in iter_hf_tensors(params, cfg)}
+    return {name: np.array(x, order="C") for name, x in iter_hf_tensors(check_params(params, cfg), cfg)}
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -243,10 +242,9 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
-    params = _unboxed(params)
-    check_params(params, cfg)  # validate before touching the directory
+    flat = check_params(_unboxed(params), cfg)  # validate before touching the directory
     os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, "model.safetensors"), lambda: iter_hf_tensors(params, cfg), dtype)
+    write_safetensors(os.path.join(path, "model.safetensors"), lambda: iter_hf_tensors(flat, cfg), dtype)
     cfg.save(path)
     copy_processor_files(path, cfg, processor_from)
     return path
