@@ -1,6 +1,7 @@
 """Side by side with transformers' PyTorch ChineseCLIPModel: same random weights, same inputs.
 
     .venv/bin/python bench/compare_torch.py [--repeats 5] [--only image|text|train] [--threads N]
+                                            [--unrolled] [--remat dots|full|none]
 
 A random-init ``transformers.ChineseCLIPModel`` of the base-patch16 preset is saved and loaded
 with ``ccj.from_pretrained``. Each framework runs in its own worker process (so neither one's
@@ -11,7 +12,9 @@ parent drives them interleaved: JAX, torch, JAX, torch, ... after one untimed wa
 * image: ``get_image_features`` of 16 images at 224 px (fp32);
 * text: ``get_text_features`` of 64 texts x 52 tokens, mixed lengths with padding;
 * train: one training step on 16 image-text pairs, both towers, symmetric InfoNCE, AdamW
-  (b2 0.98, eps 1e-6). JAX: ``make_train_step`` on a 1-device mesh (state donated); torch:
+  (b2 0.98, eps 1e-6). JAX: ``make_train_step`` on a 1-device mesh (state donated), with the
+  trainer's defaults ``scan_layers=True``, ``remat="dots"`` (``--unrolled``, ``--remat`` change
+  them; the model of the feature programs is the same one); torch:
   the model in train mode with ``return_loss=True``, ``backward()``, ``torch.optim.AdamW``.
   Text hidden dropout 0.1 in both; torch's attention-probability dropout is set to 0 since
   ours has none (see modeling/text.py), so both do the same work.
@@ -46,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per framework and program")
     p.add_argument("--only", choices=PROGRAMS, action="append", help="program(s) to run (default: all)")
     p.add_argument("--threads", type=int, default=0, help="pin to this many cores (0: all available)")
-    p.add_argument("--scan", action="store_true", help="JAX with scan_layers=True (default: unrolled)")
-    p.add_argument("--remat", action="store_true", help="JAX with remat=True (recompute layer activations)")
+    p.add_argument("--unrolled", action="store_true", help="JAX with unrolled layers (default: scan_layers=True)")
+    p.add_argument("--remat", choices=("dots", "full", "none"), default="dots",
+                   help="JAX remat policy in the train step (default: dots, as the trainer)")
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -117,7 +121,7 @@ class JaxPrograms:
     """Builds one program at a time: ``build(name)`` -> zero-arg callable that runs one call to
     completion and returns its output (features) or None (train); the previous program is dropped."""
 
-    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: bool):
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: str):
         import chinese_clip_jax as ccj
 
         self.model, self.params = ccj.from_pretrained(ckpt, scan_layers=scan, remat=remat)
@@ -172,7 +176,7 @@ class TorchPrograms:
     """transformers' model: eval mode + inference_mode for features; train mode, its own
     ``return_loss=True`` loss, ``backward()`` and ``torch.optim.AdamW`` for the step."""
 
-    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: bool):
+    def __init__(self, ckpt: str, cfg, inputs: dict, train_inputs: dict, scan: bool, remat: str):
         import torch
         import transformers
 
@@ -243,8 +247,8 @@ def worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs, args.scan,
-                                                                    args.remat)
+    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs,
+                                                                    not args.unrolled, args.remat)
     mm = progs.matmul(256 if args.tiny else 2048)
     fn = None
 
@@ -289,7 +293,7 @@ class Worker:
     def __init__(self, fw: str, args, ckpt: str):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
                "--threads", str(args.threads)]
-        cmd += ["--tiny"] * args.tiny + ["--scan"] * args.scan + ["--remat"] * args.remat
+        cmd += ["--tiny"] * args.tiny + ["--unrolled"] * args.unrolled + ["--remat", args.remat]
         self.fw = fw
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.wait()
@@ -337,7 +341,8 @@ def main(argv=None) -> None:
     mm_work = 3 * flops.matmul_flops(n_mm)
     load0 = os.getloadavg()
     print(f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
-          f"repeats {args.repeats}, load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
+          f"repeats {args.repeats}, JAX {'unrolled' if args.unrolled else 'scan_layers'} remat={args.remat}, "
+          f"load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
           f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as ckpt:

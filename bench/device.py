@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="calls per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per program (median reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per device (0: from table)")
-    p.add_argument("--remat", action="store_true", help="rematerialise layer activations in the train step")
+    p.add_argument("--remat", choices=("none", "dots", "full"), default="none",
+                   help="remat policy of the train step (default none: the batches fit an 80 GB device)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny config, tiny batches, one step (CPU smoke test)")
     return p.parse_args(argv)

@@ -200,7 +200,7 @@ def from_pretrained(
     arch: str | None = None,
     scan_layers: bool = False,
     attention_impl: str | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> tuple[ChineseCLIPModel, dict]:
     """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute."""
     cfg, params, _, _ = load_params(src, arch)

@@ -8,6 +8,7 @@ Logical axis names used for params: ``vocab``, ``embed``, ``heads``, ``kv``, ``m
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -157,14 +158,44 @@ class ModelOptions(nn.Module):
     config: the architecture (a text, vision or joint config). dtype: compute dtype (params stay
     fp32; LayerNorm statistics, softmax and logits are fp32). attention_impl: ``implementation``
     for ``jax.nn.dot_product_attention`` (None, "xla", "cudnn"; see ``Attention``). scan_layers:
-    stacked layer params run with ``nn.scan``. remat: recompute layer activations in the backward.
+    stacked layer params run with ``nn.scan``. remat: recompute layer activations in the backward
+    pass, a key of ``REMAT_POLICIES`` ("dots", "full"; True means "full") or False (see ``LayerStack``).
     """
 
     config: Any
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = False
+
+    def __post_init__(self):
+        remat_policy(self.remat)  # a bad value fails here, naming the choices, not at the first apply
+        super().__post_init__()
+
+
+# What each layer keeps for the backward pass under remat; the rest is recomputed.
+REMAT_POLICIES: dict[str, Callable] = {
+    # the outputs of the projections (q, k, v, attention out, fc1, fc2): attention scores,
+    # softmax, LayerNorm and activations are recomputed (a few % more FLOPs).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # nothing but the layer's input: the whole layer runs again (one more forward pass).
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(remat: bool | str | None) -> Callable | None:
+    """The ``jax.checkpoint`` policy for a ``remat`` option; None for no rematerialisation.
+
+    False / None / "" / "none": off; True or "full": ``nothing_saveable``; "dots": save the
+    projection matmuls' outputs only. Anything else raises ValueError naming the choices.
+    """
+    if remat is None or remat is False or remat in ("", "none"):
+        return None
+    if remat is True:
+        remat = "full"
+    if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be False, True or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    return REMAT_POLICIES[remat]
 
 
 class LayerStack(nn.Module):
@@ -172,21 +203,29 @@ class LayerStack(nn.Module):
 
     Unrolled, the params are ``layer_0 ... layer_{N-1}``; with ``scan`` they are one ``layers``
     subtree whose leaves have a leading axis of size N (logical name ``layers``), which compiles
-    one layer body instead of N. ``remat`` recomputes each layer's activations in the backward
-    pass (``nothing_saveable``), trading FLOPs for memory.
+    one layer body instead of N. ``remat`` (see ``remat_policy``) recomputes what the policy does
+    not save in the backward pass, trading FLOPs for memory.
+
+    On the CPU backend remat only works together with ``scan``: XLA:CPU drops the optimization
+    barriers that keep an unrolled layer's recomputation apart, and its CSE then merges the
+    recomputation into the forward pass (the train step's memory is unchanged). A warning says so.
     """
 
     layer_cls: type[nn.Module]
     layer_kwargs: dict
     num_layers: int
     scan: bool = False
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         cls = self.layer_cls
-        if self.remat:
-            cls = nn.remat(cls, prevent_cse=not self.scan, policy=jax.checkpoint_policies.nothing_saveable)
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            if not self.scan and jax.default_backend() == "cpu":
+                warnings.warn("remat has no effect on the CPU backend without scan_layers=True (XLA:CPU merges "
+                              "the recomputation back into the forward pass); use scan_layers=True", stacklevel=2)
+            cls = nn.remat(cls, prevent_cse=not self.scan, policy=policy)
         if self.scan:
             stack = nn.scan(
                 cls,

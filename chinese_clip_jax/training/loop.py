@@ -134,7 +134,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     dtype = DTYPES[config.dtype]
     model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
                       scan_layers=bool(config.model.get("scan_layers", False)),
-                      remat=bool(config.model.get("remat", False)))
+                      remat=config.model.get("remat", False))
     init_params = None
     if config.get("require_init_from") and not config.get("init_from"):
         raise ValueError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "

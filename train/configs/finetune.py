@@ -10,7 +10,8 @@ b2 0.98, eps 1e-6). For the paper's stage 1 (LiT, image tower frozen) add
 ``--config.freeze=image``; stage 2 starts from a stage-1 export with everything trainable.
 For your own data set ``--config.data.name=cn_clip --config.data.cn_clip.root=DIR`` (or
 webdataset shards). For a real model on accelerators, e.g. ``--config.dtype=bfloat16
---config.batch_size=1024 --config.mesh.fsdp=8 --config.model.remat=True``.
+--config.batch_size=1024 --config.mesh.fsdp=8`` (``model.remat`` is "dots" by default; "full" saves
+more memory for one more forward pass).
 """
 
 from train.configs import base
