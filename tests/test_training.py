@@ -197,15 +197,18 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
         assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
 
 
-def test_poisoned_batch_stops_naming_the_step(tmp_path):
+@pytest.mark.parametrize("log_every,poisoned", [(1, 6), (100, 6), (100, 8)])
+def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
+    """With log_every=100 the host reads losses one step late (6: found after step 7 was
+    dispatched) or at a checkpoint step (8): still the right step, and nothing poisoned is saved."""
     workdir = str(tmp_path / "run")
-    config = tiny_train_config(8)
+    config = tiny_train_config(8, log_every=log_every)
 
     def hook(index, batch):
-        if index == 6:
+        if index == poisoned:
             batch["pixel_values"][0, 0, 0, 0] = np.nan
 
-    with pytest.raises(FloatingPointError, match="at step 6") as err:
+    with pytest.raises(FloatingPointError, match=f"at step {poisoned} ") as err:
         train(config, workdir, data_iter=make_iterator(config, hook), progress=False)
     assert "Last good checkpoint: step 4" in str(err.value)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]

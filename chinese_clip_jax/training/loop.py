@@ -196,6 +196,24 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         run_eval(0)
     timed_steps, timed_s, window_s, window_n = 0, 0.0, 0.0, 0
     step = start
+    # The host reads a step's metrics one step late (after dispatching the next one), so it loads
+    # and places batch s+1 while the device runs step s; at log, eval, checkpoint and stop steps
+    # it catches up first, so nothing is logged, evaluated or saved before its loss is checked.
+    pending: list[tuple[int, dict]] = []  # (step, metrics) dispatched, not read yet
+    last_loss = float("nan")
+
+    def read_pending(keep: int) -> None:
+        nonlocal last_loss
+        while len(pending) > keep:
+            s, m = pending.pop(0)
+            loss = float(m["loss"])  # waits for step s
+            if not math.isfinite(loss):
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {s} (the update from step {s - 1}); stopping. "
+                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+            last_loss = loss
+
     try:
         while step < config.total_steps:
             t0 = time.perf_counter()
@@ -203,13 +221,13 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             batch = shd.shard_batch({k: host[k] for k in BATCH_KEYS}, mesh)
             with shd.use_mesh_and_rules(mesh):
                 state, metrics = step_fn(state, batch)
-            loss = float(metrics["loss"])
             step += 1
-            if not math.isfinite(loss):
-                ckpt.wait()
-                raise FloatingPointError(
-                    f"non-finite loss {loss} at step {step} (the update from step {step - 1}); stopping. "
-                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+            pending.append((step, metrics))
+            log_now = step % config.log_every == 0 or step == config.total_steps
+            eval_now = evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps)
+            stop_now = preempt.should_stop()
+            sync = log_now or eval_now or stop_now or ckpt.should_save(step) or step == config.total_steps
+            read_pending(0 if sync else 1)
             dt = time.perf_counter() - t0
             if step > start + 1:  # the first step compiles
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
@@ -217,18 +235,18 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             sps = config.batch_size * window_n / window_s
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{sps:.0f}", refresh=False)
-            if step % config.log_every == 0 or step == config.total_steps:
-                log.write(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
+                bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}", refresh=False)
+            if log_now:
+                log.write(step, {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
                                  "train/logit_scale": float(metrics["logit_scale"]),
                                  "train/grad_norm": float(metrics["grad_norm"]),
                                  "train/samples_per_sec": sps,
                                  **{f"data/{k}": v for k, v in getattr(data_iter, "stats", {}).items()}})
                 window_s, window_n = 0.0, 0
-            if evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps):
+            if eval_now:
                 run_eval(step)
             ckpt.save(step, state, data_iter, force=step == config.total_steps)
-            if preempt.should_stop():
+            if stop_now:
                 ckpt.save(step, state, data_iter, force=True)
                 result["stopped_early"] = True
                 logger.warning("SIGTERM: saved step %d in %s, exiting", step, ckpt.directory)
