@@ -21,6 +21,13 @@ demo:
 	$(call fresh_venv,demo)
 	build/venv-demo/bin/python -m train --config train/configs/demo.py --workdir build/demo
 
+# The CPU benchmarks with the default allocator, then (where libjemalloc2 is installed) with
+# jemalloc retaining freed memory, the allocator the README recommends for JAX on CPU.
+JEMALLOC ?= /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 bench:
 	$(call fresh_venv,bench)
 	build/venv-bench/bin/python bench/compare_torch.py
+	build/venv-bench/bin/python bench/train_memory.py
+	if [ -f $(JEMALLOC) ]; then LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
+	  build/venv-bench/bin/python bench/compare_torch.py; \
+	else echo "$(JEMALLOC) not found: no jemalloc run (apt-get install libjemalloc2)"; fi

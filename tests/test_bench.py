@@ -47,3 +47,14 @@ def test_device_smoke():
     for program in ("train x2", "image x2", "text x2"):
         assert program in out, out
     assert "%" in out  # an MFU figure from the overridden peak
+
+
+def test_train_memory_tiny():
+    out = run_script("bench/train_memory.py", "--tiny", "--steps", "1", "--batch", "4")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("unrolled:", "scan:"))}
+    assert set(rows) == {"unrolled:none", "unrolled:full", "scan:none", "scan:full", "scan:dots"}, out
+    temp = {k: float(v[0]) for k, v in rows.items()}
+    loss = {k: float(v[3]) for k, v in rows.items()}
+    for layout in ("unrolled", "scan"):  # remat recomputes, it does not change the loss (init differs per layout)
+        assert len({round(v, 4) for k, v in loss.items() if k.startswith(layout)}) == 1, out
+    assert 0 < temp["scan:full"] < temp["scan:dots"] < temp["scan:none"], out
