@@ -288,3 +288,7 @@ def test_remat_with_scan_lowers_the_train_step_memory():
 def test_bad_remat_value_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"remat must be .*'dots', 'full'.*'sometimes'"):
         ccj.ChineseCLIPModel(tiny_config(), remat="sometimes")
+    from chinese_clip_jax.modeling.layers import REMAT_POLICIES, remat_policy
+
+    # what `--config.model.remat=True` / `=False` give on the command line
+    assert remat_policy("True") is REMAT_POLICIES["full"] and remat_policy("false") is None

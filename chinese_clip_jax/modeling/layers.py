@@ -187,8 +187,11 @@ def remat_policy(remat: bool | str | None) -> Callable | None:
     """The ``jax.checkpoint`` policy for a ``remat`` option; None for no rematerialisation.
 
     False / None / "" / "none": off; True or "full": ``nothing_saveable``; "dots": save the
-    projection matmuls' outputs only. Anything else raises ValueError naming the choices.
+    projection matmuls' outputs only. "true" / "false" (any case, as a command line gives them)
+    mean True / False. Anything else raises ValueError naming the choices.
     """
+    if isinstance(remat, str) and remat.lower() in ("true", "false"):
+        remat = remat.lower() == "true"
     if remat is None or remat is False or remat in ("", "none"):
         return None
     if remat is True:

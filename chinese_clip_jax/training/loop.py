@@ -226,7 +226,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             log_now = step % config.log_every == 0 or step == config.total_steps
             eval_now = evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps)
             stop_now = preempt.should_stop()
-            sync = log_now or eval_now or stop_now or ckpt.should_save(step) or step == config.total_steps
+            sync = log_now or eval_now or stop_now or ckpt.should_save(step)  # log_now: also the last step
             read_pending(0 if sync else 1)
             dt = time.perf_counter() - t0
             if step > start + 1:  # the first step compiles
