@@ -117,6 +117,27 @@ def save_reference(cfg, path: str) -> None:
 
 # ------------------------------------------------------------------ the programs, per framework
 
+def jax_train_setup(model, train_inputs: dict, init_params=None):
+    """The JAX train program's parts: ``(step, state, batch, mesh)``. ``make_train_step`` on a
+    1-device mesh (state donated), AdamW (b2 0.98, eps 1e-6, weight decay 0.2), ``train_inputs``
+    (numpy, as ``make_inputs`` gives) placed as int32 ids/mask and f32 pixels; ``init_params``
+    None: random init (seed 0). Call ``step`` inside ``sharding.use_mesh_and_rules(mesh)``."""
+    import jax
+    import ml_collections
+
+    from chinese_clip_jax import sharding as shd
+    from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
+
+    mesh = shd.make_mesh(devices=jax.devices()[:1])
+    opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+    tx, schedule = make_optimizer(opt, total_steps=1000)
+    state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init_params)
+    step = make_train_step(model, tx, schedule, mesh, shardings)
+    batch = shd.shard_batch({k: train_inputs[k].astype("int32") if k != "pixel_values" else train_inputs[k]
+                             for k in ("input_ids", "attention_mask", "pixel_values")}, mesh)
+    return step, state, batch, mesh
+
+
 class JaxPrograms:
     """Builds one program at a time: ``build(name)`` -> zero-arg callable that runs one call to
     completion and returns its output (features) or None (train); the previous program is dropped."""
@@ -130,10 +151,8 @@ class JaxPrograms:
     def build(self, name: str):
         import jax
         import jax.numpy as jnp
-        import ml_collections
 
         from chinese_clip_jax import sharding as shd
-        from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
         model, params = self.model, self.params
         if name == "image":
@@ -144,14 +163,8 @@ class JaxPrograms:
             fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="get_text_features"))
             ids, mask = (jnp.asarray(self.inputs[k], jnp.int32) for k in ("input_ids", "attention_mask"))
             return lambda: fn(params, ids, mask).block_until_ready()
-        mesh = shd.make_mesh(devices=jax.devices()[:1])
-        opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
-        tx, schedule = make_optimizer(opt, total_steps=1000)
-        state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=params)
+        step, state, batch, mesh = jax_train_setup(model, self.train_inputs, init_params=params)
         self.params = params = None  # train is the last program: the state holds the only copy
-        step = make_train_step(model, tx, schedule, mesh, shardings)
-        batch = shd.shard_batch({k: self.train_inputs[k].astype("int32") if k != "pixel_values" else
-                                 self.train_inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}, mesh)
         box = [state]
 
         def train():

@@ -49,45 +49,33 @@ def parse_variant(v: str) -> tuple[bool, str]:
 
 def model_config(args):
     import chinese_clip_jax as ccj
+    from compare_torch import bench_config
 
-    if not args.tiny:
-        return ccj.ChineseCLIPConfig.preset(args.preset)
-    text = ccj.ChineseCLIPTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=32, patch_size=8)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
+    return bench_config(True) if args.tiny else ccj.ChineseCLIPConfig.preset(args.preset)
 
 
 def worker(args) -> None:
     import warnings
 
-    import jax
-    import ml_collections
     import numpy as np
 
     import chinese_clip_jax as ccj
     from chinese_clip_jax import sharding as shd
-    from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
+    from compare_torch import jax_train_setup
 
     warnings.simplefilter("ignore", UserWarning)  # unrolled remat on CPU warns; measuring that is the point
     scan, remat = parse_variant(args.worker)
     cfg = model_config(args)
     model = ccj.ChineseCLIPModel(cfg, scan_layers=scan, remat=remat)
-    mesh = shd.make_mesh(devices=jax.devices()[:1])
-    opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
-    tx, schedule = make_optimizer(opt, total_steps=1000)
-    state, shardings = create_train_state(model, tx, mesh, seed=0)
-    step = make_train_step(model, tx, schedule, mesh, shardings)
     rng = np.random.default_rng(0)
     b, seq, r = args.batch, 52, cfg.vision_config.image_size
     lengths = rng.integers(4, seq + 1, b)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
-    batch = shd.shard_batch({
+    step, state, batch, mesh = jax_train_setup(model, {
         "input_ids": (rng.integers(106, cfg.text_config.vocab_size, (b, seq)) * mask).astype(np.int32),
         "attention_mask": mask,
         "pixel_values": rng.standard_normal((b, 3, r, r)).astype(np.float32),
-    }, mesh)
+    })
     with shd.use_mesh_and_rules(mesh):
         temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
         state, metrics = step(state, batch)
@@ -108,6 +96,7 @@ def worker(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # compare_torch's helpers
     if args.worker:
         return worker(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
