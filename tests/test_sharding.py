@@ -33,25 +33,11 @@ def test_mesh_shape_fills_and_validates():
         shd.mesh_shape(1, 1, 0, num_devices=1)
 
 
-def test_rules_table_is_the_design_one():
-    rules = dict(shd.RULES)
-    assert rules["batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
-    assert rules["mlp"] == "tensor" and rules["heads"] == "tensor"
-
-
 def test_fit_spec_replicates_indivisible_dims():
     mesh = jax.sharding.AbstractMesh((2, 2, 3), shd.MESH_AXES)
     assert shd._fit_spec(P("fsdp", "tensor"), (4, 6), mesh) == P("fsdp", "tensor")
     assert shd._fit_spec(P("fsdp", "tensor"), (4, 4), mesh) == P("fsdp", None)  # 4 % 3 != 0
     assert shd._fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")  # 6 % 4 != 0, 6 % 2 == 0
-
-
-def test_shard_batch_places_a_host_batch():
-    mesh = shd.make_mesh(-1, 1, 1)
-    import numpy as np
-
-    batch = shd.shard_batch({"x": np.arange(6).reshape(3, 2)}, mesh)
-    assert batch["x"].shape == (3, 2)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +73,43 @@ def test_gradcache_accumulation_on_a_sharded_mesh(mesh_run):
     a = mesh_run["accum"]
     assert a["loss_rel_err"] <= 1e-5 and a["grad_rel_err"] <= 1e-5, a
     assert a["key_bias_abs_err"] <= 1e-6 * a["grad_norm"], a
+
+
+@pytest.fixture(scope="module")
+def placement():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_placement.py")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+MESH_222 = [(d, f, t) for d in range(2) for f in range(2) for t in range(2)]
+
+
+def test_shard_batch_places_each_devices_rows(placement):
+    # 8 rows over data x fsdp = 4 shards: device (d, f, t) holds rows 2*(2d+f), +1; tensor replicas agree.
+    for d, f, t in MESH_222:
+        first = 2 * (2 * d + f)
+        assert placement["batch_rows"][str((d, f, t))] == [first, first + 1], (d, f, t)
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("word_embeddings", (("tensor", 64), ("fsdp", 16))),   # (vocab, embed) -> (tensor, fsdp)
+    ("mlp_in", (("fsdp", 16), ("tensor", 32))),            # (embed, mlp) -> (fsdp, tensor)
+    ("query", (("fsdp", 16), ("tensor", 4), (None, 4))),   # (embed, heads, kv) -> (fsdp, tensor, -)
+    ("layer_norm", ((None, 16),)),                        # (norm,) -> replicated
+])
+def test_rules_place_each_param_dim_on_its_mesh_axis(placement, name, rule):
+    """Each device's slice of a param, read from the array, follows the logical -> mesh table: a dim
+    mapped to mesh axis A is cut in two (each axis has size 2) at the device's coordinate along A."""
+    axis_index = {"data": 0, "fsdp": 1, "tensor": 2}
+    p = placement["params"][name]
+    assert p["global"] == [size for _, size in rule]
+    for coord in MESH_222:
+        expect_shape = [size // 2 if axis else size for axis, size in rule]
+        expect_start = [coord[axis_index[axis]] * size // 2 if axis else 0 for axis, size in rule]
+        assert p["shape"][str(coord)] == expect_shape, (name, coord)
+        assert p["start"][str(coord)] == expect_start, (name, coord)

@@ -134,7 +134,7 @@ def reference_run(tmp_path_factory):
     config = tiny_train_config(8, export_hf=True)
     result = train(config, workdir, data_iter=make_iterator(config), progress=False)
     assert result["step"] == 8 and result["export_dir"] == os.path.join(workdir, "hf")
-    return {"losses": _losses(workdir), "export_dir": result["export_dir"]}
+    return {"losses": _losses(workdir), "export_dir": result["export_dir"], "workdir": workdir}
 
 
 def test_init_from_a_converted_checkpoint(reference_run, tmp_path):
@@ -154,8 +154,24 @@ def test_init_from_a_converted_checkpoint(reference_run, tmp_path):
 
 
 def test_metrics_file_has_the_documented_keys(reference_run, tmp_path):
-    assert sorted(reference_run["losses"]) == list(range(1, 9))
-    assert all(math.isfinite(v) for v in reference_run["losses"].values())
+    """Every step logs the keys the README documents, with values that mean what it says: the lr of
+    that step's update (warmup 2 steps to 3e-3, then cosine to 0 at step 8, by hand), a clamped
+    logit scale, a finite positive gradient norm and throughput, the data counters."""
+    with open(os.path.join(reference_run["workdir"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train_lines = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, 9))
+    documented = {"step", "train/loss", "train/lr", "train/logit_scale", "train/grad_norm",
+                  "train/samples_per_sec", "data/skipped", "data/skipped_at_index", "data/samples"}
+    for r in train_lines:
+        assert set(r) == documented, sorted(set(r) ^ documented)
+        k = r["step"] - 1  # the update of step s uses the schedule at s - 1
+        lr = 3e-3 * k / 2 if k < 2 else 3e-3 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))
+        assert r["train/lr"] == pytest.approx(lr, rel=1e-5, abs=1e-9), r["step"]
+        assert 0.0 <= r["train/logit_scale"] <= math.log(100) + 1e-6
+        assert math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 and r["train/samples_per_sec"] > 0
+        assert r["data/skipped"] == 0 and r["data/skipped_at_index"] == 0
+        assert r["data/samples"] >= 16 * r["step"]  # yielded so far (prefetching runs ahead)
 
 
 def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
