@@ -1,31 +1,52 @@
-# Each target builds a fresh virtual environment (build/venv-<target>), installs the pinned
-# dependencies (requirements.lock) and runs. torch==2.13.0 is installed first: it is the CPU
-# build, and any other version would pull gigabytes of CUDA wheels.
+# `make test` / `make demo` / `make bench` each build a fresh virtual environment (build/venv-<target>)
+# from the pinned versions (requirements.lock). torch==2.13.0 is installed first: it is the CPU build,
+# any other version would pull gigabytes of CUDA wheels. For day-to-day work, `make install` keeps one
+# venv (.venv) and only reinstalls when pyproject.toml or requirements.lock change; `make test-fast`
+# runs the suite in it without the full-size (slow) tests; `make lint` is ruff, as CI runs it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PIP_FLAGS ?= -q --disable-pip-version-check
+VENV ?= .venv
 
-define fresh_venv
-	rm -rf build/venv-$(1)
-	$(PYTHON) -m venv build/venv-$(1)
-	build/venv-$(1)/bin/pip install $(PIP_FLAGS) torch==2.13.0
-	build/venv-$(1)/bin/pip install $(PIP_FLAGS) -c requirements.lock -e ".[test]"
-	build/venv-$(1)/bin/pip install $(PIP_FLAGS) --no-deps cn-clip==1.6.0
+# $(1): venv dir; $(2): extras ("[test]" or ""); $(3): "torch" to install the CPU torch and cn_clip
+define install_into
+	$(PYTHON) -m venv $(1)
+	$(if $(3),$(1)/bin/pip install $(PIP_FLAGS) torch==2.13.0)
+	$(1)/bin/pip install $(PIP_FLAGS) -c requirements.lock -e ".$(2)"
+	$(if $(3),$(1)/bin/pip install $(PIP_FLAGS) --no-deps cn-clip==1.6.0)
 endef
 
-.PHONY: test demo bench
+.PHONY: test test-fast lint install demo bench
 test:
-	$(call fresh_venv,test)
+	rm -rf build/venv-test
+	$(call install_into,build/venv-test,[test],torch)
+	build/venv-test/bin/ruff check .
+	build/venv-test/bin/ruff format --check .
 	build/venv-test/bin/python -m pytest -q tests
 
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(call install_into,$(VENV),[test],torch)
+	touch $@
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The demo needs neither torch nor the test tools.
 demo:
-	$(call fresh_venv,demo)
+	rm -rf build/venv-demo
+	$(call install_into,build/venv-demo,,)
 	build/venv-demo/bin/python -m train --config train/configs/demo.py --workdir build/demo
 
 # The CPU benchmarks with the default allocator, then (where libjemalloc2 is installed) with
 # jemalloc retaining freed memory, the allocator the README recommends for JAX on CPU.
 JEMALLOC ?= /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 bench:
-	$(call fresh_venv,bench)
+	rm -rf build/venv-bench
+	$(call install_into,build/venv-bench,[test],torch)
 	build/venv-bench/bin/python bench/compare_torch.py
 	build/venv-bench/bin/python bench/train_memory.py
 	if [ -f $(JEMALLOC) ]; then LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
