@@ -26,7 +26,7 @@ from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
-from .evaluate import Evaluator
+from .evaluator import Evaluator
 from .optim import make_optimizer
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
@@ -174,7 +174,8 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             from .. import data
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
-        evaluator = Evaluator(model, mesh, shardings.params, eval_sets) if eval_sets else None
+        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode=config.eval_resize_mode,
+                               progress=progress and jax.process_index() == 0) if eval_sets else None)
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
                               accum_steps=config.accum_steps, freeze=freeze)
