@@ -65,6 +65,10 @@ class TsvImages:
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._index
 
+    def ids(self) -> list[str]:
+        """Every image id, in file order."""
+        return list(self._index)
+
     def __getitem__(self, image_id) -> tuple[str, str]:
         offset, length, line_no = self._index[str(image_id)]
         line = os.pread(self._fd, length, offset)
@@ -102,6 +106,12 @@ class LmdbImages:
     def __contains__(self, image_id) -> bool:
         with self._env.begin() as txn:
             return txn.get(str(image_id).encode()) is not None
+
+    def ids(self) -> list[str]:
+        """Every image id, in key order (cn_clip's count key b"num_images" left out)."""
+        with self._env.begin() as txn:
+            return [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)
+                    if bytes(k) != b"num_images"]
 
     def __getitem__(self, image_id) -> tuple[str, str]:
         with self._env.begin() as txn:
