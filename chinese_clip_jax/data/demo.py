@@ -32,6 +32,7 @@ __all__ = [
     "UNSEEN_COMBOS",
     "TRAIN_COMBOS",
     "CLASS_PROMPTS",
+    "METRIC_LABELS",
     "DemoSource",
     "render",
     "eval_images",
@@ -80,6 +81,15 @@ _CAPTIONS = (
 # Phrasings that name all three attributes (used for retrieval, whose positives are exact matches).
 _FULL_CAPTIONS = _CAPTIONS[:3]
 CLASS_PROMPTS = ("一个{color}的{shape}", "{color}的{shape}", "一张{color}{shape}的照片")
+
+# Wording of the demo's eval metrics in the end-of-run report (training.report), in table order.
+METRIC_LABELS = {
+    "zeroshot/top1": "zero-shot top-1, held-out images",
+    "zeroshot_unseen/top1": "zero-shot top-1, unseen colour-shape combinations",
+    "retrieval/t2i_R@1": "text->image R@1",
+    "retrieval/i2t_R@1": "image->text R@1",
+    "retrieval/mean_recall": "retrieval mean recall (R@1/5/10, both ways)",
+}
 
 _SPLITS = {"train": 0, "zeroshot": 1, "zeroshot_unseen": 2, "retrieval": 3}
 

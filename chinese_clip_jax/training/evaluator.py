@@ -30,7 +30,7 @@ class Evaluator:
     "zeroshot_unseen"), ``{set}/t2i_R@k``, ``{set}/i2t_R@k``, ``{set}/mean_recall`` for
     "retrieval". ``chance()`` gives the same keys at chance level. resize_mode: "crop"
     (shortest edge + center crop, as training) or "squash" (cn_clip's evaluation transform).
-    ``predictions(params, name)`` gives a zero-shot set's predicted class per image.
+    ``predictions[set]``: each zero-shot set's top-1 class per image at the last call.
     """
 
     def __init__(self, model, mesh: Mesh, param_shardings: Any, eval_sets: dict, chunk: int = 256,
@@ -43,6 +43,7 @@ class Evaluator:
         self.mesh = mesh
         self.progress = progress
         self.encoder = Encoder(model, None, mesh, param_shardings=param_shardings, batch_size=chunk)
+        self.predictions: dict[str, np.ndarray] = {}  # zero-shot set -> top-1 class per image, last call
         size = model.config.vision_config.image_size
         self._decode = ImageDecoder(size, resize_mode="squash" if resize_mode == "squash" else "processor")
 
@@ -82,6 +83,7 @@ class Evaluator:
                 classes = self.class_embeddings(params, s["class_texts"], encode)
                 images = self.embed_images(params, s)
                 acc = M.zero_shot_accuracy(images, classes, np.asarray(s["labels"]), topk=(1, 5))
+                self.predictions[name] = M.topk_indices(images, classes, 1)[:, 0]
                 metrics.update({f"{name}/{k}": float(v) for k, v in acc.items()})
             elif "text_to_images" in s:
                 texts = self.embed_texts(params, s["input_ids"], s["attention_mask"])
