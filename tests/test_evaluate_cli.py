@@ -373,3 +373,50 @@ def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path):
     pixel_bytes = n * 3 * big * big * 4
     peak = last["maxrss_kb"] * 1024
     assert peak < pixel_bytes / 3, (peak / 2**20, pixel_bytes / 2**20)
+
+
+def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_split, tmp_path, capsys):
+    """One record per (caption, image) pair with features image/text/image_id/text_id."""
+    import tensorflow_datasets as tfds
+
+    src, _ = model
+    root, images, captions = cn_clip_split
+    pairs = [(c, iid) for c in captions for iid in c["image_ids"]]
+
+    class TinyRetrieval(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)), "text": tfds.features.Text(),
+                "image_id": np.int64, "text_id": np.int64}))
+
+        def _split_generators(self, dl_manager):
+            return {"valid": self._generate_examples()}
+
+        def _generate_examples(self):
+            for n, (c, iid) in enumerate(pairs):
+                yield n, {"image": io.BytesIO(images[iid]), "text": c["text"], "image_id": iid,
+                          "text_id": c["text_id"]}
+
+    builder = TinyRetrieval(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    capsys.readouterr()
+    code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(tmp_path / "tfds"),
+                                 "--features-dir", str(tmp_path / "f")], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["layout"] == "tfds" and res["num_texts"] == len(captions)
+    # the same split in cn_clip's layout: the images the pairs name, in the pool order TFDS gave
+    pool = np.load(tmp_path / "f" / "image_ids.npy").tolist()
+    assert sorted(pool) == sorted({i for c in captions for i in c["image_ids"]})
+    tsv = tmp_path / "tsv"
+    tsv.mkdir()
+    with open(tsv / "valid_imgs.tsv", "w") as f:
+        for iid in pool:
+            f.write(f"{iid}\t{base64.urlsafe_b64encode(images[iid]).decode()}\n")
+    (tsv / "valid_texts.jsonl").write_text((root / "valid_texts.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(tsv)], capsys)
+    assert code == 0, err
+    keys = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["mean_recall", "num_images"]
+    assert {k: res[k] for k in keys} == {k: json.loads(stdout)[k] for k in keys}
