@@ -5,44 +5,32 @@
     image = clip.encode_image(["cat.jpg", pil_image, uint8_array])
     probs = clip.zero_shot(images, ["猫", "狗"])                 # (N_images, N_labels)
 
-Batches are padded (by repeating the last item) to one of a few fixed sizes, `batch_size` and
-its quarters down to one row per device, so any number of inputs reuses at most
-`len(clip.bucket_sizes)` compiled functions per tower. With several local devices the batch
-axis is sharded over a 1-D mesh of them and the params are replicated.
+Embedding goes through ``encoding.Encoder`` (jitted, bucketed padding, the batch axis sharded
+over a ``sharding.make_mesh`` mesh of the given local devices, params replicated).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .modeling import ChineseCLIPModel, l2_normalize
+from . import encoding
+from . import sharding as shd
+from .encoding import PROGRESS_MIN_BATCHES  # noqa: F401 - re-exported (was defined here)
+from .modeling import ChineseCLIPModel
 from .processing import ChineseCLIPProcessor, ImageSettings
 from .templates import CHINESE_TEMPLATES, fill
 
-PROGRESS_MIN_BATCHES = 4  # a progress bar is shown (progress=None) from this many batches on
-
 
 def bucket_sizes(batch_size: int, num_devices: int = 1) -> tuple[int, ...]:
-    """The padded batch sizes used: batch_size, batch_size/4, ... down to num_devices (ascending).
-
-    batch_size is first rounded up to a multiple of num_devices; every bucket is one too.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    top = -(-batch_size // num_devices) * num_devices
-    sizes = {top}
-    b = top
-    while b > num_devices:
-        b = max(num_devices, -(-(b // 4) // num_devices) * num_devices)
-        sizes.add(b)
-    return tuple(sorted(sizes))
+    """The padded batch sizes used (``encoding.bucket_sizes``): batch_size, its quarters, ...
+    down to num_devices (ascending), each a multiple of num_devices."""
+    return encoding.bucket_sizes(batch_size, num_devices)
 
 
 class ChineseCLIP:
@@ -57,8 +45,6 @@ class ChineseCLIP:
     def __init__(self, model: ChineseCLIPModel, params: Any, processor: ChineseCLIPProcessor | None = None,
                  *, devices: Sequence[jax.Device] | None = None, text_batch_size: int = 64,
                  image_batch_size: int = 32):
-        import flax.linen as nn
-
         self.model = model
         self.config = model.config
         r = self.config.vision_config.image_size
@@ -73,27 +59,14 @@ class ChineseCLIP:
                              f"{self.config.text_config.vocab_size}")
         self.processor = processor
         self.devices = list(devices) if devices is not None else jax.local_devices()
-        self.mesh = Mesh(np.array(self.devices), ("batch",))
-        self._batch_sharding = NamedSharding(self.mesh, P("batch"))
-        replicated = NamedSharding(self.mesh, P())
-        self.params = jax.device_put(nn.unbox(params), replicated)
+        self.mesh = shd.make_mesh(devices=self.devices)
+        self.encoder = encoding.Encoder(model, params, self.mesh)
+        self.params = self.encoder.params
         self.text_batch_size = text_batch_size
         self.image_batch_size = image_batch_size
-        self.trace_counts = {"text": 0, "image": 0}  # how often each tower was traced (= compiled)
-
-        def text_fn(params, input_ids, attention_mask, token_type_ids):
-            self.trace_counts["text"] += 1
-            feats = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
-                                method="get_text_features")
-            return l2_normalize(feats)
-
-        def image_fn(params, pixel_values):
-            self.trace_counts["image"] += 1
-            return l2_normalize(model.apply({"params": params}, pixel_values, method="get_image_features"))
-
-        b = self._batch_sharding
-        self._text_fn = jax.jit(text_fn, in_shardings=(replicated, b, b, b), out_shardings=b)
-        self._image_fn = jax.jit(image_fn, in_shardings=(replicated, b), out_shardings=b)
+        self.trace_counts = self.encoder.trace_counts  # how often each tower was traced (= compiled)
+        self._text_fn = self.encoder._text_fn
+        self._image_fn = self.encoder._image_fn
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, dtype: Any = jnp.float32, *,
@@ -120,40 +93,32 @@ class ChineseCLIP:
         return float(jnp.exp(self.params["logit_scale"]))
 
     def bucket_sizes(self, batch_size: int) -> tuple[int, ...]:
-        return bucket_sizes(batch_size, len(self.devices))
+        return self.encoder.bucket_sizes(batch_size)
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
                     progress: bool | None = None) -> np.ndarray:
         """texts -> (N, projection_dim) float32, L2-normalized (context length of the processor)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        tokenize = self.processor.tokenize
-
-        def run(chunk, padded_size):
-            enc = tokenize(chunk)
-            arrays = [_pad_rows(enc[k], padded_size) for k in ("input_ids", "attention_mask", "token_type_ids")]
-            return self._text_fn(self.params, *arrays)
-
-        return self._batched(texts, batch_size or self.text_batch_size, run, progress, "texts")
+        if not texts:
+            return np.zeros((0, self.config.projection_dim), np.float32)
+        enc = self.processor.tokenize(texts)
+        return self.encoder.encode_text(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
+                                        batch_size=batch_size or self.text_batch_size, progress=progress)
 
     def encode_image(self, images: Sequence[Any] | Any, batch_size: int | None = None,
                      progress: bool | None = None) -> np.ndarray:
         """Images (PIL images, uint8 arrays, paths) -> (N, projection_dim) float32, L2-normalized.
 
-        images: one image, a sequence or iterable of them, or a uint8 (N, H, W, C) array.
-        An unreadable image raises processing.ImageLoadError naming it and the reason.
+        images: one image, a sequence of them, or a uint8 (N, H, W, C) array; decoded batch by
+        batch. An unreadable image raises processing.ImageLoadError naming it and the reason.
         """
         if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
                 isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
-        offset = 0
-
-        def run(chunk, padded_size):
-            nonlocal offset
-            pixels = self.processor.preprocess_images(chunk, start_index=offset)
-            offset += len(chunk)
-            return self._image_fn(self.params, _pad_rows(pixels, padded_size))
-
-        return self._batched(list(images), batch_size or self.image_batch_size, run, progress, "images")
+        if not isinstance(images, (list, tuple, np.ndarray)):
+            images = list(images)
+        return self.encoder.encode_images(images, self.processor.preprocess_images,
+                                          batch_size=batch_size or self.image_batch_size, progress=progress)
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None,
                          batch_size: int | None = None) -> np.ndarray:
@@ -162,9 +127,9 @@ class ChineseCLIP:
         templates = list(CHINESE_TEMPLATES if templates is None else templates)
         if not labels or not templates:
             raise ValueError("zero-shot needs at least one label and one template")
-        prompts = [fill(t, str(label)) for label in labels for t in templates]
-        emb = self.encode_text(prompts, batch_size).reshape(len(labels), len(templates), -1).mean(axis=1)
-        return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+        prompts = [[fill(t, str(label)) for t in templates] for label in labels]
+        return self.encoder.class_embeddings(prompts, self.processor.tokenize,
+                                             batch_size=batch_size or self.text_batch_size)
 
     def zero_shot(self, images, labels: Sequence[str], templates: Sequence[str] | None = None,
                   batch_size: int | None = None) -> np.ndarray:
@@ -178,33 +143,6 @@ class ChineseCLIP:
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-    def _batched(self, items: list, batch_size: int, run: Callable, progress: bool | None,
-                 unit: str) -> np.ndarray:
-        if not items:
-            return np.zeros((0, self.config.projection_dim), np.float32)
-        sizes = self.bucket_sizes(batch_size)
-        step = sizes[-1]
-        starts = range(0, len(items), step)
-        show = len(starts) >= PROGRESS_MIN_BATCHES if progress is None else progress
-        if show:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, total=len(starts), unit="batch", desc=f"encoding {len(items)} {unit}")
-        outputs = []
-        for s in starts:
-            chunk = items[s:s + step]
-            padded = next(b for b in sizes if b >= len(chunk))
-            # dispatch is asynchronous: the host prepares the next batch while the device runs
-            outputs.append((run(chunk, padded), len(chunk)))
-        return np.concatenate([np.asarray(out)[:n] for out, n in outputs])
-
-
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads axis 0 to `size` by repeating the last row (padding rows are valid inputs)."""
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
 def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:

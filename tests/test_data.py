@@ -199,7 +199,7 @@ def test_demo_eval_sets():
     n_classes = len(demo.CLASS_NAMES)
     for name, combos in (("zeroshot", demo.TRAIN_COMBOS), ("zeroshot_unseen", demo.UNSEEN_COMBOS)):
         z = sets[name]
-        assert z["pixel_values"].shape == (2 * len(combos), 3, S, S)
+        assert len(z["images"]) == 2 * len(combos) and z["images"][0].shape == (S, S, 3)
         assert z["labels"].shape == (2 * len(combos),) and z["labels"].max() < n_classes
         assert len(z["class_names"]) == len(z["class_texts"]) == n_classes
         assert {int(x) for x in z["labels"]} == {demo.class_label(c, s) for c, s in combos}
@@ -208,9 +208,13 @@ def test_demo_eval_sets():
     # held-out images are fresh: none equals a training image
     train = demo.DemoSource(image_size=S, num_train=200, seed=0)
     train_bytes = {ImageDecoder(S)(train[i]["image"]).tobytes() for i in range(200)}
-    assert not any(p.tobytes() in train_bytes for p in sets["zeroshot"]["pixel_values"])
+    zs = sets["zeroshot"]["images"]
+    assert not any(ImageDecoder(S)(zs[i]).tobytes() in train_bytes for i in range(len(zs)))
+    # the lazy images are those eval_images draws at once
+    np.testing.assert_array_equal(np.stack([zs[i] for i in range(len(zs))]),
+                                  demo.eval_images("zeroshot", image_size=S, count=len(zs))[0])
     r = sets["retrieval"]
-    assert r["pixel_values"].shape == (24, 3, S, S) and r["input_ids"].shape == (24, 52)
+    assert len(r["images"]) == 24 and r["input_ids"].shape == (24, 52)
     for t, positives in enumerate(r["text_to_images"]):
         assert t in positives
         assert all(0 <= i < 24 for i in positives)
@@ -287,8 +291,8 @@ def test_cn_clip_eval_retrieval(cn_clip_dir):
     r = eval_sets(_cn_clip_cfg(root), image_size=S)["retrieval"]
     assert r["texts"] == ["两张图", "第一张"]
     assert r["text_to_images"] == [[0, 1], [0]]
-    assert r["pixel_values"].shape == (2, 3, S, S) and r["input_ids"].shape == (2, 52)
-    np.testing.assert_array_equal(r["pixel_values"][1], ImageDecoder(S)(cn_clip_dir[2][1]))
+    assert len(r["images"]) == 2 and r["input_ids"].shape == (2, 52)
+    np.testing.assert_array_equal(ImageDecoder(S)(r["images"][1]), ImageDecoder(S)(cn_clip_dir[2][1]))
 
 
 def test_cn_clip_lmdb_build_gives_the_same_samples(cn_clip_dir):

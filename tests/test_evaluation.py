@@ -127,3 +127,36 @@ def test_load_retrieval_jsonl(tmp_path):
     path.write_text('{"text_id": 1}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="valid_texts.jsonl:1"):
         load_retrieval_jsonl(path)
+
+
+def _exact_scores(a, b):
+    """float64 products summed pair by pair (not a matrix product, which can itself score a copy
+    apart from its original): exact copies get exactly equal scores."""
+    return (a.astype(np.float64)[:, None, :] * b.astype(np.float64)[None]).sum(axis=-1)
+
+
+@pytest.mark.parametrize("block_size", [7, 64, 2048])
+def test_exact_duplicates_score_identically_and_the_lower_index_wins(block_size):
+    """768-d vectors with exact copies scattered among the candidates and the queries. Blocked
+    float32 matrix products score such copies 1-2 ulp apart here (scoring every block directly
+    misranks 7 of these 200 queries at block_size 7, 4 at 64); every copy must tie its original,
+    so the lower index ranks first, as cn_clip's stable sort does."""
+    from chinese_clip_jax.metrics import topk_indices
+
+    n, d = 394, 768
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((n, d)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    images[rng.integers(0, n, 30)] = images[rng.integers(0, n, 30)]
+    texts = images[rng.integers(0, n, 200)]
+    texts[100:] = rng.standard_normal((100, d)).astype(np.float32)
+    texts[150:160] = texts[0]  # duplicate queries
+    top = topk_indices(texts, images, 10, block_size)
+    ref = np.argsort(-_exact_scores(texts, images), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(top, ref)
+    np.testing.assert_array_equal(top[150:160], np.repeat(top[:1], 10, axis=0))
+    text_to_images = [[int(j)] for j in rng.integers(0, n, len(texts))]
+    m = retrieval_metrics(texts, images, text_to_images, block_size=block_size)
+    for k in (1, 5, 10):
+        assert m[f"t2i_R@{k}"] == pytest.approx(np.mean([ref[q, :k].tolist().count(p[0]) > 0
+                                                         for q, p in enumerate(text_to_images)]))

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import optax
 import pytest
 
@@ -245,6 +246,10 @@ def test_short_demo_run_lands_far_above_chance(tmp_path):
     assert chance["zeroshot/top1"] == pytest.approx(1 / 30)
     assert last["zeroshot/top1"] >= 5 * chance["zeroshot/top1"], last
     assert last["retrieval/mean_recall"] >= 2 * chance["retrieval/mean_recall"], last
+    # the picture: curves above held-out predictions, also in TensorBoard
+    assert result["figure"] == str(tmp_path / "demo" / "demo.png")
+    with PIL.Image.open(result["figure"]) as im:
+        assert im.mode == "RGB" and im.width > 600 and im.height > 400
 
 
 def test_remat_and_scan_give_the_same_gradient_and_bf16_is_close():

@@ -14,10 +14,9 @@
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 from . import demo
-from .pipeline import TextEncoder, TrainIterator, build_train_iterator, normalize_pixels
+from .pipeline import TrainIterator, build_train_iterator
 
 __all__ = ["train_iterator", "eval_sets", "default_data_config", "TrainIterator", "SOURCES"]
 
@@ -85,35 +84,17 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, image_size: i
         prefetch_buffer_size=data_cfg.prefetch_buffer_size, name=f"data[{data_cfg.name}]")
 
 
-def _demo_eval_sets(c, image_size: int, context_length: int) -> dict:
-    classes = {"class_names": list(demo.CLASS_NAMES), "class_texts": demo.class_prompts()}
-    out = {}
-    for split, combos in (("zeroshot", demo.TRAIN_COMBOS), ("zeroshot_unseen", demo.UNSEEN_COMBOS)):
-        images, attrs, _ = demo.eval_images(split, image_size=image_size,
-                                            count=c.eval_per_class * len(combos), seed=c.demo_seed)
-        labels = np.asarray([demo.class_label(col, shp) for col, shp, _ in attrs], np.int32)
-        out[split] = {"pixel_values": normalize_pixels(images), "labels": labels, **classes}
-    images, attrs, captions = demo.eval_images("retrieval", image_size=image_size,
-                                               count=c.num_retrieval, seed=c.demo_seed)
-    # a caption names colour, shape and position: every image with those three is a positive
-    positives = [np.flatnonzero((attrs == a).all(axis=1)).tolist() for a in attrs]
-    out["retrieval"] = {"pixel_values": normalize_pixels(images), **TextEncoder(context_length)(captions),
-                        "texts": captions, "text_to_images": positives}
-    return out
-
-
 def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:
-    """Named eval sets (the same on every process).
+    """Named eval sets (the same on every process), images held lazily as ``images`` (a
+    random-access sequence of raw images that the evaluator decodes batch by batch).
 
-    demo: "zeroshot" / "zeroshot_unseen": {"pixel_values" float32 (n, 3, s, s), "labels" int32 (n,)
-    indexing "class_names" (all 30 colour-shape classes, chance 1/30), "class_texts" (prompts per
-    class)}, on fresh images of seen / never-trained combinations; "retrieval": {"pixel_values",
-    "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images" (positives per text)}.
-    cn_clip / webdataset: "retrieval" only, from the eval split / eval shards ({} if none given).
+    demo: see ``demo.eval_sets`` ("zeroshot", "zeroshot_unseen", "retrieval").
+    cn_clip / webdataset: "retrieval" only, from the eval split / eval shards ({} if none given):
+    {"images", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}.
     """
     name = data_cfg.name
     if name == "demo":
-        return _demo_eval_sets(data_cfg.demo, image_size, context_length)
+        return demo.eval_sets(data_cfg.demo, image_size=image_size, context_length=context_length)
     if name == "cn_clip":
         from . import cn_clip
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import ImageDecoder, TextEncoder
+from .pipeline import TextEncoder
 
-__all__ = ["TsvImages", "LmdbImages", "PairSource", "open_source", "eval_sets"]
+__all__ = ["TsvImages", "LmdbImages", "PairSource", "ImagesById", "open_source", "eval_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class TsvImages:
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._index
+
+    def ids(self) -> list[str]:
+        """Every image id, in file order."""
+        return list(self._index)
 
     def __getitem__(self, image_id) -> tuple[str, str]:
         offset, length, line_no = self._index[str(image_id)]
@@ -102,6 +106,12 @@ class LmdbImages:
     def __contains__(self, image_id) -> bool:
         with self._env.begin() as txn:
             return txn.get(str(image_id).encode()) is not None
+
+    def ids(self) -> list[str]:
+        """Every image id, in key order (cn_clip's count key b"num_images" left out)."""
+        with self._env.begin() as txn:
+            return [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)
+                    if bytes(k) != b"num_images"]
 
     def __getitem__(self, image_id) -> tuple[str, str]:
         with self._env.begin() as txn:
@@ -211,27 +221,51 @@ def open_source(c, split: str) -> PairSource:
     return PairSource(images, pairs, skipped[0])
 
 
+class ImagesById:
+    """A lazy image list: ``seq[i]`` -> the base64 image ``ids[i]`` read from ``images`` on demand."""
+
+    def __init__(self, images, ids: list[str]):
+        self.images, self.ids = images, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> str:
+        return self.images[self.ids[i]][0]
+
+
+def _check_image(b64: str) -> None:
+    """Raises if the base64 text is not an image PIL can identify (cheap: no full decode)."""
+    import base64
+
+    import PIL.Image
+
+    with PIL.Image.open(io.BytesIO(base64.urlsafe_b64decode(b64))) as im:
+        im.verify()
+
+
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """{"retrieval": ...} over the first ``eval_max_texts`` captions of ``eval_split``.
 
-    pixel_values float32 (n_images, 3, s, s) for every image those captions name (undecodable
-    ones dropped with a warning), input_ids/attention_mask int32 (n_texts, L), texts, and
-    text_to_images: indices of each caption's images. Captions left with no image are dropped.
+    images: a lazy ``ImagesById`` of every image those captions name (decoded batch by batch at
+    evaluation; images PIL cannot identify dropped with a warning), input_ids/attention_mask
+    int32 (n_texts, L), texts, and text_to_images: indices of each caption's images. Captions
+    left with no image are dropped. ``image_size`` is unused (the evaluator decodes).
     """
+    del image_size
     if not c.eval_split:
         return {}
     images, _, captions, skipped = _open(c, c.eval_split)
-    decode = ImageDecoder(image_size)
     slot: dict[str, int] = {}
-    pixels, texts, positives = [], [], []
-    for text, ids in captions[: c.eval_max_texts]:
+    ids, texts, positives = [], [], []
+    for text, image_ids in captions[: c.eval_max_texts]:
         mine = []
-        for image_id in map(str, ids):
+        for image_id in map(str, image_ids):
             if image_id not in slot:
                 try:
-                    b64, _ = images[image_id]
-                    pixels.append(decode(b64))
-                    slot[image_id] = len(pixels) - 1
+                    _check_image(images[image_id][0])
+                    ids.append(image_id)
+                    slot[image_id] = len(ids) - 1
                 except Exception as e:  # noqa: BLE001 - a broken eval image is dropped, not fatal
                     slot[image_id] = -1
                     _skip(skipped, f"eval image {image_id}", f"{type(e).__name__}: {e}")
@@ -242,5 +276,5 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             positives.append(mine)
     if not texts:
         raise ValueError(f"cn_clip: split {c.eval_split!r} under {c.root} gave no usable eval pairs")
-    return {"retrieval": {"pixel_values": np.stack(pixels), **TextEncoder(context_length)(texts),
+    return {"retrieval": {"images": ImagesById(images, ids), **TextEncoder(context_length)(texts),
                           "texts": texts, "text_to_images": positives}}

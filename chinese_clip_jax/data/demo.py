@@ -28,12 +28,17 @@ __all__ = [
     "SHAPES",
     "POSITIONS",
     "CLASS_NAMES",
+    "CLASS_NAMES_EN",
     "UNSEEN_COMBOS",
     "TRAIN_COMBOS",
     "CLASS_PROMPTS",
+    "METRIC_LABELS",
     "DemoSource",
     "render",
     "eval_images",
+    "eval_attributes",
+    "EvalImages",
+    "eval_sets",
 ]
 
 # name -> RGB in [0, 255]
@@ -61,6 +66,10 @@ ALL_COMBOS = tuple(itertools.product(range(len(COLORS)), range(len(SHAPES))))
 TRAIN_COMBOS = tuple(combo for combo in ALL_COMBOS if combo not in UNSEEN_COMBOS)
 # Zero-shot classes are all 30 colour-shape combinations (chance 1/30), in ALL_COMBOS order.
 CLASS_NAMES = tuple(f"{_COLOR_NAMES[c]}{SHAPES[s]}" for c, s in ALL_COMBOS)
+# English names, for pictures drawn where no CJK font is installed
+_COLORS_EN = ("red", "orange", "yellow", "green", "blue", "purple")
+_SHAPES_EN = ("circle", "square", "triangle", "cross", "star")
+CLASS_NAMES_EN = tuple(f"{_COLORS_EN[c]} {_SHAPES_EN[s]}" for c, s in ALL_COMBOS)
 
 _CAPTIONS = (
     "{pos}有一个{color}的{shape}",
@@ -72,6 +81,15 @@ _CAPTIONS = (
 # Phrasings that name all three attributes (used for retrieval, whose positives are exact matches).
 _FULL_CAPTIONS = _CAPTIONS[:3]
 CLASS_PROMPTS = ("一个{color}的{shape}", "{color}的{shape}", "一张{color}{shape}的照片")
+
+# Wording of the demo's eval metrics in the end-of-run report (training.report), in table order.
+METRIC_LABELS = {
+    "zeroshot/top1": "zero-shot top-1, held-out images",
+    "zeroshot_unseen/top1": "zero-shot top-1, unseen colour-shape combinations",
+    "retrieval/t2i_R@1": "text->image R@1",
+    "retrieval/i2t_R@1": "image->text R@1",
+    "retrieval/mean_recall": "retrieval mean recall (R@1/5/10, both ways)",
+}
 
 _SPLITS = {"train": 0, "zeroshot": 1, "zeroshot_unseen": 2, "retrieval": 3}
 
@@ -155,6 +173,41 @@ class DemoSource:
         return {"image": image, "text": _caption(template, color, shape, position), "where": f"demo[{index}]"}
 
 
+def _eval_draw(split: str, i: int, seed: int):
+    """(colour, shape, position, caption, rng) of held-out image i; rendering continues with rng."""
+    rng = _rng(seed, split, i)
+    combos = UNSEEN_COMBOS if split == "zeroshot_unseen" else TRAIN_COMBOS
+    if split == "retrieval":
+        color, shape = combos[rng.integers(len(combos))]
+    else:
+        color, shape = combos[i % len(combos)]
+    position = int(rng.integers(len(POSITIONS)))
+    template = _FULL_CAPTIONS[rng.integers(len(_FULL_CAPTIONS))]
+    return color, shape, position, _caption(template, color, shape, position), rng
+
+
+class EvalImages:
+    """Held-out images of one eval split, drawn on demand: ``seq[i]`` -> uint8 (s, s, 3)."""
+
+    def __init__(self, split: str, *, image_size: int, count: int, seed: int = 0):
+        self.split, self.image_size, self.count, self.seed = split, int(image_size), int(count), int(seed)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.count:
+            raise IndexError(f"demo {self.split}: index {i} out of range [0, {self.count})")
+        color, shape, position, _, rng = _eval_draw(self.split, i, self.seed)
+        return render(self.image_size, color, shape, position, rng)
+
+
+def eval_attributes(split: str, count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """(attributes int (count, 3) as (colour, shape, position), one full-attribute caption per image)."""
+    draws = [_eval_draw(split, i, seed)[:4] for i in range(count)]
+    return np.asarray([d[:3] for d in draws], np.int64).reshape(count, 3), [d[3] for d in draws]
+
+
 def eval_images(split: str, *, image_size: int, count: int, seed: int = 0):
     """Held-out images of one eval split (fresh rng streams, disjoint from training).
 
@@ -163,20 +216,38 @@ def eval_images(split: str, *, image_size: int, count: int, seed: int = 0):
     Returns (images uint8 (count, s, s, 3), attributes int (count, 3) as (colour, shape, position),
     captions list[str] (one full-attribute caption per image)).
     """
-    combos = UNSEEN_COMBOS if split == "zeroshot_unseen" else TRAIN_COMBOS
-    images, attrs, captions = [], [], []
-    for i in range(count):
-        rng = _rng(seed, split, i)
-        if split == "retrieval":
-            color, shape = combos[rng.integers(len(combos))]
-        else:
-            color, shape = combos[i % len(combos)]
-        position = int(rng.integers(len(POSITIONS)))
-        template = _FULL_CAPTIONS[rng.integers(len(_FULL_CAPTIONS))]
-        images.append(render(image_size, color, shape, position, rng))
-        attrs.append((color, shape, position))
-        captions.append(_caption(template, color, shape, position))
-    return np.stack(images), np.asarray(attrs, np.int64).reshape(count, 3), captions
+    images = EvalImages(split, image_size=image_size, count=count, seed=seed)
+    attrs, captions = eval_attributes(split, count, seed)
+    return np.stack([images[i] for i in range(count)]), attrs, captions
+
+
+def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+    """The demo's eval sets, images drawn lazily (``EvalImages``).
+
+    "zeroshot" / "zeroshot_unseen": {"images", "labels" int32 (n,) indexing "class_names" (all
+    30 colour-shape classes, chance 1/30), "class_texts" (prompts per class), "class_names_en"},
+    on fresh images of seen / never-trained combinations; "retrieval": {"images", "input_ids",
+    "attention_mask" int32 (t, L), "texts", "text_to_images" (positives per text)}.
+    ``c``: the ``data.demo`` config (demo_seed, eval_per_class, num_retrieval).
+    """
+    from .pipeline import TextEncoder
+
+    classes = {"class_names": list(CLASS_NAMES), "class_names_en": list(CLASS_NAMES_EN),
+               "class_texts": class_prompts()}
+    out = {}
+    for split, combos in (("zeroshot", TRAIN_COMBOS), ("zeroshot_unseen", UNSEEN_COMBOS)):
+        n = c.eval_per_class * len(combos)
+        attrs, _ = eval_attributes(split, n, c.demo_seed)
+        labels = np.asarray([class_label(col, shp) for col, shp, _ in attrs], np.int32)
+        out[split] = {"images": EvalImages(split, image_size=image_size, count=n, seed=c.demo_seed),
+                      "labels": labels, **classes}
+    attrs, captions = eval_attributes("retrieval", c.num_retrieval, c.demo_seed)
+    # a caption names colour, shape and position: every image with those three is a positive
+    positives = [np.flatnonzero((attrs == a).all(axis=1)).tolist() for a in attrs]
+    out["retrieval"] = {"images": EvalImages("retrieval", image_size=image_size, count=c.num_retrieval,
+                                             seed=c.demo_seed),
+                        **TextEncoder(context_length)(captions), "texts": captions, "text_to_images": positives}
+    return out
 
 
 def class_prompts() -> list[list[str]]:

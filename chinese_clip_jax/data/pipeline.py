@@ -59,17 +59,21 @@ class ImageDecoder:
 
     Arrays already of size (s, s, 3) are only normalised; everything else goes through the
     processor's PIL path (identical to transformers' ChineseCLIPImageProcessor).
+    resize_mode="squash": cn_clip's evaluation transform instead (bicubic resize to s x s).
     """
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, resize_mode: str = "processor"):
         self.image_size = int(image_size)
         settings = ImageSettings(size={"shortest_edge": self.image_size},
                                  crop_size={"height": self.image_size, "width": self.image_size})
-        self._processor = ChineseCLIPProcessor(image_settings=settings, num_threads=1).image_processor
+        self._processor = ChineseCLIPProcessor(image_settings=settings, num_threads=1,
+                                               resize_mode=resize_mode).image_processor
+        self.resize_mode = resize_mode
 
     def __call__(self, image: Any) -> np.ndarray:
         s = self.image_size
-        if isinstance(image, np.ndarray) and image.shape == (s, s, 3) and image.dtype == np.uint8:
+        if (isinstance(image, np.ndarray) and image.shape == (s, s, 3) and image.dtype == np.uint8
+                and self.resize_mode == "processor"):
             return normalize_pixels(image)
         if isinstance(image, str):
             image = base64.urlsafe_b64decode(image)  # cn_clip's encoding; accepts plain base64 too

@@ -15,6 +15,7 @@ e.g. "/data/{00000..00099}.tar"), ``eval_shards`` (same, for retrieval eval; "" 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -23,8 +24,9 @@ import tarfile
 import threading
 
 import numpy as np
+import PIL.Image
 
-from .pipeline import ImageDecoder, TextEncoder
+from .pipeline import TextEncoder
 
 __all__ = ["expand_shards", "TarSource", "eval_sets"]
 
@@ -137,6 +139,19 @@ class TarSource:
             os.close(fd)
 
 
+class _Images:
+    """Lazy eval images: ``seq[i]`` -> the encoded image bytes of record ``indices[i]``."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]["image"]
+
+
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """{"retrieval": ...} over the first ``eval_max_samples`` good samples of ``eval_shards``.
 
@@ -144,8 +159,9 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """
     if not c.eval_shards:
         return {}
-    source, decode = TarSource(c.eval_shards, c.caption_keys), ImageDecoder(image_size)
-    pixels, texts = [], []
+    del image_size  # the evaluator decodes, batch by batch
+    source = TarSource(c.eval_shards, c.caption_keys)
+    indices, texts = [], []
     for i in range(len(source)):
         if len(texts) >= c.eval_max_samples:
             break
@@ -153,7 +169,9 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
         try:
             if record.get("error") or not record["text"]:
                 raise ValueError(record.get("error") or "empty caption")
-            pixels.append(decode(record["image"]))
+            with PIL.Image.open(io.BytesIO(record["image"])) as im:
+                im.verify()
+            indices.append(i)
             texts.append(record["text"])
         except Exception as e:  # noqa: BLE001 - a broken eval sample is dropped, not fatal
             logger.warning("webdataset: dropping eval sample %s: %s", record["where"], e)
@@ -162,5 +180,6 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     by_text: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
         by_text.setdefault(t, []).append(i)
-    return {"retrieval": {"pixel_values": np.stack(pixels), **TextEncoder(context_length)(texts),
+    images = _Images(source, indices)
+    return {"retrieval": {"images": images, **TextEncoder(context_length)(texts),
                           "texts": texts, "text_to_images": [by_text[t] for t in texts]}}

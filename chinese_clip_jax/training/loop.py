@@ -26,7 +26,7 @@ from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
-from .evaluate import Evaluator
+from .evaluator import Evaluator
 from .optim import make_optimizer
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
@@ -93,6 +93,12 @@ class _Logger:
                 f.writelines(keep)
             os.replace(tmp, self.path)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """An RGB uint8 (H, W, 3) image to TensorBoard."""
+        if self.active:
+            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+            self._tb.flush()
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
@@ -109,7 +115,8 @@ class _Logger:
 
 class TrainResult(dict):
     """What ``train`` returns: ``step``, ``stopped_early`` (SIGTERM), ``first_eval``,
-    ``last_eval``, ``chance``, ``checkpoint_dir``, ``wall_s``, ``samples_per_sec`` and, with
+    ``last_eval``, ``chance``, ``checkpoint_dir``, ``steps_run`` (0: the run was already finished),
+    ``wall_s``, ``samples_per_sec``, ``figure`` (DIR/demo.png or DIR/summary.png, with evals) and, with
     ``export_hf``, ``export_dir`` (HF layout that ``ccj.from_pretrained`` and transformers read)."""
 
 
@@ -174,7 +181,8 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             from .. import data
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
-        evaluator = Evaluator(model, mesh, shardings.params, eval_sets) if eval_sets else None
+        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode=config.eval_resize_mode,
+                               progress=progress and jax.process_index() == 0) if eval_sets else None)
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
                               accum_steps=config.accum_steps, freeze=freeze)
@@ -246,6 +254,8 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             if eval_now:
                 run_eval(step)
             ckpt.save(step, state, data_iter, force=step == config.total_steps)
+            if step == config.total_steps and evaluator is not None:
+                result["figure"] = _write_figure(workdir, config, evaluator, log, step)
             if stop_now:
                 ckpt.save(step, state, data_iter, force=True)
                 result["stopped_early"] = True
@@ -259,9 +269,25 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         log.close()
     if config.get("export_hf") and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, os.path.join(workdir, "hf"))
-    result.update(step=step, wall_s=time.time() - t_start,
+    result.update(step=step, steps_run=step - start, wall_s=time.time() - t_start,
                   samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
     return result
+
+
+def _write_figure(workdir: str, config, evaluator, log, step: int) -> str | None:
+    """DIR/demo.png (demo data) or DIR/summary.png, and the same picture in TensorBoard."""
+    if jax.process_index() != 0:
+        return None
+    from .figures import run_figure
+
+    with open(log.path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    image = run_figure(rows, evaluator.sets, evaluator.predictions)
+    path = os.path.join(workdir, "demo.png" if config.data.name == "demo" else "summary.png")
+    image.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    log.image("summary", np.asarray(image), step)
+    return path
 
 
 def _export_hf(model_config, params, path: str) -> str:

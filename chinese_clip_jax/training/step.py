@@ -24,27 +24,25 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .. import sharding as shd
+from ..encoding import LOSS_PARAMS, image_embeddings, text_embeddings
 from ..losses import clamp_logit_scale, contrastive_loss
-from ..modeling import l2_normalize
 from .optim import is_frozen
 from .state import TrainState
 
 __all__ = ["make_embed_fn", "make_grad_fn", "make_train_step", "BATCH_KEYS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
-LOSS_PARAMS = ("logit_bias",)  # trainable params of the loss, not of the model
 
 
 def make_embed_fn(model) -> Callable:
-    """``embed(params, batch, rng, deterministic) -> (text_embeds, image_embeds)``, L2-normalized fp32."""
+    """``embed(params, batch, rng, deterministic) -> (text_embeds, image_embeds)``, L2-normalized fp32
+    (``encoding.text_embeddings`` / ``image_embeddings`` with dropout from ``rng``)."""
 
     def embed(params, batch, rng, deterministic=False):
-        variables = {"params": {k: v for k, v in params.items() if k not in LOSS_PARAMS}}
-        text = model.apply(variables, batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
-                           rngs={"dropout": rng}, method="get_text_features")
-        image = model.apply(variables, batch["pixel_values"], deterministic=deterministic,
-                            method="get_image_features")
-        return l2_normalize(text), l2_normalize(image)
+        text = text_embeddings(model, params, batch["input_ids"], batch["attention_mask"],
+                               deterministic=deterministic, rng=rng)
+        image = image_embeddings(model, params, batch["pixel_values"], deterministic=deterministic)
+        return text, image
 
     return embed
 

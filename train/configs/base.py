@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every = 10
     c.eval_every = 0  # 0 = no evaluation
+    c.eval_resize_mode = "crop"  # eval images: "crop" (shortest edge + center crop, as training) or "squash" (cn_clip eval)
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.export_hf = False  # at the end, also write DIR/hf (config.json + model.safetensors, ccj.save_pretrained)

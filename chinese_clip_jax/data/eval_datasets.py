@@ -1,0 +1,285 @@
+"""Evaluation datasets read lazily: zero-shot classification sets and retrieval splits.
+
+Classification (``open_classification(spec, split, data_dir)``), spec:
+  ``folder:PATH``    one sub-folder per class, classes in sorted folder order, images in any
+                     depth below it (jpg/jpeg/png/bmp/gif/webp/tif/tiff); ``PATH/SPLIT`` is used
+                     when that directory exists, else ``PATH``.
+  ``tfds:NAME``      a prepared TFDS dataset (``NAME``, ``NAME/CONFIG`` or ``NAME:VERSION``) under
+                     ``data_dir`` (default ``~/tensorflow_datasets``).
+  ``tfds-dir:PATH``  a TFDS dataset directory (with ``dataset_info.json``).
+  TFDS sets are read with ``tfds.data_source`` (ArrayRecord, no TensorFlow); the image feature
+  and the class-label feature are found by type; label names come from the ClassLabel feature.
+
+Retrieval (``open_retrieval(path, split)``; the ONE place the layout of a directory is detected):
+  cn_clip's layout: ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or its LMDB build
+  (``lmdb/{split}/imgs`` + ``lmdb/{split}/pairs``); the candidate images are every image of
+  the split in file (TSV) or key (LMDB) order, as cn_clip's feature extraction reads them.
+  A TFDS directory (``dataset_info.json``, or ``{split}``/``*/`` holding one) whose features
+  include an image, ``text``, ``image_id`` and ``text_id`` (one record per pair).
+
+Images stay on disk: ``images[i]`` reads one encoded image (bytes or a path),
+so a split of any size costs only its ids and captions in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["DatasetError", "ClassificationSet", "RetrievalSet", "open_classification", "open_retrieval",
+           "IMAGE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be read as asked; the message names the file or directory."""
+
+
+class LazyList:
+    """``seq[i]`` -> ``read(i)``; ``len(seq) == n``."""
+
+    def __init__(self, n: int, read: Callable[[int], Any]):
+        self._n, self._read = n, read
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._read(i)
+
+
+@dataclasses.dataclass
+class ClassificationSet:
+    images: Sequence[Any]  # lazy: paths, encoded bytes or uint8 arrays
+    labels: np.ndarray     # int (N,)
+    class_names: list[str]
+    source: str
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+    images: Sequence[Any]  # lazy: encoded images (bytes or base64 text), candidate order
+    image_ids: list
+    text_ids: list
+    texts: list[str]
+    text_to_images: list[list[int]]
+    layout: str
+    source: str
+
+
+# ------------------------------------------------------------------ classification
+
+
+def open_classification(spec: str, split: str = "test", data_dir: str | None = None) -> ClassificationSet:
+    kind, _, rest = spec.partition(":")
+    if not rest or kind not in ("folder", "tfds", "tfds-dir"):
+        raise DatasetError(f"--dataset must be folder:PATH, tfds:NAME or tfds-dir:PATH, got {spec!r}")
+    if kind == "folder":
+        return _folder(Path(rest), split)
+    builder = _tfds_builder(kind, rest, data_dir)
+    return _tfds_classification(builder, split, spec)
+
+
+def _folder(root: Path, split: str) -> ClassificationSet:
+    if not root.is_dir():
+        raise DatasetError(f"no such directory {root} (folder:PATH needs one sub-folder per class)")
+    if (root / split).is_dir():
+        root = root / split
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{root} has no class sub-folders")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under the class folders of {root}")
+    return ClassificationSet(paths, np.asarray(labels, np.int64), classes, f"folder:{root}")
+
+
+def _tfds_builder(kind: str, name: str, data_dir: str | None):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DatasetError("TFDS datasets need tensorflow-datasets: pip install tensorflow-datasets") from e
+    if kind == "tfds-dir":
+        if not (Path(name) / "dataset_info.json").is_file():
+            raise DatasetError(f"{name} is not a TFDS dataset directory (no dataset_info.json)")
+        return tfds.builder_from_directory(name)
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - tfds raises many kinds; the first line says why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(f"tfds:{name} under {data_dir or '~/tensorflow_datasets'}: {first}") from e
+
+
+def _tfds_source(builder, split: str, decoders=None):
+    splits = builder.info.splits
+    if split not in splits:
+        raise DatasetError(f"{builder.data_dir} has no split {split!r} (splits: {', '.join(sorted(splits))})")
+    try:
+        return builder.as_data_source(split=split, decoders=decoders)
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError(f"cannot read split {split!r} of {builder.data_dir}: {type(e).__name__}: {e}") from e
+
+
+def _features_by_type(builder):
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    return features, images, labels
+
+
+def _tfds_classification(builder, split: str, spec: str) -> ClassificationSet:
+    import tensorflow_datasets as tfds
+
+    features, images, labels = _features_by_type(builder)
+    if len(images) != 1 or len(labels) != 1:
+        raise DatasetError(f"{builder.data_dir}: need exactly one Image and one ClassLabel feature, "
+                           f"found images {images}, labels {labels}")
+    image_key, label_key = images[0], labels[0]
+    # images stay encoded until the evaluator decodes them; the labels are read in one pass
+    source = _tfds_source(builder, split, decoders={image_key: tfds.decode.SkipDecoding()})
+    n = len(source)
+    label_values = np.asarray([int(source[i][label_key]) for i in range(n)], np.int64)
+    return ClassificationSet(LazyList(n, lambda i: source[i][image_key]), label_values,
+                             list(features[label_key].names), spec)
+
+
+# ------------------------------------------------------------------ retrieval
+
+
+def open_retrieval(path: str | os.PathLike, split: str = "valid") -> RetrievalSet:
+    """Detects the layout of ``path`` (see the module docstring) and opens ``split``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"no such directory {root}")
+    tfds_dir = _find_tfds_dir(root, split)
+    if tfds_dir is not None:
+        return _tfds_retrieval(tfds_dir, split)
+    if (root / f"{split}_texts.jsonl").exists() or (root / f"{split}_imgs.tsv").exists():
+        return _cn_clip_tsv(root, split)
+    for candidate in (root / "lmdb" / split, root / split):
+        if (candidate / "pairs").exists() or (candidate / "imgs").exists():
+            return _cn_clip_lmdb(candidate, split)
+    raise DatasetError(f"{root}: no split {split!r}: expected {root / f'{split}_texts.jsonl'} and "
+                       f"{root / f'{split}_imgs.tsv'}, {root / 'lmdb' / split}/{{imgs,pairs}}, or a TFDS directory")
+
+
+def _find_tfds_dir(root: Path, split: str) -> Path | None:
+    for candidate in (root, root / split):
+        if (candidate / "dataset_info.json").is_file():
+            return candidate
+    found = sorted(root.glob("*/dataset_info.json")) + sorted(root.glob("*/*/dataset_info.json"))
+    return found[0].parent if found else None
+
+
+def _b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text)  # cn_clip's encoding; plain base64 decodes the same
+
+
+def _int_id(x):
+    s = str(x)
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
+def _cn_clip_tsv(root: Path, split: str) -> RetrievalSet:
+    from .cn_clip import TsvImages
+
+    for f in (root / f"{split}_imgs.tsv", root / f"{split}_texts.jsonl"):
+        if not f.is_file():
+            raise DatasetError(f"missing split file {f}")
+    skipped = [0]
+    images = TsvImages(root / f"{split}_imgs.tsv", skipped)
+    ids = images.ids()
+    return _with_texts(LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, root / f"{split}_texts.jsonl",
+                       "cn_clip-tsv", str(root))
+
+
+def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
+    from .cn_clip import LmdbImages, _read_lmdb_pairs
+
+    for f in (directory / "imgs", directory / "pairs"):
+        if not f.exists():
+            raise DatasetError(f"missing split database {f}")
+    images = LmdbImages(directory / "imgs")
+    ids = images.ids()
+    grouped: dict = {}
+    for image_id, text_id, text, _ in _read_lmdb_pairs(directory / "pairs", [0]):
+        grouped.setdefault((text_id, text), []).append(image_id)
+    captions = [(text_id, text, image_ids) for (text_id, text), image_ids in grouped.items()]
+    return _retrieval_set(LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, captions, "cn_clip-lmdb",
+                          str(directory))
+
+
+def _with_texts(images, ids, texts_path: Path, layout: str, source: str) -> RetrievalSet:
+    from .cn_clip import read_texts
+
+    skipped = [0]
+    captions = [(text_id, text, image_ids) for text_id, text, image_ids, _ in read_texts(texts_path, skipped)]
+    if skipped[0]:
+        logger.warning("%s: %d unreadable caption lines skipped", texts_path, skipped[0])
+    return _retrieval_set(images, ids, captions, layout, source)
+
+
+def _retrieval_set(images, ids: list[str], captions, layout: str, source: str) -> RetrievalSet:
+    if not ids:
+        raise DatasetError(f"{source}: the split has no images")
+    if not captions:
+        raise DatasetError(f"{source}: the split has no captions")
+    slot = {str(i): j for j, i in enumerate(ids)}
+    text_to_images, missing = [], 0
+    for _, _, image_ids in captions:
+        found = [slot[str(i)] for i in image_ids if str(i) in slot]
+        missing += len(image_ids) - len(found)
+        text_to_images.append(sorted(set(found)))
+    if missing:
+        logger.warning("%s: %d caption image ids are not among the split's images (ignored)", source, missing)
+    return RetrievalSet(images, [_int_id(i) for i in ids], [_int_id(c[0]) for c in captions],
+                        [c[1] for c in captions], text_to_images, layout, source)
+
+
+def _tfds_retrieval(directory: Path, split: str) -> RetrievalSet:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(directory))
+    features, images, _ = _features_by_type(builder)
+    needed = {"text", "image_id", "text_id"}
+    if len(images) != 1 or not needed <= set(features):
+        raise DatasetError(f"{directory}: a TFDS retrieval set needs one Image feature and {sorted(needed)}; "
+                           f"has {sorted(features)}")
+    image_key = images[0]
+    source = _tfds_source(builder, split, decoders={image_key: tfds.decode.SkipDecoding()})
+    record_of_image: dict[str, int] = {}
+    captions: dict[str, tuple[str, list]] = {}
+    for r in range(len(source)):  # one pass over ids and captions; images stay encoded, unread
+        rec = source[r]
+        iid, tid = _text(rec["image_id"]), _text(rec["text_id"])
+        record_of_image.setdefault(iid, r)
+        captions.setdefault(tid, (_text(rec["text"]), []))[1].append(iid)
+    ids = list(record_of_image)
+    records = [record_of_image[i] for i in ids]
+    return _retrieval_set(LazyList(len(ids), lambda i: source[records[i]][image_key]), ids,
+                          [(tid, text, iids) for tid, (text, iids) in captions.items()], "tfds", str(directory))
+
+
+def _text(x) -> str:
+    if isinstance(x, (bytes, np.bytes_)):
+        return bytes(x).decode("utf-8")
+    if isinstance(x, np.ndarray):
+        x = x.item()
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    return str(x)

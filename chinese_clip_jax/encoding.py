@@ -1,0 +1,232 @@
+"""Params -> L2-normalized embeddings: the one place inference, evaluation and in-training eval embed.
+
+    enc = Encoder(model, params, mesh)            # mesh: sharding.make_mesh(...); params placed on it
+    text = enc.encode_text(input_ids, attention_mask)          # (N, D) float32 numpy
+    image = enc.encode_images(items, preprocess)               # streamed: decoded batch by batch
+    classes = enc.class_embeddings(labels, templates, tokenize)  # prompt ensemble, (C, D)
+
+``text_embeddings`` / ``image_embeddings`` are the pure functions (the train step calls them
+with dropout); ``Encoder`` jits them with the batch axis sharded over the mesh's ("data",
+"fsdp") axes and the params as the mesh's rules shard them (replicated on a data-only mesh).
+Every process passes the same full host batch; embeddings come back to every process.
+
+Batches are padded (by repeating the last row) to one of a few fixed sizes, ``batch_size`` and
+its quarters down to one row per batch shard, so any number of inputs reuses at most
+``len(bucket_sizes(...))`` compiled functions per tower. Images are never all in memory: each
+batch is loaded, preprocessed, embedded and dropped, and the host prepares batch i+1 while
+the devices run batch i.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from . import sharding as shd
+from .modeling import l2_normalize
+
+__all__ = ["LOSS_PARAMS", "model_params", "text_embeddings", "image_embeddings", "bucket_sizes",
+           "ensemble", "Encoder", "PROGRESS_MIN_BATCHES"]
+
+LOSS_PARAMS = ("logit_bias",)  # trainable params of the loss, not of the model
+PROGRESS_MIN_BATCHES = 4  # a progress bar is shown (progress=None) from this many batches on
+
+
+def model_params(params: dict) -> dict:
+    """The model's own params (the loss's, e.g. a sigmoid loss's logit_bias, left out)."""
+    return {k: v for k, v in params.items() if k not in LOSS_PARAMS}
+
+
+def text_embeddings(model, params, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+                    rng=None) -> jax.Array:
+    """(N, L) token ids -> (N, D) float32 L2-normalized text embeddings (pure; jit it yourself)."""
+    feats = model.apply({"params": model_params(params)}, input_ids, attention_mask, token_type_ids,
+                        deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
+                        method="get_text_features")
+    return l2_normalize(feats)
+
+
+def image_embeddings(model, params, pixel_values, *, deterministic=True) -> jax.Array:
+    """(N, 3, H, W) pixel values -> (N, D) float32 L2-normalized image embeddings (pure)."""
+    feats = model.apply({"params": model_params(params)}, pixel_values, deterministic=deterministic,
+                        method="get_image_features")
+    return l2_normalize(feats)
+
+
+def bucket_sizes(batch_size: int, num_shards: int = 1) -> tuple[int, ...]:
+    """The padded batch sizes used: batch_size, batch_size/4, ... down to num_shards (ascending).
+
+    batch_size is first rounded up to a multiple of num_shards; every bucket is one too.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    top = -(-batch_size // num_shards) * num_shards
+    sizes = {top}
+    b = top
+    while b > num_shards:
+        b = max(num_shards, -(-(b // 4) // num_shards) * num_shards)
+        sizes.add(b)
+    return tuple(sorted(sizes))
+
+
+def ensemble(prompt_embeds: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Prompt ensembling: consecutive groups of ``counts[c]`` normalized prompt embeddings ->
+    their mean, renormalized, one row per class (C, D)."""
+    out, i = [], 0
+    for n in counts:
+        if n < 1:
+            raise ValueError("every class needs at least one prompt")
+        m = np.asarray(prompt_embeds[i:i + n], np.float64).mean(axis=0)
+        out.append(m / np.linalg.norm(m))
+        i += n
+    return np.stack(out).astype(np.float32)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """Pads axis 0 to `size` by repeating the last row (padding rows are valid inputs)."""
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
+def _place(x: np.ndarray, sharding) -> jax.Array:
+    """A full host array (the same on every process) -> a global array with ``sharding``."""
+    x = np.ascontiguousarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+class Encoder:
+    """Jitted, batch-sharded text and image embedders of one model on one mesh.
+
+    model: a ChineseCLIPModel. params: its params (boxed or not; a loss's ``logit_bias`` is
+    ignored); they are placed with ``param_shardings`` (default: the mesh's rules table, i.e.
+    replicated on a data-only mesh) unless already placed so. mesh: a ``sharding.make_mesh``
+    mesh (default: every local device on "data"). batch_size: default rows per call.
+    """
+
+    def __init__(self, model, params=None, mesh=None, *, param_shardings=None, batch_size: int = 64):
+        import flax.linen as nn
+
+        self.model = model
+        self.mesh = mesh if mesh is not None else shd.make_mesh(devices=jax.local_devices())
+        self.num_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = batch_size
+        self.dim = model.config.projection_dim
+        self._batch = shd.batch_sharding(self.mesh)
+        rep = shd.replicated(self.mesh)
+        if param_shardings is None:
+            param_shardings = jax.tree.map(lambda _: rep, model_params(nn.unbox(params)))
+        param_shardings = model_params(param_shardings)
+        self.param_shardings = param_shardings
+        self.params = None if params is None else jax.device_put(model_params(nn.unbox(params)), param_shardings)
+        self.trace_counts = {"text": 0, "image": 0}  # how often each tower was traced (= compiled)
+
+        def text_fn(params, input_ids, attention_mask, token_type_ids):
+            self.trace_counts["text"] += 1
+            return text_embeddings(model, params, input_ids, attention_mask, token_type_ids)
+
+        def image_fn(params, pixel_values):
+            self.trace_counts["image"] += 1
+            return image_embeddings(model, params, pixel_values)
+
+        b = self._batch
+        self._text_fn = jax.jit(text_fn, in_shardings=(param_shardings, b, b, b), out_shardings=rep)
+        self._image_fn = jax.jit(image_fn, in_shardings=(param_shardings, b), out_shardings=rep)
+
+    def bucket_sizes(self, batch_size: int | None = None) -> tuple[int, ...]:
+        return bucket_sizes(batch_size or self.batch_size, self.num_shards)
+
+    def _params(self, params):
+        return self.params if params is None else model_params(params)
+
+    def encode_text(self, input_ids, attention_mask, token_type_ids=None, *, params=None,
+                    batch_size: int | None = None, progress: bool | None = None, desc: str = "texts") -> np.ndarray:
+        """Token arrays (N, L) -> (N, D) float32 numpy, L2-normalized."""
+        input_ids = np.asarray(input_ids, np.int32)
+        attention_mask = np.asarray(attention_mask, np.int32)
+        token_type_ids = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, np.int32)
+        p = self._params(params)
+
+        def run(start, stop, size):
+            arrays = [_place(_pad_rows(a[start:stop], size), self._batch)
+                      for a in (input_ids, attention_mask, token_type_ids)]
+            with shd.use_mesh_and_rules(self.mesh):
+                return self._text_fn(p, *arrays)
+
+        return self._batched(len(input_ids), batch_size, run, progress, desc)
+
+    def encode_pixels(self, pixel_values, *, params=None, batch_size: int | None = None,
+                      progress: bool | None = None) -> np.ndarray:
+        """Preprocessed pixel values (N, 3, H, W) -> (N, D) float32 numpy, L2-normalized."""
+        pixel_values = np.asarray(pixel_values, np.float32)
+        return self.encode_images(pixel_values, lambda chunk, start: np.asarray(chunk), params=params,
+                                  batch_size=batch_size, progress=progress)
+
+    def encode_images(self, items: Sequence[Any], preprocess: Callable[[Sequence[Any], int], np.ndarray], *,
+                      params=None, batch_size: int | None = None, progress: bool | None = None,
+                      desc: str = "images") -> np.ndarray:
+        """Streams ``items`` (any random-access sequence: paths, PIL images, encoded bytes, ...).
+
+        ``preprocess(items[s:e], s)`` -> float32 (e - s, 3, H, W) is called one batch at a time,
+        so only a batch of pixels is ever in host memory. Returns (N, D) float32 numpy.
+        """
+        p = self._params(params)
+
+        def run(start, stop, size):
+            chunk = (items[start:stop] if isinstance(items, (list, tuple, np.ndarray))
+                     else [items[i] for i in range(start, stop)])
+            pixels = np.asarray(preprocess(chunk, start), np.float32)
+            with shd.use_mesh_and_rules(self.mesh):
+                return self._image_fn(p, _place(_pad_rows(pixels, size), self._batch))
+
+        return self._batched(len(items), batch_size, run, progress, desc)
+
+    def class_embeddings(self, class_prompts: Sequence[Sequence[str]], tokenize: Callable[[list[str]], dict], *,
+                         params=None, batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
+        """Prompt-ensemble class embeddings: every prompt of class c embedded, averaged,
+        renormalized -> (C, D). ``tokenize(texts)`` -> {"input_ids", "attention_mask", ...}."""
+        flat = [t for prompts in class_prompts for t in prompts]
+        if not flat:
+            raise ValueError("zero-shot needs at least one class and one prompt per class")
+        tok = tokenize(flat)
+        emb = self.encode_text(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), params=params,
+                               batch_size=batch_size, progress=progress, desc="prompts")
+        return ensemble(emb, [len(p) for p in class_prompts])
+
+    def _batched(self, n: int, batch_size: int | None, run: Callable, progress: bool | None,
+                 unit: str) -> np.ndarray:
+        if n == 0:
+            return np.zeros((0, self.dim), np.float32)
+        sizes = self.bucket_sizes(batch_size)
+        step = sizes[-1]
+        starts: Iterable[int] = range(0, n, step)
+        show = len(starts) >= PROGRESS_MIN_BATCHES if progress is None else progress
+        bar = None
+        if show and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, unit=unit.split()[-1], desc=f"encoding {n} {unit}", dynamic_ncols=True)
+        out = np.empty((n, self.dim), np.float32)
+        pending = None  # (device array, start, stop): read after the next batch is dispatched
+        try:
+            for s in starts:
+                e = min(n, s + step)
+                padded = next(b for b in sizes if b >= e - s)
+                current = (run(s, e, padded), s, e)
+                if pending is not None:
+                    self._collect(out, pending, bar)
+                pending = current
+            self._collect(out, pending, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    @staticmethod
+    def _collect(out, pending, bar):
+        emb, s, e = pending
+        out[s:e] = np.asarray(emb)[: e - s]
+        if bar is not None:
+            bar.update(e - s)
