@@ -6,9 +6,12 @@
     sets = eval_sets(cfg.data, image_size=32)
 
 ``b = global_batch_size // jax.process_count()``; each process reads only its own shard.
-``data_cfg`` (see :func:`default_data_config`): ``name`` in {"demo", "cn_clip", "webdataset"},
-``num_threads`` / ``prefetch_buffer_size`` (grain ReadOptions), and one sub-config per source,
-``data.demo``, ``data.cn_clip``, ``data.webdataset``, whose keys each module's docstring lists.
+``data_cfg`` (see :func:`default_data_config`): ``name`` in {"demo", "cn_clip", "webdataset",
+"tfds"}, ``num_threads`` / ``prefetch_buffer_size`` (grain ReadOptions), ``worker_count`` /
+``worker_buffer_size`` (grain worker processes decoding images; 0 = threads only),
+``train_crop`` ("center", "random_resized", "squash") / ``eval_crop`` ("center", "squash"), and
+one sub-config per source, ``data.demo``, ``data.cn_clip``, ``data.webdataset``, ``data.tfds``,
+whose keys each module's docstring lists.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .pipeline import TextEncoder, TrainIterator, build_train_iterator, normaliz
 
 __all__ = ["train_iterator", "eval_sets", "default_data_config", "TrainIterator", "SOURCES"]
 
-SOURCES = ("demo", "cn_clip", "webdataset")
+SOURCES = ("demo", "cn_clip", "webdataset", "tfds")
 
 
 def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
@@ -32,10 +35,16 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
         "name": name,
         "num_threads": 2,             # grain reader threads per process
         "prefetch_buffer_size": 256,  # decoded samples buffered per process
+        "worker_count": 0,            # grain worker processes decoding images (0 = reader threads only)
+        "worker_buffer_size": 16,     # decoded samples each worker buffers
+        "train_crop": "center",       # "center" | "random_resized" (cn_clip's augmentation) | "squash"
+        "eval_crop": "center",        # "center" (transformers' processor) | "squash" (cn_clip's eval)
         "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
         "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid",
                     "eval_max_texts": 1000},
         "webdataset": {"shards": "", "eval_shards": "", "caption_keys": "txt,json", "eval_max_samples": 1000},
+        "tfds": {"builder_dir": "", "name": "", "data_dir": "", "split": "train", "eval_split": "",
+                 "eval_max_samples": 1000, "image_key": "image", "text_key": "text"},
     })
 
 
@@ -50,7 +59,7 @@ def _process_shard(process_index, process_count):
     return grain.sharding.ShardOptions(shard_index=int(process_index), shard_count=int(process_count))
 
 
-def _train_source(data_cfg, image_size: int):
+def _train_source(data_cfg, image_size: int, shard=None):
     name = data_cfg.name
     if name == "demo":
         c = data_cfg.demo
@@ -62,7 +71,11 @@ def _train_source(data_cfg, image_size: int):
     if name == "webdataset":
         from . import webdataset
 
-        return webdataset.TarSource(data_cfg.webdataset.shards, data_cfg.webdataset.caption_keys)
+        return webdataset.TarSource(data_cfg.webdataset.shards, data_cfg.webdataset.caption_keys, shard=shard)
+    if name == "tfds":
+        from .tfds_source import TfdsSource
+
+        return TfdsSource(data_cfg.tfds, data_cfg.tfds.split)
     raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
 
 
@@ -74,15 +87,22 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, image_size: i
     global_batch_size must divide by the process count; process_index/process_count default
     to jax's (pass them explicitly to simulate hosts).
     """
+    import grain
+
     shard = _process_shard(process_index, process_count)
-    if global_batch_size <= 0 or global_batch_size % shard.shard_count:
+    shard_count = shard.shard_count
+    if global_batch_size <= 0 or global_batch_size % shard_count:
         raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                         f"process count {shard.shard_count}")
-    source = _train_source(data_cfg, image_size)
+                         f"process count {shard_count}")
+    source = _train_source(data_cfg, image_size, shard)
+    if getattr(source, "is_process_shard", False):  # indexed only this process's part already
+        shard = grain.sharding.ShardOptions(0, 1)
     return build_train_iterator(
-        source, batch_size=global_batch_size // shard.shard_count, seed=seed, image_size=image_size,
+        source, batch_size=global_batch_size // shard_count, seed=seed, image_size=image_size,
         context_length=context_length, shard=shard, num_threads=data_cfg.num_threads,
-        prefetch_buffer_size=data_cfg.prefetch_buffer_size, name=f"data[{data_cfg.name}]")
+        prefetch_buffer_size=data_cfg.prefetch_buffer_size, worker_count=data_cfg.worker_count,
+        worker_buffer_size=data_cfg.worker_buffer_size, crop=data_cfg.train_crop,
+        name=f"data[{data_cfg.name}]")
 
 
 def _demo_eval_sets(c, image_size: int, context_length: int) -> dict:
@@ -109,7 +129,7 @@ def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:
     indexing "class_names" (all 30 colour-shape classes, chance 1/30), "class_texts" (prompts per
     class)}, on fresh images of seen / never-trained combinations; "retrieval": {"pixel_values",
     "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images" (positives per text)}.
-    cn_clip / webdataset: "retrieval" only, from the eval split / eval shards ({} if none given).
+    cn_clip / webdataset / tfds: "retrieval" only, from the eval split / eval shards ({} if none given).
     """
     name = data_cfg.name
     if name == "demo":
@@ -117,9 +137,16 @@ def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:
     if name == "cn_clip":
         from . import cn_clip
 
-        return cn_clip.eval_sets(data_cfg.cn_clip, image_size=image_size, context_length=context_length)
+        return cn_clip.eval_sets(data_cfg.cn_clip, image_size=image_size, context_length=context_length,
+                               crop=data_cfg.eval_crop)
     if name == "webdataset":
         from . import webdataset
 
-        return webdataset.eval_sets(data_cfg.webdataset, image_size=image_size, context_length=context_length)
+        return webdataset.eval_sets(data_cfg.webdataset, image_size=image_size, context_length=context_length,
+                                  crop=data_cfg.eval_crop)
+    if name == "tfds":
+        from . import tfds_source
+
+        return tfds_source.eval_sets(data_cfg.tfds, image_size=image_size, context_length=context_length,
+                                     crop=data_cfg.eval_crop)
     raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")

@@ -62,6 +62,13 @@ class TsvImages:
                 offset += len(line)
         self._fd = os.open(self.path, os.O_RDONLY)
 
+    def __getstate__(self):  # grain worker processes reopen the file
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._index
 
@@ -211,7 +218,7 @@ def open_source(c, split: str) -> PairSource:
     return PairSource(images, pairs, skipped[0])
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = 52, crop: str = "center") -> dict:
     """{"retrieval": ...} over the first ``eval_max_texts`` captions of ``eval_split``.
 
     pixel_values float32 (n_images, 3, s, s) for every image those captions name (undecodable
@@ -221,7 +228,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     if not c.eval_split:
         return {}
     images, _, captions, skipped = _open(c, c.eval_split)
-    decode = ImageDecoder(image_size)
+    decode = ImageDecoder(image_size, crop)
     slot: dict[str, int] = {}
     pixels, texts, positives = [], [], []
     for text, ids in captions[: c.eval_max_texts]:
