@@ -17,7 +17,7 @@ import re
 
 from etils import epath
 
-__all__ = ["as_path", "scheme_of", "is_local", "SCHEMES"]
+__all__ = ["as_path", "scheme_of", "is_local", "copy_tree", "SCHEMES"]
 
 # scheme -> (fsspec implementation module, pip package); epath serves exactly these URI schemes.
 SCHEMES = {"gs": ("gcsfs", "gcsfs"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs"),
@@ -65,3 +65,20 @@ def as_path(path, *, what: str = "path") -> epath.Path:
         raise ImportError(f"{what} {text!r}: the {scheme}:// backend is not installed; "
                           f"pip install {SCHEMES[scheme][1]}")
     return epath.Path(text)
+
+
+def copy_tree(src: epath.Path, dst: epath.Path) -> epath.Path:
+    """Copies the file or directory ``src`` to ``dst`` (any epath schemes on either side,
+    streamed in 16 MiB chunks); returns ``dst``."""
+    import shutil
+
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            copy_tree(child, dst / child.name)
+        return dst
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    with src.open("rb") as f_in, dst.open("wb") as f_out:
+        shutil.copyfileobj(f_in, f_out, 16 << 20)
+    return dst

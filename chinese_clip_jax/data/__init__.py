@@ -22,7 +22,7 @@ import numpy as np
 from . import demo
 from .pipeline import TextEncoder, TrainIterator, build_train_iterator, normalize_pixels
 
-__all__ = ["train_iterator", "eval_sets", "default_data_config", "TrainIterator", "SOURCES"]
+__all__ = ["train_iterator", "eval_sets", "default_data_config", "check_config", "TrainIterator", "SOURCES"]
 
 SOURCES = ("demo", "cn_clip", "webdataset", "tfds")
 
@@ -46,6 +46,28 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
         "tfds": {"builder_dir": "", "name": "", "data_dir": "", "split": "train", "eval_split": "",
                  "eval_max_samples": 1000, "image_key": "image", "text_key": "text"},
     })
+
+
+def check_config(data_cfg) -> None:
+    """Cheap checks of ``data_cfg`` before anything is built: the source name, the crops, the
+    worker count and the schemes (and backends) of the chosen source's paths."""
+    from ..paths import as_path
+    from .pipeline import EVAL_CROPS, TRAIN_CROPS
+
+    if data_cfg.name not in SOURCES:
+        raise ValueError(f"data.name must be one of {SOURCES}, got {data_cfg.name!r}")
+    if data_cfg.train_crop not in TRAIN_CROPS:
+        raise ValueError(f"data.train_crop must be one of {TRAIN_CROPS}, got {data_cfg.train_crop!r}")
+    if data_cfg.eval_crop not in EVAL_CROPS:
+        raise ValueError(f"data.eval_crop must be one of {EVAL_CROPS}, got {data_cfg.eval_crop!r}")
+    if data_cfg.worker_count < 0:
+        raise ValueError(f"data.worker_count must be >= 0, got {data_cfg.worker_count}")
+    paths = {"cn_clip": ("root",), "tfds": ("builder_dir", "data_dir"), "webdataset": ("shards", "eval_shards")}
+    sub = data_cfg.get(data_cfg.name)
+    for key in paths.get(data_cfg.name, ()):
+        for part in str(sub[key]).split(",") if key.endswith("shards") else [sub[key]]:
+            if part.strip():
+                as_path(part.strip(), what=f"data.{data_cfg.name}.{key}")
 
 
 def _process_shard(process_index, process_count):
