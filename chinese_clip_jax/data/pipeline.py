@@ -267,6 +267,10 @@ def build_train_iterator(source: Sequence, *, batch_size: int, seed: int, image_
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     ds = ds.to_iter_dataset(read)
     if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                          per_worker_buffer_size=worker_buffer_size))
     samples = ds.__iter__()
