@@ -244,6 +244,9 @@ def test_random_resized_crop_is_cn_clips_window_and_deterministic():
     from chinese_clip_jax.processing import normalize_pixels
 
     np.testing.assert_array_equal(a, normalize_pixels(np.asarray(ref)))
+    big = _jpeg(6, (200, 200))  # jpeg_draft decodes at 1/4 scale (50 px >= S) and stays close
+    exact, fast = (ImageDecoder(S, "squash", jpeg_draft=d)(big) for d in (False, True))
+    assert fast.shape == exact.shape == (3, S, S) and 0 < np.abs(fast - exact).mean() < 0.2
     squash = ImageDecoder(S, "squash")(img)
     ref = PIL.Image.open(io.BytesIO(img)).convert("RGB").resize((S, S), PIL.Image.Resampling.BICUBIC)
     np.testing.assert_array_equal(squash, normalize_pixels(np.asarray(ref)))

@@ -39,6 +39,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
         "worker_buffer_size": 16,     # decoded samples each worker buffers
         "train_crop": "center",       # "center" | "random_resized" (cn_clip's augmentation) | "squash"
         "eval_crop": "center",        # "center" (transformers' processor) | "squash" (cn_clip's eval)
+        "jpeg_draft": False,          # training: decode big JPEGs at a reduced DCT scale (~2.4x faster)
         "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
         "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid",
                     "eval_max_texts": 1000},
@@ -123,7 +124,7 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, image_size: i
         source, batch_size=global_batch_size // shard_count, seed=seed, image_size=image_size,
         context_length=context_length, shard=shard, num_threads=data_cfg.num_threads,
         prefetch_buffer_size=data_cfg.prefetch_buffer_size, worker_count=data_cfg.worker_count,
-        worker_buffer_size=data_cfg.worker_buffer_size, crop=data_cfg.train_crop,
+        worker_buffer_size=data_cfg.worker_buffer_size, crop=data_cfg.train_crop, jpeg_draft=data_cfg.jpeg_draft,
         name=f"data[{data_cfg.name}]")
 
 

@@ -51,11 +51,13 @@ RANDOM_RESIZED_SCALE = (0.9, 1.0)  # cn_clip's training augmentation (timm, bicu
 RANDOM_RESIZED_RATIO = (3 / 4, 4 / 3)
 
 
-def _to_pil(image: Any) -> PIL.Image.Image:
+def _to_pil(image: Any, draft_size: int = 0) -> PIL.Image.Image:
     if isinstance(image, str):
         image = base64.urlsafe_b64decode(image)  # cn_clip's encoding; accepts plain base64 too
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = PIL.Image.open(io.BytesIO(image))
+        if draft_size and image.format == "JPEG":  # libjpeg's DCT scaling: decode at 1/2, 1/4, 1/8
+            image.draft("RGB", (draft_size, draft_size))
         image.load()
     if isinstance(image, np.ndarray):
         image = PIL.Image.fromarray(image)
@@ -93,13 +95,15 @@ class ImageDecoder:
     ChineseCLIPImageProcessor, identical output), "squash" (bicubic resize to s x s: cn_clip's
     eval transform) or "random_resized" (cn_clip's training crop: RandomResizedCrop with scale
     (0.9, 1.0), ratio (3/4, 4/3), bicubic; needs ``rng``). Arrays already (s, s, 3) uint8 are
-    only normalised under "center" and "squash".
+    only normalised under "center" and "squash". ``jpeg_draft``: JPEGs at least twice the
+    output size are decoded at a reduced scale (still >= s px a side) before resizing: ~2.4x
+    faster at 512 -> 224 px, pixels no longer identical to transformers' (a training option).
     """
 
-    def __init__(self, image_size: int, crop: str = "center"):
+    def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):
         if crop not in TRAIN_CROPS:
             raise ValueError(f"image crop must be one of {TRAIN_CROPS}, got {crop!r}")
-        self.image_size, self.crop = int(image_size), crop
+        self.image_size, self.crop, self.jpeg_draft = int(image_size), crop, bool(jpeg_draft)
         settings = ImageSettings(size={"shortest_edge": self.image_size},
                                  crop_size={"height": self.image_size, "width": self.image_size})
         self._processor = ChineseCLIPProcessor(image_settings=settings, num_threads=1).image_processor
@@ -109,7 +113,7 @@ class ImageDecoder:
         if (self.crop != "random_resized" and isinstance(image, np.ndarray) and image.shape == (s, s, 3)
                 and image.dtype == np.uint8):
             return normalize_pixels(image)
-        image = _to_pil(image)
+        image = _to_pil(image, s if self.jpeg_draft else 0)
         if self.crop == "center":
             return self._processor(image)[0]
         image = image.convert("RGB")
@@ -125,8 +129,8 @@ class ImageDecoder:
 class _Decode(grain.transforms.RandomMap):
     """grain map: raw record -> {"pixel_values", "text"} or {"bad": "where: why"} (never raises)."""
 
-    def __init__(self, image_size: int, crop: str = "center"):
-        self._image = ImageDecoder(image_size, crop)
+    def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):
+        self._image = ImageDecoder(image_size, crop, jpeg_draft)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         where = record.get("where", "?") if isinstance(record, dict) else "?"
@@ -247,7 +251,7 @@ def shard_range(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[i
 def build_train_iterator(source: Sequence, *, batch_size: int, seed: int, image_size: int,
                          context_length: int, shard: grain.sharding.ShardOptions,
                          num_threads: int = 2, prefetch_buffer_size: int = 256, worker_count: int = 0,
-                         worker_buffer_size: int = 16, crop: str = "center",
+                         worker_buffer_size: int = 16, crop: str = "center", jpeg_draft: bool = False,
                          name: str = "data") -> TrainIterator:
     """The pipeline above over ``source`` for one process; ``batch_size`` is host-local.
 
@@ -263,7 +267,7 @@ def build_train_iterator(source: Sequence, *, batch_size: int, seed: int, image_
     if end - start < 1:
         raise ValueError(f"{name}: {len(source)} records cannot feed {shard.shard_count} processes")
     ds = grain.MapDataset.source(source)[start:end]
-    ds = ds.shuffle(seed=seed).repeat(None).random_map(_Decode(image_size, crop), seed=seed)
+    ds = ds.shuffle(seed=seed).repeat(None).random_map(_Decode(image_size, crop, jpeg_draft), seed=seed)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     ds = ds.to_iter_dataset(read)
     if worker_count:

@@ -35,6 +35,7 @@ def recipe(name: str):
     c.model.remat = remat
     c.data = base.default_data_config("tfds")
     c.data.train_crop = "random_resized"
+    c.data.jpeg_draft = True  # training only: ~2.4x faster decoding of big JPEGs
     c.data.eval_crop = "squash"
     c.data.worker_count = 4
     c.data.tfds.split = "train"

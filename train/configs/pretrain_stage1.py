@@ -28,6 +28,7 @@ def get_config():
     c.optimizer.update(lr=1e-4, warmup_steps=5000, weight_decay=1e-3, b1=0.9, b2=0.98, eps=1e-6)
     c.data = base.default_data_config("tfds")
     c.data.train_crop = "random_resized"
+    c.data.jpeg_draft = True  # training only: ~2.4x faster decoding of big JPEGs
     c.data.eval_crop = "center"
     c.data.worker_count = 8
     c.data.tfds.split = "train"
