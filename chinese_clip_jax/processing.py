@@ -296,11 +296,32 @@ class ImagePreprocessor:
         return self._normalize(np.asarray(img))
 
     def _normalize(self, arr: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (3, H, W) float32 via the per-channel table."""
-        out = np.empty((3,) + arr.shape[:2], np.float32)
-        for c in range(3):
-            np.take(self._table[c], arr[..., c], out=out[c])
-        return out
+        return apply_normalize_table(arr, self._table)
+
+
+def apply_normalize_table(images: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) through a (3, 256) table from
+    ``_normalize_table``: the one place pixels are rescaled and normalized."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[-1:] != (3,):
+        raise ValueError(f"expected uint8 (..., H, W, 3) pixels, got {images.dtype} {images.shape}")
+    out = np.empty(images.shape[:-3] + (3,) + images.shape[-3:-1], np.float32)
+    for c in range(3):
+        np.take(table[c], images[..., c], out=out[..., c, :, :])
+    return out
+
+
+_DEFAULT_TABLE = None
+
+
+def normalize_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) with transformers' default settings
+    (``x * (1/255)`` in float64, cast, then ``(x - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD`` in
+    float32): bit-equal to ``ChineseCLIPImageProcessor`` without resize and crop."""
+    global _DEFAULT_TABLE
+    if _DEFAULT_TABLE is None:
+        _DEFAULT_TABLE = _normalize_table(1 / 255, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return apply_normalize_table(images, _DEFAULT_TABLE)
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:

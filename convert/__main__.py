@@ -13,6 +13,7 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 
 
@@ -36,18 +37,29 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
     from chinese_clip_jax.conversion import mapping
+    from chinese_clip_jax.paths import as_path, copy_tree, is_local
 
     start = time.perf_counter()
     try:
-        cfg, params, kind, directory = conversion.load_params(args.src, arch=args.arch)
-        params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
-        if args.to == "hf":
-            if os.path.exists(os.path.join(args.out, "model.safetensors")):
-                raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
-            conversion.save_pretrained(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
-        else:
-            conversion.save_flax(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: clear message, no traceback
+        # gs://... SRC / OUT (epath): checked first, then staged through a local temp dir
+        remote_src = None if is_local(args.src) else as_path(args.src, what="SRC")
+        remote_out = None if is_local(args.out) else as_path(args.out, what="OUT")
+        with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:
+            src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
+            out = os.path.join(tmp, "out") if remote_out else args.out
+            if remote_out and (remote_out / "config.json").exists():
+                raise FileExistsError(f"{args.out} already holds a checkpoint; choose an empty directory")
+            cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
+            params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
+            if args.to == "hf":
+                if os.path.exists(os.path.join(out, "model.safetensors")):
+                    raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
+                conversion.save_pretrained(out, cfg, params, dtype=args.dtype, processor_from=directory)
+            else:
+                conversion.save_flax(out, cfg, params, dtype=args.dtype, processor_from=directory)
+            if remote_out:
+                copy_tree(as_path(out), remote_out)
+    except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_params = sum(x.size for x in mapping.flatten(params).values())

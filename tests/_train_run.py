@@ -1,6 +1,6 @@
 """Runs ``train()`` on a tiny model and the demo data, optionally disturbing it.
 
-    python tests/_train_run.py WORKDIR TOTAL_STEPS [--kill9-after-checkpoint N --at-batch B]
+    python tests/_train_run.py WORKDIR TOTAL_STEPS [--kill9-after-checkpoint N --at-batch B] [--tfds-dir DIR]
 
 With ``--kill9-after-checkpoint N --at-batch B`` the process SIGKILLs itself when fetching
 batch B, after checkpoint N is complete on disk (so the kill lands between checkpoints).
@@ -90,10 +90,14 @@ def main():
     ap.add_argument("total_steps", type=int)
     ap.add_argument("--kill9-after-checkpoint", type=int, default=0)
     ap.add_argument("--at-batch", type=int, default=0)
+    ap.add_argument("--tfds-dir", default="", help="train on this TFDS directory instead of the demo set")
     args = ap.parse_args()
     from chinese_clip_jax.training.loop import train
 
     config = tiny_train_config(args.total_steps)
+    if args.tfds_dir:
+        config.data.name = "tfds"
+        config.data.tfds.builder_dir = args.tfds_dir
 
     def hook(index, batch):
         if args.kill9_after_checkpoint and index == args.at_batch:

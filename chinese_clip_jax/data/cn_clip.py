@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import TextEncoder
+from .pipeline import LazyImages, TextEncoder, check_image
 
-__all__ = ["TsvImages", "LmdbImages", "PairSource", "ImagesById", "open_source", "eval_sets"]
+__all__ = ["TsvImages", "LmdbImages", "PairSource", "open_source", "eval_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ class TsvImages:
                     key = line[:tab].decode("utf-8", "replace").strip()
                     self._index[key] = (offset, len(line), line_no)
                 offset += len(line)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __getstate__(self):  # grain worker processes reopen the file
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __contains__(self, image_id) -> bool:
@@ -221,33 +228,10 @@ def open_source(c, split: str) -> PairSource:
     return PairSource(images, pairs, skipped[0])
 
 
-class ImagesById:
-    """A lazy image list: ``seq[i]`` -> the base64 image ``ids[i]`` read from ``images`` on demand."""
-
-    def __init__(self, images, ids: list[str]):
-        self.images, self.ids = images, list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> str:
-        return self.images[self.ids[i]][0]
-
-
-def _check_image(b64: str) -> None:
-    """Raises if the base64 text is not an image PIL can identify (cheap: no full decode)."""
-    import base64
-
-    import PIL.Image
-
-    with PIL.Image.open(io.BytesIO(base64.urlsafe_b64decode(b64))) as im:
-        im.verify()
-
-
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """{"retrieval": ...} over the first ``eval_max_texts`` captions of ``eval_split``.
 
-    images: a lazy ``ImagesById`` of every image those captions name (decoded batch by batch at
+    images: a lazy ``LazyImages`` of every image those captions name (decoded batch by batch at
     evaluation; images PIL cannot identify dropped with a warning), input_ids/attention_mask
     int32 (n_texts, L), texts, and text_to_images: indices of each caption's images. Captions
     left with no image are dropped. ``image_size`` is unused (the evaluator decodes).
@@ -263,7 +247,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
         for image_id in map(str, image_ids):
             if image_id not in slot:
                 try:
-                    _check_image(images[image_id][0])
+                    check_image(images[image_id][0])
                     ids.append(image_id)
                     slot[image_id] = len(ids) - 1
                 except Exception as e:  # noqa: BLE001 - a broken eval image is dropped, not fatal
@@ -276,5 +260,5 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             positives.append(mine)
     if not texts:
         raise ValueError(f"cn_clip: split {c.eval_split!r} under {c.root} gave no usable eval pairs")
-    return {"retrieval": {"images": ImagesById(images, ids), **TextEncoder(context_length)(texts),
+    return {"retrieval": {"images": LazyImages(images, ids, 0), **TextEncoder(context_length)(texts),
                           "texts": texts, "text_to_images": positives}}

@@ -7,8 +7,8 @@ with random access (an index of member offsets is built once), so grain can shuf
 A key with no image or no caption, or a truncated tar, is logged, skipped and counted in
 ``skipped_at_index``; an undecodable image or caption is skipped later by the pipeline.
 
-Config keys (``data.webdataset.*``): ``shards`` (comma-separated paths, globs or brace ranges,
-e.g. "/data/{00000..00099}.tar"), ``eval_shards`` (same, for retrieval eval; "" = none),
+Config keys (``data.webdataset.*``): ``shards`` (comma-separated paths, globs, brace ranges and
+alternations, e.g. "/data/{00000..00099}.tar" or "gs://b/{laion,wukong}/{000..009}.tar"), ``eval_shards`` (same, for retrieval eval; "" = none),
 ``caption_keys`` (e.g. "txt,json"), ``eval_max_samples``.
 """
 
@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import tarfile
 import threading
@@ -26,21 +27,75 @@ import threading
 import numpy as np
 import PIL.Image
 
-from .pipeline import TextEncoder
+from .pipeline import LazyImages, TextEncoder, check_image
 
-__all__ = ["expand_shards", "TarSource", "eval_sets"]
+__all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# One packed row per sample: 29 bytes of index (the tar header holds the key; read on demand).
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("image_offset", "<u8"), ("image_size", "<u4"),
+                        ("caption_offset", "<u8"), ("caption_size", "<u4"), ("kind", "u1")])
+
+
+def _split_top_level(spec: str, sep: str = ",") -> list[str]:
+    """Splits on ``sep`` outside braces: "a,{b,c}" -> ["a", "{b,c}"]."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style braces, in order: ranges "{000..002}" (zero-padded as written) and
+    alternations "{a,b}", nested and combined: "s{1..2}{x,y}" -> s1x s1y s2x s2y."""
+    depth, open_at = 0, None
+    for i, ch in enumerate(pattern):
+        if ch == "{":
+            if depth == 0:
+                open_at = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:open_at], pattern[open_at + 1:i], pattern[i + 1:]
+                m = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+                if m:
+                    width = len(m.group(1))
+                    options = [str(k).zfill(width) for k in range(int(m.group(1)), int(m.group(2)) + 1)]
+                elif "," in body:
+                    options = [o for alt in _split_top_level(body) for o in expand_braces(alt)]
+                else:
+                    continue  # a literal {word}
+                return [x for o in options for x in expand_braces(head + o + tail)]
+    return [pattern]
 
 
 def expand_shards(spec: str) -> list[str]:
-    """"a.tar,dir/*.tar,s/{000..002}.tar" -> sorted-per-pattern existing paths (errors name the missing)."""
+    """"a.tar,dir/*.tar,s/{000..002}.tar,{x,y}.tar" -> existing shard paths, in order
+    (globs sorted per pattern; local or any epath scheme; errors name the missing one)."""
+    from ..paths import as_path, is_local
+
     paths = []
-    for pattern in (p.strip() for p in str(spec).split(",") if p.strip()):
-        for expanded in _expand_braces(pattern):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-            if not matches or not all(os.path.isfile(m) for m in matches):
+    for pattern in _split_top_level(str(spec)):
+        for expanded in expand_braces(pattern):
+            base = as_path(expanded, what="data.webdataset.shards")
+            if glob.has_magic(expanded):
+                if is_local(expanded):
+                    matches = sorted(glob.glob(os.fspath(base)))
+                else:
+                    anchor = next(i for i, part in enumerate(base.parts) if glob.has_magic(part))
+                    root = type(base)(*base.parts[:anchor])
+                    matches = sorted(str(m) for m in root.glob("/".join(base.parts[anchor:])))
+            else:
+                matches = [expanded if not is_local(expanded) else os.fspath(base)]
+            if not matches or not all(as_path(m).is_file() for m in matches):
                 raise FileNotFoundError(f"webdataset: shard {expanded!r} (from {pattern!r}) does not exist")
             paths.extend(matches)
     if not paths:
@@ -48,46 +103,66 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-    out = []
-    for i in range(lo, hi + 1):
-        out.extend(_expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():]))
-    return out
-
-
 def _split_key(name: str) -> tuple[str, str]:
-    directory, base = os.path.split(name)
+    directory, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
-    return os.path.join(directory, stem), ext.lower()
+    return posixpath.join(directory, stem), ext.lower()
 
 
 class TarSource:
-    """Random-access samples of tar shards: ``src[i]`` -> {"image": bytes, "text", "where"}."""
+    """Random-access samples of tar shards: ``src[i]`` -> {"image": bytes, "text", "where"}.
 
-    def __init__(self, shards: str, caption_keys: str = "txt,json"):
-        self.paths = expand_shards(shards)
+    With ``shard`` (grain ShardOptions) and at least as many tar files as processes, this
+    process indexes only its own files (file i goes to process i % count) and
+    ``is_process_shard`` is True; otherwise every file is indexed and the pipeline splits the
+    samples. The index is one packed ``INDEX_DTYPE`` row (29 bytes) per sample.
+    """
+
+    def __init__(self, shards: str, caption_keys: str = "txt,json", shard=None, progress: bool = True):
+        paths = expand_shards(shards)
+        self.is_process_shard = shard is not None and shard.shard_count > 1 and len(paths) >= shard.shard_count
+        if self.is_process_shard:
+            paths = paths[shard.shard_index::shard.shard_count]
+        self.paths = paths
         self.caption_keys = [k.strip().lower() for k in str(caption_keys).split(",") if k.strip()]
         self.skipped_at_index = 0
-        # one row per sample: (shard, image offset, image size, caption offset, caption size, caption kind)
-        rows, self._names = [], []
-        for shard, path in enumerate(self.paths):
+        parts = []
+        bar = None
+        if progress and len(paths) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), desc="index webdataset", unit="shard", leave=False, mininterval=2.0)
+        for shard_no, path in enumerate(paths):
+            rows = []
             for key, members in self._index_tar(path).items():
                 image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
                 kind = next((k for k in self.caption_keys if k in members), None)
                 if image is None or kind is None:
                     self._skip(f"{path}:{key}", f"no {'image' if image is None else 'caption'} member")
                     continue
-                rows.append((shard, *image, *members[kind], self.caption_keys.index(kind)))
-                self._names.append(f"{path}:{key}")
-        if not rows:
+                rows.append((shard_no, *image, *members[kind], self.caption_keys.index(kind)))
+            parts.append(np.array(rows, INDEX_DTYPE))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self._rows = np.concatenate(parts) if parts else np.zeros(0, INDEX_DTYPE)
+        if not len(self._rows):
             raise ValueError(f"webdataset: no (image, caption) samples in {self.paths[:3]}...")
-        self._rows = np.asarray(rows, np.int64)
-        self._fds: dict[int, int] = {}
+        self._files: dict[int, object] = {}
         self._lock = threading.Lock()
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of index held for this process's samples."""
+        return self._rows.nbytes
+
+    def __getstate__(self):  # grain worker processes reopen the files
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._files, self._lock = {}, threading.Lock()
 
     def _skip(self, where: str, why: str) -> None:
         self.skipped_at_index += 1
@@ -95,9 +170,11 @@ class TarSource:
             logger.warning("webdataset: skipping %s: %s", where, why)
 
     def _index_tar(self, path: str) -> dict[str, dict[str, tuple[int, int]]]:
+        from ..paths import as_path
+
         members: dict[str, dict[str, tuple[int, int]]] = {}
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with as_path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
                     if info.isfile():
                         key, ext = _split_key(info.name)
@@ -112,44 +189,60 @@ class TarSource:
         return len(self._rows)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(shard)
-        if fd is None:
+        from ..paths import as_path, is_local
+
+        f = self._files.get(shard)
+        if f is None:
             with self._lock:
-                if shard not in self._fds:
-                    self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                fd = self._fds[shard]
-        data = os.pread(fd, size, offset)
+                if shard not in self._files:
+                    path = self.paths[shard]
+                    self._files[shard] = (os.open(path, os.O_RDONLY) if is_local(path)
+                                          else as_path(path).open("rb"))
+                f = self._files[shard]
+        if isinstance(f, int):
+            data = os.pread(f, size, offset)
+        else:
+            with self._lock:
+                f.seek(offset)
+                data = f.read(size)
         if len(data) != size:
             raise OSError(f"short read ({len(data)} of {size} bytes)")
         return data
 
-    def __getitem__(self, index: int) -> dict:
-        shard, img_off, img_size, cap_off, cap_size, kind = (int(x) for x in self._rows[index])
-        where = self._names[index]
+    @staticmethod
+    def _key_of(header: bytes, offset: int) -> str:
         try:
-            image = self._read(shard, img_off, img_size)
-            raw = self._read(shard, cap_off, cap_size).decode("utf-8")
-            text = json.loads(raw).get("caption") if self.caption_keys[kind] == "json" else raw.strip()
+            return _split_key(tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape").name)[0]
+        except tarfile.HeaderError:  # not a plain ustar header: the offset names the sample instead
+            return f"@{offset}"
+
+    def key(self, index: int) -> str:
+        """The sample's webdataset key, read from its image member's tar header."""
+        row = self._rows[index]
+        offset = int(row["image_offset"])
+        return self._key_of(self._read(int(row["shard"]), offset - tarfile.BLOCKSIZE, tarfile.BLOCKSIZE), offset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._rows[index]
+        shard, offset, size = int(row["shard"]), int(row["image_offset"]), int(row["image_size"])
+        where = f"{self.paths[shard]}@{offset}"
+        try:  # the image's tar header (its key, for messages) and data in one read
+            block = self._read(shard, offset - tarfile.BLOCKSIZE, size + tarfile.BLOCKSIZE)
+            where = f"{self.paths[shard]}:{self._key_of(block[:tarfile.BLOCKSIZE], offset)}"
+            image = block[tarfile.BLOCKSIZE:]
+            raw = self._read(shard, int(row["caption_offset"]), int(row["caption_size"])).decode("utf-8")
+            kind = self.caption_keys[int(row["kind"])]
+            text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
         return {"image": image, "text": text, "where": where}
 
     def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
-
-class _Images:
-    """Lazy eval images: ``seq[i]`` -> the encoded image bytes of record ``indices[i]``."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[self.indices[i]]["image"]
+        for f in getattr(self, "_files", {}).values():
+            if isinstance(f, int):
+                os.close(f)
+            else:
+                f.close()
 
 
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
@@ -169,8 +262,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
         try:
             if record.get("error") or not record["text"]:
                 raise ValueError(record.get("error") or "empty caption")
-            with PIL.Image.open(io.BytesIO(record["image"])) as im:
-                im.verify()
+            check_image(record["image"])
             indices.append(i)
             texts.append(record["text"])
         except Exception as e:  # noqa: BLE001 - a broken eval sample is dropped, not fatal
@@ -180,6 +272,6 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     by_text: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
         by_text.setdefault(t, []).append(i)
-    images = _Images(source, indices)
+    images = LazyImages(source, indices, "image")
     return {"retrieval": {"images": images, **TextEncoder(context_length)(texts),
                           "texts": texts, "text_to_images": [by_text[t] for t in texts]}}

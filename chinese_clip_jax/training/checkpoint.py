@@ -99,7 +99,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int = 3, async_save: bool = True):
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        from ..paths import as_path
+
+        self.directory = as_path(directory, what="checkpoint directory")  # local or gs://...
         self.every = int(every)
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -45,7 +45,7 @@ class Evaluator:
         self.encoder = Encoder(model, None, mesh, param_shardings=param_shardings, batch_size=chunk)
         self.predictions: dict[str, np.ndarray] = {}  # zero-shot set -> top-1 class per image, last call
         size = model.config.vision_config.image_size
-        self._decode = ImageDecoder(size, resize_mode="squash" if resize_mode == "squash" else "processor")
+        self._decode = ImageDecoder(size, crop="squash" if resize_mode == "squash" else "center")
 
     def _preprocess(self, chunk, start):
         return np.stack([self._decode(x) for x in chunk])

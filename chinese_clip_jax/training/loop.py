@@ -10,6 +10,7 @@ shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -48,50 +49,68 @@ def build_model_config(model_cfg) -> ChineseCLIPConfig:
 
 
 class _Preemption:
-    """Records SIGTERM; the loop saves and stops at the next step boundary (all processes agree)."""
+    """Says when to save and stop after SIGTERM (a preemption notice), at the same step on every process.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+    point (``multihost_utils.reached_preemption_sync_point``: the coordination service's
+    notifier catches SIGTERM on any host and agrees on a step), with no per-step collective.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._sync_point = jax.process_count() > 1 and _preemption_service_running()
+        self._previous = None
+        if not self._sync_point:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int) -> bool:
+        if self._sync_point:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # no preemption service: agree by all-gather
 
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_running() -> bool:
+    from jax._src import distributed
+
+    return (distributed.global_state.client is not None
+            and distributed.global_state.preemption_sync_manager is not None)
 
 
 class _Logger:
     """metrics.jsonl + TensorBoard, on process 0 only."""
 
-    def __init__(self, workdir: str, resume_step: int):
+    def __init__(self, workdir, resume_step: int):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir / "metrics.jsonl"
         self._tb = None
-        if self.active and os.path.exists(self.path):
+        if self.active and self.path.exists():
             self._truncate(resume_step)
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def _truncate(self, resume_step: int) -> None:
         """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
         if len(keep) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            tmp.replace(self.path)
 
     def image(self, tag: str, image, step: int) -> None:
         """An RGB uint8 (H, W, 3) image to TensorBoard."""
@@ -102,7 +121,7 @@ class _Logger:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
             self._tb.add_scalar(k, v, step)
@@ -123,7 +142,18 @@ class TrainResult(dict):
 def _load_init(config, dtype, scan_layers):
     import chinese_clip_jax as ccj
 
-    model, params = ccj.from_pretrained(config.init_from, dtype=dtype, scan_layers=scan_layers)
+    from ..paths import as_path, copy_tree, is_local
+
+    src = config.init_from
+    if is_local(src):  # a local path or a hub id
+        model, params = ccj.from_pretrained(src, dtype=dtype, scan_layers=scan_layers)
+        return model.config, params
+    import tempfile
+
+    remote = as_path(src, what="init_from")
+    with tempfile.TemporaryDirectory(prefix="ccj-init-") as tmp:  # a gs:// checkpoint, copied once
+        local = copy_tree(remote, as_path(tmp) / remote.name)
+        model, params = ccj.from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers)
     return model.config, params
 
 
@@ -133,9 +163,15 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     ``data_iter`` / ``eval_sets`` replace ``chinese_clip_jax.data``'s (tests); a replacement
     iterator must yield this process's numpy batches and have ``get_state`` / ``set_state``.
     """
+    from ..data import check_config as check_data_config
+    from ..paths import as_path
+
     t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = as_path(workdir, what="workdir")  # a bad scheme or missing backend fails here, first
+    if "://" in str(config.get("init_from") or ""):
+        as_path(config.init_from, what="init_from")
+    check_data_config(config.data)
+    workdir.mkdir(parents=True, exist_ok=True)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     dtype = DTYPES[config.dtype]
@@ -168,7 +204,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
 
         data_iter = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         image_size=image_size, context_length=config.context_length)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint_every,
                         max_to_keep=config.get("keep_checkpoints", 3))
     start = ckpt.latest_step() or 0
     if start:
@@ -181,7 +217,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             from .. import data
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
-        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode=config.eval_resize_mode,
+        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode="squash" if config.data.eval_crop == "squash" else "crop",
                                progress=progress and jax.process_index() == 0) if eval_sets else None)
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
@@ -189,7 +225,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     log = _Logger(workdir, start)
     preempt = _Preemption()
     result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
-                         checkpoint_dir=ckpt.directory, chance=evaluator.chance() if evaluator else None)
+                         checkpoint_dir=str(ckpt.directory), chance=evaluator.chance() if evaluator else None)
 
     def run_eval(step):
         metrics = evaluator(state.params)
@@ -233,7 +269,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             pending.append((step, metrics))
             log_now = step % config.log_every == 0 or step == config.total_steps
             eval_now = evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps)
-            stop_now = preempt.should_stop()
+            stop_now = preempt.should_stop(step)
             sync = log_now or eval_now or stop_now or ckpt.should_save(step)  # log_now: also the last step
             read_pending(0 if sync else 1)
             dt = time.perf_counter() - t0
@@ -268,26 +304,28 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         ckpt.close()
         log.close()
     if config.get("export_hf") and not result["stopped_early"]:
-        result["export_dir"] = _export_hf(model_config, state.params, os.path.join(workdir, "hf"))
+        result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(step=step, steps_run=step - start, wall_s=time.time() - t_start,
                   samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
     return result
 
 
-def _write_figure(workdir: str, config, evaluator, log, step: int) -> str | None:
+def _write_figure(workdir, config, evaluator, log, step: int) -> str | None:
     """DIR/demo.png (demo data) or DIR/summary.png, and the same picture in TensorBoard."""
     if jax.process_index() != 0:
         return None
     from .figures import run_figure
 
-    with open(log.path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in log.path.read_text(encoding="utf-8").splitlines() if line.strip()]
     image = run_figure(rows, evaluator.sets, evaluator.predictions)
-    path = os.path.join(workdir, "demo.png" if config.data.name == "demo" else "summary.png")
-    image.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    path = workdir / ("demo.png" if config.data.name == "demo" else "summary.png")
+    tmp = path.with_name(path.name + ".tmp")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
     log.image("summary", np.asarray(image), step)
-    return path
+    return str(path)
 
 
 def _export_hf(model_config, params, path: str) -> str:

@@ -9,8 +9,9 @@ Metric names are shown as logged (``zeroshot/top1``); a data source may give the
 from __future__ import annotations
 
 import json
-import os
 import re
+
+from ..paths import as_path
 
 __all__ = ["format_report", "print_report", "metric_labels"]
 
@@ -28,16 +29,14 @@ def _is_eval_key(key: str) -> bool:
     return "/" in key and not key.startswith(("train/", "data/"))
 
 
-def _from_metrics_file(workdir: str) -> tuple[dict | None, dict | None, float]:
+def _from_metrics_file(workdir) -> tuple[dict | None, dict | None, float]:
     """(first eval, last eval, last logged samples/s) from workdir/metrics.jsonl."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = as_path(workdir) / "metrics.jsonl"
     first = last = None
     sps = float("nan")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
                 rec = json.loads(line)
                 evals = {k: v for k, v in rec.items() if _is_eval_key(k)}
                 if evals:
@@ -77,11 +76,11 @@ def format_report(result: dict, config, workdir: str) -> str:
             lines.append(f"{labels.get(key, key):{width}s} {first.get(key, float('nan')):9.3f} {last[key]:9.3f} "
                          f"{'' if c is None else f'{c:8.3f}':>8s}")
     lines.append(f"checkpoint: {result['checkpoint_dir']}/{result['step']}")
-    lines.append(f"metrics:    {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')} "
-                 f"(TensorBoard: {os.path.join(os.path.abspath(workdir), 'tensorboard')})")
+    workdir = as_path(workdir)
+    lines.append(f"metrics:    {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")
     for name in ("demo.png", "summary.png"):
-        if os.path.exists(os.path.join(workdir, name)):
-            lines.append(f"picture:    {os.path.join(os.path.abspath(workdir), name)} (curves, held-out predictions)")
+        if (workdir / name).exists():
+            lines.append(f"picture:    {workdir / name} (curves, held-out predictions)")
     if result.get("export_dir"):
         lines.append(f"HF export: {result['export_dir']} (ccj.from_pretrained / transformers read it)")
     if result.get("stopped_early"):

@@ -18,11 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params and loss stay fp32
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
+    c.require_init_from = False  # True: refuse to start without init_from (fine-tuning recipes)
     c.context_length = 52
 
     c.log_every = 10
     c.eval_every = 0  # 0 = no evaluation
-    c.eval_resize_mode = "crop"  # eval images: "crop" (shortest edge + center crop, as training) or "squash" (cn_clip eval)
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.export_hf = False  # at the end, also write DIR/hf (config.json + model.safetensors, ccj.save_pretrained)

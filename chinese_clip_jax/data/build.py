@@ -1,0 +1,234 @@
+"""Builds a TFDS dataset directory (ArrayRecord shards) from a cn_clip or webdataset split.
+
+    python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset} --split NAME [--num-shards N]
+
+SRC: for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``; for
+``webdataset``, shard paths/globs/braces (as ``data.webdataset.shards``). OUT (local or
+``gs://...``) receives ``dataset_info.json``, ``features.json`` and
+``ccj-{split}.array_record-0000i-of-0000n``; ``tfds.builder_from_directory(OUT)`` reads it and
+``--config.data.name=tfds --config.data.tfds.builder_dir=OUT`` trains on it. Several splits go
+into one OUT by running once per split; a split that already exists is refused (nothing is
+overwritten).
+
+One record per (image, text) pair; features ``image`` (the encoded file bytes as given,
+decoded on read), ``text``, ``image_id``, ``text_id``. Every image is decoded once with PIL
+while building (in ``--workers`` processes): undecodable images and empty captions are skipped
+and counted, and a summary is printed at the end.
+
+How it writes without TensorFlow: ``tfds.features.FeaturesDict.serialize_example`` (tfds'
+own example serializer, pure Python), ``array_record``'s ``ArrayRecordWriter`` for the shards
+(written to a local temp dir, then copied to OUT via epath, so any epath scheme works), and
+``tfds.core.DatasetInfo.write_to_directory`` for the metadata, written last, so a split only
+appears in OUT once its shards are complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterator
+
+__all__ = ["build", "features", "DATASET_NAME"]
+
+logger = logging.getLogger(__name__)
+DATASET_NAME = "ccj"
+FORMATS = ("cn_clip", "webdataset")
+
+
+def features():
+    """The FeaturesDict of a built dataset: image (encoded bytes), text, image_id, text_id."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(), "text": tfds.features.Text(),
+        "image_id": tfds.features.Text(), "text_id": tfds.features.Text()})
+
+
+def _cn_clip_records(src, split: str, skipped: list) -> Iterator[dict]:
+    from etils import epath
+
+    from .cn_clip import TsvImages, read_texts
+
+    root = epath.Path(src)
+    images = TsvImages(root / f"{split}_imgs.tsv", skipped)
+    for text_id, text, image_ids, where in read_texts(root / f"{split}_texts.jsonl", skipped):
+        for image_id in map(str, image_ids):
+            if image_id not in images:
+                yield {"error": f"image id {image_id} is not in {images.path}", "where": where}
+                continue
+            b64, img_where = images[image_id]
+            yield {"image": b64, "text": text, "image_id": image_id, "text_id": str(text_id),
+                   "where": f"{where} / {img_where}"}
+
+
+def _webdataset_records(src, skipped: list) -> Iterator[dict]:
+    from .webdataset import TarSource
+
+    source = TarSource(src)
+    skipped[0] += source.skipped_at_index
+    for i in range(len(source)):
+        record = source[i]
+        key = source.key(i)
+        yield {**record, "image_id": key, "text_id": key}
+
+
+def _check(record: dict) -> tuple[bytes | None, str]:
+    """Worker: record -> (serialized example, "") or (None, "where: why")."""
+    import PIL.Image
+
+    where = record.get("where", "?")
+    try:
+        if record.get("error"):
+            raise ValueError(record["error"])
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"caption must be a non-empty string, got {text!r}")
+        image = record["image"]
+        if isinstance(image, str):
+            image = base64.urlsafe_b64decode(image)  # cn_clip's encoding; plain base64 too
+        with PIL.Image.open(io.BytesIO(image)) as im:
+            im.load()
+        ex = {"image": image, "text": text, "image_id": record["image_id"], "text_id": record["text_id"]}
+        feats = _FEATURES or features()
+        return feats.serialize_example(feats.encode_example(ex)), ""
+    except Exception as e:  # noqa: BLE001 - a bad record is skipped and counted
+        return None, f"{where}: {type(e).__name__}: {e}"
+
+
+_FEATURES = None
+
+
+def _init_worker():
+    global _FEATURES
+    _FEATURES = features()
+
+
+def build(src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, workers: int = 1,
+          progress: bool = True) -> dict:
+    """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
+    {"split", "written", "skipped", "shards", "out"}."""
+    import tensorflow_datasets as tfds
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.core import dataset_info, file_adapters, naming
+    from tensorflow_datasets.core import splits as splits_lib
+
+    from ..paths import as_path
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if num_shards < 1 or workers < 1:
+        raise ValueError(f"--num-shards and --workers must be >= 1, got {num_shards}, {workers}")
+    if not split or not split.replace("_", "").isalnum():
+        raise ValueError(f"--split must be a name like 'train' (letters, digits, _), got {split!r}")
+    out_path = as_path(out, what="OUT")
+    if fmt == "cn_clip":
+        src_path = as_path(src, what="SRC")
+        for name in (f"{split}_imgs.tsv", f"{split}_texts.jsonl"):
+            if not (src_path / name).exists():
+                raise FileNotFoundError(f"SRC: {src_path / name} does not exist (cn_clip split {split!r})")
+    existing = None
+    if (out_path / "dataset_info.json").exists():
+        existing = tfds.builder_from_directory(os.fspath(out_path)).info
+        if split in existing.splits:
+            raise FileExistsError(f"OUT: {out_path} already holds split {split!r}; choose another OUT or split")
+
+    skipped = [0]
+    records = (_cn_clip_records(src, split, skipped) if fmt == "cn_clip" else _webdataset_records(src, skipped))
+    reasons: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
+        template = naming.ShardedFileTemplate(data_dir=tmp, dataset_name=DATASET_NAME, split=split,
+                                              filetype_suffix="array_record")
+        paths = [template.sharded_filepath(shard_index=i, num_shards=num_shards) for i in range(num_shards)]
+        writers = [ArrayRecordWriter(os.fspath(p), "group_size:1") for p in paths]
+        lengths = [0] * num_shards
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"build {split}", unit="pair", dynamic_ncols=True, mininterval=1.0)
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker) if workers > 1 else None
+        _init_worker()
+        try:
+            results = pool.imap(_check, records, chunksize=32) if pool else map(_check, records)
+            written = 0
+            for example, why in results:
+                if example is None:
+                    skipped[0] += 1
+                    if len(reasons) < 10:
+                        logger.warning("build: skipping %s", why)
+                    reasons.append(why)
+                else:
+                    shard = written % num_shards  # round robin: shard sizes differ by at most one
+                    writers[shard].write(example)
+                    lengths[shard] += 1
+                    written += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(skipped=skipped[0], refresh=False)
+        finally:
+            if pool:
+                pool.terminate()
+            for w in writers:
+                w.close()
+            if bar is not None:
+                bar.close()
+        if not written:
+            raise ValueError(f"SRC {src!r}: no usable (image, text) pairs in split {split!r} "
+                             f"({skipped[0]} skipped; first: {reasons[:1]})")
+        out_path.mkdir(parents=True, exist_ok=True)
+        num_bytes = 0
+        for p in paths:  # shards first; dataset_info.json (what makes the split visible) last
+            num_bytes += os.path.getsize(p)
+            with open(p, "rb") as f_in, (out_path / p.name).open("wb") as f_out:
+                shutil.copyfileobj(f_in, f_out, 16 << 20)
+    out_template = naming.ShardedFileTemplate(data_dir=out_path, dataset_name=DATASET_NAME, split=split,
+                                              filetype_suffix="array_record")
+    split_info = splits_lib.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
+                                      filename_template=out_template)
+    splits = [split_info] + (list(existing.splits.values()) if existing else [])
+    info = dataset_info.DatasetInfo(
+        builder=dataset_info.DatasetIdentity(name=DATASET_NAME, version="1.0.0", data_dir=os.fspath(out_path),
+                                             module_name=""),
+        features=features(),
+        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {fmt} {src}")
+    info.set_splits(splits_lib.SplitDict(splits))
+    info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
+    info.write_to_directory(out_path)
+    return {"split": split, "written": written, "skipped": skipped[0], "shards": num_shards,
+            "out": os.fspath(out_path)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="cn_clip dataset directory, or webdataset shards (paths, globs, braces)")
+    ap.add_argument("out", help="TFDS dataset directory to write (local or gs://...)")
+    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap.add_argument("--split", required=True, help="split name, e.g. train / valid / test")
+    ap.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files for this split")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="processes decoding images to check them")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = build(args.src, args.out, fmt=args.format, split=args.split, num_shards=args.num_shards,
+                        workers=args.workers)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, ensure_ascii=False))
+    print(f"wrote {summary['written']} pairs ({summary['skipped']} skipped) into split {args.split!r} of "
+          f"{summary['out']} in {summary['shards']} ArrayRecord shard(s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

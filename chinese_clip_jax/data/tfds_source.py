@@ -1,0 +1,145 @@
+"""TFDS datasets (ArrayRecord, random access, no TensorFlow) as training and eval sources.
+
+Either a directory written by ``python -m chinese_clip_jax.data.build`` (or any TFDS dataset
+directory: ``tfds.builder_from_directory``), or a prepared TFDS dataset by name:
+
+    --config.data.name=tfds --config.data.tfds.builder_dir=OUT --config.data.tfds.split=train
+    --config.data.name=tfds --config.data.tfds.name=my_pairs --config.data.tfds.data_dir=~/tensorflow_datasets
+
+Config keys (``data.tfds.*``): ``builder_dir``, or ``name`` (e.g. "my_pairs" or
+"my_pairs:1.0.0") with ``data_dir``; ``split`` (training split, any TFDS split string such as
+"train[:90%]"); ``eval_split`` (in-training retrieval; "" = none); ``eval_max_samples``;
+``image_key`` / ``text_key`` (feature names, default "image" / "text"). The image feature is
+read as its encoded bytes (``tfds.decode.SkipDecoding``) and decoded in the pipeline's workers
+with the processor, so pixels are those of ``ChineseCLIPImageProcessor``; an image stored as a
+uint8 array is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+__all__ = ["TfdsSource", "open_builder", "eval_sets"]
+
+logger = logging.getLogger(__name__)
+
+
+def open_builder(c):
+    """The ``tfds`` builder ``c`` names (checked before anything is read)."""
+    import tensorflow_datasets as tfds
+
+    from ..paths import as_path
+
+    if c.builder_dir and c.name:
+        raise ValueError("data.tfds: set builder_dir or name (+ data_dir), not both")
+    if c.builder_dir:
+        path = as_path(c.builder_dir, what="data.tfds.builder_dir")
+        if not (path / "dataset_info.json").exists():
+            raise FileNotFoundError(f"data.tfds.builder_dir {c.builder_dir!r}: no dataset_info.json there "
+                                    f"(build one with python -m chinese_clip_jax.data.build)")
+        return tfds.builder_from_directory(str(path))
+    if c.name:
+        data_dir = str(as_path(c.data_dir, what="data.tfds.data_dir")) if c.data_dir else None
+        return tfds.builder(c.name, data_dir=data_dir)
+    raise ValueError("data.tfds: set data.tfds.builder_dir (a built directory) or data.tfds.name")
+
+
+def _check_keys(builder, c) -> bool:
+    """Validates image_key / text_key; returns whether the image feature is an encoded Image."""
+    import tensorflow_datasets as tfds
+
+    feats = builder.info.features
+    for key, what in ((c.image_key, "image_key"), (c.text_key, "text_key")):
+        if key not in feats:
+            raise KeyError(f"data.tfds.{what} {key!r} is not a feature of {builder.info.full_name} "
+                           f"(features: {sorted(feats.keys())})")
+    return isinstance(feats[c.image_key], tfds.features.Image)
+
+
+class TfdsSource:
+    """Random-access pairs of one split: ``src[i]`` -> {"image": bytes | uint8 array, "text", "where"}.
+
+    Picklable (grain worker processes reopen the split from ``c``).
+    """
+
+    def __init__(self, c, split: str):
+        self._c, self.split = c, split
+        self.skipped_at_index = 0
+        self._open()
+
+    def _open(self):
+        import tensorflow_datasets as tfds
+
+        builder = open_builder(self._c)
+        skip = _check_keys(builder, self._c)
+        decoders = {self._c.image_key: tfds.decode.SkipDecoding()} if skip else None
+        try:
+            self._ds = builder.as_data_source(self.split, decoders=decoders)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"data.tfds: split {self.split!r} not in {builder.info.full_name} "
+                             f"(splits: {sorted(builder.info.splits.keys())}): {e}") from e
+        self._name = builder.info.name
+
+    def __getstate__(self):
+        return {"_c": self._c, "split": self.split, "skipped_at_index": self.skipped_at_index}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict:
+        where = f"{self._name}/{self.split}[{index}]"
+        try:
+            record = self._ds[int(index)]
+            text = record[self._c.text_key]
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
+            image = record[self._c.image_key]
+            return {"image": image, "text": text, "where": where,
+                    **{k: record[k] for k in ("image_id", "text_id") if k in record}}
+        except Exception as e:  # noqa: BLE001 - reported as a skipped sample
+            return {"error": f"{type(e).__name__}: {e}", "where": where}
+
+
+def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+    """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_split``; images
+    held lazily (``LazyImages``: the evaluator decodes them batch by batch).
+
+    Images are deduplicated by ``image_id`` when the dataset has one; a text's positives are the
+    images paired with its ``text_id`` (or, without ids, with the same caption).
+    """
+    from .pipeline import LazyImages, TextEncoder, check_image
+
+    del image_size  # the evaluator decodes
+    if not c.eval_split:
+        return {}
+    source = TfdsSource(c, c.eval_split)
+    indices, image_slot, texts, text_slot, positives = [], {}, [], {}, []
+    for i in range(min(len(source), int(c.eval_max_samples))):
+        record = source[i]
+        try:
+            if record.get("error") or not record["text"]:
+                raise ValueError(record.get("error") or "empty caption")
+            image_key = record.get("image_id", i)
+            if image_key not in image_slot:
+                check_image(record["image"])
+                indices.append(i)
+                image_slot[image_key] = len(indices) - 1
+            text_key = record.get("text_id", record["text"])
+            if text_key not in text_slot:
+                text_slot[text_key] = len(texts)
+                texts.append(record["text"])
+                positives.append([])
+            if image_slot[image_key] not in positives[text_slot[text_key]]:
+                positives[text_slot[text_key]].append(image_slot[image_key])
+        except Exception as e:  # noqa: BLE001 - a broken eval sample is dropped, not fatal
+            logger.warning("tfds: dropping eval sample %s: %s", record["where"], e)
+    if not texts:
+        raise ValueError(f"data.tfds: no usable eval samples in split {c.eval_split!r}")
+    return {"retrieval": {"images": LazyImages(source, indices, "image"), **TextEncoder(context_length)(texts),
+                          "texts": texts, "text_to_images": positives}}

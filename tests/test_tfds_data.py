@@ -1,0 +1,373 @@
+"""TFDS/ArrayRecord build and source, webdataset at scale, crops and workers, epath routes.
+
+Tiny datasets written here: cn_clip TSV and webdataset shards built into TFDS directories and
+read back equal (through tfds' own reader), 4 simulated processes covering an epoch once,
+corrupt records skipped and counted, gs:// served by an in-memory fsspec filesystem.
+"""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from chinese_clip_jax.data import build as build_mod
+from chinese_clip_jax.data import default_data_config, eval_sets, train_iterator
+from chinese_clip_jax.data.pipeline import ImageDecoder, TextEncoder, random_resized_box
+
+S = 24
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _jpeg(seed: int, shape=(30, 40)) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, shape + (3,), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _write_cn_clip(root, n_good=6):
+    """train split: n_good pairs (one caption lists 2 images), 1 bad-base64 image, 1 caption naming a
+    missing image, 1 empty caption. Returns [(text, image bytes, image_id, text_id)] of the good pairs."""
+    images = {i: _jpeg(i) for i in range(n_good - 1)}
+    lines = [f"{i}\t{base64.urlsafe_b64encode(b).decode()}" for i, b in images.items()]
+    lines.append("77\t!!!not base64###")
+    (root / "train_imgs.tsv").write_text("\n".join(lines) + "\n")
+    caps = [(10 + i, f"第{i}张图", [i]) for i in range(n_good - 2)] + [(20, "两张图", [n_good - 2, 0])]
+    caps += [(30, "坏图", [77]), (31, "不存在", [999]), (32, "  ", [1])]
+    with open(root / "train_texts.jsonl", "w", encoding="utf-8") as f:
+        for tid, text, ids in caps:
+            f.write(json.dumps({"text_id": tid, "text": text, "image_ids": ids}, ensure_ascii=False) + "\n")
+    good = [(t, images[i], str(i), str(tid)) for tid, t, ids in caps[:n_good - 1] for i in ids]
+    return good
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _write_webdataset(root, n_shards=4, per_shard=3, corrupt=True):
+    """n_shards tars named a0.tar, b1.tar, ... with per_shard samples each (+ one broken JPEG in
+    shard 0). Returns ({key: (text, jpeg)}, spec with a brace alternation)."""
+    good, names = {}, []
+    for s in range(n_shards):
+        members = []
+        for k in range(per_shard):
+            key = f"{s:03d}{k:03d}"
+            img, text = _jpeg(100 + s * per_shard + k), f"样本{key}"
+            members += [(f"{key}.jpg", img), (f"{key}.txt", text.encode())]
+            good[key] = (text, img)
+        if corrupt and s == 0:
+            members += [("bad.jpg", b"\xff\xd8\xff not a jpeg"), ("bad.txt", "坏的".encode())]
+        name = f"{'abcd'[s % 4]}{s}.tar"
+        _tar(root / name, members)
+        names.append(name[:-4])
+    return good, str(root / ("{" + ",".join(names) + "}.tar"))
+
+
+def _read_back(out, split="train"):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(out))
+    ds = builder.as_data_source(split)
+    return builder, [ds[i] for i in range(len(ds))]
+
+
+def test_cn_clip_tsv_builds_a_tfds_dir_read_back_equal(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    good = _write_cn_clip(src)
+    assert build_mod.main([str(src), str(out), "--format", "cn_clip", "--split", "train", "--num-shards", "2",
+                           "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert summary["written"] == len(good) and summary["skipped"] == 3  # bad base64, missing id, empty caption
+    assert {"dataset_info.json", "features.json"} <= set(os.listdir(out))
+    assert sorted(f for f in os.listdir(out) if ".array_record-" in f) == [
+        "ccj-train.array_record-00000-of-00002", "ccj-train.array_record-00001-of-00002"]
+    builder, records = _read_back(out)
+    assert builder.info.splits["train"].num_examples == len(good)
+    got = sorted((r["text"].decode(), r["image_id"].decode(), r["text_id"].decode(), r["image"].tobytes())
+                 for r in records)  # tfds decodes the image feature on read
+    want = sorted((t, iid, tid, _decoded(img).tobytes()) for t, img, iid, tid in good)
+    assert got == want
+    # a second split goes into the same directory; an existing one is refused, nothing overwritten
+    before = (out / "dataset_info.json").read_text()
+    assert build_mod.main([str(src), str(out), "--format", "cn_clip", "--split", "train"]) == 2
+    assert "already holds split 'train'" in capsys.readouterr().err
+    assert (out / "dataset_info.json").read_text() == before
+    (src / "valid_imgs.tsv").write_text((src / "train_imgs.tsv").read_text())
+    (src / "valid_texts.jsonl").write_text((src / "train_texts.jsonl").read_text())
+    assert build_mod.main([str(src), str(out), "--format", "cn_clip", "--split", "valid", "--workers", "1"]) == 0
+    builder, _ = _read_back(out, "valid")
+    assert set(builder.info.splits.keys()) == {"train", "valid"}
+
+
+def test_webdataset_builds_a_tfds_dir_read_back_equal(tmp_path):
+    good, spec = _write_webdataset(tmp_path, n_shards=2)
+    out = tmp_path / "out"
+    summary = build_mod.build(spec, str(out), fmt="webdataset", split="train", progress=False)
+    assert summary["written"] == len(good) and summary["skipped"] == 1  # the broken JPEG
+    _, records = _read_back(out)
+    got = sorted((r["image_id"].decode(), r["text"].decode(), r["image"].tobytes()) for r in records)
+    assert got == sorted((k, t, _decoded(img).tobytes()) for k, (t, img) in good.items())
+
+
+def test_bad_build_arguments_exit_2_before_writing(tmp_path, capsys):
+    assert build_mod.main([str(tmp_path / "nope"), str(tmp_path / "out"), "--format", "cn_clip",
+                           "--split", "train"]) == 2
+    assert "train_imgs.tsv does not exist" in capsys.readouterr().err
+    assert build_mod.main([str(tmp_path), "ftp://host/out", "--format", "cn_clip", "--split", "train"]) == 2
+    assert "unsupported scheme ftp://" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    good, spec = _write_webdataset(root, n_shards=3, per_shard=4, corrupt=False)
+    build_mod.build(spec, str(root / "out"), fmt="webdataset", split="train", num_shards=2, progress=False)
+    build_mod.build(spec.replace(",c2", ""), str(root / "out"), fmt="webdataset", split="valid", progress=False)
+    return root / "out", good
+
+
+def _tfds_cfg(out, **kw):
+    cfg = default_data_config("tfds")
+    cfg.tfds.builder_dir = str(out)
+    cfg.num_threads, cfg.prefetch_buffer_size = 1, 4
+    cfg.update(kw)
+    return cfg
+
+
+def test_four_processes_see_every_sample_once_per_epoch(tfds_dir):
+    out, good = tfds_dir
+    expected = sorted(ImageDecoder(S)(img).tobytes() for _, img in good.values())  # 12 samples
+    seen = []
+    for p in range(4):
+        it = train_iterator(_tfds_cfg(out), global_batch_size=12, seed=3, image_size=S,
+                            process_index=p, process_count=4)
+        seen += [row.tobytes() for row in next(it)["pixel_values"]]  # 3 per process = its epoch
+        it.close()
+    assert sorted(seen) == expected
+
+
+def test_tfds_source_resumes_exactly_and_workers_give_the_same_batches(tfds_dir):
+    out, _ = tfds_dir
+    cfg = _tfds_cfg(out, train_crop="random_resized")
+    a = train_iterator(cfg, global_batch_size=4, seed=1, image_size=S, process_index=0, process_count=1)
+    first = [next(a) for _ in range(2)]
+    state = json.loads(json.dumps(a.get_state()))
+    rest = [next(a) for _ in range(3)]
+    b = train_iterator(cfg, global_batch_size=4, seed=1, image_size=S, process_index=0, process_count=1)
+    b.set_state(state)
+    for x, y in zip(rest, [next(b) for _ in range(3)]):
+        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    w = train_iterator(_tfds_cfg(out, train_crop="random_resized", worker_count=2), global_batch_size=4, seed=1,
+                       image_size=S, process_index=0, process_count=1)
+    for x in first + rest:  # decoding in grain worker processes changes nothing
+        np.testing.assert_array_equal(x["pixel_values"], next(w)["pixel_values"])
+    w.close()
+
+
+def test_tfds_eval_split_and_bad_keys(tfds_dir):
+    out, good = tfds_dir
+    sets = eval_sets(_with_eval(out), image_size=S)
+    r = sets["retrieval"]
+    assert len(r["texts"]) == r["pixel_values"].shape[0] == 8  # shards a0 and b1
+    assert r["text_to_images"] == [[i] for i in range(8)]
+    key = {t: k for k, (t, _) in good.items()}[r["texts"][0]]
+    np.testing.assert_array_equal(r["pixel_values"][0], ImageDecoder(S)(good[key][1]))
+    cfg = _tfds_cfg(out)
+    cfg.tfds.text_key = "caption"
+    with pytest.raises(KeyError, match="text_key 'caption' is not a feature"):
+        train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
+
+
+def _with_eval(out):
+    cfg = _tfds_cfg(out)
+    cfg.tfds.eval_split = "valid"
+    return cfg
+
+
+# ---------------------------------------------------------------- webdataset at scale
+
+def test_webdataset_processes_index_only_their_shards_compactly(tmp_path):
+    from chinese_clip_jax.data.webdataset import INDEX_DTYPE, TarSource, expand_braces
+
+    assert expand_braces("s{01..02}{x,y}/{a,b{c,d}}") == [
+        "s01x/a", "s01x/bc", "s01x/bd", "s01y/a", "s01y/bc", "s01y/bd",
+        "s02x/a", "s02x/bc", "s02x/bd", "s02y/a", "s02y/bc", "s02y/bd"]
+    good, spec = _write_webdataset(tmp_path, n_shards=4, per_shard=3, corrupt=False)
+    import grain
+
+    keys = []
+    for p in range(2):
+        src = TarSource(spec, shard=grain.sharding.ShardOptions(p, 2), progress=False)
+        assert src.is_process_shard and [os.path.basename(x) for x in src.paths] == (
+            ["a0.tar", "c2.tar"] if p == 0 else ["b1.tar", "d3.tar"])
+        assert src.index_bytes == len(src) * INDEX_DTYPE.itemsize and INDEX_DTYPE.itemsize <= 32
+        keys += [src.key(i) for i in range(len(src))]
+        rec = src[0]
+        assert (rec["text"], rec["image"]) == good[src.key(0)]
+    assert sorted(keys) == sorted(good)
+
+
+# ---------------------------------------------------------------- crops and pixels
+
+def test_random_resized_crop_is_cn_clips_window_and_deterministic():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = random_resized_box(400, 300, rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left and right <= 400 and 0 <= top and bottom <= 300
+        assert 0.9 * 120000 * 0.97 <= w * h <= 120000  # scale (0.9, 1.0), up to rounding
+    img = _jpeg(5, (60, 80))
+    dec = ImageDecoder(S, "random_resized")
+    a = dec(img, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, dec(img, np.random.default_rng(7)))
+    box = random_resized_box(80, 60, np.random.default_rng(7))
+    ref = PIL.Image.open(io.BytesIO(img)).convert("RGB").resize((S, S), PIL.Image.Resampling.BICUBIC, box=box)
+    from chinese_clip_jax.processing import normalize_pixels
+
+    np.testing.assert_array_equal(a, normalize_pixels(np.asarray(ref)))
+    big = _jpeg(6, (200, 200))  # jpeg_draft decodes at 1/4 scale (50 px >= S) and stays close
+    exact, fast = (ImageDecoder(S, "squash", jpeg_draft=d)(big) for d in (False, True))
+    assert fast.shape == exact.shape == (3, S, S) and 0 < np.abs(fast - exact).mean() < 0.2
+    squash = ImageDecoder(S, "squash")(img)
+    ref = PIL.Image.open(io.BytesIO(img)).convert("RGB").resize((S, S), PIL.Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(squash, normalize_pixels(np.asarray(ref)))
+
+
+def test_normalize_pixels_is_bit_equal_to_transformers():
+    from transformers import ChineseCLIPImageProcessor
+
+    from chinese_clip_jax.processing import normalize_pixels
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 17, 23, 3), dtype=np.uint8)
+    ref = ChineseCLIPImageProcessor(do_resize=False, do_center_crop=False)(
+        list(images), return_tensors="np")["pixel_values"]
+    out = normalize_pixels(images)
+    assert out.dtype == np.float32 and out.shape == (2, 3, 17, 23)
+    np.testing.assert_array_equal(out, ref)
+
+
+# ---------------------------------------------------------------- epath routes
+
+@pytest.fixture
+def fake_gcs():
+    """gs:// served by an in-memory fsspec filesystem (epath's fsspec backend, as with gcsfs)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol, root_marker = ("gs", "gcs"), ""
+        store, pseudo_dirs = {}, [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):  # "gs://bucket/x" -> "bucket/x", as gcsfs
+            path = str(path).split("://", 1)[-1]
+            return path.strip("/")
+
+    fsspec.register_implementation("gs", FakeGCS, clobber=True)
+    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+    from etils.epath import backend
+
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield FakeGCS
+    FakeGCS.store.clear()
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")
+    for name in ("gs", "gcs"):
+        registry._registry.pop(name, None)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
+    from chinese_clip_jax.data.webdataset import TarSource
+    from chinese_clip_jax.paths import as_path, copy_tree
+
+    good, _ = _write_webdataset(tmp_path, n_shards=2, per_shard=2, corrupt=False)
+    for name in ("a0.tar", "b1.tar"):
+        copy_tree(as_path(tmp_path / name), as_path(f"gs://bucket/wds/{name}"))
+    assert set(fake_gcs.store) >= {"bucket/wds/a0.tar", "bucket/wds/b1.tar"}
+    src = TarSource("gs://bucket/wds/{a0,b1}.tar", progress=False)  # indexed and read through epath
+    assert sorted((src[i]["text"], src[i]["image"]) for i in range(len(src))) == sorted(good.values())
+    assert TarSource("gs://bucket/wds/*.tar", progress=False).paths == ["gs://bucket/wds/a0.tar",
+                                                                        "gs://bucket/wds/b1.tar"]
+    # the builder writes a TFDS directory to gs://, readable once copied back
+    summary = build_mod.build("gs://bucket/wds/{a0,b1}.tar", "gs://bucket/ds", fmt="webdataset", split="train",
+                              progress=False)
+    assert summary["written"] == 4 and fake_gcs.store.get("bucket/ds/dataset_info.json") is not None
+    local = copy_tree(as_path("gs://bucket/ds"), as_path(tmp_path / "ds"))
+    _, records = _read_back(local)
+    assert sorted(r["text"].decode() for r in records) == sorted(t for t, _ in good.values())
+
+
+def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monkeypatch):
+    from chinese_clip_jax.training.loop import train
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from _train_run import tiny_train_config
+
+    monkeypatch.chdir(tmp_path)
+    import chinese_clip_jax.training.loop as loop
+
+    monkeypatch.setattr(loop, "create_train_state", lambda *a, **k: pytest.fail("built the train state"))
+    with pytest.raises(ValueError, match=r"workdir 'ftp://host/run': unsupported scheme ftp://"):
+        train(tiny_train_config(), "ftp://host/run")
+    with pytest.raises(ImportError, match="gs:// backend is not installed; pip install gcsfs"):
+        train(tiny_train_config(), "gs://bucket/run")  # no gcsfs here: named before anything
+    cfg = tiny_train_config(**{"data.name": "webdataset"})
+    cfg.data.webdataset.shards = "http://host/{0..3}.tar"
+    with pytest.raises(ValueError, match=r"data.webdataset.shards 'http://host/\{0..3\}.tar': unsupported"):
+        train(cfg, str(tmp_path / "run"))
+    assert os.listdir(tmp_path) == []  # no ./gs: or ./ftp: folder, no workdir
+    proc = subprocess.run([sys.executable, "-m", "convert", "s3x://b/model.pt", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "SRC 's3x://b/model.pt': unsupported scheme s3x://" in proc.stderr
+
+
+# ---------------------------------------------------------------- kill -9 on the TFDS source
+
+def _losses(workdir):
+    by_step = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                by_step[rec["step"]] = rec["train/loss"]
+    return by_step
+
+
+def test_cli_run_on_tfds_resumes_exactly_after_kill9(tfds_dir, tmp_path):
+    out, _ = tfds_dir
+    script = os.path.join(REPO, "tests", "_train_run.py")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    tfds_args = ["--tfds-dir", str(out)]
+    ref = str(tmp_path / "ref")
+    subprocess.run([sys.executable, script, ref, "6", *tfds_args], check=True, env=env, timeout=600)
+    work = str(tmp_path / "killed")
+    proc = subprocess.run([sys.executable, script, work, "6", *tfds_args, "--kill9-after-checkpoint", "4",
+                           "--at-batch", "6"], env=env, timeout=600)
+    assert proc.returncode == -9
+    assert max(_losses(work)) == 5
+    subprocess.run([sys.executable, script, work, "6", *tfds_args], check=True, env=env, timeout=600)
+    reference, resumed = _losses(ref), _losses(work)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step

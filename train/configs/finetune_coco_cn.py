@@ -1,0 +1,13 @@
+"""Fine-tuning on coco_cn as the paper / cn_clip's run_scripts do it (see finetune_recipes.py).
+
+    python -m chinese_clip_jax.data.build DATA/coco_cn build/coco_cn-tfds --format cn_clip --split train
+    python -m chinese_clip_jax.data.build DATA/coco_cn build/coco_cn-tfds --format cn_clip --split valid
+    python -m train --config train/configs/finetune_coco_cn.py --workdir build/ft-coco_cn \\
+        --config.init_from=CHECKPOINT --config.data.tfds.builder_dir=build/coco_cn-tfds
+"""
+
+from train.configs.finetune_recipes import recipe
+
+
+def get_config():
+    return recipe("coco_cn")
