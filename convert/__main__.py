@@ -20,6 +20,26 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def _remove_outputs(out: str, to: str, out_existed: bool) -> None:
+    """After a failed write: removes what this run created (nothing there was the user's, checked first)."""
+    import shutil
+
+    from chinese_clip_jax import conversion
+
+    for name in conversion.output_names(to):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if os.path.isdir(out):
+        for name in os.listdir(out):  # Orbax temp dirs of an interrupted save
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        if not out_existed and not os.listdir(out):
+            os.rmdir(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF dir, hub id, cn_clip .pt file, or a dir written by this command")
@@ -38,17 +58,23 @@ def main(argv=None) -> int:
     from chinese_clip_jax.conversion import mapping
 
     start = time.perf_counter()
+    # Never overwrite: every name this conversion may write is checked before any work.
+    existing = [n for n in conversion.output_names(args.to) if os.path.lexists(os.path.join(args.out, n))]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        existing = [""]
+    if existing:
+        print(f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "
+              "new or empty output directory", file=sys.stderr)
+        return 2
+    out_existed = os.path.isdir(args.out)
     try:
         cfg, params, kind, directory = conversion.load_params(args.src, arch=args.arch)
         params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
-        if args.to == "hf":
-            if os.path.exists(os.path.join(args.out, "model.safetensors")):
-                raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
-            conversion.save_pretrained(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
-        else:
-            conversion.save_flax(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
+        save = conversion.save_pretrained if args.to == "hf" else conversion.save_flax
+        save(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        _remove_outputs(args.out, args.to, out_existed)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     n_params = sum(x.size for x in mapping.flatten(params).values())
     print(
