@@ -10,6 +10,7 @@ shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,24 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding as shd
-from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
 from .evaluate import Evaluator
 from .optim import make_optimizer
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
+from .validate import validate_config
+from .workdir import WorkdirLock, check_model_config
 
 __all__ = ["train", "build_model_config", "TrainResult"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def build_model_config(model_cfg) -> ChineseCLIPConfig:
     """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes."""
-    if model_cfg.get("preset"):
+    if model_cfg.preset:
         return ChineseCLIPConfig.preset(model_cfg.preset)
     text = ChineseCLIPTextConfig(**dict(model_cfg.text))
     vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
@@ -84,10 +84,21 @@ class _Logger:
 
     def _truncate(self, resume_step: int) -> None:
         """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
-        if len(keep) != len(lines):
+        keep, torn = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                step = record["step"]
+            except (ValueError, KeyError, TypeError):  # a half-written line (crash, full disk)
+                torn += line.strip() != ""
+                continue
+            if step <= resume_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            logger.warning("%s: dropped %d unreadable line(s) (a run stopped while writing them)", self.path, torn)
+        if keep != lines:
             tmp = self.path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(keep)
@@ -127,31 +138,96 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     iterator must yield this process's numpy batches and have ``get_state`` / ``set_state``.
     """
     t_start = time.time()
+    validate_config(config)  # every value, before anything is built
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    dtype = DTYPES[config.dtype]
-    model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
-                      scan_layers=bool(config.model.get("scan_layers", False)),
-                      remat=config.model.get("remat", False))
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(config, workdir, data_iter, eval_sets, progress, t_start)
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        _remove_temporaries(workdir)
+        raise OSError(errno.ENOSPC, f"disk full (or file-size limit) while writing in {workdir}: {_first_line(e)}; "
+                      "temporary checkpoint files were removed; free space and rerun to resume from the last "
+                      "checkpoint") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EFBIG / EDQUOT anywhere in the exception chain (Orbax and tensorstore wrap them)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "File too large" in text or "Disk quota" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _remove_temporaries(workdir: str) -> None:
+    """Orbax's ``*.orbax-checkpoint-tmp*`` directories and our ``*.tmp`` files (process 0)."""
+    import shutil
+
+    if jax.process_index() != 0:
+        return
+    for root, dirs, files in os.walk(workdir):
+        for d in [d for d in dirs if ".orbax-checkpoint-tmp" in d]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            dirs.remove(d)
+        for f in files:
+            if f.endswith(".tmp") or ".orbax-checkpoint-tmp" in f:
+                os.remove(os.path.join(root, f))
+
+
+def _architecture(model_config: ChineseCLIPConfig) -> dict:
+    """The keys of the model config that decide the checkpoint's contents (no dropout rates)."""
+    def keep(d):
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not k.endswith(("dropout", "dropout_prob", "initializer_range"))}
+
+    d = model_config.to_dict()
+    d.update(text_config=model_config.text_config.to_dict(), vision_config=model_config.vision_config.to_dict())
+    for key in model_config.extra:
+        d.pop(key, None)
+    for sub, cfg in (("text_config", model_config.text_config), ("vision_config", model_config.vision_config)):
+        for key in cfg.extra:
+            d[sub].pop(key, None)
+    return keep(d)
+
+
+def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
+    dtype = parse_dtype(config.dtype)
+    model_opts = dict(attention_impl=config.model.attention_impl or None, scan_layers=bool(config.model.scan_layers),
+                      remat=config.model.remat)
     init_params = None
-    if config.get("require_init_from") and not config.get("init_from"):
-        raise ValueError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
-                         ".pt file or a `python -m convert` output)")
-    if config.get("init_from"):
+    if config.init_from:
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
         model_config = build_model_config(config.model)
     model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts)
     image_size = model_config.vision_config.image_size
 
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if jax.process_index() == 0:
+        check_model_config(workdir, _architecture(model_config), resuming=os.path.isdir(ckpt_dir))
+
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (n_batch_shards * config.accum_steps):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
                          f"accum_steps ({config.accum_steps})")
-    freeze = config.get("freeze") or None
+    freeze = config.freeze or None
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
     state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
     del init_params
@@ -161,11 +237,9 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
 
         data_iter = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         image_size=image_size, context_length=config.context_length)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                        max_to_keep=config.get("keep_checkpoints", 3))
-    start = ckpt.latest_step() or 0
+    ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
+    state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
     if start:
-        state = ckpt.restore(abstract_like(state, shardings), data_iter, step=start)
         logger.info("resumed from %s at step %d", ckpt.directory, start)
 
     evaluator = None
@@ -257,7 +331,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             bar.close()
         ckpt.close()
         log.close()
-    if config.get("export_hf") and not result["stopped_early"]:
+    if config.export_hf and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, os.path.join(workdir, "hf"))
     result.update(step=step, wall_s=time.time() - t_start,
                   samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
