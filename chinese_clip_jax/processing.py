@@ -228,14 +228,16 @@ class ImagePreprocessor:
 
 
 def _resize_crop_window(img: PIL.Image.Image, new_w: int, new_h: int, ch: int, cw: int, resample: int):
-    """The part of ``img.resize((new_w, new_h))`` that a centre crop to (ch, cw) keeps, resampled
-    from the matching source box only (the full resize's pixels to within two grey levels)."""
+    """The part of ``img.resize((new_w, new_h))`` that a centre crop to (ch, cw) keeps, with PIL's
+    own two passes: the horizontal one as PIL runs it first (``new_w x h`` pixels, at most the
+    crop size times the long side), then the vertical one over the kept rows only."""
     w, h = img.size
     top, left = (new_h - ch) // 2, (new_w - cw) // 2
     r0, r1 = (top, top + ch) if top >= 0 else (0, new_h)
     c0, c1 = (left, left + cw) if left >= 0 else (0, new_w)
-    box = (c0 * w / new_w, r0 * h / new_h, c1 * w / new_w, r1 * h / new_h)
-    return img.resize((c1 - c0, r1 - r0), resample=resample, box=box)
+    rows = img.resize((new_w, h), resample=resample) if new_w != w else img
+    rows = rows.crop((c0, 0, c1, h))
+    return rows.resize((c1 - c0, r1 - r0), resample=resample, box=(0, r0 * h / new_h, c1 - c0, r1 * h / new_h))
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:

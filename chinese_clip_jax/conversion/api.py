@@ -239,7 +239,7 @@ def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise OSError(f"writing {path} failed ({e.strerror or e}); nothing was left behind") from None
+            raise OSError(f"writing {path} failed ({e.strerror or e}); its temporary file was removed") from None
         raise
 
 
@@ -295,15 +295,19 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, np_dtype), params)  # no copy if already so
     os.makedirs(path, exist_ok=True)
     # At most ~1 GB in flight and no OCDBT write buffer: peak memory stays near the size of the params.
+    from ..failures import first_line, is_disk_full, quiet_orbax_failures
+
     try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
+        with quiet_orbax_failures(), ocp.Checkpointer(
+                ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
             ckpt.save(target, ocp.args.StandardSave(params))
     except BaseException as e:  # full disk, interrupted: no half-written params/ or Orbax temp dir left
         for name in os.listdir(path):
             if name == FLAX_PARAMS_DIR or name.startswith(FLAX_PARAMS_DIR + ".orbax-checkpoint-tmp"):
                 shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-        if isinstance(e, OSError) or "No space left" in str(e):
-            raise OSError(f"writing {target} failed ({e}); nothing was left behind") from None
+        if is_disk_full(e):
+            raise OSError(f"writing {target} failed: disk full or file-size limit ({first_line(e, 160)}); "
+                          "its temporary files were removed") from None
         raise
     cfg.save(path)
     with open(os.path.join(path, FLAX_META), "w") as f:

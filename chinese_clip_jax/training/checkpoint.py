@@ -9,12 +9,9 @@ complete, so a run killed mid-save resumes from the previous one.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
-import gc
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -22,6 +19,7 @@ import logging
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ..failures import first_line, quiet_orbax_failures
 from .state import TrainState
 
 __all__ = ["Checkpointer", "CheckpointUnreadableError", "DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore"]
@@ -161,10 +159,10 @@ class Checkpointer:
             try:
                 if step not in listed:
                     raise FileNotFoundError("incomplete: Orbax does not list it")
-                with _quiet_async_errors():
+                with quiet_orbax_failures():
                     state = self.restore(abstract_state, data_iter, step=step)
             except Exception as e:  # noqa: BLE001 - any failure means: not this checkpoint
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                reason = first_line(e, 200)
                 logger.warning("checkpoint %s is unreadable (%s); trying an older one", root / str(step), reason)
                 bad.append((step, reason))
                 continue
@@ -202,29 +200,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-@contextlib.contextmanager
-def _quiet_async_errors():
-    """A failed restore leaves Orbax's other read tasks to fail on their own; asyncio would log
-    each one at ERROR with a tensorstore spec. The one failure that matters is reported instead."""
-    log = logging.getLogger("asyncio")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    if not getattr(sys.unraisablehook, "_ccj_filter", False):  # late callbacks onto Orbax's closed loop
-        previous = sys.unraisablehook
-
-        def hook(u):
-            if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
-                previous(u)
-
-        hook._ccj_filter = True
-        sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        gc.collect()
-        log.setLevel(level)
 
 
 def abstract_like(state: TrainState, shardings: TrainState) -> TrainState:

@@ -10,7 +10,6 @@ shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import numpy as np
 
 from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
+from ..failures import first_line, is_disk_full
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
 from .evaluate import Evaluator
@@ -145,34 +145,15 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     try:
         return _train(config, workdir, data_iter, eval_sets, progress, t_start)
     except Exception as e:
-        if not _is_disk_full(e):
+        if not is_disk_full(e):
             raise
         _remove_temporaries(workdir)
-        raise OSError(errno.ENOSPC, f"disk full (or file-size limit) while writing in {workdir}: {_first_line(e)}; "
+        raise OSError(f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
                       "temporary checkpoint files were removed; free space and rerun to resume from the last "
                       "checkpoint") from None
     finally:
         if lock is not None:
             lock.release()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EFBIG / EDQUOT anywhere in the exception chain (Orbax and tensorstore wrap them)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left" in text or "File too large" in text or "Disk quota" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _remove_temporaries(workdir: str) -> None:
