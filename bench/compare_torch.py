@@ -129,7 +129,8 @@ def jax_train_setup(model, train_inputs: dict, init_params=None):
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     mesh = shd.make_mesh(devices=jax.devices()[:1])
-    opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+    opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,
+                                         grad_clip=0.0, end_lr_factor=0.0))
     tx, schedule = make_optimizer(opt, total_steps=1000)
     state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init_params)
     step = make_train_step(model, tx, schedule, mesh, shardings)

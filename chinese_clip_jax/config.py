@@ -16,7 +16,23 @@ __all__ = [
     "ChineseCLIPVisionConfig",
     "ChineseCLIPConfig",
     "PRESETS",
+    "DTYPES",
+    "parse_dtype",
 ]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name):
+    """The one parser from a config / command-line dtype string ("float32", "bfloat16",
+    "float16") to a jnp dtype; a jnp/numpy dtype passes through."""
+    import jax.numpy as jnp
+
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return jnp.dtype(name)
 
 
 class _ConfigBase:
@@ -30,13 +46,15 @@ class _ConfigBase:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
+    def from_dict(cls, d: Mapping[str, Any], where: str = ""):
+        """``where``: the key this dict sits under (for error messages), e.g. "text_config"."""
         if not isinstance(d, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
+            raise ValueError(f"{where or 'config'} must be a JSON object, got {type(d).__name__} {_short(d)}")
+        d = _merge_old_layout(d, cls._nested)
         known, extra = {}, {}
         for key, value in d.items():
             if key in cls._nested:
-                known[key] = cls._nested[key].from_dict(value or {})
+                known[key] = cls._nested[key].from_dict({} if value is None else value, where=key)
             elif key in cls._field_names():
                 known[key] = value
             elif key != "model_type":
@@ -53,6 +71,47 @@ class _ConfigBase:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _merge_old_layout(d: Mapping[str, Any], nested: Mapping[str, type]) -> Mapping[str, Any]:
+    """The older transformers layout: ``text_config_dict`` / ``vision_config_dict``. As
+    transformers does, their values (over the tower's defaults) replace ``text_config``'s;
+    keys we do not model are kept."""
+    if not any(f"{key}_dict" in d for key in nested):
+        return d
+    d = dict(d)
+    for key, sub in nested.items():
+        old = d.pop(f"{key}_dict", None)
+        if old is None:
+            continue
+        if not isinstance(old, Mapping):
+            raise ValueError(f"{key}_dict must be a JSON object, got {type(old).__name__} {_short(old)}")
+        current = d.get(key) if isinstance(d.get(key), Mapping) else {}
+        fields = set(sub._field_names())
+        d[key] = {**{k: v for k, v in current.items() if k not in fields}, **old}
+    return d
+
+
+def _check_fields(kind: str, cfg, positive: tuple[str, ...], non_negative: tuple[str, ...] = (),
+                  fractions: tuple[str, ...] = ()) -> None:
+    """One-line ValueErrors for sizes that are not positive ints, and bad floats."""
+    for name in positive + non_negative:
+        v = getattr(cfg, name)
+        low = 1 if name in positive else 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{kind}.{name} must be an int >= {low}, got {_short(v)}")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{kind}.{name} must be a number in [0, 1), got {_short(v)}")
+    eps = cfg.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{kind}.layer_norm_eps must be a number > 0, got {_short(eps)}")
 
 
 def _check_heads(kind: str, hidden_size: int, num_heads: int) -> None:
@@ -83,6 +142,9 @@ class ChineseCLIPTextConfig(_ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        _check_fields("text_config", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "max_position_embeddings", "type_vocab_size"),
+                      ("pad_token_id",), ("hidden_dropout_prob", "attention_probs_dropout_prob"))
         _check_heads("text_config", self.hidden_size, self.num_attention_heads)
         if self.hidden_act not in ("gelu", "gelu_new", "quick_gelu", "relu"):
             raise ValueError(f"text_config: unsupported hidden_act {self.hidden_act!r}")
@@ -112,10 +174,13 @@ class ChineseCLIPVisionConfig(_ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
         for name in ("image_size", "patch_size"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"vision_config: {name} must be one int (square), got {getattr(self, name)!r}")
+            if isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"vision_config.{name} must be one int (square), got {getattr(self, name)!r}")
+        _check_fields("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_channels", "image_size", "patch_size",
+                                              "projection_dim"), (), ("attention_dropout",))
+        _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision_config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -147,6 +212,14 @@ class ChineseCLIPConfig(_ConfigBase):
     logit_scale_init_value: float = 2.6592
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self):
+        v = self.projection_dim
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"projection_dim must be an int >= 1, got {_short(v)}")
+        v = self.logit_scale_init_value
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"logit_scale_init_value must be a number, got {_short(v)}")
+
     @classmethod
     def from_text_vision_configs(
         cls,
@@ -172,29 +245,34 @@ class ChineseCLIPConfig(_ConfigBase):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ChineseCLIPConfig":
+        """Reads and validates a HF ``config.json``; a bad one raises a ValueError naming the file
+        and the key."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object, got a {type(d).__name__}")
         if d.get("model_type", "chinese_clip") != "chinese_clip":
             raise ValueError(f"{path} describes model_type {d['model_type']!r}, not 'chinese_clip'")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike) -> "ChineseCLIPConfig":
         """Reads ``config.json`` from a directory, a file path or a hub id (when online)."""
-        src = os.fspath(src)
+        from .hub import resolve_local_or_hub
+
+        src = resolve_local_or_hub(src, allow_patterns=["config.json"])
         if os.path.isdir(src):
             return cls.from_json_file(os.path.join(src, "config.json"))
-        if os.path.isfile(src):
-            return cls.from_json_file(src)
-        if src.count("/") == 1 and not src.startswith((".", "/")):
-            return cls.from_json_file(hub_download(src, "config.json"))
-        raise FileNotFoundError(f"no such file or directory: {src}")
+        return cls.from_json_file(src)
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes ``config.json`` into ``directory``; returns its path."""
@@ -205,19 +283,6 @@ class ChineseCLIPConfig(_ConfigBase):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, ensure_ascii=False)
         return path
-
-
-def hub_download(repo_id: str, filename: str) -> str:
-    """Fetches one file of a hub repo (cached); a clear OSError when offline or missing."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(repo_id, filename)
-    except Exception as e:  # offline, no such repo or file: say which and why
-        raise OSError(
-            f"could not fetch {filename!r} of hub id {repo_id!r} ({type(e).__name__}: {e}). "
-            "Offline? Pass a local directory, or ChineseCLIPConfig.preset(name) for the architecture."
-        ) from None
 
 
 def _text(**kw) -> ChineseCLIPTextConfig:

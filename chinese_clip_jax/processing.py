@@ -21,8 +21,6 @@ L = 52 by default) and `pixel_values` (float32, NCHW).
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,12 +30,16 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .image_settings import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, read_image_settings
+
+__all__ = ["ChineseCLIPProcessor", "ImagePreprocessor", "ImageSettings", "ImageLoadError", "to_rgb",
+           "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "DEFAULT_CONTEXT_LENGTH"]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 52
+MAX_RESIZED_PIXELS = 1 << 26  # 64 Mpixel; above this, resize only the centre-crop window (extreme aspect ratios)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
@@ -45,89 +47,6 @@ ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
 
 class ImageLoadError(ValueError):
     """An input image could not be read or converted; the message names the image and why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSettings:
-    """Image preprocessing settings, with the meaning of transformers' preprocessor_config.json.
-
-    size: {"shortest_edge": s} or {"height": h, "width": w}, in pixels.
-    crop_size: {"height": h, "width": w}, in pixels.
-    resample: a PIL resampling filter number (3 = bicubic).
-    """
-
-    size: dict = dataclasses.field(default_factory=lambda: {"shortest_edge": 224})
-    crop_size: dict = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
-    resample: int = int(PIL.Image.Resampling.BICUBIC)
-
-    def __post_init__(self):
-        if set(self.size) not in ({"shortest_edge"}, {"height", "width"}):
-            raise ValueError(
-                f"image size must be {{'shortest_edge': s}} or {{'height': h, 'width': w}}, got {self.size}"
-            )
-        if set(self.crop_size) != {"height", "width"}:
-            raise ValueError(f"crop_size must be {{'height': h, 'width': w}}, got {self.crop_size}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean/image_std need 3 values, got {self.image_mean}, {self.image_std}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ImageSettings":
-        """Reads a preprocessor_config.json dict the way transformers does.
-
-        An int `size` means the shortest edge, a [h, w] list means height/width; an int
-        `crop_size` means a square. Unknown keys (e.g. "feature_extractor_type") are ignored.
-        """
-        kw: dict[str, Any] = {}
-        if d.get("size") is not None:
-            kw["size"] = _size_dict(d["size"], int_means="shortest_edge", name="size")
-        if d.get("crop_size") is not None:
-            kw["crop_size"] = _size_dict(d["crop_size"], int_means="square", name="crop_size")
-        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-            if d.get(key) is not None:
-                kw[key] = bool(d[key])
-        if d.get("rescale_factor") is not None:
-            kw["rescale_factor"] = float(d["rescale_factor"])
-        for key in ("image_mean", "image_std"):
-            if d.get(key) is not None:
-                v = d[key]
-                kw[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
-        if d.get("resample") is not None:
-            kw["resample"] = int(d["resample"])
-        if d.get("do_convert_rgb") is False:
-            logger.warning("do_convert_rgb=False is ignored: the model needs 3-channel RGB input")
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        """The preprocessor_config.json that transformers' ChineseCLIPProcessor reads back the same."""
-        d = dataclasses.asdict(self)
-        d.update(image_mean=list(self.image_mean), image_std=list(self.image_std), do_convert_rgb=True,
-                 image_processor_type="ChineseCLIPImageProcessor", processor_class="ChineseCLIPProcessor")
-        return d
-
-    def output_size(self) -> tuple[int, int]:
-        """(height, width) of the pixel_values this produces, when it does not depend on the image."""
-        if self.do_center_crop:
-            return self.crop_size["height"], self.crop_size["width"]
-        if self.do_resize and "height" in self.size:
-            return self.size["height"], self.size["width"]
-        raise ValueError("output size depends on the input image (no center crop, shortest-edge resize)")
-
-
-def _size_dict(v, int_means: str, name: str) -> dict:
-    if isinstance(v, dict):
-        return {k: int(x) for k, x in v.items() if x is not None}
-    if isinstance(v, int):
-        return {"shortest_edge": v} if int_means == "shortest_edge" else {"height": v, "width": v}
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return {"height": int(v[0]), "width": int(v[1])}
-    raise ValueError(f"cannot read {name}={v!r} from the preprocessor config")
 
 
 def _normalize_table(scale: float | None, mean, std, torch_style: bool = False) -> np.ndarray:
@@ -283,8 +202,13 @@ class ImagePreprocessor:
             else:
                 new_h, new_w = s.size["height"], s.size["width"]
             # Not resize(box=crop window): PIL may then run its two passes in the other order,
-            # and the uint8 rounding between them moves pixels by a grey level or two.
-            img = img.resize((new_w, new_h), resample=s.resample)
+            # and the uint8 rounding between them moves pixels by a grey level or two. Only for
+            # extreme aspect ratios (a 1x4000 strip -> 224x896000) is the work bounded that way.
+            if new_w * new_h > MAX_RESIZED_PIXELS and s.do_center_crop:
+                img = _resize_crop_window(img, new_w, new_h, s.crop_size["height"], s.crop_size["width"],
+                                          s.resample)
+            else:
+                img = img.resize((new_w, new_h), resample=s.resample)
         arr = np.asarray(img)
         if s.do_center_crop:
             arr = _center_crop(arr, s.crop_size["height"], s.crop_size["width"])
@@ -324,6 +248,19 @@ def normalize_pixels(images: np.ndarray) -> np.ndarray:
     return apply_normalize_table(images, _DEFAULT_TABLE)
 
 
+def _resize_crop_window(img: PIL.Image.Image, new_w: int, new_h: int, ch: int, cw: int, resample: int):
+    """The part of ``img.resize((new_w, new_h))`` that a centre crop to (ch, cw) keeps, with PIL's
+    own two passes: the horizontal one as PIL runs it first (``new_w x h`` pixels, at most the
+    crop size times the long side), then the vertical one over the kept rows only."""
+    w, h = img.size
+    top, left = (new_h - ch) // 2, (new_w - cw) // 2
+    r0, r1 = (top, top + ch) if top >= 0 else (0, new_h)
+    c0, c1 = (left, left + cw) if left >= 0 else (0, new_w)
+    rows = img.resize((new_w, h), resample=resample) if new_w != w else img
+    rows = rows.crop((c0, 0, c1, h))
+    return rows.resize((c1 - c0, r1 - r0), resample=resample, box=(0, r0 * h / new_h, c1 - c0, r1 * h / new_h))
+
+
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
     """(H, W, 3) -> (ch, cw, 3), zero-padded where the image is smaller (as transformers)."""
     h, w = arr.shape[:2]
@@ -336,6 +273,14 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
     canvas[pad_top:pad_top + h, pad_left:pad_left + w] = arr
     top, left = top + pad_top, left + pad_left
     return canvas[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _load_tokenizer(directory):
@@ -369,27 +314,26 @@ class ChineseCLIPProcessor:
     def from_pretrained(cls, src: str | os.PathLike, **kwargs) -> "ChineseCLIPProcessor":
         """src: a checkpoint directory or a hub id (downloaded when online).
 
-        Reads the tokenizer files (tokenizer_config.json / tokenizer.json / vocab.txt) and
-        preprocessor_config.json; a missing file falls back, with a warning, to the bundled vocab
+        Reads the tokenizer files (tokenizer_config.json / tokenizer.json / vocab.txt) and the
+        image settings (processor_config.json as transformers 5 writes it, or
+        preprocessor_config.json); a missing file falls back, with a warning, to the bundled vocab
         or to transformers' default image settings. kwargs go to __init__.
         """
-        directory = Path(src)
-        if not directory.is_dir():
-            from huggingface_hub import snapshot_download
+        from .hub import resolve_local_or_hub
 
-            directory = Path(snapshot_download(
-                str(src), allow_patterns=["*.json", "*.txt"], ignore_patterns=["*.safetensors*", "*.bin"]))
+        directory = Path(resolve_local_or_hub(src, allow_patterns=["*.json", "*.txt"]))
+        if not directory.is_dir():
+            raise NotADirectoryError(f"{src} is not a directory: a processor is read from a checkpoint directory")
         if any((directory / f).exists() for f in _TOKENIZER_FILES):
             tokenizer = _load_tokenizer(directory)
         else:
             logger.warning("no tokenizer files in %s: using the bundled Chinese-CLIP vocab", directory)
             tokenizer = None
-        pre = directory / "preprocessor_config.json"
         if "image_settings" not in kwargs:
-            if pre.exists():
-                kwargs["image_settings"] = ImageSettings.from_dict(json.loads(pre.read_text()))
-            else:
-                logger.warning("no preprocessor_config.json in %s: using transformers' defaults", directory)
+            kwargs["image_settings"] = read_image_settings(directory)
+            if kwargs["image_settings"] is None:
+                logger.warning("no processor_config.json or preprocessor_config.json in %s: using transformers' "
+                               "defaults", directory)
         return cls(tokenizer=tokenizer, **kwargs)
 
     @property
@@ -408,6 +352,10 @@ class ChineseCLIPProcessor:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        bad = [i for i, t in enumerate(texts) if not _is_encodable(t)]
+        if bad:
+            raise ValueError(f"text {bad[0]} ({texts[bad[0]]!r}) is not valid Unicode (a lone surrogate); "
+                             "texts must be encodable as UTF-8")
         length = self.context_length if context_length is None else int(context_length)
         if not texts:
             z = np.zeros((0, length), np.int32)

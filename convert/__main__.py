@@ -21,6 +21,26 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def _remove_outputs(out: str, to: str, out_existed: bool) -> None:
+    """After a failed write: removes what this run created (nothing there was the user's, checked first)."""
+    import shutil
+
+    from chinese_clip_jax import conversion
+
+    for name in conversion.output_names(to):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if os.path.isdir(out):
+        for name in os.listdir(out):  # Orbax temp dirs of an interrupted save
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        if not out_existed and not os.listdir(out):
+            os.rmdir(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF dir, hub id, cn_clip .pt file, or a dir written by this command")
@@ -40,28 +60,39 @@ def main(argv=None) -> int:
     from chinese_clip_jax.paths import as_path, copy_tree, is_local
 
     start = time.perf_counter()
-    try:
-        # gs://... SRC / OUT (epath): checked first, then staged through a local temp dir
+    try:  # gs://... SRC / OUT (epath): a bad scheme or a missing backend fails here, first
         remote_src = None if is_local(args.src) else as_path(args.src, what="SRC")
         remote_out = None if is_local(args.out) else as_path(args.out, what="OUT")
-        with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:
-            src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
-            out = os.path.join(tmp, "out") if remote_out else args.out
-            if remote_out and (remote_out / "config.json").exists():
-                raise FileExistsError(f"{args.out} already holds a checkpoint; choose an empty directory")
-            cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
-            params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
-            if args.to == "hf":
-                if os.path.exists(os.path.join(out, "model.safetensors")):
-                    raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
-                conversion.save_pretrained(out, cfg, params, dtype=args.dtype, processor_from=directory)
-            else:
-                conversion.save_flax(out, cfg, params, dtype=args.dtype, processor_from=directory)
-            if remote_out:
-                copy_tree(as_path(out), remote_out)
-    except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
+    except (ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Never overwrite: every name this conversion may write is checked before any work.
+    if remote_out:
+        existing = [n for n in conversion.output_names(args.to) if (remote_out / n).exists()]
+    else:
+        existing = [n for n in conversion.output_names(args.to) if os.path.lexists(os.path.join(args.out, n))]
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            existing = [""]
+    if existing:
+        print(f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "
+              "new or empty output directory", file=sys.stderr)
+        return 2
+    out_existed = remote_out is None and os.path.isdir(args.out)
+    with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:  # remote SRC / OUT are staged here
+        out = os.path.join(tmp, "out") if remote_out else args.out
+        try:
+            src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
+            cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
+            params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
+            save = conversion.save_pretrained if args.to == "hf" else conversion.save_flax
+            save(out, cfg, params, dtype=args.dtype, processor_from=directory)
+            if remote_out:
+                copy_tree(as_path(out), remote_out)
+        except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
+            if not remote_out:
+                _remove_outputs(args.out, args.to, out_existed)
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
     n_params = sum(x.size for x in mapping.flatten(params).values())
     print(
         f"converted {kind} checkpoint {args.src} -> {args.to} {args.out}\n"

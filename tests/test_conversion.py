@@ -277,7 +277,7 @@ def test_pytorch_model_bin_loads(hf_dir, tmp_path):
 
 
 def test_missing_paths_and_empty_dirs(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(FileNotFoundError, match="no such local path: " + str(tmp_path / "nowhere")):
         ccj.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match=f"{tmp_path} holds no checkpoint"):
         ccj.from_pretrained(tmp_path)
@@ -287,7 +287,7 @@ def test_cli_errors_are_one_line_and_keep_existing_output(hf_dir, tmp_path):
     _, path, _ = hf_dir
     result = run_cli(tmp_path / "missing", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"no such file or directory: {tmp_path / 'missing'}" in result.stderr
+    assert f"no such local path: {tmp_path / 'missing'}" in result.stderr
     assert run_cli(path, tmp_path / "out").returncode == 0
     before = sorted(os.listdir(tmp_path / "out" / "params"))
     again = run_cli(path, tmp_path / "out")  # refuses to overwrite, and leaves the first output intact

@@ -32,19 +32,58 @@ def _maybe_initialize_distributed(dist) -> None:
         jax.distributed.initialize()
 
 
+def _fail(message: str, status: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with an unknown ``--config.KEY`` (or a bad override) reported in one
+    line with the close matches instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 - config_flags' override errors (AttributeError, TypeError...)
+        from chinese_clip_jax.training.validate import known_keys, unknown_key_error
+        from train.configs import base
+
+        known = known_keys(base.get_config())
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                if key not in known:
+                    _fail(str(unknown_key_error(key, known)))
+        _fail(f"cannot apply the config overrides: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)
     logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
     config = _CONFIG.value
+    from chinese_clip_jax.training.checkpoint import CheckpointUnreadableError
+    from chinese_clip_jax.training.validate import validate_config
+    from chinese_clip_jax.training.workdir import WorkdirLockedError
+    from train.configs import base
+
+    try:
+        validate_config(config, reference=base.get_config())  # before anything is built
+    except ValueError as e:
+        _fail(str(e))
     _maybe_initialize_distributed(config.distributed)
 
     import jax
     from chinese_clip_jax.training.loop import train
     from chinese_clip_jax.training.report import print_report
 
-    result = train(config, _WORKDIR.value)
+    try:
+        result = train(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, WorkdirLockedError, CheckpointUnreadableError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)  # known-bad input: one line, status 2
+    except OSError as e:  # disk full: the loop has removed its temporaries and says so
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, status=1)
     if jax.process_index() == 0:
         print_report(result, config, _WORKDIR.value)
     if result.get("stopped_early"):
@@ -52,4 +91,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

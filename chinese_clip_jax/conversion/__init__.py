@@ -6,6 +6,7 @@ from .api import (
     hf_to_flax,
     load_flax_params,
     load_params,
+    output_names,
     save_flax,
     save_pretrained,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "load_flax_params",
     "load_params",
     "open_tensors",
+    "output_names",
     "parse_cn_clip_arch",
     "save_flax",
     "save_pretrained",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ChineseCLIPConfig
+from ..hub import resolve_local_or_hub
 from ..modeling import ChineseCLIPModel
 from . import mapping
 from .sources import HF_WEIGHT_FILES, CheckpointError, TensorSource, find_hf_weights, open_tensors
@@ -66,6 +67,10 @@ def hf_to_flax(source: TensorSource, cfg: ChineseCLIPConfig, rename: dict | None
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:30])}"
                          + (" ..." if len(unexpected) > 30 else ""))
         raise CheckpointError(f"{source.path} does not match the configured architecture: " + "; ".join(parts))
+    not_float = sorted({src for n in wanted for src, _, _ in rename[n] if not source.is_float(src)})
+    if not_float:
+        raise CheckpointError(f"{source.path}: weights must be floating point; {len(not_float)} tensors are not "
+                              f"(e.g. {not_float[0]!r}): an integer or bool checkpoint is not a model")
 
     cache: dict[str, np.ndarray] = {}  # one fused cn_clip in_proj tensor, reused for q, k, v
 
@@ -125,24 +130,8 @@ def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- locating sources
 
-def _looks_like_hub_id(src: str) -> bool:
-    return src.count("/") == 1 and not src.startswith((".", "/", "~")) and not os.path.exists(src)
-
-
-def _hub_snapshot(repo_id: str) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            repo_id,
-            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*",
-                            "vocab.txt", "preprocessor_config.json", "tokenizer*", "special_tokens_map.json"],
-        )
-    except Exception as e:
-        raise OSError(
-            f"could not download {repo_id!r} from the hub ({type(e).__name__}: {e}). Offline? "
-            "Download it elsewhere and pass the local directory."
-        ) from None
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*", "vocab.txt",
+             "preprocessor_config.json", "processor_config.json", "tokenizer*", "special_tokens_map.json"]
 
 
 def _is_cn_clip(names) -> bool:
@@ -156,19 +145,29 @@ class Loaded(NamedTuple):
     directory: str | None  # the checkpoint's directory (its vocab / preprocessor_config.json live there)
 
 
-PROCESSOR_FILES = ("vocab.txt", "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
+# Tokenizer and image-settings files carried over from the source checkpoint (transformers 4 and 5 names).
+PROCESSOR_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json", "processor_config.json")
+
+
+def output_names(to: str) -> tuple[str, ...]:
+    """Every name ``save_pretrained`` (``to="hf"``) or ``save_flax`` (``"flax"``) may create in its
+    directory: ``python -m convert`` checks them all before any work, and never overwrites."""
+    own = ("model.safetensors", "model.safetensors.tmp") if to == "hf" else (FLAX_PARAMS_DIR, FLAX_META)
+    return own + ("config.json",) + PROCESSOR_FILES
 
 
 def load_params(src: str | os.PathLike, arch: str | None = None) -> Loaded:
     """Any supported source -> ``Loaded(config, params, kind, directory)``."""
-    src = os.fspath(src)
-    if _looks_like_hub_id(src):
-        src = _hub_snapshot(src)
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"no such file or directory: {src}")
+    src = resolve_local_or_hub(src, HUB_FILES)
     if os.path.isdir(src):
         if os.path.isdir(os.path.join(src, FLAX_PARAMS_DIR)):
-            return Loaded(ChineseCLIPConfig.from_pretrained(src), load_flax_params(src), "flax", src)
+            cfg, params = ChineseCLIPConfig.from_pretrained(src), load_flax_params(src)
+            try:
+                check_params(params, cfg)
+            except CheckpointError as e:
+                raise CheckpointError(f"{src}: config.json and {FLAX_PARAMS_DIR}/ disagree: {e}") from None
+            return Loaded(cfg, params, "flax", src)
         weights = find_hf_weights(src)
         if weights is None:
             raise CheckpointError(
@@ -229,12 +228,19 @@ def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, x in tensors():
-            f.write(np.ascontiguousarray(x.astype(np_dtype, copy=False)).reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)  # never leave a half-written model.safetensors behind
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for _, x in tensors():
+                f.write(np.ascontiguousarray(x.astype(np_dtype, copy=False)).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)  # never leave a half-written model.safetensors behind
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"writing {path} failed ({e.strerror or e}); its temporary file was removed") from None
+        raise
 
 
 def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
@@ -251,21 +257,20 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
 
 
 def copy_processor_files(path: str, cfg: ChineseCLIPConfig, source_dir: str | None) -> None:
-    """Carries the checkpoint's own tokenizer/preprocessing files over. Where it has none: the
-    bundled vocab, and transformers' default preprocessing at the model's image size."""
+    """Carries the checkpoint's own tokenizer/preprocessing files over (transformers 4's vocab.txt
+    and preprocessor_config.json, transformers 5's tokenizer.json and processor_config.json). Where
+    it has none: the bundled vocab, and transformers' default preprocessing at the model's image size."""
     for name in PROCESSOR_FILES:
         src = os.path.join(source_dir, name) if source_dir else None
         if src and os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
             shutil.copyfile(src, os.path.join(path, name))
-    if not os.path.exists(os.path.join(path, "vocab.txt")):
+    if not any(os.path.exists(os.path.join(path, n)) for n in ("vocab.txt", "tokenizer.json")):
         shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), os.path.join(path, "vocab.txt"))
-    preprocessor = os.path.join(path, "preprocessor_config.json")
-    if not os.path.exists(preprocessor):
-        from ..processing import ImageSettings
+    from ..image_settings import ImageSettings, read_image_settings
 
-        r = cfg.vision_config.image_size
-        settings = ImageSettings(size={"shortest_edge": r}, crop_size={"height": r, "width": r})
-        with open(preprocessor, "w", encoding="utf-8") as f:
+    if read_image_settings(path) is None:
+        settings = ImageSettings.at_resolution(cfg.vision_config.image_size)
+        with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
             json.dump(settings.to_dict(), f, indent=2)
 
 
@@ -290,8 +295,20 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, np_dtype), params)  # no copy if already so
     os.makedirs(path, exist_ok=True)
     # At most ~1 GB in flight and no OCDBT write buffer: peak memory stays near the size of the params.
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
-        ckpt.save(target, ocp.args.StandardSave(params))
+    from ..failures import first_line, is_disk_full, quiet_orbax_failures
+
+    try:
+        with quiet_orbax_failures(), ocp.Checkpointer(
+                ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
+            ckpt.save(target, ocp.args.StandardSave(params))
+    except BaseException as e:  # full disk, interrupted: no half-written params/ or Orbax temp dir left
+        for name in os.listdir(path):
+            if name == FLAX_PARAMS_DIR or name.startswith(FLAX_PARAMS_DIR + ".orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        if is_disk_full(e):
+            raise OSError(f"writing {target} failed: disk full or file-size limit ({first_line(e, 160)}); "
+                          "its temporary files were removed") from None
+        raise
     cfg.save(path)
     with open(os.path.join(path, FLAX_META), "w") as f:
         json.dump({"format": "chinese_clip_jax", "scan_layers": mapping.is_scanned(params), "dtype": dtype}, f)

@@ -33,6 +33,10 @@ class TensorSource:
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
+    def is_float(self, name: str) -> bool:
+        """Whether the stored tensor has a floating-point dtype (weights must)."""
+        raise NotImplementedError
+
 
 class SafetensorsSource(TensorSource):
     """One or several safetensors files. Each ``get`` opens the file, copies one tensor out and
@@ -66,6 +70,9 @@ class SafetensorsSource(TensorSource):
     def shape(self, name):
         return self._meta[name][1]
 
+    def is_float(self, name):
+        return self._meta[name][0].startswith(("F", "BF"))
+
     def get(self, name):
         file = self._where[name]
         # numpy has no bf16/fp8: those are read through jax and upcast
@@ -94,6 +101,9 @@ class TorchSource(TensorSource):
 
     def get(self, name):
         return self._tensors[name].detach().float().numpy()
+
+    def is_float(self, name):
+        return self._tensors[name].is_floating_point()
 
 
 def _torch_state_dict(file: str) -> dict:
@@ -143,8 +153,15 @@ def _index_files(index_path: str) -> list[str]:
             weight_map = json.load(f)["weight_map"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{index_path} is not a valid sharded-checkpoint index ({e})") from None
-    root = os.path.dirname(index_path)
-    return [os.path.join(root, f) for f in dict.fromkeys(weight_map.values())]
+    root = os.path.dirname(os.path.abspath(index_path))
+    real_root = os.path.realpath(root)
+    files = []
+    for f in dict.fromkeys(weight_map.values()):
+        path = os.path.join(root, f)
+        if not isinstance(f, str) or os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise CheckpointError(f"{index_path} names shard {f!r} outside its directory; refusing to read it")
+        files.append(path)
+    return files
 
 
 def open_tensors(path: str) -> TensorSource:

@@ -132,7 +132,7 @@ def read_texts(path: Path, skipped: list):
     """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl``."""
     if not path.is_file():
         raise FileNotFoundError(f"cn_clip: caption file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 BOM (Windows editors) is not a record's text
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -142,6 +142,7 @@ def read_texts(path: Path, skipped: list):
                 ids = obj["image_ids"]
                 if not isinstance(obj["text"], str) or not isinstance(ids, list):
                     raise TypeError("'text' must be a string and 'image_ids' a list")
+                obj["text"].encode("utf-8")  # a lone surrogate ("\ud800") is no text: UnicodeEncodeError
                 yield obj["text_id"], obj["text"], ids, where
             except (ValueError, KeyError, TypeError) as e:
                 _skip(skipped, where, f"not a caption object ({type(e).__name__}: {e})")

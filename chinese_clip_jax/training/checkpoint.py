@@ -15,12 +15,20 @@ import os
 from typing import Any
 
 import jax
+import logging
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ..failures import first_line, quiet_orbax_failures
 from .state import TrainState
 
-__all__ = ["Checkpointer", "DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore"]
+__all__ = ["Checkpointer", "CheckpointUnreadableError", "DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """Checkpoints exist but none restores; the message lists each with its reason."""
 
 
 def _to_json(obj: Any) -> Any:
@@ -135,6 +143,58 @@ class Checkpointer:
             items["data"] = DataIteratorRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def restore_latest_readable(self, abstract_state: TrainState, data_iter: Any | None,
+                                fresh: TrainState) -> tuple[TrainState, int]:
+        """``(state, step)`` from the newest checkpoint that restores; ``(fresh, 0)`` where there is none.
+
+        An unreadable checkpoint (truncated or zeroed arrays, missing metadata, garbage iterator
+        state, an empty step directory) is named in a warning and moved aside to
+        ``<step>.unreadable`` (kept, not deleted), and the next older one is tried; if checkpoints
+        exist but none restores, a ``CheckpointUnreadableError`` lists them all.
+        """
+        root = epath.Path(self.directory)
+        listed = set(self._manager.all_steps())
+        on_disk = {int(p.name) for p in root.iterdir() if p.name.isdigit()} if root.exists() else set()
+        bad = []
+        for step in sorted(listed | on_disk, reverse=True):
+            try:
+                if step not in listed:
+                    raise FileNotFoundError("incomplete: Orbax does not list it")
+                with quiet_orbax_failures():
+                    state = self.restore(abstract_state, data_iter, step=step)
+            except Exception as e:  # noqa: BLE001 - any failure means: not this checkpoint
+                reason = first_line(e, 200)
+                logger.warning("checkpoint %s is unreadable (%s); trying an older one", root / str(step), reason)
+                bad.append((step, reason))
+                continue
+            if bad:
+                self._set_aside([s for s, _ in bad])
+                logger.warning("resuming from step %d, the newest readable checkpoint in %s (unreadable: %s)",
+                               step, root, ", ".join(f"{s}" for s, _ in bad))
+            return state, step
+        if bad:
+            raise CheckpointUnreadableError(f"no readable checkpoint in {root}: " + "; ".join(f"step {s} ({r})" for s, r in bad)
+                               + ". Move them away to start afresh.")
+        return fresh, 0
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to ``<step>.unreadable[-k]`` (process 0), so they are
+        kept for inspection but never listed or overwritten."""
+        if jax.process_index() == 0:
+            root = epath.Path(self.directory)
+            for step in steps:
+                target = root / f"{step}.unreadable"
+                k = 0
+                while target.exists():
+                    k += 1
+                    target = root / f"{step}.unreadable-{k}"
+                (root / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint_set_aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

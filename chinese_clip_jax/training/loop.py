@@ -24,24 +24,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding as shd
-from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
+from ..failures import first_line, is_disk_full
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
 from .evaluator import Evaluator
 from .optim import make_optimizer
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
+from .validate import validate_config
+from .workdir import WorkdirLock, check_model_config
 
 __all__ = ["train", "build_model_config", "TrainResult"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def build_model_config(model_cfg) -> ChineseCLIPConfig:
     """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes."""
-    if model_cfg.get("preset"):
+    if model_cfg.preset:
         return ChineseCLIPConfig.preset(model_cfg.preset)
     text = ChineseCLIPTextConfig(**dict(model_cfg.text))
     vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
@@ -105,9 +105,20 @@ class _Logger:
 
     def _truncate(self, resume_step: int) -> None:
         """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
-        if len(keep) != len(lines):
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        keep, torn = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                step = record["step"]
+            except (ValueError, KeyError, TypeError):  # a half-written line (crash, full disk)
+                torn += line.strip() != ""
+                continue
+            if step <= resume_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            logger.warning("%s: dropped %d unreadable line(s) (a run stopped while writing them)", self.path, torn)
+        if keep != lines:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(keep), encoding="utf-8")
             tmp.replace(self.path)
@@ -163,38 +174,82 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     ``data_iter`` / ``eval_sets`` replace ``chinese_clip_jax.data``'s (tests); a replacement
     iterator must yield this process's numpy batches and have ``get_state`` / ``set_state``.
     """
-    from ..data import check_config as check_data_config
     from ..paths import as_path
 
     t_start = time.time()
+    validate_config(config)  # every value, before anything is built
     workdir = as_path(workdir, what="workdir")  # a bad scheme or missing backend fails here, first
-    if "://" in str(config.get("init_from") or ""):
+    if "://" in str(config.init_from):
         as_path(config.init_from, what="init_from")
-    check_data_config(config.data)
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    dtype = DTYPES[config.dtype]
-    model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
-                      scan_layers=bool(config.model.get("scan_layers", False)),
-                      remat=config.model.get("remat", False))
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(config, workdir, data_iter, eval_sets, progress, t_start)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        _remove_temporaries(workdir)
+        raise OSError(f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
+                      "temporary checkpoint files were removed; free space and rerun to resume from the last "
+                      "checkpoint") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_temporaries(workdir) -> None:
+    """Orbax's ``*.orbax-checkpoint-tmp*`` directories and our ``*.tmp`` files (process 0, local workdirs)."""
+    import shutil
+
+    if jax.process_index() != 0 or "://" in str(workdir):
+        return
+    for root, dirs, files in os.walk(str(workdir)):
+        for d in [d for d in dirs if ".orbax-checkpoint-tmp" in d]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            dirs.remove(d)
+        for f in files:
+            if f.endswith(".tmp") or ".orbax-checkpoint-tmp" in f:
+                os.remove(os.path.join(root, f))
+
+
+def _architecture(model_config: ChineseCLIPConfig) -> dict:
+    """The keys of the model config that decide the checkpoint's contents (no dropout rates)."""
+    def keep(d):
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not k.endswith(("dropout", "dropout_prob", "initializer_range"))}
+
+    d = model_config.to_dict()
+    d.update(text_config=model_config.text_config.to_dict(), vision_config=model_config.vision_config.to_dict())
+    for key in model_config.extra:
+        d.pop(key, None)
+    for sub, cfg in (("text_config", model_config.text_config), ("vision_config", model_config.vision_config)):
+        for key in cfg.extra:
+            d[sub].pop(key, None)
+    return keep(d)
+
+
+def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
+    dtype = parse_dtype(config.dtype)
+    model_opts = dict(attention_impl=config.model.attention_impl or None, scan_layers=bool(config.model.scan_layers),
+                      remat=config.model.remat)
     init_params = None
-    if config.get("require_init_from") and not config.get("init_from"):
-        raise ValueError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
-                         ".pt file or a `python -m convert` output)")
-    if config.get("init_from"):
+    if config.init_from:
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
         model_config = build_model_config(config.model)
     model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts)
     image_size = model_config.vision_config.image_size
 
+    ckpt_dir = workdir / "checkpoints"
+    if jax.process_index() == 0:
+        check_model_config(workdir, _architecture(model_config), resuming=ckpt_dir.is_dir())
+
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (n_batch_shards * config.accum_steps):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
                          f"accum_steps ({config.accum_steps})")
-    freeze = config.get("freeze") or None
+    freeze = config.freeze or None
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
     state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
     del init_params
@@ -204,11 +259,9 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
 
         data_iter = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         image_size=image_size, context_length=config.context_length)
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint_every,
-                        max_to_keep=config.get("keep_checkpoints", 3))
-    start = ckpt.latest_step() or 0
+    ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
+    state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
     if start:
-        state = ckpt.restore(abstract_like(state, shardings), data_iter, step=start)
         logger.info("resumed from %s at step %d", ckpt.directory, start)
 
     evaluator = None
@@ -217,7 +270,8 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             from .. import data
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
-        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode="squash" if config.data.eval_crop == "squash" else "crop",
+        resize_mode = "squash" if config.data.eval_crop == "squash" else "crop"
+        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode=resize_mode,
                                progress=progress and jax.process_index() == 0) if eval_sets else None)
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
@@ -303,7 +357,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             bar.close()
         ckpt.close()
         log.close()
-    if config.get("export_hf") and not result["stopped_early"]:
+    if config.export_hf and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(step=step, steps_run=step - start, wall_s=time.time() - t_start,
                   samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))

@@ -68,17 +68,19 @@ def trainable_labels(params: dict, freeze: str | None) -> dict:
 def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None):
     """Builds ``(tx, schedule)`` from ``opt_cfg`` (a ConfigDict or mapping) with keys:
 
-    lr, warmup_steps, weight_decay, b1 (0.9), b2 (0.98), eps (1e-6), grad_clip (0 = off),
-    end_lr_factor (0.0). ``schedule(step)`` is the learning rate used at ``step``.
+    lr, warmup_steps, weight_decay, b1, b2, eps, grad_clip (0 = off), end_lr_factor; every key
+    is required (defaults live once, in ``train/configs/base.py``). ``schedule(step)`` is the
+    learning rate used at ``step``.
     """
-    get = opt_cfg.get
-    schedule = make_schedule(get("lr"), get("warmup_steps", 0), total_steps, get("end_lr_factor", 0.0))
+    o = opt_cfg
+    if o["warmup_steps"] < 0:
+        raise ValueError(f"optimizer.warmup_steps must be >= 0, got {o['warmup_steps']}")
+    schedule = make_schedule(o["lr"], o["warmup_steps"], total_steps, o["end_lr_factor"])
     chain = []
-    if get("grad_clip", 0.0):
-        chain.append(optax.clip_by_global_norm(get("grad_clip")))
+    if o["grad_clip"]:
+        chain.append(optax.clip_by_global_norm(o["grad_clip"]))
     chain.append(optax.adamw(
-        schedule, b1=get("b1", 0.9), b2=get("b2", 0.98), eps=get("eps", 1e-6),
-        weight_decay=get("weight_decay", 0.0), mask=decay_mask,
+        schedule, b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"], mask=decay_mask,
     ))
     trainable = optax.chain(*chain)
     _frozen_prefixes(freeze)  # validates

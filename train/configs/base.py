@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params and loss stay fp32
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
-    c.require_init_from = False  # True: refuse to start without init_from (fine-tuning recipes)
+    c.require_init_from = False  # True in fine-tuning configs: refuse to start without init_from
     c.context_length = 52
 
     c.log_every = 10

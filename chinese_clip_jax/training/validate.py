@@ -1,0 +1,152 @@
+"""The one validation of a trainer config, run before anything is built.
+
+``validate_config(config, reference)`` raises a one-line ``ConfigError`` naming the key, the
+value and what is allowed: keys missing from ``reference`` (``train/configs/base.py``'s
+``get_config()``; misspellings get the close matches), non-positive counts, unknown choices
+(``dtype``, ``loss``, ``freeze``, ``model.remat``, ``data.name``, ``data.cn_clip.format``, ...)
+and model sizes the config classes refuse.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+__all__ = ["ConfigError", "validate_config", "unknown_key_error", "known_keys", "flat_keys"]
+
+
+class ConfigError(ValueError):
+    """A trainer config key or value that cannot work; the message names it and what is allowed."""
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf key (``optimizer.lr``, ``model.text.hidden_size``, ...)."""
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.extend(flat_keys(value, name + "."))
+        else:
+            out.append(name)
+    return out
+
+
+def known_keys(reference) -> set[str]:
+    """Dotted keys of ``reference``, plus every tower field under ``model.text`` / ``model.vision``
+    (the config classes take them all)."""
+    from ..config import ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+
+    known = set(flat_keys(reference))
+    known |= {f"model.text.{k}" for k in ChineseCLIPTextConfig._field_names()}
+    known |= {f"model.vision.{k}" for k in ChineseCLIPVisionConfig._field_names()}
+    return known
+
+
+def unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
+    """``ConfigError`` for an unknown dotted key, with the close matches among ``known``."""
+    known = sorted(known)
+    head, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == head]
+    initials = "".join(w[:1] for w in leaf.split("_"))  # learning_rate -> lr
+    close = [f"{head}.{s}" if head else s for s in siblings if s == initials]
+    close += [c for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6) if c not in close]
+    if not close:  # the last part alone, among its siblings
+        close = [f"{head}.{c}" if head else c for c in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.3)]
+    close = close[:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (train/configs/base.py lists every key)")
+
+
+def _get(config, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key} = {value!r}: must be {allowed}")
+
+
+def _int_at_least(config, key: str, low: int) -> None:
+    v = _get(config, key)
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, key, v, f"an int >= {low}")
+
+
+def _number_at_least(config, key: str, low: float, strict: bool = False) -> None:
+    v = _get(config, key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if strict else v >= low)
+    _check(ok, key, v, f"a number {'>' if strict else '>='} {low}")
+
+
+def _choice(config, key: str, choices: Iterable) -> None:
+    v = _get(config, key)
+    choices = list(choices)
+    _check(v in choices, key, v, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def validate_config(config, reference=None) -> None:
+    """Raises ``ConfigError`` for the first bad key or value of a trainer config.
+
+    reference: the config every key must exist in (``train/configs/base.py``'s); None skips
+    the key check (a library caller building its own ConfigDict from base).
+    """
+    if reference is not None:
+        known = known_keys(reference)
+        for key in flat_keys(config):
+            if key not in known and not any(key.startswith(k + ".") for k in known):
+                raise unknown_key_error(key, known)
+    from ..config import DTYPES
+    from ..data import SOURCES
+    from ..modeling.layers import REMAT_POLICIES
+    from .optim import FROZEN_PREFIXES
+
+    for key in ("total_steps", "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _int_at_least(config, key, 1)
+    _int_at_least(config, "eval_every", 0)
+    _int_at_least(config, "context_length", 2)
+    _int_at_least(config, "seed", 0)
+    _choice(config, "dtype", DTYPES)
+    _choice(config, "loss", ("softmax", "sigmoid"))
+    _choice(config, "freeze", [k for k in FROZEN_PREFIXES if k is not None])
+    for key in ("data", "fsdp", "tensor"):
+        v = config.mesh[key]
+        _check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", v, "an int >= 1, or -1 (fill)")
+    _number_at_least(config, "optimizer.lr", 0.0)
+    _int_at_least(config, "optimizer.warmup_steps", 0)
+    for key in ("optimizer.weight_decay", "optimizer.grad_clip", "optimizer.end_lr_factor"):
+        _number_at_least(config, key, 0.0)
+    for key in ("optimizer.b1", "optimizer.b2"):
+        v = _get(config, key)
+        _check(isinstance(v, (int, float)) and 0 <= v < 1, key, v, "a number in [0, 1)")
+    _number_at_least(config, "optimizer.eps", 0.0, strict=True)
+    remat = config.model.remat
+    _check(remat in (True, False, "", "none", "true", "false") or remat in REMAT_POLICIES, "model.remat", remat,
+           "one of 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES))
+    _choice(config, "model.attention_impl", ("", None, "xla", "cudnn"))
+    _choice(config, "data.name", SOURCES)
+    if config.data.name == "cn_clip":
+        _choice(config, "data.cn_clip.format", ("tsv", "lmdb"))
+        _check(bool(config.data.cn_clip.root), "data.cn_clip.root", config.data.cn_clip.root,
+               "the cn_clip dataset directory")
+    if config.data.name == "webdataset":
+        _check(bool(config.data.webdataset.shards), "data.webdataset.shards", config.data.webdataset.shards,
+               "a shard pattern, e.g. /data/{00000..00009}.tar")
+    _int_at_least(config, "data.num_threads", 1)
+    from ..data import check_config as check_data_config
+
+    try:  # the data module's own checks: crops, workers, the source's path schemes and backends
+        check_data_config(config.data)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
+    if config.require_init_from and not config.init_from:
+        raise ConfigError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
+                          ".pt file or a `python -m convert` output)")
+    if not config.init_from:
+        from .loop import build_model_config
+
+        try:
+            build_model_config(config.model)
+        except (TypeError, ValueError) as e:
+            text = str(e).replace("text_config", "model.text").replace("vision_config", "model.vision")
+            raise ConfigError(f"config.{text}" if text.startswith("model.") else f"config.model: {text}") from None
