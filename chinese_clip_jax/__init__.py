@@ -1,6 +1,6 @@
 """Chinese-CLIP in JAX/Flax: models, checkpoint conversion, inference and sharded training."""
 
-from .config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from .config import ChineseCLIPConfig, ChineseCLIPResNetConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 from .conversion import CheckpointError, from_pretrained, save_pretrained
 from .inference import ChineseCLIP
 from .modeling import (
@@ -17,6 +17,7 @@ __all__ = [
     "ChineseCLIPConfig",
     "ChineseCLIPTextConfig",
     "ChineseCLIPVisionConfig",
+    "ChineseCLIPResNetConfig",
     "ChineseCLIPModel",
     "ChineseCLIPOutput",
     "ChineseCLIPTextModel",

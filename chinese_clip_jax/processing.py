@@ -78,6 +78,11 @@ class ImageSettings:
             raise ValueError(f"image_mean/image_std need 3 values, got {self.image_mean}, {self.image_std}")
 
     @classmethod
+    def at_resolution(cls, r: int) -> "ImageSettings":
+        """transformers' default preprocessing for an r x r model: short side to r, center crop r x r."""
+        return cls(size={"shortest_edge": int(r)}, crop_size={"height": int(r), "width": int(r)})
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ImageSettings":
         """Reads a preprocessor_config.json dict the way transformers does.
 

@@ -1,10 +1,12 @@
 """Convert a Chinese-CLIP checkpoint between PyTorch layouts and Flax.
 
-  python -m convert SRC OUT [--arch NAME] [--to flax|hf] [--dtype float32|bfloat16] [--scan-layers]
+  python -m convert SRC OUT [--arch NAME] [--to flax|hf|pt] [--dtype float32|bfloat16] [--scan-layers]
 
 SRC: a HF checkpoint dir, a hub id (online), a cn_clip .pt file, or a dir written by this command.
 --to flax (default) writes an Orbax checkpoint (OUT/params) + config.json + vocab.txt;
---to hf writes config.json + model.safetensors + vocab.txt that transformers loads.
+--to hf writes config.json + model.safetensors + vocab.txt that transformers loads (ViT models;
+a ResNet (RN50) model has no HF layout and is refused);
+--to pt writes OUT/cn_clip.pt in cn_clip's own checkpoint layout (cn_clip and this tool read it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import os
 import resource
 import sys
 import time
+
+
+PT_NAME = "cn_clip.pt"  # the file --to pt writes inside OUT
 
 
 def _peak_rss_gib() -> float:
@@ -26,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="output directory (must not already hold a checkpoint)")
     parser.add_argument("--arch", help="cn_clip architecture, e.g. ViT-B-16@RoBERTa-wwm-ext-base-chinese "
                         "(inferred from shapes when omitted)")
-    parser.add_argument("--to", choices=("flax", "hf"), default="flax")
+    parser.add_argument("--to", choices=("flax", "hf", "pt"), default="flax")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="storage dtype of the written params (models compute from fp32 params)")
     parser.add_argument("--scan-layers", action="store_true",
@@ -45,6 +50,10 @@ def main(argv=None) -> int:
             if os.path.exists(os.path.join(args.out, "model.safetensors")):
                 raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
             conversion.save_pretrained(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
+        elif args.to == "pt":
+            if args.dtype != "float32":
+                raise ValueError("--to pt writes float32 tensors (as cn_clip's checkpoints); drop --dtype")
+            conversion.save_cn_clip(os.path.join(args.out, PT_NAME), cfg, params)
         else:
             conversion.save_flax(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: clear message, no traceback

@@ -9,6 +9,7 @@ from .api import (
     save_flax,
     save_pretrained,
 )
+from .cn_clip_pt import save_cn_clip, to_cn_clip_state_dict
 from .mapping import parse_cn_clip_arch, stack_layers, unstack_layers
 from .sources import CheckpointError, open_tensors
 
@@ -21,8 +22,10 @@ __all__ = [
     "load_params",
     "open_tensors",
     "parse_cn_clip_arch",
+    "save_cn_clip",
     "save_flax",
     "save_pretrained",
     "stack_layers",
+    "to_cn_clip_state_dict",
     "unstack_layers",
 ]

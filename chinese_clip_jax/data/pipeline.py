@@ -63,9 +63,8 @@ class ImageDecoder:
 
     def __init__(self, image_size: int):
         self.image_size = int(image_size)
-        settings = ImageSettings(size={"shortest_edge": self.image_size},
-                                 crop_size={"height": self.image_size, "width": self.image_size})
-        self._processor = ChineseCLIPProcessor(image_settings=settings, num_threads=1).image_processor
+        self._processor = ChineseCLIPProcessor(image_settings=ImageSettings.at_resolution(self.image_size),
+                                               num_threads=1).image_processor
 
     def __call__(self, image: Any) -> np.ndarray:
         s = self.image_size

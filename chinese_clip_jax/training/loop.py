@@ -116,7 +116,8 @@ class TrainResult(dict):
 def _load_init(config, dtype, scan_layers):
     import chinese_clip_jax as ccj
 
-    model, params = ccj.from_pretrained(config.init_from, dtype=dtype, scan_layers=scan_layers)
+    model, params = ccj.from_pretrained(config.init_from, dtype=dtype, scan_layers=scan_layers,
+                                        image_size=config.model.get("image_size") or None)
     return model.config, params
 
 
@@ -273,8 +274,16 @@ def _export_hf(model_config, params, path: str) -> str:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
+    if model_config.is_resnet:  # no HF layout exists for a ResNet tower: our Flax format instead
+        path = os.path.join(os.path.dirname(path), "flax")
     if jax.process_index() == 0:
-        ccj.save_pretrained(path, model_config, jax.tree.map(np.asarray, params))
+        params = jax.tree.map(np.asarray, params)
+        if model_config.is_resnet:
+            from ..conversion import save_flax
+
+            save_flax(path, model_config, params)
+        else:
+            ccj.save_pretrained(path, model_config, params)
     return path
 
 
