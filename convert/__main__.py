@@ -7,6 +7,8 @@ SRC: a HF checkpoint dir, a hub id (online), a cn_clip .pt file, or a dir writte
 --to hf writes config.json + model.safetensors + vocab.txt that transformers loads (ViT models;
 a ResNet (RN50) model has no HF layout and is refused);
 --to pt writes OUT/cn_clip.pt in cn_clip's own checkpoint layout (cn_clip and this tool read it).
+--export writes the serving export instead (chinese_clip_jax.export): OUT/text_features.jaxexport,
+OUT/image_features.jaxexport, OUT/params.safetensors and the processor files, for --platforms.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ def main(argv=None) -> int:
                         help="storage dtype of the written params (models compute from fp32 params)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="--to flax: store stacked layers (for scan_layers=True models)")
+    parser.add_argument("--export", action="store_true",
+                        help="write the jax.export serving artefacts (load with chinese_clip_jax.export.load_exported)")
+    parser.add_argument("--platforms", default="cpu,cuda,tpu",
+                        help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)")
+    parser.add_argument("--context-length", type=int, default=52, help="--export: fixed text length (default 52)")
     args = parser.parse_args(argv)
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu", "rocm")]
+    if args.export and (bad or not platforms):
+        parser.error(f"--platforms: unknown platform(s) {', '.join(bad) or '(none given)'}; choose from cpu, cuda, "
+                     "tpu, rocm")
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
@@ -46,7 +58,12 @@ def main(argv=None) -> int:
     try:
         cfg, params, kind, directory = conversion.load_params(args.src, arch=args.arch)
         params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
-        if args.to == "hf":
+        if args.export:
+            from chinese_clip_jax.export import save_exported
+
+            save_exported(args.out, cfg, params, platforms=platforms, context_length=args.context_length,
+                          processor_from=directory)
+        elif args.to == "hf":
             if os.path.exists(os.path.join(args.out, "model.safetensors")):
                 raise FileExistsError(f"{args.out}/model.safetensors already exists; choose an empty directory")
             conversion.save_pretrained(args.out, cfg, params, dtype=args.dtype, processor_from=directory)
@@ -60,8 +77,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_params = sum(x.size for x in mapping.flatten(params).values())
+    target = f"export ({','.join(platforms)})" if args.export else args.to
     print(
-        f"converted {kind} checkpoint {args.src} -> {args.to} {args.out}\n"
+        f"converted {kind} checkpoint {args.src} -> {target} {args.out}\n"
         f"  parameters: {n_params:,} ({n_params / 1e6:.1f} M), stored as {args.dtype}\n"
         f"  time: {time.perf_counter() - start:.1f} s, peak memory (RSS): {_peak_rss_gib():.2f} GiB"
     )
