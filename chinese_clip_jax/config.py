@@ -14,10 +14,15 @@ from typing import Any, ClassVar, Mapping
 __all__ = [
     "ChineseCLIPTextConfig",
     "ChineseCLIPVisionConfig",
+    "ChineseCLIPResNetConfig",
     "ChineseCLIPConfig",
+    "VISION_ARCHS",
+    "TEXT_ARCHS",
+    "PRESET_ARCHS",
     "PRESETS",
     "DTYPES",
     "parse_dtype",
+    "from_cn_clip_arch",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,7 +44,8 @@ class _ConfigBase:
     """from_dict/to_dict shared by the three configs; unknown keys are kept in ``extra``."""
 
     model_type: ClassVar[str]
-    _nested: ClassVar[dict[str, type]] = {}
+    # key -> config class, or a tuple of classes told apart by the dict's "model_type"
+    _nested: ClassVar[dict[str, type | tuple[type, ...]]] = {}
 
     @classmethod
     def _field_names(cls) -> list[str]:
@@ -92,7 +98,7 @@ def _merge_old_layout(d: Mapping[str, Any], nested: Mapping[str, type]) -> Mappi
         if not isinstance(old, Mapping):
             raise ValueError(f"{key}_dict must be a JSON object, got {type(old).__name__} {_short(old)}")
         current = d.get(key) if isinstance(d.get(key), Mapping) else {}
-        fields = set(sub._field_names())
+        fields = {f for c in (sub if isinstance(sub, tuple) else (sub,)) for f in c._field_names()}
         d[key] = {**{k: v for k, v in current.items() if k not in fields}, **old}
     return d
 
@@ -112,6 +118,16 @@ def _check_fields(kind: str, cfg, positive: tuple[str, ...], non_negative: tuple
     eps = cfg.layer_norm_eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{kind}.layer_norm_eps must be a number > 0, got {_short(eps)}")
+def _nested_class(choices, d: Mapping[str, Any]) -> type:
+    """The config class for a nested dict: by its ``model_type``, the first choice when absent."""
+    choices = choices if isinstance(choices, tuple) else (choices,)
+    if not isinstance(d, Mapping):
+        raise TypeError(f"a nested config must be a mapping, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    for c in choices:
+        if model_type in (None, c.model_type):
+            return c
+    raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(c.model_type for c in choices)}")
 
 
 def _check_heads(kind: str, hidden_size: int, num_heads: int) -> None:
@@ -198,16 +214,62 @@ class ChineseCLIPVisionConfig(_ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
+class ChineseCLIPResNetConfig(_ConfigBase):
+    """cn_clip's ModifiedResNet image tower (RN50): 3-conv stem, anti-aliased bottleneck stages,
+    attention pooling whose output projection gives ``projection_dim`` directly.
+
+    transformers has no such tower: a config with it is ours (``model_type`` below) and is written
+    only in our own layouts (Flax directory, cn_clip ``.pt``), never as a HF checkpoint.
+    """
+
+    model_type: ClassVar[str] = "chinese_clip_resnet_vision_model"
+    layers: tuple = (3, 4, 6, 3)  # bottleneck blocks per stage
+    width: int = 64  # stem width; stage i has width * 2**i planes, 4x as many output channels
+    num_attention_heads: int = 32  # of the attention pool (cn_clip: width * 32 // 64)
+    num_channels: int = 3
+    image_size: int = 224
+    batch_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    projection_dim: int = 1024
+    extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.layers, (list, tuple)) or len(self.layers) != 4 or not all(
+                isinstance(n, int) and n >= 1 for n in self.layers):
+            raise ValueError(f"vision_config: layers must be 4 positive ints (blocks per stage), got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))  # a JSON list reads back equal
+        if not isinstance(self.image_size, int) or self.image_size % 32:
+            raise ValueError(f"vision_config: image_size must be a multiple of 32 (the ResNet's stride), "
+                             f"got {self.image_size!r}")
+        _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels of the last stage, the attention pool's width (2048 for RN50)."""
+        return self.width * 32
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the last feature map (image_size / 32)."""
+        return self.image_size // 32
+
+
+@dataclasses.dataclass(frozen=True)
 class ChineseCLIPConfig(_ConfigBase):
     """The joint model: both towers, the projection width and the initial logit scale."""
 
     model_type: ClassVar[str] = "chinese_clip"
     _nested: ClassVar[dict[str, type]] = {
         "text_config": ChineseCLIPTextConfig,
-        "vision_config": ChineseCLIPVisionConfig,
+        "vision_config": (ChineseCLIPVisionConfig, ChineseCLIPResNetConfig),
     }
     text_config: ChineseCLIPTextConfig = dataclasses.field(default_factory=ChineseCLIPTextConfig)
-    vision_config: ChineseCLIPVisionConfig = dataclasses.field(default_factory=ChineseCLIPVisionConfig)
+    vision_config: ChineseCLIPVisionConfig | ChineseCLIPResNetConfig = dataclasses.field(
+        default_factory=ChineseCLIPVisionConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -235,9 +297,14 @@ class ChineseCLIPConfig(_ConfigBase):
             **kwargs,
         )
 
+    @property
+    def is_resnet(self) -> bool:
+        """Whether the image tower is cn_clip's ModifiedResNet (no HF layout exists for it)."""
+        return isinstance(self.vision_config, ChineseCLIPResNetConfig)
+
     @classmethod
     def preset(cls, name: str) -> "ChineseCLIPConfig":
-        """One of the four published architectures (``OFA-Sys/`` prefix optional)."""
+        """One of the five published architectures (``OFA-Sys/`` prefix optional)."""
         key = name.split("/")[-1]
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -285,40 +352,57 @@ class ChineseCLIPConfig(_ConfigBase):
         return path
 
 
-def _text(**kw) -> ChineseCLIPTextConfig:
-    return ChineseCLIPTextConfig(vocab_size=21128, **kw)
+# --------------------------------------------------------------------------- published sizes
+# The one table of published architectures, under cn_clip's names (its model_configs/*.json;
+# tests/test_config.py checks every row against those files). Presets and cn_clip ``--arch``
+# strings ("ViT-B-16@RoBERTa-wwm-ext-base-chinese") are both read from it.
+
+def _vit(width: int, layers: int, heads: int, patch: int, resolution: int, embed_dim: int) -> ChineseCLIPVisionConfig:
+    return ChineseCLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                   num_attention_heads=heads, patch_size=patch, image_size=resolution,
+                                   projection_dim=embed_dim)
 
 
-_ROBERTA_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-_ROBERTA_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+def _roberta(hidden: int, layers: int, heads: int, intermediate: int) -> ChineseCLIPTextConfig:
+    return ChineseCLIPTextConfig(vocab_size=21128, hidden_size=hidden, intermediate_size=intermediate,
+                                 num_hidden_layers=layers, num_attention_heads=heads)
 
-PRESETS: dict[str, ChineseCLIPConfig] = {
-    "chinese-clip-vit-base-patch16": ChineseCLIPConfig(
-        text_config=_text(**_ROBERTA_BASE),
-        vision_config=ChineseCLIPVisionConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            patch_size=16, image_size=224, projection_dim=512,
-        ),
-        projection_dim=512,
-    ),
-    "chinese-clip-vit-large-patch14": ChineseCLIPConfig(
-        text_config=_text(**_ROBERTA_BASE),
-        vision_config=ChineseCLIPVisionConfig(**_VIT_L14, image_size=224, projection_dim=768),
-        projection_dim=768,
-    ),
-    "chinese-clip-vit-large-patch14-336px": ChineseCLIPConfig(
-        text_config=_text(**_ROBERTA_BASE),
-        vision_config=ChineseCLIPVisionConfig(**_VIT_L14, image_size=336, projection_dim=768),
-        projection_dim=768,
-    ),
-    # ViT-H/14: width 1280 with 16 heads of width 80 (cn_clip's vision_head_width=80).
-    "chinese-clip-vit-huge-patch14": ChineseCLIPConfig(
-        text_config=_text(**_ROBERTA_LARGE),
-        vision_config=ChineseCLIPVisionConfig(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-            patch_size=14, image_size=224, projection_dim=1024,
-        ),
-        projection_dim=1024,
-    ),
+
+VISION_ARCHS: dict[str, ChineseCLIPVisionConfig | ChineseCLIPResNetConfig] = {
+    # head width 64, except ViT-H: 16 heads of width 80 (cn_clip's vision_head_width=80)
+    "ViT-B-32": _vit(768, 12, 12, 32, 224, 512),
+    "ViT-B-16": _vit(768, 12, 12, 16, 224, 512),
+    "ViT-L-14": _vit(1024, 24, 16, 14, 224, 768),
+    "ViT-L-14-336": _vit(1024, 24, 16, 14, 336, 768),
+    "ViT-H-14": _vit(1280, 32, 16, 14, 224, 1024),
+    "RN50": ChineseCLIPResNetConfig(layers=(3, 4, 6, 3), width=64, num_attention_heads=32, image_size=224,
+                                    projection_dim=1024),
 }
+TEXT_ARCHS: dict[str, ChineseCLIPTextConfig] = {
+    "RoBERTa-wwm-ext-base-chinese": _roberta(768, 12, 12, 3072),
+    "RoBERTa-wwm-ext-large-chinese": _roberta(1024, 24, 16, 4096),
+    "RBT3-chinese": _roberta(768, 3, 12, 3072),
+}
+PRESET_ARCHS: dict[str, str] = {  # HF name (OFA-Sys/...) -> cn_clip architecture
+    "chinese-clip-vit-base-patch16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
+    "chinese-clip-vit-large-patch14": "ViT-L-14@RoBERTa-wwm-ext-base-chinese",
+    "chinese-clip-vit-large-patch14-336px": "ViT-L-14-336@RoBERTa-wwm-ext-base-chinese",
+    "chinese-clip-vit-huge-patch14": "ViT-H-14@RoBERTa-wwm-ext-large-chinese",
+    "chinese-clip-rn50": "RN50@RBT3-chinese",  # cn_clip only: transformers has no ResNet Chinese-CLIP
+}
+
+
+def from_cn_clip_arch(arch: str) -> ChineseCLIPConfig:
+    """``"ViT-B-16@RoBERTa-wwm-ext-base-chinese"`` (cn_clip's ``--arch`` form) -> config."""
+    if not isinstance(arch, str) or "@" not in arch:
+        raise ValueError(f"arch must look like 'ViT-B-16@RoBERTa-wwm-ext-base-chinese', got {arch!r}")
+    vision, text = arch.split("@", 1)
+    if vision not in VISION_ARCHS:
+        raise ValueError(f"unknown vision arch {vision!r}; known: {', '.join(VISION_ARCHS)}")
+    if text not in TEXT_ARCHS:
+        raise ValueError(f"unknown text arch {text!r}; known: {', '.join(TEXT_ARCHS)}")
+    v = VISION_ARCHS[vision]
+    return ChineseCLIPConfig(text_config=TEXT_ARCHS[text], vision_config=v, projection_dim=v.projection_dim)
+
+
+PRESETS: dict[str, ChineseCLIPConfig] = {name: from_cn_clip_arch(arch) for name, arch in PRESET_ARCHS.items()}

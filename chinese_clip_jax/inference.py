@@ -49,8 +49,7 @@ class ChineseCLIP:
         self.config = model.config
         r = self.config.vision_config.image_size
         if processor is None:
-            processor = ChineseCLIPProcessor(image_settings=ImageSettings(
-                size={"shortest_edge": r}, crop_size={"height": r, "width": r}))
+            processor = ChineseCLIPProcessor(image_settings=ImageSettings.at_resolution(r))
         if processor.image_size != (r, r):
             raise ValueError(f"the processor makes {processor.image_size} images but the model takes {(r, r)}; "
                              f"pass a processor with crop_size {r}")
@@ -72,19 +71,25 @@ class ChineseCLIP:
     def from_pretrained(cls, src: str | os.PathLike, dtype: Any = jnp.float32, *,
                         processor: ChineseCLIPProcessor | None = None, resize_mode: str = "processor",
                         arch: str | None = None, attention_impl: str | None = None, scan_layers: bool = False,
-                        **kwargs) -> "ChineseCLIP":
+                        image_size: int | None = None, **kwargs) -> "ChineseCLIP":
         """Loads anything `ccj.from_pretrained` reads (HF dir, hub id, cn_clip .pt, our Flax dir).
 
         The processor comes from the checkpoint directory (its vocab and preprocessor_config.json)
         when it has them, else transformers' defaults at the model's resolution. dtype: compute
         dtype (e.g. jnp.bfloat16 on GPU/TPU). resize_mode="squash": cn_clip's eval transform.
-        kwargs go to __init__ (devices, text_batch_size, image_batch_size).
+        image_size: run a ViT at another resolution (position embeddings resized once; the
+        processor then makes images of that size). kwargs go to __init__ (devices,
+        text_batch_size, image_batch_size).
         """
         from .conversion import from_pretrained as load
 
-        model, params = load(src, dtype, arch=arch, scan_layers=scan_layers, attention_impl=attention_impl)
+        model, params = load(src, dtype, arch=arch, scan_layers=scan_layers, attention_impl=attention_impl,
+                             image_size=image_size)
         if processor is None:
             processor = _processor_for(src, model.config.vision_config.image_size, resize_mode)
+            if processor.image_size != (model.config.vision_config.image_size,) * 2:  # image_size changed it
+                processor = ChineseCLIPProcessor(processor.tokenizer, ImageSettings.at_resolution(
+                    model.config.vision_config.image_size), resize_mode=resize_mode)
         return cls(model, params, processor, **kwargs)
 
     @property
@@ -147,8 +152,7 @@ class ChineseCLIP:
 
 def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:
     """The checkpoint's own processor when its directory (or hub repo) has the files."""
-    default = ImageSettings(size={"shortest_edge": resolution},
-                            crop_size={"height": resolution, "width": resolution})
+    default = ImageSettings.at_resolution(resolution)
     path = os.fspath(src)
     directory = path if os.path.isdir(path) else None
     if directory is None and not os.path.exists(path) and path.count("/") == 1:

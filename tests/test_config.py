@@ -24,6 +24,38 @@ def cn_clip_spec(name):
         return json.load(f)
 
 
+def test_presets_are_the_published_architecture_table():
+    from chinese_clip_jax.config import PRESET_ARCHS, TEXT_ARCHS, VISION_ARCHS, from_cn_clip_arch
+
+    assert set(PRESET_ARCHS) == set(CN_CLIP_ARCH) | {"chinese-clip-rn50"}
+    for name, (vision, text) in CN_CLIP_ARCH.items():
+        assert PRESET_ARCHS[name] == f"{vision}@{text}"
+    for vision in VISION_ARCHS:  # every cn_clip arch name maps onto the one table
+        for text in TEXT_ARCHS:
+            cfg = from_cn_clip_arch(f"{vision}@{text}")
+            assert cfg.vision_config == VISION_ARCHS[vision] and cfg.text_config == TEXT_ARCHS[text]
+
+
+@pytest.mark.parametrize("vision", ["ViT-B-32", "RN50"])
+@pytest.mark.parametrize("text", ["RBT3-chinese", "RoBERTa-wwm-ext-base-chinese"])
+def test_table_rows_match_cn_clip_files(vision, text):
+    from chinese_clip_jax.config import from_cn_clip_arch
+
+    cfg = from_cn_clip_arch(f"{vision}@{text}")
+    v, t, spec, tspec = cfg.vision_config, cfg.text_config, cn_clip_spec(vision), cn_clip_spec(text)
+    assert cfg.projection_dim == v.projection_dim == spec["embed_dim"]
+    assert v.image_size == spec["image_resolution"]
+    if vision == "RN50":
+        assert list(v.layers) == json.loads(spec["vision_layers"]) and v.width == spec["vision_width"]
+        assert v.num_attention_heads == spec["vision_width"] * 32 // 64  # cn_clip's vision_heads
+    else:
+        assert (v.hidden_size, v.num_hidden_layers, v.patch_size) == (
+            spec["vision_width"], spec["vision_layers"], spec["vision_patch_size"])
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (
+        tspec["text_hidden_size"], tspec["text_num_hidden_layers"], tspec["text_num_attention_heads"],
+        tspec["text_intermediate_size"])
+
+
 @pytest.mark.parametrize("preset", list(CN_CLIP_ARCH))
 def test_presets_match_cn_clip_architecture_files(preset):
     cfg = ccj.ChineseCLIPConfig.preset(preset)

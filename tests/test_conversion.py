@@ -187,8 +187,10 @@ def test_cn_clip_unknown_width_needs_arch(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="arch="):
         ccj.from_pretrained(tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match="ResNet towers are not ported"):
-        ccj.from_pretrained(tmp_path / "odd.pt", arch="RN50@RBT3-chinese")
+    with pytest.raises(CheckpointError, match="does not match the configured architecture: missing keys"):
+        ccj.from_pretrained(tmp_path / "odd.pt", arch="RN50@RBT3-chinese")  # a ViT file named as RN50
+    with pytest.raises(ValueError, match="unknown vision arch 'RN101'; known: .*RN50"):
+        ccj.from_pretrained(tmp_path / "odd.pt", arch="RN101@RBT3-chinese")
 
 
 # --------------------------------------------------------------------------- errors

@@ -10,6 +10,7 @@ from .api import (
     save_flax,
     save_pretrained,
 )
+from .cn_clip_pt import save_cn_clip, to_cn_clip_state_dict
 from .mapping import parse_cn_clip_arch, stack_layers, unstack_layers
 from .sources import CheckpointError, open_tensors
 
@@ -23,8 +24,10 @@ __all__ = [
     "open_tensors",
     "output_names",
     "parse_cn_clip_arch",
+    "save_cn_clip",
     "save_flax",
     "save_pretrained",
     "stack_layers",
+    "to_cn_clip_state_dict",
     "unstack_layers",
 ]

@@ -200,9 +200,18 @@ def from_pretrained(
     scan_layers: bool = False,
     attention_impl: str | None = None,
     remat: bool | str = False,
+    image_size: int | None = None,
 ) -> tuple[ChineseCLIPModel, dict]:
-    """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute."""
+    """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute.
+
+    ``image_size``: a ViT's resolution to run at (e.g. 336 for a 224 checkpoint); its position
+    embeddings are resized once, as cn_clip's ``resize_pos_embed`` (``modeling.position.at_resolution``).
+    """
     cfg, params, _, _ = load_params(src, arch)
+    if image_size:
+        from ..modeling.position import at_resolution
+
+        params, cfg = at_resolution(params, cfg, image_size)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
     model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
     return model, params
@@ -248,6 +257,9 @@ def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dic
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
+    if cfg.is_resnet:
+        raise ValueError("transformers has no ResNet (RN50) Chinese-CLIP: write this model as Flax (--to flax) "
+                         "or as a cn_clip .pt (--to pt), not in the HF layout")
     flat = check_params(_unboxed(params), cfg)  # validate before touching the directory
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, "model.safetensors"), lambda: iter_hf_tensors(flat, cfg), dtype)

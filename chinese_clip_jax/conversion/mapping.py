@@ -1,6 +1,7 @@
 """Explicit name-mapping tables between checkpoint layouts, in both directions.
 
-Three layouts:
+Three layouts (a ResNet image tower, cn_clip's RN50, has no HF layout: its rows carry cn_clip's
+``visual.*`` names in the HF column, and only our Flax format and cn_clip's ``.pt`` hold it):
   * HF: transformers' ``ChineseCLIPModel.state_dict()`` names, torch ``Linear`` weights (out, in).
   * Flax: our param tree (see ``modeling/clip.py``), kernels (in, out), attention kernels split into
     (embed, heads, head_dim); unscanned (``encoder/layer_i``) or scanned (``encoder/layers``).
@@ -18,7 +19,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from ..config import ChineseCLIPConfig
+from ..config import TEXT_ARCHS, VISION_ARCHS, ChineseCLIPConfig, ChineseCLIPResNetConfig, from_cn_clip_arch
 from .sources import CheckpointError
 
 
@@ -99,8 +100,43 @@ GLOBAL = [
     ("logit_scale", "logit_scale", IDENTITY),
 ]
 
-# Non-persistent buffers that some exported checkpoints still carry: safe to drop.
-IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.(position_ids|token_type_ids)$")
+# ViT rows that a ResNet image tower does not have (it projects inside its attention pool).
+_VIT_ONLY = re.compile(r"^(vision_model\.|visual_projection\.)")
+
+RESNET_BN = [("weight", "scale"), ("bias", "bias"), ("running_mean", "running_mean"), ("running_var", "running_var")]
+
+
+def resnet_rows(v) -> list[tuple[str, str, Transform, int]]:
+    """(cn_clip name, Flax path, transform, heads) of every param of a ModifiedResNet tower."""
+    rows = []
+
+    def conv_bn(cn_conv, cn_bn, fx_conv, fx_bn):
+        rows.append((f"visual.{cn_conv}.weight", f"vision_model/{fx_conv}/kernel", CONV_KERNEL, 0))
+        rows.extend((f"visual.{cn_bn}.{a}", f"vision_model/{fx_bn}/{b}", IDENTITY, 0) for a, b in RESNET_BN)
+
+    for k in (1, 2, 3):
+        conv_bn(f"conv{k}", f"bn{k}", f"stem/conv{k}", f"stem/bn{k}")
+    for i, blocks in enumerate(v.layers, 1):
+        for j in range(blocks):
+            cn, fx = f"layer{i}.{j}", f"layer{i}/block_{j}"
+            for k in (1, 2, 3):
+                conv_bn(f"{cn}.conv{k}", f"{cn}.bn{k}", f"{fx}/conv{k}", f"{fx}/bn{k}")
+            if j == 0:  # stride 2, or (stage 1) 4x the channels: a projected shortcut
+                conv_bn(f"{cn}.downsample.0", f"{cn}.downsample.1", f"{fx}/downsample_conv", f"{fx}/downsample_bn")
+    h = v.num_attention_heads
+    rows.append(("visual.attnpool.positional_embedding", "vision_model/attnpool/position_embedding", IDENTITY, 0))
+    for cn, fx in (("q", "query"), ("k", "key"), ("v", "value")):
+        rows.append((f"visual.attnpool.{cn}_proj.weight", f"vision_model/attnpool/{fx}/kernel", QKV_KERNEL, h))
+        rows.append((f"visual.attnpool.{cn}_proj.bias", f"vision_model/attnpool/{fx}/bias", QKV_BIAS, h))
+    rows.append(("visual.attnpool.c_proj.weight", "vision_model/attnpool/out/kernel", OUT_KERNEL, h))
+    rows.append(("visual.attnpool.c_proj.bias", "vision_model/attnpool/out/bias", IDENTITY, 0))
+    return rows
+
+
+# Non-persistent buffers that some exported checkpoints still carry, and BatchNorm's update
+# counter (unused at a fixed momentum): safe to drop.
+IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.(position_ids|token_type_ids)$"
+                             r"|^visual\..*\.num_batches_tracked$")
 
 
 class Row(NamedTuple):
@@ -113,12 +149,14 @@ class Row(NamedTuple):
 def table(cfg: ChineseCLIPConfig) -> list[Row]:
     """Every parameter of the joint model: HF name, Flax path (unscanned), transform, heads."""
     t, v = cfg.text_config, cfg.vision_config
-    rows = [Row(hf, fx, tr, 0) for hf, fx, tr in GLOBAL]
+    rows = [Row(hf, fx, tr, 0) for hf, fx, tr in GLOBAL if not (cfg.is_resnet and _VIT_ONLY.match(hf))]
     for i in range(t.num_hidden_layers):
         rows += [
             Row(f"text_model.encoder.layer.{i}.{hf}", f"text_model/encoder/layer_{i}/{fx}", tr, t.num_attention_heads)
             for hf, fx, tr in TEXT_LAYER
         ]
+    if cfg.is_resnet:
+        return rows + [Row(*r) for r in resnet_rows(v)]
     for i in range(v.num_hidden_layers):
         rows += [
             Row(f"vision_model.encoder.layers.{i}.{hf}", f"vision_model/encoder/layer_{i}/{fx}", tr,
@@ -202,22 +240,11 @@ def unstack_layers(params: Mapping) -> dict:
 
 # --------------------------------------------------------------------------- cn_clip layout
 
-CN_CLIP_VISION = {  # cn_clip vision arch -> (width, layers, heads, patch, resolution)
-    "ViT-B-32": (768, 12, 12, 32, 224),
-    "ViT-B-16": (768, 12, 12, 16, 224),
-    "ViT-L-14": (1024, 24, 16, 14, 224),
-    "ViT-L-14-336": (1024, 24, 16, 14, 336),
-    "ViT-H-14": (1280, 32, 16, 14, 224),
-}
-CN_CLIP_TEXT = {  # cn_clip text arch -> (hidden, layers, heads, intermediate)
-    "RoBERTa-wwm-ext-base-chinese": (768, 12, 12, 3072),
-    "RoBERTa-wwm-ext-large-chinese": (1024, 24, 16, 4096),
-    "RBT3-chinese": (768, 3, 12, 3072),
-}
-CN_CLIP_EMBED_DIM = {"ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024}
-# cn_clip's head width is 64, except ViT-H (80): heads by width, for inference from shapes.
-_VISION_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16}
-_TEXT_HEADS_BY_WIDTH = {768: 12, 1024: 16}
+# cn_clip's head width is 64, except ViT-H (80): heads by width, for inference from shapes
+# (from the one table of published sizes).
+_VISION_HEADS_BY_WIDTH = {v.hidden_size: v.num_attention_heads for v in VISION_ARCHS.values()
+                          if not isinstance(v, ChineseCLIPResNetConfig)}
+_TEXT_HEADS_BY_WIDTH = {t.hidden_size: t.num_attention_heads for t in TEXT_ARCHS.values()}
 
 CN_CLIP_VISION_LAYER = [  # cn_clip resblock suffix -> HF vision layer suffix (in_proj handled apart)
     ("attn.out_proj.weight", "self_attn.out_proj.weight"),
@@ -246,20 +273,7 @@ CN_CLIP_GLOBAL = [  # (cn_clip name, HF name, transpose)
 ]
 
 
-def parse_cn_clip_arch(arch: str) -> ChineseCLIPConfig:
-    """``"ViT-B-16@RoBERTa-wwm-ext-base-chinese"`` -> config."""
-    if "@" not in arch:
-        raise ValueError(f"arch must look like 'ViT-B-16@RoBERTa-wwm-ext-base-chinese', got {arch!r}")
-    vision, text = arch.split("@", 1)
-    if vision not in CN_CLIP_VISION:
-        raise ValueError(f"unknown or unsupported vision arch {vision!r} (ResNet towers are not ported); "
-                         f"known: {', '.join(CN_CLIP_VISION)}")
-    if text not in CN_CLIP_TEXT:
-        raise ValueError(f"unknown text arch {text!r}; known: {', '.join(CN_CLIP_TEXT)}")
-    width, layers, heads, patch, res = CN_CLIP_VISION[vision]
-    hidden, t_layers, t_heads, inter = CN_CLIP_TEXT[text]
-    return _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads, inter,
-                           CN_CLIP_EMBED_DIM[vision])
+parse_cn_clip_arch = from_cn_clip_arch  # "ViT-B-16@RoBERTa-wwm-ext-base-chinese" -> config
 
 
 def _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads, inter, embed_dim):
@@ -285,11 +299,13 @@ def _count_layers(names, pattern: str) -> int:
 
 def infer_cn_clip_config(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     """Architecture from the tensor shapes of a cn_clip state dict (names without ``module.``)."""
+    if is_cn_clip_resnet(shapes):
+        return _infer_cn_clip_resnet(shapes)
     need = ["visual.conv1.weight", "visual.positional_embedding", "bert.embeddings.word_embeddings.weight",
             "text_projection", "bert.encoder.layer.0.intermediate.dense.weight"]
     missing = [n for n in need if n not in shapes]
     if missing:
-        raise CheckpointError(f"not a cn_clip ViT checkpoint: missing {', '.join(missing)}")
+        raise CheckpointError(f"not a cn_clip ViT or ResNet (RN50) checkpoint: missing {', '.join(missing)}")
     width, _, patch, _ = shapes["visual.conv1.weight"]
     grid = int(round((shapes["visual.positional_embedding"][0] - 1) ** 0.5))
     hidden = shapes["bert.embeddings.word_embeddings.weight"][1]
@@ -307,16 +323,61 @@ def infer_cn_clip_config(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     )
 
 
+def is_cn_clip_resnet(names) -> bool:
+    """Whether a cn_clip state dict's image tower is a ModifiedResNet (it has an attention pool)."""
+    return any(n.startswith("visual.attnpool.") for n in names)
+
+
+def _text_from_shapes(shapes: Mapping[str, tuple], names) -> tuple[int, int, int, int]:
+    hidden = shapes["bert.embeddings.word_embeddings.weight"][1]
+    if hidden not in _TEXT_HEADS_BY_WIDTH:
+        raise CheckpointError(f"cannot infer the number of attention heads for text width {hidden}; "
+                              "pass arch='...@RoBERTa-...' explicitly")
+    return (hidden, _count_layers(names, r"bert\.encoder\.layer\.(\d+)\."), _TEXT_HEADS_BY_WIDTH[hidden],
+            shapes["bert.encoder.layer.0.intermediate.dense.weight"][0])
+
+
+def _infer_cn_clip_resnet(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
+    """A ModifiedResNet + RoBERTa config from shapes: blocks per stage, stem width, pooled grid."""
+    from ..config import ChineseCLIPTextConfig
+
+    need = ["visual.conv3.weight", "visual.attnpool.positional_embedding", "visual.attnpool.c_proj.weight",
+            "bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight",
+            "text_projection"]
+    missing = [n for n in need if n not in shapes]
+    if missing:
+        raise CheckpointError(f"not a cn_clip ResNet checkpoint: missing {', '.join(missing)}")
+    names = list(shapes)
+    width = shapes["visual.conv3.weight"][0]
+    layers = tuple(_count_layers(names, rf"visual\.layer{i}\.(\d+)\.") for i in (1, 2, 3, 4))
+    grid = int(round((shapes["visual.attnpool.positional_embedding"][0] - 1) ** 0.5))
+    embed_dim = shapes["visual.attnpool.c_proj.weight"][0]
+    hidden, t_layers, t_heads, inter = _text_from_shapes(shapes, names)
+    vision = ChineseCLIPResNetConfig(layers=layers, width=width, num_attention_heads=width * 32 // 64,
+                                     image_size=grid * 32, projection_dim=embed_dim)
+    text = ChineseCLIPTextConfig(vocab_size=shapes["bert.embeddings.word_embeddings.weight"][0], hidden_size=hidden,
+                                 intermediate_size=inter, num_hidden_layers=t_layers, num_attention_heads=t_heads)
+    return ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
+
+
+_RESNET_NAME = re.compile(r"visual\.(conv\d|bn\d|layer\d|attnpool)\.")
+
+
 def cn_clip_to_hf_names(names) -> dict[str, tuple[str, str, int | None]]:
     """Maps each cn_clip tensor name to a list of ``(hf_name, op, part)``.
 
     op: "copy", "transpose", or "split" (HF tensor = q/k/v ``part`` 0/1/2 of a fused in_proj); names
-    that are dropped (``bert.pooler.*``) map to []. Unknown names raise with the list of them.
+    that are dropped (``bert.pooler.*``) map to []. A ResNet tower's ``visual.*`` names are their own
+    table names. Unknown names raise with the list of them.
     """
     out, unknown = {}, []
-    global_map = {cn: (hf, "transpose" if tr else "copy") for cn, hf, tr in CN_CLIP_GLOBAL}
+    resnet = is_cn_clip_resnet(names)
+    global_map = {cn: (hf, "transpose" if tr else "copy") for cn, hf, tr in CN_CLIP_GLOBAL
+                  if not (resnet and cn.startswith("visual."))}
     for name in names:
-        if name in global_map:
+        if resnet and _RESNET_NAME.match(name):
+            out[name] = [(name, "copy", None)]
+        elif name in global_map:
             hf, op = global_map[name]
             out[name] = [(hf, op, None)]
         elif name.startswith("bert.pooler."):

@@ -130,9 +130,8 @@ class ImageDecoder:
         if crop not in TRAIN_CROPS:
             raise ValueError(f"image crop must be one of {TRAIN_CROPS}, got {crop!r}")
         self.image_size, self.crop, self.jpeg_draft = int(image_size), crop, bool(jpeg_draft)
-        settings = ImageSettings(size={"shortest_edge": self.image_size},
-                                 crop_size={"height": self.image_size, "width": self.image_size})
-        self._processor = ChineseCLIPProcessor(image_settings=settings, num_threads=1,
+        self._processor = ChineseCLIPProcessor(image_settings=ImageSettings.at_resolution(self.image_size),
+                                               num_threads=1,
                                                resize_mode="squash" if crop == "squash" else "processor").image_processor
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> np.ndarray:

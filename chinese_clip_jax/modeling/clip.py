@@ -6,6 +6,10 @@ Param tree (unscanned; with ``scan_layers`` each ``encoder`` holds one stacked `
     text_projection/kernel (text_hidden, proj)    position_embedding, pre_layernorm, encoder/layer_i,
     visual_projection/kernel (vision_hidden, proj) post_layernorm}
     logit_scale ()
+
+With a ResNet image tower (``config.is_resnet``, cn_clip's RN50) ``vision_model`` is
+``modeling.resnet.ResNetTower``'s tree and there is no ``visual_projection``: its attention pool
+projects to ``projection_dim`` itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import flax.linen as nn
 from flax import struct
 
 from .layers import ModelOptions, Dense, partitioned
+from .resnet import ResNetTower
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
 
@@ -50,15 +55,19 @@ class ChineseCLIPModel(ModelOptions):
         opts = dict(dtype=self.dtype, attention_impl=self.attention_impl,
                     scan_layers=self.scan_layers, remat=self.remat)
         self.text_model = TextTower(cfg.text_config, **opts)
-        self.vision_model = VisionTower(cfg.vision_config, **opts)
+        if cfg.is_resnet:
+            self.vision_model = ResNetTower(cfg.vision_config, **opts)
+        else:
+            self.vision_model = VisionTower(cfg.vision_config, **opts)
         self.text_projection = Dense(
             cfg.projection_dim, ("embed",), (None,), std=cfg.text_config.hidden_size ** -0.5,
             use_bias=False, dtype=self.dtype,
         )
-        self.visual_projection = Dense(
-            cfg.projection_dim, ("embed",), (None,), std=cfg.vision_config.hidden_size ** -0.5,
-            use_bias=False, dtype=self.dtype,
-        )
+        if not cfg.is_resnet:
+            self.visual_projection = Dense(
+                cfg.projection_dim, ("embed",), (None,), std=cfg.vision_config.hidden_size ** -0.5,
+                use_bias=False, dtype=self.dtype,
+            )
         self.logit_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
         )
@@ -69,17 +78,30 @@ class ChineseCLIPModel(ModelOptions):
         hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         return self.text_projection(hidden[:, 0]).astype(jnp.float32)
 
-    def get_image_features(self, pixel_values, deterministic: bool = True) -> jax.Array:
-        """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32."""
-        pooled = self.vision_model(pixel_values, deterministic).pooler_output
-        return self.visual_projection(pooled).astype(jnp.float32)
+    def _vision(self, pixel_values, deterministic: bool, interpolate_pos_encoding: bool):
+        if self.config.is_resnet:
+            if interpolate_pos_encoding:
+                raise ValueError("interpolate_pos_encoding is for ViT image towers; this model's is a ResNet")
+            vision = self.vision_model(pixel_values, deterministic)
+            return vision, vision.pooler_output
+        vision = self.vision_model(pixel_values, deterministic, interpolate_pos_encoding)
+        return vision, self.visual_projection(vision.pooler_output)
+
+    def get_image_features(self, pixel_values, deterministic: bool = True,
+                           interpolate_pos_encoding: bool = False) -> jax.Array:
+        """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32.
+
+        ``interpolate_pos_encoding``: a ViT takes other image sizes (multiples of its patch), its
+        position grid resized bicubically as in transformers.
+        """
+        return self._vision(pixel_values, deterministic, interpolate_pos_encoding)[1].astype(jnp.float32)
 
     def __call__(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True) -> ChineseCLIPOutput:
+                 deterministic: bool = True, interpolate_pos_encoding: bool = False) -> ChineseCLIPOutput:
         hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        vision = self.vision_model(pixel_values, deterministic)
+        vision, image_features = self._vision(pixel_values, deterministic, interpolate_pos_encoding)
         text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
-        image_embeds = l2_normalize(self.visual_projection(vision.pooler_output))
+        image_embeds = l2_normalize(image_features)
         cos = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST)
         logits_per_text = jnp.exp(self.logit_scale) * cos
         return ChineseCLIPOutput(

@@ -12,6 +12,7 @@ from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
 from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, partitioned
+from .position import resize_position_embedding
 
 Dtype = Any
 
@@ -75,18 +76,29 @@ class VisionLayer(nn.Module):
 
 
 class VisionTower(ModelOptions):
-    """Patch embedding + encoder + post-LN class token; ``config``: ChineseCLIPVisionConfig."""
+    """Patch embedding + encoder + post-LN class token; ``config``: ChineseCLIPVisionConfig.
+
+    ``interpolate_pos_encoding``: images of another size (H and W multiples of the patch size)
+    get the position grid resized bicubically, as transformers' option of that name.
+    """
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
+    def __call__(self, pixel_values, deterministic: bool = True,
+                 interpolate_pos_encoding: bool = False) -> VisionOutput:
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        if interpolate_pos_encoding:
+            ok = (pixel_values.ndim == 4 and pixel_values.shape[1] == cfg.num_channels
+                  and all(s % cfg.patch_size == 0 for s in pixel_values.shape[2:]))
+            if not ok:
+                raise ValueError(f"pixel_values must be NCHW with {cfg.num_channels} channels and H, W multiples of "
+                                 f"patch_size {cfg.patch_size}, got shape {tuple(pixel_values.shape)}")
+        elif pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must be NCHW (batch, {', '.join(map(str, expected))}), got shape "
-                f"{tuple(pixel_values.shape)}"
+                f"{tuple(pixel_values.shape)} (interpolate_pos_encoding=True takes other sizes)"
             )
-        b = pixel_values.shape[0]
+        b, _, h, w = pixel_values.shape
         patches = PatchEmbedding(cfg, self.dtype, name="patch_embedding")(pixel_values)
         cls = self.param(
             "class_embedding",
@@ -100,6 +112,8 @@ class VisionTower(ModelOptions):
             (cfg.num_patches + 1, cfg.hidden_size),
             jnp.float32,
         )
+        if interpolate_pos_encoding:  # transformers: bicubic, align_corners=False
+            pos = resize_position_embedding(pos, (h // cfg.patch_size, w // cfg.patch_size), align_corners=False)
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
         x = constrain(layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layernorm")(x))
@@ -117,7 +131,8 @@ class ChineseCLIPVisionModel(ModelOptions):
     """The image tower as transformers' ``ChineseCLIPVisionModel``: params ``{"vision_model": ...}``."""
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
+    def __call__(self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
+                 ) -> VisionOutput:
         return VisionTower(
             self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"
-        )(pixel_values, deterministic)
+        )(pixel_values, deterministic, interpolate_pos_encoding)

@@ -155,16 +155,16 @@ def _load_init(config, dtype, scan_layers):
 
     from ..paths import as_path, copy_tree, is_local
 
-    src = config.init_from
+    src, image_size = config.init_from, config.model.image_size or None
     if is_local(src):  # a local path or a hub id
-        model, params = ccj.from_pretrained(src, dtype=dtype, scan_layers=scan_layers)
+        model, params = ccj.from_pretrained(src, dtype=dtype, scan_layers=scan_layers, image_size=image_size)
         return model.config, params
     import tempfile
 
     remote = as_path(src, what="init_from")
     with tempfile.TemporaryDirectory(prefix="ccj-init-") as tmp:  # a gs:// checkpoint, copied once
         local = copy_tree(remote, as_path(tmp) / remote.name)
-        model, params = ccj.from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers)
+        model, params = ccj.from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers, image_size=image_size)
     return model.config, params
 
 
@@ -391,8 +391,16 @@ def _export_hf(model_config, params, path: str) -> str:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
+    if model_config.is_resnet:  # no HF layout exists for a ResNet tower: our Flax format instead
+        path = os.path.join(os.path.dirname(path), "flax")
     if jax.process_index() == 0:
-        ccj.save_pretrained(path, model_config, jax.tree.map(np.asarray, params))
+        params = jax.tree.map(np.asarray, params)
+        if model_config.is_resnet:
+            from ..conversion import save_flax
+
+            save_flax(path, model_config, params)
+        else:
+            ccj.save_pretrained(path, model_config, params)
     return path
 
 

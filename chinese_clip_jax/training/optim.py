@@ -5,6 +5,9 @@
 * ``freeze="image"`` (the paper's stage 1, LiT) / ``"text"``: that tower's params (and its
   projection) go through ``optax.set_to_zero`` inside ``optax.multi_transform``, so AdamW holds
   no moments for them (``optax.MaskedNode`` in the state) and the train step keeps them bitwise.
+* Stored statistics (``NON_TRAINED`` leaf names: a ResNet tower's BatchNorm ``running_mean`` /
+  ``running_var``) are params the model reads behind ``stop_gradient``; they are labelled frozen
+  too, so the optimizer holds nothing for them and they never change (frozen BatchNorm).
 * Optional global-norm clipping (over the trainable params only).
 """
 
@@ -15,7 +18,7 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["FROZEN_PREFIXES", "make_schedule", "make_optimizer", "decay_mask", "trainable_labels", "is_frozen"]
+__all__ = ["FROZEN_PREFIXES", "NON_TRAINED", "make_schedule", "make_optimizer", "decay_mask", "trainable_labels", "is_frozen"]
 
 # Top-level param subtrees of each tower (see chinese_clip_jax.modeling.clip).
 FROZEN_PREFIXES = {
@@ -25,6 +28,10 @@ FROZEN_PREFIXES = {
     "image": ("vision_model", "visual_projection"),
     "text": ("text_model", "text_projection"),
 }
+
+
+# Leaf names of params that are statistics, not weights: never updated by the optimizer.
+NON_TRAINED = frozenset({"running_mean", "running_var"})
 
 
 def _frozen_prefixes(freeze: str | None) -> tuple[str, ...]:
@@ -60,9 +67,13 @@ def decay_mask(params: Any) -> Any:
 
 
 def trainable_labels(params: dict, freeze: str | None) -> dict:
-    """"frozen" / "trainable" label per leaf, by top-level subtree."""
+    """"frozen" / "trainable" label per leaf: by top-level subtree, and ``NON_TRAINED`` leaves."""
     prefixes = _frozen_prefixes(freeze)
-    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in prefixes else "trainable", v) for k, v in params.items()}
+
+    def label(path, _):
+        return "frozen" if path[0].key in prefixes or _leaf_name(path) in NON_TRAINED else "trainable"
+
+    return jax.tree_util.tree_map_with_path(label, dict(params))
 
 
 def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None):

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Ignored when init_from is set (the checkpoint's config.json decides).
     c.model = ml_collections.ConfigDict({
         "preset": "",
+        # With init_from: train a ViT checkpoint at this resolution (position embeddings resized
+        # once, as cn_clip's resize_pos_embed; data follows). 0 = the checkpoint's own.
+        "image_size": 0,
         "projection_dim": 512,
         "text": {"vocab_size": 21128, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                  "num_attention_heads": 12, "max_position_embeddings": 512},
