@@ -38,6 +38,9 @@ def main(argv) -> None:
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)
     logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
     config = _CONFIG.value
+    from chinese_clip_jax import xla_flags
+
+    xla_flags.apply(config.get("xla_gpu_flags", "none"))  # before any backend starts
     _maybe_initialize_distributed(config.distributed)
 
     import jax

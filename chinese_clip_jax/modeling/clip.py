@@ -6,6 +6,7 @@ Param tree (unscanned; with ``scan_layers`` each ``encoder`` holds one stacked `
     text_projection/kernel (text_hidden, proj)    position_embedding, pre_layernorm, encoder/layer_i,
     visual_projection/kernel (vision_hidden, proj) post_layernorm}
     logit_scale ()
+    logit_bias ()                                 only with ``logit_bias_init`` (sigmoid loss)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import ModelOptions, Dense, partitioned
+from .layers import ModelOptions, Dense, matmul_precision, partitioned
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
 
@@ -42,8 +43,16 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class ChineseCLIPModel(ModelOptions):
-    """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the other
-    fields (dtype, attention_impl, scan_layers, remat) are ``ModelOptions``'."""
+    """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the run fields
+    (dtype, attention_impl, scan_layers, remat, precision) are ``ModelOptions``'.
+
+    ``logit_bias_init``: None (CLIP, softmax loss: no bias) or the initial value of a learnable
+    scalar ``logit_bias`` param (SigLIP's sigmoid loss; big_vision's ``b``, open_clip's
+    ``init_logit_bias``), which is then added to the logits. transformers' ChineseCLIPModel has
+    no such param: ``save_pretrained`` leaves it out of the HF layout, ``save_flax`` keeps it.
+    """
+
+    logit_bias_init: float | None = None
 
     def setup(self):
         cfg = self.config
@@ -62,26 +71,36 @@ class ChineseCLIPModel(ModelOptions):
         self.logit_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
         )
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", partitioned(nn.initializers.constant(self.logit_bias_init), ()), (), jnp.float32
+            )
 
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                           deterministic: bool = True) -> jax.Array:
         """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32."""
-        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        return self.text_projection(hidden[:, 0]).astype(jnp.float32)
+        with matmul_precision(self.precision):
+            hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+            return self.text_projection(hidden[:, 0]).astype(jnp.float32)
 
     def get_image_features(self, pixel_values, deterministic: bool = True) -> jax.Array:
         """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32."""
-        pooled = self.vision_model(pixel_values, deterministic).pooler_output
-        return self.visual_projection(pooled).astype(jnp.float32)
+        with matmul_precision(self.precision):
+            pooled = self.vision_model(pixel_values, deterministic).pooler_output
+            return self.visual_projection(pooled).astype(jnp.float32)
 
     def __call__(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True) -> ChineseCLIPOutput:
-        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        vision = self.vision_model(pixel_values, deterministic)
-        text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
-        image_embeds = l2_normalize(self.visual_projection(vision.pooler_output))
+        """Both towers and the logits ``exp(logit_scale) * cos`` (``+ logit_bias`` when the model has one)."""
+        with matmul_precision(self.precision):
+            hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+            vision = self.vision_model(pixel_values, deterministic)
+            text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
+            image_embeds = l2_normalize(self.visual_projection(vision.pooler_output))
         cos = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST)
         logits_per_text = jnp.exp(self.logit_scale) * cos
+        if self.logit_bias_init is not None:
+            logits_per_text = logits_per_text + self.logit_bias
         return ChineseCLIPOutput(
             logits_per_image=logits_per_text.T,
             logits_per_text=logits_per_text,

@@ -11,7 +11,7 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
-from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, partitioned
+from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, matmul_precision, partitioned
 
 Dtype = Any
 
@@ -118,6 +118,7 @@ class ChineseCLIPVisionModel(ModelOptions):
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
-        return VisionTower(
-            self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"
-        )(pixel_values, deterministic)
+        with matmul_precision(self.precision):
+            return VisionTower(
+                self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"
+            )(pixel_values, deterministic)

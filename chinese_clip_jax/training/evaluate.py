@@ -45,9 +45,8 @@ class Evaluator:
         def image(params, pixels):
             return l2_normalize(model.apply({"params": params}, pixels, method="get_image_features"))
 
-        in_p = {k: v for k, v in param_shardings.items() if k != "logit_bias"}
-        self._text = jax.jit(text, in_shardings=(in_p, self._sharding, self._sharding), out_shardings=rep)
-        self._image = jax.jit(image, in_shardings=(in_p, self._sharding), out_shardings=rep)
+        self._text = jax.jit(text, in_shardings=(param_shardings, self._sharding, self._sharding), out_shardings=rep)
+        self._image = jax.jit(image, in_shardings=(param_shardings, self._sharding), out_shardings=rep)
 
     def _batched(self, fn, params, *arrays) -> np.ndarray:
         n = arrays[0].shape[0]
@@ -82,7 +81,6 @@ class Evaluator:
     def __call__(self, params, encode=None) -> dict[str, float]:
         from .. import evaluation
 
-        params = {k: v for k, v in params.items() if k != "logit_bias"}
         metrics = {}
         for name, s in self.sets.items():
             if "class_texts" in s:

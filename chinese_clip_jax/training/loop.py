@@ -24,12 +24,14 @@ import numpy as np
 
 from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+from ..losses import SIGLIP_INIT_LOGIT_BIAS
 from ..modeling import ChineseCLIPModel
+from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
 from .evaluate import Evaluator
 from .optim import make_optimizer
 from .state import create_train_state
-from .step import BATCH_KEYS, make_train_step
+from .step import BATCH_KEYS, RNG_IMPLS, make_train_step
 
 __all__ = ["train", "build_model_config", "TrainResult"]
 
@@ -133,8 +135,11 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     dtype = DTYPES[config.dtype]
     model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
-                      scan_layers=bool(config.model.get("scan_layers", False)),
+                      scan_layers=resolve_scan_layers(config.model.get("scan_layers", False)),
                       remat=config.model.get("remat", False))
+    rng_impl = config.get("rng_impl", "threefry")
+    if rng_impl not in RNG_IMPLS:
+        raise ValueError(f"rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
     init_params = None
     if config.get("require_init_from") and not config.get("init_from"):
         raise ValueError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
@@ -143,7 +148,8 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
         model_config = build_model_config(config.model)
-    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts)
+    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts,
+                             logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None)
     image_size = model_config.vision_config.image_size
 
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -177,7 +183,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
         evaluator = Evaluator(model, mesh, shardings.params, eval_sets) if eval_sets else None
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
-                              accum_steps=config.accum_steps, freeze=freeze)
+                              accum_steps=config.accum_steps, freeze=freeze, rng_impl=rng_impl)
     log = _Logger(workdir, start)
     preempt = _Preemption()
     result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
@@ -268,7 +274,6 @@ def _export_hf(model_config, params, path: str) -> str:
     """Writes the final params in the HF layout (``ccj.save_pretrained``), from process 0."""
     import chinese_clip_jax as ccj
 
-    params = {k: v for k, v in params.items() if k != "logit_bias"}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
