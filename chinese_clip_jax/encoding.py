@@ -27,22 +27,16 @@ import numpy as np
 from . import sharding as shd
 from .modeling import l2_normalize
 
-__all__ = ["LOSS_PARAMS", "model_params", "text_embeddings", "image_embeddings", "bucket_sizes",
+__all__ = ["text_embeddings", "image_embeddings", "bucket_sizes",
            "ensemble", "Encoder", "PROGRESS_MIN_BATCHES"]
 
-LOSS_PARAMS = ("logit_bias",)  # trainable params of the loss, not of the model
 PROGRESS_MIN_BATCHES = 4  # a progress bar is shown (progress=None) from this many batches on
-
-
-def model_params(params: dict) -> dict:
-    """The model's own params (the loss's, e.g. a sigmoid loss's logit_bias, left out)."""
-    return {k: v for k, v in params.items() if k not in LOSS_PARAMS}
 
 
 def text_embeddings(model, params, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
                     rng=None) -> jax.Array:
     """(N, L) token ids -> (N, D) float32 L2-normalized text embeddings (pure; jit it yourself)."""
-    feats = model.apply({"params": model_params(params)}, input_ids, attention_mask, token_type_ids,
+    feats = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
                         deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
                         method="get_text_features")
     return l2_normalize(feats)
@@ -50,7 +44,7 @@ def text_embeddings(model, params, input_ids, attention_mask, token_type_ids=Non
 
 def image_embeddings(model, params, pixel_values, *, deterministic=True) -> jax.Array:
     """(N, 3, H, W) pixel values -> (N, D) float32 L2-normalized image embeddings (pure)."""
-    feats = model.apply({"params": model_params(params)}, pixel_values, deterministic=deterministic,
+    feats = model.apply({"params": params}, pixel_values, deterministic=deterministic,
                         method="get_image_features")
     return l2_normalize(feats)
 
@@ -100,8 +94,7 @@ def _place(x: np.ndarray, sharding) -> jax.Array:
 class Encoder:
     """Jitted, batch-sharded text and image embedders of one model on one mesh.
 
-    model: a ChineseCLIPModel. params: its params (boxed or not; a loss's ``logit_bias`` is
-    ignored); they are placed with ``param_shardings`` (default: the mesh's rules table, i.e.
+    model: a ChineseCLIPModel. params: its params (boxed or not); they are placed with ``param_shardings`` (default: the mesh's rules table, i.e.
     replicated on a data-only mesh) unless already placed so. mesh: a ``sharding.make_mesh``
     mesh (default: every local device on "data"). batch_size: default rows per call.
     """
@@ -117,10 +110,9 @@ class Encoder:
         self._batch = shd.batch_sharding(self.mesh)
         rep = shd.replicated(self.mesh)
         if param_shardings is None:
-            param_shardings = jax.tree.map(lambda _: rep, model_params(nn.unbox(params)))
-        param_shardings = model_params(param_shardings)
+            param_shardings = jax.tree.map(lambda _: rep, nn.unbox(params))
         self.param_shardings = param_shardings
-        self.params = None if params is None else jax.device_put(model_params(nn.unbox(params)), param_shardings)
+        self.params = None if params is None else jax.device_put(nn.unbox(params), param_shardings)
         self.trace_counts = {"text": 0, "image": 0}  # how often each tower was traced (= compiled)
 
         def text_fn(params, input_ids, attention_mask, token_type_ids):
@@ -139,7 +131,7 @@ class Encoder:
         return bucket_sizes(batch_size or self.batch_size, self.num_shards)
 
     def _params(self, params):
-        return self.params if params is None else model_params(params)
+        return self.params if params is None else params
 
     def encode_text(self, input_ids, attention_mask, token_type_ids=None, *, params=None,
                     batch_size: int | None = None, progress: bool | None = None, desc: str = "texts") -> np.ndarray:

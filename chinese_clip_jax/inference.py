@@ -71,12 +71,13 @@ class ChineseCLIP:
     def from_pretrained(cls, src: str | os.PathLike, dtype: Any = jnp.float32, *,
                         processor: ChineseCLIPProcessor | None = None, resize_mode: str = "processor",
                         arch: str | None = None, attention_impl: str | None = None, scan_layers: bool = False,
-                        image_size: int | None = None, **kwargs) -> "ChineseCLIP":
+                        image_size: int | None = None, precision: str | None = None, **kwargs) -> "ChineseCLIP":
         """Loads anything `ccj.from_pretrained` reads (HF dir, hub id, cn_clip .pt, our Flax dir).
 
         The processor comes from the checkpoint directory (its vocab and preprocessor_config.json)
         when it has them, else transformers' defaults at the model's resolution. dtype: compute
-        dtype (e.g. jnp.bfloat16 on GPU/TPU). resize_mode="squash": cn_clip's eval transform.
+        dtype (e.g. jnp.bfloat16 on GPU/TPU). precision="highest": fp32 matmuls, for 1e-4 parity
+        with PyTorch fp32 on GPU/TPU. resize_mode="squash": cn_clip's eval transform.
         image_size: run a ViT at another resolution (position embeddings resized once; the
         processor then makes images of that size). kwargs go to __init__ (devices,
         text_batch_size, image_batch_size).
@@ -84,7 +85,7 @@ class ChineseCLIP:
         from .conversion import from_pretrained as load
 
         model, params = load(src, dtype, arch=arch, scan_layers=scan_layers, attention_impl=attention_impl,
-                             image_size=image_size)
+                             image_size=image_size, precision=precision)
         if processor is None:
             processor = _processor_for(src, model.config.vision_config.image_size, resize_mode)
             if processor.image_size != (model.config.vision_config.image_size,) * 2:  # image_size changed it

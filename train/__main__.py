@@ -72,6 +72,9 @@ def main(argv) -> None:
         validate_config(config, reference=base.get_config())  # before anything is built
     except ValueError as e:
         _fail(str(e))
+    from chinese_clip_jax import xla_flags
+
+    xla_flags.apply(config.xla_gpu_flags)  # before any backend starts
     _maybe_initialize_distributed(config.distributed)
 
     import jax

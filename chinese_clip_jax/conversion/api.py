@@ -21,6 +21,7 @@ import numpy as np
 from ..config import ChineseCLIPConfig
 from ..hub import resolve_local_or_hub
 from ..modeling import ChineseCLIPModel
+from ..modeling.layers import resolve_scan_layers
 from . import mapping
 from .sources import HF_WEIGHT_FILES, CheckpointError, TensorSource, find_hf_weights, open_tensors
 
@@ -104,6 +105,7 @@ def check_params(params: dict, cfg: ChineseCLIPConfig) -> dict:
     and unscanned (views, no copies). Raises CheckpointError naming what differs."""
     flat = mapping.flatten(mapping.unstack_layers(params))
     expected = expected_shapes(cfg)
+    expected.update({k: shape for k, shape in mapping.FLAX_ONLY.items() if k in flat})  # optional params
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     wrong = [f"{k} {tuple(flat[k].shape)} (expected {expected[k]})"
@@ -197,13 +199,18 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     *,
     arch: str | None = None,
-    scan_layers: bool = False,
+    scan_layers: bool | str = False,
     attention_impl: str | None = None,
     remat: bool | str = False,
     image_size: int | None = None,
+    precision: str | None = None,
 ) -> tuple[ChineseCLIPModel, dict]:
     """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute.
 
+    ``scan_layers``, ``attention_impl``, ``remat``, ``precision``: the model's run options
+    (``ModelOptions``); ``precision="highest"`` gives fp32 parity with PyTorch on GPU/TPU, whose
+    default matmul precision is lower (docs/accelerators.md). A checkpoint holding a
+    ``logit_bias`` (a SigLIP-trained `python -m convert --to flax` directory) gives a model with one.
     ``image_size``: a ViT's resolution to run at (e.g. 336 for a 224 checkpoint); its position
     embeddings are resized once, as cn_clip's ``resize_pos_embed`` (``modeling.position.at_resolution``).
     """
@@ -212,8 +219,11 @@ def from_pretrained(
         from ..modeling.position import at_resolution
 
         params, cfg = at_resolution(params, cfg, image_size)
+    scan_layers = resolve_scan_layers(scan_layers)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
-    model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
+    bias = float(params["logit_bias"]) if "logit_bias" in params else None
+    model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
+                             precision=precision, logit_bias_init=bias)
     return model, params
 
 

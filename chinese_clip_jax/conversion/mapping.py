@@ -133,6 +133,11 @@ def resnet_rows(v) -> list[tuple[str, str, Transform, int]]:
     return rows
 
 
+# Flax params with no slot in transformers' ChineseCLIPModel, present only in some models
+# (path -> shape): the SigLIP ``logit_bias`` (``ChineseCLIPModel(logit_bias_init=...)``). The HF
+# layout leaves them out; a `python -m convert --to flax` directory keeps them.
+FLAX_ONLY = {"logit_bias": ()}
+
 # Non-persistent buffers that some exported checkpoints still carry, and BatchNorm's update
 # counter (unused at a fixed momentum): safe to drop.
 IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.(position_ids|token_type_ids)$"

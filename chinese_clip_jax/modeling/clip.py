@@ -6,6 +6,7 @@ Param tree (unscanned; with ``scan_layers`` each ``encoder`` holds one stacked `
     text_projection/kernel (text_hidden, proj)    position_embedding, pre_layernorm, encoder/layer_i,
     visual_projection/kernel (vision_hidden, proj) post_layernorm}
     logit_scale ()
+    logit_bias ()                                 only with ``logit_bias_init`` (sigmoid loss)
 
 With a ResNet image tower (``config.is_resnet``, cn_clip's RN50) ``vision_model`` is
 ``modeling.resnet.ResNetTower``'s tree and there is no ``visual_projection``: its attention pool
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import ModelOptions, Dense, partitioned
+from .layers import ModelOptions, Dense, matmul_precision, partitioned
 from .resnet import ResNetTower
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
@@ -47,8 +48,16 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class ChineseCLIPModel(ModelOptions):
-    """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the other
-    fields (dtype, attention_impl, scan_layers, remat) are ``ModelOptions``'."""
+    """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the run fields
+    (dtype, attention_impl, scan_layers, remat, precision) are ``ModelOptions``'.
+
+    ``logit_bias_init``: None (CLIP, softmax loss: no bias) or the initial value of a learnable
+    scalar ``logit_bias`` param (SigLIP's sigmoid loss; big_vision's ``b``, open_clip's
+    ``init_logit_bias``), which is then added to the logits. transformers' ChineseCLIPModel has
+    no such param: ``save_pretrained`` leaves it out of the HF layout, ``save_flax`` keeps it.
+    """
+
+    logit_bias_init: float | None = None
 
     def setup(self):
         cfg = self.config
@@ -71,12 +80,17 @@ class ChineseCLIPModel(ModelOptions):
         self.logit_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
         )
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", partitioned(nn.initializers.constant(self.logit_bias_init), ()), (), jnp.float32
+            )
 
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                           deterministic: bool = True) -> jax.Array:
         """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32."""
-        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        return self.text_projection(hidden[:, 0]).astype(jnp.float32)
+        with matmul_precision(self.precision):
+            hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+            return self.text_projection(hidden[:, 0]).astype(jnp.float32)
 
     def _vision(self, pixel_values, deterministic: bool, interpolate_pos_encoding: bool):
         if self.config.is_resnet:
@@ -94,16 +108,21 @@ class ChineseCLIPModel(ModelOptions):
         ``interpolate_pos_encoding``: a ViT takes other image sizes (multiples of its patch), its
         position grid resized bicubically as in transformers.
         """
-        return self._vision(pixel_values, deterministic, interpolate_pos_encoding)[1].astype(jnp.float32)
+        with matmul_precision(self.precision):
+            return self._vision(pixel_values, deterministic, interpolate_pos_encoding)[1].astype(jnp.float32)
 
     def __call__(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True, interpolate_pos_encoding: bool = False) -> ChineseCLIPOutput:
-        hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        vision, image_features = self._vision(pixel_values, deterministic, interpolate_pos_encoding)
-        text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
-        image_embeds = l2_normalize(image_features)
+        """Both towers and the logits ``exp(logit_scale) * cos`` (``+ logit_bias`` when the model has one)."""
+        with matmul_precision(self.precision):
+            hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+            vision, image_features = self._vision(pixel_values, deterministic, interpolate_pos_encoding)
+            text_embeds = l2_normalize(self.text_projection(hidden[:, 0]))
+            image_embeds = l2_normalize(image_features)
         cos = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST)
         logits_per_text = jnp.exp(self.logit_scale) * cos
+        if self.logit_bias_init is not None:
+            logits_per_text = logits_per_text + self.logit_bias
         return ChineseCLIPOutput(
             logits_per_image=logits_per_text.T,
             logits_per_text=logits_per_text,

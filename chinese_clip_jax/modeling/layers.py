@@ -8,6 +8,7 @@ Logical axis names used for params: ``vocab``, ``embed``, ``heads``, ``kv``, ``m
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -103,14 +104,31 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
+def attention_mask_kwargs(mask: jax.Array | None, implementation: str | None) -> dict:
+    """The key-padding mask as ``jax.nn.dot_product_attention`` keyword arguments.
+
+    ``mask``: bool (batch, 1, 1, seq), True for keys that may be attended, or None (no mask:
+    the image tower). For ``implementation="cudnn"`` it becomes ``key_value_seq_lengths``
+    (int32 (batch,), the number of True keys), the padding form cuDNN's fused kernel takes (a
+    (batch, 1, 1, seq) mask is turned into a bias cuDNN rejects: "Bias must have same seq
+    length as QKV"); this assumes right-padded texts (valid tokens first), as the processor
+    and the data pipeline give them. Otherwise it stays ``mask``.
+    """
+    if mask is None:
+        return {}
+    if implementation == "cudnn":
+        return {"key_value_seq_lengths": mask.reshape(mask.shape[0], -1).sum(-1, dtype=jnp.int32)}
+    return {"mask": mask}
+
+
 class Attention(nn.Module):
     """Multi-head self-attention.
 
     Params: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed).
     ``mask``: bool (batch, 1, 1, seq) with True for keys that may be attended, or None.
     ``implementation``: "xla" or "cudnn" go through ``jax.nn.dot_product_attention`` with that
-    implementation; None uses it too (JAX picks) except on the CPU backend, where the faster
-    ``head_major_attention`` runs.
+    implementation (the mask in the form each takes, ``attention_mask_kwargs``); None uses it
+    too (JAX picks) except on the CPU backend, where the faster ``head_major_attention`` runs.
     """
 
     num_heads: int
@@ -132,7 +150,8 @@ class Attention(nn.Module):
         if self.implementation is None and jax.default_backend() == "cpu":
             y = head_major_attention(q, k, v, mask)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation,
+                                             **attention_mask_kwargs(mask, self.implementation))
         return Dense(
             x.shape[-1], ("heads", "kv"), ("embed",), std=self.out_std, dtype=self.dtype, name="out"
         )(y)
@@ -152,25 +171,68 @@ class MLP(nn.Module):
         return Dense(x.shape[-1], ("mlp",), ("embed",), std=self.fc2_std, dtype=self.dtype, name="fc2")(h)
 
 
+def resolve_scan_layers(scan_layers: bool | str) -> bool:
+    """``scan_layers`` option -> bool. "auto": unrolled on GPU (where ``nn.scan``'s while loop
+    cost a base train step 33%: 283 ms scanned vs 213 ms unrolled on one H100, issue 9), scanned
+    elsewhere (CPU: same speed, less memory, faster compiles; TPU: the usual choice).
+    "true"/"false" strings (a command line's) are accepted."""
+    if isinstance(scan_layers, str):
+        key = scan_layers.lower()
+        if key == "auto":
+            return jax.default_backend() != "gpu"
+        if key in ("true", "false"):
+            return key == "true"
+        raise ValueError(f"scan_layers must be True, False or 'auto', got {scan_layers!r}")
+    return bool(scan_layers)
+
+
+# Names ``precision`` takes (``jax.default_matmul_precision``'s legacy names): "highest" /
+# "float32" = full fp32 matmuls (GPU/TPU parity with PyTorch fp32), "high" / "tensorfloat32",
+# "default" / "bfloat16" (the backend's fastest).
+PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+def matmul_precision(precision: str | None):
+    """Context in which every matmul traced gets ``precision`` (a ``PRECISIONS`` name); None: as is."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
 class ModelOptions(nn.Module):
     """Fields of the towers and of the joint model: the architecture and how to run it.
 
     config: the architecture (a text, vision or joint config). dtype: compute dtype (params stay
     fp32; LayerNorm statistics, softmax and logits are fp32). attention_impl: ``implementation``
     for ``jax.nn.dot_product_attention`` (None, "xla", "cudnn"; see ``Attention``). scan_layers:
-    stacked layer params run with ``nn.scan``. remat: recompute layer activations in the backward
-    pass, a key of ``REMAT_POLICIES`` ("dots", "full"; True means "full") or False (see ``LayerStack``).
+    stacked layer params run with ``nn.scan`` (True, False or "auto": ``resolve_scan_layers``).
+    remat: recompute layer activations in the backward pass, a key of ``REMAT_POLICIES``
+    ("dots", "full"; True means "full") or False (see ``LayerStack``). precision: matmul
+    precision of every projection and attention product (a ``PRECISIONS`` name; None keeps
+    JAX's default, which on GPU/TPU is not fp32: "highest" gives fp32 parity there).
     """
 
     config: Any
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    scan_layers: bool = False
+    scan_layers: bool | str = False
     remat: bool | str = False
+    precision: str | None = None
 
     def __post_init__(self):
         remat_policy(self.remat)  # a bad value fails here, naming the choices, not at the first apply
+        resolve_scan_layers(self.scan_layers)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {self.precision!r}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
         super().__post_init__()
+
+    @property
+    def options(self) -> dict:
+        """The run options as keyword arguments, to hand on to sub-towers."""
+        return dict(dtype=self.dtype, attention_impl=self.attention_impl, scan_layers=self.scan_layers,
+                    remat=self.remat, precision=self.precision)
 
 
 # What each layer keeps for the backward pass under remat; the rest is recomputed.
@@ -217,19 +279,20 @@ class LayerStack(nn.Module):
     layer_cls: type[nn.Module]
     layer_kwargs: dict
     num_layers: int
-    scan: bool = False
+    scan: bool | str = False
     remat: bool | str = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         cls = self.layer_cls
         policy = remat_policy(self.remat)
+        scan = resolve_scan_layers(self.scan)
         if policy is not None:
-            if not self.scan and jax.default_backend() == "cpu":
+            if not scan and jax.default_backend() == "cpu":
                 warnings.warn("remat has no effect on the CPU backend without scan_layers=True (XLA:CPU merges "
                               "the recomputation back into the forward pass); use scan_layers=True", stacklevel=2)
-            cls = nn.remat(cls, prevent_cse=not self.scan, policy=policy)
-        if self.scan:
+            cls = nn.remat(cls, prevent_cse=not scan, policy=policy)
+        if scan:
             stack = nn.scan(
                 cls,
                 variable_axes={"params": 0},

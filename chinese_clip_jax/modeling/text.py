@@ -11,7 +11,8 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPTextConfig
-from .layers import ModelOptions, MLP, Attention, Dense, LayerStack, constrain, layer_norm, partitioned
+from .layers import (ModelOptions, MLP, Attention, Dense, LayerStack, constrain, layer_norm, matmul_precision,
+                     partitioned)
 
 Dtype = Any
 
@@ -115,11 +116,12 @@ class ChineseCLIPTextModel(ModelOptions):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  deterministic: bool = True) -> TextOutput:
-        hidden = TextTower(
-            self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="text_model"
-        )(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        pooled = Dense(
-            self.config.hidden_size, ("embed",), (None,), std=self.config.initializer_range,
-            dtype=self.dtype, name="pooler",
-        )(hidden[:, 0])
+        with matmul_precision(self.precision):
+            hidden = TextTower(
+                self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="text_model"
+            )(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+            pooled = Dense(
+                self.config.hidden_size, ("embed",), (None,), std=self.config.initializer_range,
+                dtype=self.dtype, name="pooler",
+            )(hidden[:, 0])
         return TextOutput(last_hidden_state=hidden, pooler_output=jnp.tanh(pooled))

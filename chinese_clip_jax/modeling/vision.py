@@ -11,7 +11,7 @@ import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
-from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, partitioned
+from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, matmul_precision, partitioned
 from .position import resize_position_embedding
 
 Dtype = Any
@@ -133,6 +133,7 @@ class ChineseCLIPVisionModel(ModelOptions):
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
                  ) -> VisionOutput:
-        return VisionTower(
-            self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"
-        )(pixel_values, deterministic, interpolate_pos_encoding)
+        with matmul_precision(self.precision):
+            return VisionTower(
+                self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"
+            )(pixel_values, deterministic, interpolate_pos_encoding)

@@ -26,7 +26,9 @@ import numpy as np
 from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
 from ..failures import first_line, is_disk_full
+from ..losses import SIGLIP_INIT_LOGIT_BIAS
 from ..modeling import ChineseCLIPModel
+from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
 from .evaluator import Evaluator
 from .optim import make_optimizer
@@ -230,14 +232,15 @@ def _architecture(model_config: ChineseCLIPConfig) -> dict:
 
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
     dtype = parse_dtype(config.dtype)
-    model_opts = dict(attention_impl=config.model.attention_impl or None, scan_layers=bool(config.model.scan_layers),
-                      remat=config.model.remat)
+    model_opts = dict(attention_impl=config.model.attention_impl or None,
+                      scan_layers=resolve_scan_layers(config.model.scan_layers), remat=config.model.remat)
     init_params = None
     if config.init_from:
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
         model_config = build_model_config(config.model)
-    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts)
+    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts,
+                             logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None)
     image_size = model_config.vision_config.image_size
 
     ckpt_dir = workdir / "checkpoints"
@@ -275,7 +278,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                                progress=progress and jax.process_index() == 0) if eval_sets else None)
 
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
-                              accum_steps=config.accum_steps, freeze=freeze)
+                              accum_steps=config.accum_steps, freeze=freeze, rng_impl=config.rng_impl)
     log = _Logger(workdir, start)
     preempt = _Preemption()
     result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
@@ -386,7 +389,6 @@ def _export_hf(model_config, params, path: str) -> str:
     """Writes the final params in the HF layout (``ccj.save_pretrained``), from process 0."""
     import chinese_clip_jax as ccj
 
-    params = {k: v for k, v in params.items() if k != "logit_bias"}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -1,6 +1,7 @@
 """The train state: params, optimizer state, step and RNG, placed on the mesh.
 
-``params`` are the model's (fp32, unboxed) plus ``logit_bias`` for the sigmoid loss.
+``params`` are the model's (fp32, unboxed); for the sigmoid loss the model carries the
+``logit_bias`` param (``ChineseCLIPModel(..., logit_bias_init=...)``).
 ``rng`` is a raw ``uint32[2]`` key (checkpointable as a plain array); dropout keys are folded
 from it and the step, so a resumed run draws the same dropout masks.
 """
@@ -17,7 +18,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .. import sharding as shd
-from ..losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from ..losses import SIGLIP_INIT_LOGIT_SCALE
 
 __all__ = ["TrainState", "create_train_state", "example_inputs"]
 
@@ -66,6 +67,10 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax
     ``init_params`` (e.g. from ``ccj.from_pretrained``) replaces the random init; the random
     init is done shard by shard (``jax.jit(init, out_shardings=...)``).
     """
+    has_bias = getattr(model, "logit_bias_init", None) is not None
+    if loss == "sigmoid" and not has_bias:
+        raise ValueError("the sigmoid loss needs a model with a logit_bias: ChineseCLIPModel(cfg, ..., "
+                         "logit_bias_init=losses.SIGLIP_INIT_LOGIT_BIAS)")
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     ids, pixels = example_inputs(model)
     if init_params is None:
@@ -77,13 +82,13 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax
     else:
         p_shard = shd.param_shardings(model, mesh, jnp.zeros(ids.shape, ids.dtype),
                                       jnp.zeros(pixels.shape, pixels.dtype))
+        init_params = dict(init_params)
+        if has_bias and "logit_bias" not in init_params:  # e.g. a HF checkpoint: no bias in that layout
+            init_params["logit_bias"] = np.float32(model.logit_bias_init)
         _check_same_tree(init_params, p_shard)
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), dict(init_params),
                               dict(p_shard))
     p_shard = dict(p_shard)
-    if loss == "sigmoid":
-        p_shard["logit_bias"] = NamedSharding(mesh, P())
-        params["logit_bias"] = jax.device_put(jnp.float32(SIGLIP_INIT_LOGIT_BIAS), p_shard["logit_bias"])
     abstract_opt = jax.eval_shape(tx.init, params)
     o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)

@@ -11,7 +11,9 @@ as cn_clip's ``--accum-freq``):
    through the towers (``jax.vjp``), and sum.
 
 Micro-batch k takes rows k, k+K, k+2K, ... so every device keeps working on every micro-batch.
-Dropout keys are ``fold_in(fold_in(state.rng, step), k)``.
+Dropout keys are ``fold_in(fold_in(state.rng, step), k)`` (threefry), turned into a key of the
+configured ``rng_impl`` (``dropout_key``): a pure function of the checkpointed state, so a
+resumed run draws the same masks whatever the implementation.
 """
 
 from __future__ import annotations
@@ -24,23 +26,44 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .. import sharding as shd
-from ..encoding import LOSS_PARAMS, image_embeddings, text_embeddings
+from ..encoding import image_embeddings, text_embeddings
 from ..losses import clamp_logit_scale, contrastive_loss
 from .optim import is_frozen
 from .state import TrainState
 
-__all__ = ["make_embed_fn", "make_grad_fn", "make_train_step", "BATCH_KEYS"]
+__all__ = ["make_embed_fn", "make_grad_fn", "make_train_step", "dropout_key", "BATCH_KEYS", "RNG_IMPLS"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
+LOSS_PARAMS = ("logit_scale", "logit_bias")  # the params the loss reads directly (not through the towers)
+# Random-bit generators for dropout (``jax.random`` implementations): threefry (counter-based
+# hash, the same bits on every backend and sharding; many integer ops per bit), rbg (XLA's
+# RngBitGenerator: Philox on GPU, the hardware generator on TPU; same bits for the same XLA
+# build and sharding), unsafe_rbg (rbg with cheaper key splitting and folding).
+RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 
 
-def make_embed_fn(model) -> Callable:
+def dropout_key(raw: jax.Array, rng_impl: str = "threefry") -> jax.Array:
+    """A raw threefry key (uint32[2]) -> the key dropout draws from, of ``rng_impl`` (``RNG_IMPLS``).
+
+    threefry returns ``raw`` itself; rbg / unsafe_rbg get key data hashed from it, so the key is
+    a pure function of ``raw`` (resume stays exact)."""
+    if rng_impl == "threefry":
+        return raw
+    if rng_impl not in RNG_IMPLS:
+        raise ValueError(f"rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
+    return jax.random.wrap_key_data(jax.random.bits(raw, (4,), jnp.uint32), impl=rng_impl)
+
+
+def make_embed_fn(model, rng_impl: str = "threefry") -> Callable:
     """``embed(params, batch, rng, deterministic) -> (text_embeds, image_embeds)``, L2-normalized fp32
-    (``encoding.text_embeddings`` / ``image_embeddings`` with dropout from ``rng``)."""
+    (``encoding.text_embeddings`` / ``image_embeddings``); ``rng``: a raw threefry key, dropout
+    draws from ``dropout_key(rng, rng_impl)``."""
+    if rng_impl not in RNG_IMPLS:
+        raise ValueError(f"rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
 
     def embed(params, batch, rng, deterministic=False):
         text = text_embeddings(model, params, batch["input_ids"], batch["attention_mask"],
-                               deterministic=deterministic, rng=rng)
+                               deterministic=deterministic, rng=dropout_key(rng, rng_impl))
         image = image_embeddings(model, params, batch["pixel_values"], deterministic=deterministic)
         return text, image
 
@@ -48,7 +71,7 @@ def make_embed_fn(model) -> Callable:
 
 
 def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int = 1,
-                 freeze: str | None = None, deterministic: bool = False) -> Callable:
+                 freeze: str | None = None, deterministic: bool = False, rng_impl: str = "threefry") -> Callable:
     """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
     With ``accum_steps > 1`` it runs the GradCache recipe of the module docstring; the result
@@ -57,7 +80,7 @@ def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int =
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    embed = make_embed_fn(model)
+    embed = make_embed_fn(model, rng_impl)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
     def loss_of(params, text, image):
@@ -97,7 +120,7 @@ def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int =
         def loss_from_embeds(p_loss, text, image):
             return loss_of(p_loss, text.reshape(b, d), image.reshape(b, d))
 
-        p_loss = {k: params[k] for k in ("logit_scale", *LOSS_PARAMS) if k in params}
+        p_loss = {k: params[k] for k in LOSS_PARAMS if k in params}
         loss_value, (g_loss, g_text, g_image) = jax.value_and_grad(loss_from_embeds, argnums=(0, 1, 2))(
             p_loss, text, image)
 
@@ -119,16 +142,18 @@ def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int =
 
 
 def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, loss: str = "softmax",
-                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False):
+                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False,
+                    rng_impl: str = "threefry"):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
     ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
     input_ids/attention_mask int32 (B, L), pixel_values float32 (B, 3, H, W).
     ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
+    ``rng_impl``: the dropout bit generator (``RNG_IMPLS``; see ``dropout_key``).
     Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
     """
     grad_fn = make_grad_fn(model, mesh, loss=loss, accum_steps=accum_steps, freeze=freeze,
-                           deterministic=deterministic)
+                           deterministic=deterministic, rng_impl=rng_impl)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)

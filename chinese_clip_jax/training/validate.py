@@ -124,6 +124,12 @@ def validate_config(config, reference=None) -> None:
     _check(remat in (True, False, "", "none", "true", "false") or remat in REMAT_POLICIES, "model.remat", remat,
            "one of 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES))
     _choice(config, "model.attention_impl", ("", None, "xla", "cudnn"))
+    _choice(config, "model.scan_layers", (True, False, "auto", "true", "false"))
+    from ..xla_flags import GPU_FLAG_SETS
+    from .step import RNG_IMPLS
+
+    _choice(config, "rng_impl", RNG_IMPLS)
+    _choice(config, "xla_gpu_flags", tuple(GPU_FLAG_SETS))
     _choice(config, "data.name", SOURCES)
     if config.data.name == "cn_clip":
         _choice(config, "data.cn_clip.format", ("tsv", "lmdb"))

@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
     c.require_init_from = False  # True in fine-tuning configs: refuse to start without init_from
     c.context_length = 52
+    # Dropout's random-bit generator: "threefry" | "rbg" | "unsafe_rbg" (docs/accelerators.md);
+    # resume is exact with each. threefry until the device bench says another is faster.
+    c.rng_impl = "threefry"
+    c.xla_gpu_flags = "none"  # a set of chinese_clip_jax.xla_flags.GPU_FLAG_SETS: "none" | "tuned"
 
     c.log_every = 10
     c.eval_every = 0  # 0 = no evaluation
@@ -50,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
         "attention_impl": "",  # "" (jax default) | "xla" | "cudnn"
         # One compiled layer body per tower, and remat keeping only the projections' outputs for
         # the backward pass: the lowest memory at no loss of speed (README, performance notes).
-        "scan_layers": True,
+        "scan_layers": True,  # True | False | "auto" (unrolled on GPU, scanned elsewhere)
         "remat": "dots",  # "dots" | "full" (recompute whole layers) | "none"
     })
 
