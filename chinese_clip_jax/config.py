@@ -60,7 +60,13 @@ class _ConfigBase:
         known, extra = {}, {}
         for key, value in d.items():
             if key in cls._nested:
-                known[key] = cls._nested[key].from_dict({} if value is None else value, where=key)
+                if isinstance(value, _ConfigBase):
+                    known[key] = value
+                else:
+                    value = {} if value is None else value
+                    choices = cls._nested[key] if isinstance(cls._nested[key], tuple) else (cls._nested[key],)
+                    sub = _nested_class(choices, value) if isinstance(value, Mapping) else choices[0]
+                    known[key] = sub.from_dict(value, where=key)  # a non-mapping fails there, named
             elif key in cls._field_names():
                 known[key] = value
             elif key != "model_type":
