@@ -132,7 +132,8 @@ def test_load_retrieval_jsonl(tmp_path):
 def _exact_scores(a, b):
     """float64 products summed pair by pair (not a matrix product, which can itself score a copy
     apart from its original): exact copies get exactly equal scores."""
-    return (a.astype(np.float64)[:, None, :] * b.astype(np.float64)[None]).sum(axis=-1)
+    b = b.astype(np.float64)
+    return np.stack([(b * row).sum(axis=-1) for row in a.astype(np.float64)])
 
 
 @pytest.mark.parametrize("block_size", [7, 64, 2048])
