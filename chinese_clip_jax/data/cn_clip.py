@@ -26,8 +26,6 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
-
 from .pipeline import TextEncoder
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "ImagesById", "open_source", "eval_sets"]
