@@ -39,6 +39,7 @@ __all__ = [
     "eval_attributes",
     "EvalImages",
     "eval_sets",
+    "write_eval_datasets",
 ]
 
 # name -> RGB in [0, 255]
@@ -258,3 +259,46 @@ def class_prompts() -> list[list[str]]:
 def class_label(color: int, shape: int) -> int:
     """Index into CLASS_NAMES of a colour-shape combination."""
     return ALL_COMBOS.index((color, shape))
+
+
+def write_eval_datasets(out: str, *, image_size: int = 32, eval_per_class: int = 20, num_retrieval: int = 200,
+                        seed: int = 0) -> None:
+    """Writes the held-out sets as files the evaluation command reads (``docs/evaluation.md``):
+
+    ``out/folder/NN/*.png`` (zero-shot, one folder per seen class, NN = index in CLASS_NAMES),
+    ``out/labels.txt`` (their Chinese names, in folder order) and ``out/cn_clip/valid_imgs.tsv``
+    + ``valid_texts.jsonl`` (retrieval, cn_clip's layout; image ids 1000 + i, text ids i).
+    """
+    import base64
+    import io
+    import json
+    import os
+
+    import ml_collections
+    import PIL.Image
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        PIL.Image.fromarray(a).save(buf, "PNG")
+        return buf.getvalue()
+
+    c = ml_collections.ConfigDict({"demo_seed": seed, "eval_per_class": eval_per_class,
+                                   "num_retrieval": num_retrieval})
+    sets = eval_sets(c, image_size=image_size)
+    z = sets["zeroshot"]
+    for i, label in enumerate(z["labels"].tolist()):
+        os.makedirs(os.path.join(out, "folder", f"{label:02d}"), exist_ok=True)
+        with open(os.path.join(out, "folder", f"{label:02d}", f"{i:04d}.png"), "wb") as f:
+            f.write(png(z["images"][i]))
+    with open(os.path.join(out, "labels.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(CLASS_NAMES[k] for k in sorted(set(z["labels"].tolist()))) + "\n")
+    r = sets["retrieval"]
+    os.makedirs(os.path.join(out, "cn_clip"), exist_ok=True)
+    with open(os.path.join(out, "cn_clip", "valid_imgs.tsv"), "w", encoding="ascii") as f:
+        for i in range(len(r["images"])):
+            f.write(f"{1000 + i}\t{base64.urlsafe_b64encode(png(r['images'][i])).decode()}\n")
+    with open(os.path.join(out, "cn_clip", "valid_texts.jsonl"), "w", encoding="utf-8") as f:
+        for t, (text, pos) in enumerate(zip(r["texts"], r["text_to_images"])):
+            f.write(json.dumps({"text_id": t, "text": text, "image_ids": [1000 + j for j in pos]},
+                               ensure_ascii=False) + "\n")
+
