@@ -341,10 +341,17 @@ class ChineseCLIPProcessor:
         """(height, width) of pixel_values."""
         return self.image_processor.image_size
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> dict[str, np.ndarray]:
-        """texts -> {"input_ids", "attention_mask", "token_type_ids"}, int32 (N, context_length).
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, *,
+                 padding: bool | str | None = None, truncation: bool | str | None = None
+                 ) -> dict[str, np.ndarray | list]:
+        """texts -> {"input_ids", "attention_mask", "token_type_ids"}, int32 (N, L).
 
-        Padded to context_length (52 by default) and truncated, [CLS] ... [SEP] as transformers.
+        With no ``padding``: padded and truncated to context_length (52 unless given) with
+        [CLS] ... [SEP], as transformers with ``padding="max_length", max_length=52,
+        truncation=True``. An explicit ``padding`` (True / "longest", "max_length", False /
+        "do_not_pad") means transformers' own semantics: ``truncation`` defaults to False,
+        ``context_length`` is the ``max_length`` (unset: the context length for "max_length",
+        else the tokenizer's ``model_max_length``). Rows of different lengths come back as lists.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -356,13 +363,26 @@ class ChineseCLIPProcessor:
         if bad:
             raise ValueError(f"text {bad[0]} ({texts[bad[0]]!r}) is not valid Unicode (a lone surrogate); "
                              "texts must be encodable as UTF-8")
-        length = self.context_length if context_length is None else int(context_length)
+        if padding is None:  # the fixed-length default
+            padding, truncation = "max_length", True if truncation is None else truncation
+        if truncation is None:  # transformers' default once padding is explicit
+            truncation = False
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"truncation must be True, False or 'longest_first', got {truncation!r}")
+        # max_length defaults to the context length only for fixed-length padding; otherwise, as in
+        # transformers, truncation stops at the tokenizer's model_max_length.
+        length = self.context_length if context_length is None and padding == "max_length" else context_length
         if not texts:
-            z = np.zeros((0, length), np.int32)
+            z = np.zeros((0, length or 0), np.int32)
             return {"input_ids": z, "attention_mask": z.copy(), "token_type_ids": z.copy()}
-        enc = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="np", return_token_type_ids=True, return_attention_mask=True)
-        return {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc = self.tokenizer(texts, padding=padding, max_length=None if length is None else int(length),
+                             truncation=truncation, return_token_type_ids=True, return_attention_mask=True)
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        if len({len(row) for row in enc["input_ids"]}) > 1:
+            return {k: [list(row) for row in enc[k]] for k in keys}
+        return {k: np.asarray(enc[k], np.int32) for k in keys}
 
     def preprocess_images(self, images, start_index: int = 0) -> np.ndarray:
         """images (PIL / uint8 array / path, or a list) -> pixel_values (N, 3, H, W) float32.
@@ -371,20 +391,34 @@ class ChineseCLIPProcessor:
         """
         return self.image_processor(images, start_index)
 
-    def __call__(self, text=None, images=None, return_tensors: str | None = "np",
-                 max_length: int | None = None) -> dict[str, Any]:
-        """Either or both of text and images -> dict of arrays (numpy, or jax with "jax")."""
+    def __call__(self, text=None, images=None, return_tensors: str | None = "np", max_length: int | None = None,
+                 padding: bool | str | None = None, truncation: bool | str | None = None) -> dict[str, Any]:
+        """Either or both of text and images -> dict of arrays, as transformers' processor.
+
+        padding / truncation / max_length: as transformers' (see ``tokenize``); without padding,
+        a fixed length of 52 (or max_length) with truncation, so jitted shapes stay fixed. return_tensors: "np" (and None), "jax", or "pt" (torch tensors,
+        int64 ids as transformers; needs torch).
+        """
         if text is None and images is None:
             raise ValueError("give text, images or both")
-        if return_tensors not in (None, "np", "jax"):
-            raise ValueError(f"return_tensors must be 'np' or 'jax', got {return_tensors!r}")
+        if return_tensors not in (None, "np", "jax", "pt"):
+            raise ValueError(f"return_tensors must be 'np', 'jax' or 'pt', got {return_tensors!r}")
         out: dict[str, Any] = {}
         if text is not None:
-            out.update(self.tokenize(text, max_length))
+            out.update(self.tokenize(text, max_length, padding=padding, truncation=truncation))
+            if return_tensors is not None and isinstance(out["input_ids"], list):
+                raise ValueError(f"padding={padding!r} left rows of different lengths, which return_tensors="
+                                 f"{return_tensors!r} cannot stack; pad (padding=True) or pass return_tensors=None")
         if images is not None:
             out["pixel_values"] = self.preprocess_images(images)
         if return_tensors == "jax":
             import jax.numpy as jnp
 
             out = {k: jnp.asarray(v) for k, v in out.items()}
+        elif return_tensors == "pt":
+            try:
+                import torch
+            except ImportError:
+                raise ImportError("return_tensors='pt' needs torch (pip install 'chinese-clip-jax[torch]')") from None
+            out = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in out.items()}
         return out

@@ -203,3 +203,52 @@ def test_joint_call_equals_transformers_processor(proc, hf_tokenizer):
     _assert_close_pixels(ours["pixel_values"], ref["pixel_values"])
     jax_out = proc(text=TEXTS[:2], return_tensors="jax")
     assert jax_out["input_ids"].dtype == np.int32 and jax_out["input_ids"].shape == (2, 52)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding=True),
+    dict(padding="longest", truncation=True, max_length=12),
+    dict(padding="max_length", max_length=20),
+    dict(padding="max_length", max_length=16, truncation=True),
+    dict(padding="max_length", max_length=64, truncation=False),
+    dict(padding=False, truncation=True, max_length=8),
+    dict(padding="do_not_pad", truncation=False),
+], ids=["longest", "longest-trunc12", "max20", "max16-trunc", "max64-notrunc", "nopad-trunc8", "nopad"])
+def test_hf_keyword_arguments_equal_transformers(proc, hf_tokenizer, kwargs):
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
+                                                 tokenizer=hf_tokenizer)
+    # transformers does not truncate unless asked: without truncation, only texts that fit
+    texts = TEXTS if kwargs.get("truncation") else [t for t in TEXTS if len(t) < 19]
+    stackable = kwargs.get("padding") not in (False, "do_not_pad")
+    rt = "np" if stackable else None
+    ref = ref_proc(text=texts, return_tensors=rt, **kwargs)
+    ours = proc(text=texts, return_tensors=rt, **kwargs)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        want = ref[key]
+        if stackable:
+            assert ours[key].dtype == np.int32
+            np.testing.assert_array_equal(ours[key], want, err_msg=key)
+        else:
+            assert ours[key] == [list(r) for r in want], key
+    if stackable:
+        pt, ref_pt = proc(text=texts, return_tensors="pt", **kwargs), ref_proc(text=texts, return_tensors="pt", **kwargs)
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert pt[key].dtype == ref_pt[key].dtype and pt[key].equal(ref_pt[key]), key
+
+
+def test_pt_tensors_with_images_and_ragged_errors(proc, hf_tokenizer):
+    import torch
+
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
+                                                 tokenizer=hf_tokenizer)
+    images = [_rng_image(40, 60, "RGB", seed=3)]
+    ours = proc(text=TEXTS[:2], images=images, return_tensors="pt")
+    ref = ref_proc(text=TEXTS[:2], images=images, return_tensors="pt", padding="max_length", max_length=52,
+                   truncation=True)
+    assert ours["pixel_values"].dtype == torch.float32 and ours["input_ids"].shape == (2, 52)
+    assert ours["input_ids"].equal(ref["input_ids"])
+    _assert_close_pixels(ours["pixel_values"].numpy(), ref["pixel_values"].numpy())
+    with pytest.raises(ValueError, match="padding=False left rows of different lengths"):
+        proc(text=TEXTS[:3], padding=False)
+    with pytest.raises(ValueError, match="padding must be"):
+        proc(text=TEXTS[:3], padding="left")

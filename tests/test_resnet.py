@@ -199,3 +199,20 @@ def test_optimizer_labels_statistics_frozen():
     labels = ccj.conversion.mapping.flatten(trainable_labels(dict(params), None))
     assert labels["vision_model/stem/bn1/running_var"] == "frozen"
     assert labels["vision_model/stem/bn1/scale"] == "trainable"
+
+
+def test_chinese_clip_high_level_api_takes_a_resnet(tmp_path):
+    import PIL.Image
+
+    cfg = tiny_resnet_config()
+    params = random_params(cfg)
+    ccj.conversion.save_flax(tmp_path / "rn", cfg, params)
+    clip = ccj.ChineseCLIP.from_pretrained(tmp_path / "rn", image_batch_size=2)
+    assert clip.processor.image_size == (32, 32)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    emb = clip.encode_image([image, image, image])
+    px = clip.processor.preprocess_images([image])
+    want = np.asarray(clip.model.apply({"params": clip.params}, jnp.asarray(px), method="get_image_features"))
+    np.testing.assert_allclose(emb[2], want[0] / np.linalg.norm(want[0]), atol=1e-5)
+    clip.processor.context_length = 16  # the tiny text tower's positions
+    assert clip.zero_shot([image], ["猫", "狗"]).shape == (1, 2)

@@ -54,10 +54,11 @@ class FrozenBatchNorm(nn.Module):
         return (x.astype(jnp.float32) * mul + (bias - mean * mul)).astype(self.dtype)
 
 
-def conv(features: int, kernel: int, dtype: Dtype, name: str) -> nn.Conv:
-    """Bias-free conv, stride 1, 'same' padding for odd kernels (as cn_clip's ``padding=k//2``)."""
-    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, use_bias=False, dtype=dtype,
-                   kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)), name=name)
+def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
+    """Bias-free conv with padding kernel // 2 on each side (cn_clip's); HWIO kernel, replicated."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=kernel // 2, use_bias=False,
+                   dtype=dtype, kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)),
+                   name=name)
 
 
 def avg_pool(x, k: int):
@@ -120,7 +121,8 @@ class AttentionPool(nn.Module):
 class ResNetTower(ModelOptions):
     """cn_clip's ModifiedResNet; ``config``: ChineseCLIPResNetConfig. ``pooler_output`` is the
     attention pool's output, already ``projection_dim`` wide (there is no separate projection);
-    ``last_hidden_state`` the last stage's feature map, (batch, grid*grid, hidden)."""
+    ``last_hidden_state`` the last stage's feature map, (batch, grid*grid, hidden).
+    ``scan_layers`` / ``remat`` / ``attention_impl`` concern transformer stacks and are not used."""
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True) -> VisionOutput:
@@ -131,8 +133,7 @@ class ResNetTower(ModelOptions):
                              f"{tuple(pixel_values.shape)}")
         d, eps, width = self.dtype, cfg.batch_norm_eps, cfg.width
         x = pixel_values.astype(d).transpose(0, 2, 3, 1)  # NHWC
-        stem = _Stem(width, eps, d, name="stem")
-        x = stem(x)
+        x = _Stem(width, eps, d, name="stem")(x)
         for i, blocks in enumerate(cfg.layers):
             x = _Stage(width * 2 ** i, blocks, 1 if i == 0 else 2, eps, d, name=f"layer{i + 1}")(x)
         pooled = AttentionPool(cfg.num_attention_heads, cfg.projection_dim, d, name="attnpool")(x)
@@ -148,9 +149,7 @@ class _Stem(nn.Module):
     @nn.compact
     def __call__(self, x):
         d, half = self.dtype, self.width // 2
-        x = nn.Conv(half, (3, 3), strides=(2, 2), padding=1, use_bias=False, dtype=d,
-                    kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)), name="conv1")(x)
-        x = nn.relu(FrozenBatchNorm(self.eps, d, name="bn1")(x))
+        x = nn.relu(FrozenBatchNorm(self.eps, d, name="bn1")(conv(half, 3, d, "conv1", stride=2)(x)))
         x = nn.relu(FrozenBatchNorm(self.eps, d, name="bn2")(conv(half, 3, d, "conv2")(x)))
         x = nn.relu(FrozenBatchNorm(self.eps, d, name="bn3")(conv(self.width, 3, d, "conv3")(x)))
         return avg_pool(x, 2)

@@ -42,12 +42,17 @@ __all__ = ["train", "build_model_config", "TrainResult"]
 logger = logging.getLogger(__name__)
 
 def build_model_config(model_cfg) -> ChineseCLIPConfig:
-    """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes."""
+    """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes;
+    ``model.image_size`` (when set) replaces the image tower's resolution."""
     if model_cfg.preset:
-        return ChineseCLIPConfig.preset(model_cfg.preset)
-    text = ChineseCLIPTextConfig(**dict(model_cfg.text))
-    vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
-    return ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=model_cfg.projection_dim)
+        cfg = ChineseCLIPConfig.preset(model_cfg.preset)
+    else:
+        text = ChineseCLIPTextConfig(**dict(model_cfg.text))
+        vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
+        cfg = ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=model_cfg.projection_dim)
+    if model_cfg.image_size:
+        cfg = cfg.replace(vision_config=cfg.vision_config.replace(image_size=int(model_cfg.image_size)))
+    return cfg
 
 
 class _Preemption:

@@ -43,8 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Ignored when init_from is set (the checkpoint's config.json decides).
     c.model = ml_collections.ConfigDict({
         "preset": "",
-        # With init_from: train a ViT checkpoint at this resolution (position embeddings resized
-        # once, as cn_clip's resize_pos_embed; data follows). 0 = the checkpoint's own.
+        # Resolution to train at; 0 = the checkpoint's (init_from) or model.vision.image_size. With
+        # init_from, a ViT's position embeddings are resized once (cn_clip's resize_pos_embed).
         "image_size": 0,
         "projection_dim": 512,
         "text": {"vocab_size": 21128, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
