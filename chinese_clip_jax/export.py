@@ -105,13 +105,21 @@ def load_exported(directory: str | os.PathLike) -> ExportedCLIP:
 # --------------------------------------------------------------------------- writing
 
 
+def output_names() -> tuple[str, ...]:
+    """Every name ``save_exported`` may create in its directory (all checked before any work)."""
+    from .conversion.api import PROCESSOR_FILES
+
+    own = (TEXT_FILE, IMAGE_FILE, PARAMS_FILE, META_FILE)
+    return own + tuple(n + ".tmp" for n in own[:3]) + ("config.json",) + PROCESSOR_FILES
+
+
 def save_exported(out: str | os.PathLike, cfg, params: Any, *, platforms: Sequence[str] = DEFAULT_PLATFORMS,
                   context_length: int = 52, dtype: Any = jnp.float32, processor_from: str | None = None) -> str:
     """Writes the serving export of ``(cfg, params)`` into directory ``out``; returns it.
 
     platforms: any of "cpu", "cuda", "tpu", "rocm" (one artefact runs on each). context_length:
     the fixed text length (the processor's, 52 by default). dtype: compute dtype (params are
-    stored fp32). Refuses a directory that already holds an export; writes nothing if the
+    stored fp32). Refuses a directory holding any file it would write (``output_names``); writes nothing if the
     params do not match ``cfg``.
     """
     import flax.linen as nn
@@ -125,9 +133,10 @@ def save_exported(out: str | os.PathLike, cfg, params: Any, *, platforms: Sequen
     bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu", "rocm")]
     if bad or not platforms:
         raise ValueError(f"platforms must be some of cpu, cuda, tpu, rocm; got {list(platforms)}")
-    existing = [n for n in (TEXT_FILE, IMAGE_FILE, PARAMS_FILE, META_FILE) if os.path.exists(os.path.join(out, n))]
+    existing = [n for n in output_names() if os.path.lexists(os.path.join(out, n))]
     if existing:
-        raise FileExistsError(f"{out} already holds an export ({', '.join(existing)}); choose an empty directory")
+        raise FileExistsError(f"{os.path.join(out, existing[0])} already exists; an export never overwrites: "
+                              "choose a new or empty directory")
     flat = {k: np.asarray(v, np.float32) for k, v in check_params(nn.unbox(params), cfg).items()}
     # "xla" attention: plain XLA ops, which lower for every platform (no cuDNN custom call).
     model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl="xla")

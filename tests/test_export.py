@@ -82,8 +82,10 @@ def test_cli_export_loads_without_flax_and_matches(tmp_path):
     model, params = ccj.from_pretrained(tmp_path / "hf")
     stdout = check_in_fresh_process(tmp_path / "out", model, params, tmp_path)
     assert "('cpu', 'cuda', 'tpu')" in stdout
+    before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
     again = run_cli(tmp_path / "hf", tmp_path / "out", "--export")  # nothing overwritten
-    assert again.returncode == 2 and "already holds an export" in again.stderr
+    assert again.returncode == 2 and "already exists; convert never overwrites" in again.stderr
+    assert {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")} == before
     bad = run_cli(tmp_path / "hf", tmp_path / "out2", "--export", "--platforms", "cpu,metal")
     assert bad.returncode == 2 and "unknown platform(s) metal" in bad.stderr and not (tmp_path / "out2").exists()
 
