@@ -309,7 +309,17 @@ def _export_hf(model_config, params, path: str) -> str:
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        ccj.save_pretrained(path, model_config, jax.tree.map(np.asarray, params))
+        from ..paths import as_path, copy_tree, is_local
+
+        params = jax.tree.map(np.asarray, params)
+        if is_local(path):
+            ccj.save_pretrained(path, model_config, params)
+        else:  # gs://...: written locally, then copied through epath
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ccj-export-") as tmp:
+                ccj.save_pretrained(tmp, model_config, params)
+                copy_tree(as_path(tmp), as_path(path))
     return path
 
 
