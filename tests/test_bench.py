@@ -58,3 +58,11 @@ def test_train_memory_tiny():
     for layout in ("unrolled", "scan"):  # remat recomputes, it does not change the loss (init differs per layout)
         assert len({round(v, 4) for k, v in loss.items() if k.startswith(layout)}) == 1, out
     assert 0 < temp["scan:full"] < temp["scan:dots"] < temp["scan:none"], out
+
+
+def test_data_throughput_workers_table_tiny():
+    out = run_script("bench/data_throughput.py", "--only", "workers", "--workers", "0,1,2", "--images", "16",
+                     "--batches", "1", "--batch", "8", "--image-size", "32")
+    assert "CPU time per 512x512 JPEG -> 32 px" in out and "scaling 1 -> 2 workers:" in out, out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and all(float(r[1]) > 0 for r in rows), out

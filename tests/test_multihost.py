@@ -60,3 +60,32 @@ def test_two_processes_match_one():
     rel, key_bias_abs = max_rel_err({k: np.asarray(multi["params"][k]) for k in keys},
                                     {k: np.asarray(single["params"][k]) for k in keys})
     assert rel <= 1e-5 and key_bias_abs <= 1e-3, (rel, key_bias_abs)  # key biases: see _train_helpers
+
+
+def test_sigterm_on_one_host_stops_all_at_the_same_step_via_the_sync_point():
+    """SIGTERM to process 1 only: JAX's preemption sync point (no per-step all-gather) makes
+    both processes stop at the same step."""
+    import signal
+    import time
+
+    addr = f"127.0.0.1:{_free_port()}"
+    worker = os.path.join(HERE, "_preemption_worker.py")
+    env = [dict(_env(PROCESS_ID=i, COORDINATOR=addr), JAX_PLATFORMS="cpu") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker], env=env[i], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        assert procs[1].stdout.readline().strip() == "READY"
+        time.sleep(1.0)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    stops = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        line = [l for l in out.splitlines() if l.startswith("STOP")]
+        assert line and line[0].endswith("sync_point=True"), out
+        stops.append(int(line[0].split()[1]))
+    assert stops[0] == stops[1]

@@ -332,11 +332,15 @@ def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monke
         train(tiny_train_config(), "ftp://host/run")
     with pytest.raises(ImportError, match="gs:// backend is not installed; pip install gcsfs"):
         train(tiny_train_config(), "gs://bucket/run")  # no gcsfs here: named before anything
+    cfg = tiny_train_config(**{"data.name": "tfds"})
+    cfg.data.tfds.builder_dir = str(tmp_path / "no-such-dir")
+    with pytest.raises(FileNotFoundError, match="no dataset_info.json there"):
+        train(cfg, str(tmp_path / "run"))
     cfg = tiny_train_config(**{"data.name": "webdataset"})
     cfg.data.webdataset.shards = "http://host/{0..3}.tar"
     with pytest.raises(ValueError, match=r"data.webdataset.shards 'http://host/\{0..3\}.tar': unsupported"):
         train(cfg, str(tmp_path / "run"))
-    assert os.listdir(tmp_path) == []  # no ./gs: or ./ftp: folder, no workdir
+    assert os.listdir(tmp_path) == []  # no ./gs: or ./ftp: folder, no workdir, nothing built
     proc = subprocess.run([sys.executable, "-m", "convert", "s3x://b/model.pt", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "SRC 's3x://b/model.pt': unsupported scheme s3x://" in proc.stderr

@@ -68,6 +68,16 @@ def check_config(data_cfg) -> None:
         for part in str(sub[key]).split(",") if key.endswith("shards") else [sub[key]]:
             if part.strip():
                 as_path(part.strip(), what=f"data.{data_cfg.name}.{key}")
+    if data_cfg.name == "tfds":  # dataset_info.json only: the builder, the feature keys, the splits
+        from .tfds_source import open_builder, _check_keys
+
+        builder = open_builder(sub)
+        _check_keys(builder, sub)
+        for key in ("split", "eval_split"):
+            name = str(sub[key]).split("[")[0]
+            if name and name not in builder.info.splits:
+                raise ValueError(f"data.tfds.{key} {sub[key]!r} is not a split of {builder.info.full_name} "
+                                 f"(splits: {sorted(builder.info.splits.keys())})")
 
 
 def _process_shard(process_index, process_count):

@@ -391,8 +391,10 @@ def _write_figure(workdir, config, evaluator, log, step: int) -> str | None:
 
 
 def _export_hf(model_config, params, path: str) -> str:
-    """Writes the final params in the HF layout (``ccj.save_pretrained``), from process 0."""
-    import chinese_clip_jax as ccj
+    """Writes the final params in the HF layout (``save_pretrained``; a ResNet model: our Flax format
+    in a sibling ``flax`` directory), from process 0."""
+    from .. import conversion
+    from ..paths import as_path, copy_tree, is_local
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -402,12 +404,15 @@ def _export_hf(model_config, params, path: str) -> str:
         path = os.path.join(os.path.dirname(path), "flax")
     if jax.process_index() == 0:
         params = jax.tree.map(np.asarray, params)
-        if model_config.is_resnet:
-            from ..conversion import save_flax
+        save = conversion.save_flax if model_config.is_resnet else conversion.save_pretrained
+        if is_local(path):
+            save(path, model_config, params)
+        else:  # gs://...: written locally, then copied through epath
+            import tempfile
 
-            save_flax(path, model_config, params)
-        else:
-            ccj.save_pretrained(path, model_config, params)
+            with tempfile.TemporaryDirectory(prefix="ccj-export-") as tmp:
+                save(tmp, model_config, params)
+                copy_tree(as_path(tmp), as_path(path))
     return path
 
 
