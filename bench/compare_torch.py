@@ -25,7 +25,12 @@ fraction of each framework's own f32 2048x2048 matmul rate, measured in the same
 memory: each worker's peak RSS (VmHWM, reset through /proc/self/clear_refs after the warm-up)
 over the timed calls; programs run one at a time (the previous one is dropped), weights included.
 ``--threads N`` pins the processes to N cores (both frameworks follow the affinity) and sets
-torch's intra-op threads. ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
+torch's intra-op threads.
+
+Each worker is stopped (SIGSTOP) whenever the other one runs and continued (SIGCONT) only for
+its own requests, so an idle framework's thread pool (OpenMP threads spinning after a parallel
+region, XLA's Eigen pool spinning for work) cannot take cores from the timed one: each
+framework runs at its standalone speed (``--no-freeze-idle`` turns this off, for comparison). ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
 inherit the environment, so ``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=("dots", "full", "none"), default="dots",
                    help="JAX remat policy in the train step (default: dots, as the trainer)")
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
+    p.add_argument("--no-freeze-idle", action="store_true",
+                   help="leave the idle worker running (default: SIGSTOP it while the other one is timed)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -303,18 +311,35 @@ def worker(args) -> None:
 
 
 class Worker:
+    """One framework's worker process. With ``freeze_idle`` it is SIGSTOPped between requests, so
+    its threads use no CPU while the other worker is timed."""
+
     def __init__(self, fw: str, args, ckpt: str):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
                "--threads", str(args.threads)]
         cmd += ["--tiny"] * args.tiny + ["--unrolled"] * args.unrolled + ["--remat", args.remat]
         self.fw = fw
+        self.freeze_idle = not args.no_freeze_idle
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.wait()
+        self._pause()
+
+    def _pause(self):
+        if self.freeze_idle and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def _resume(self):
+        if self.freeze_idle and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def ask(self, request: str) -> dict:
+        self._resume()
         self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
-        return self.wait()
+        try:
+            return self.wait()
+        finally:
+            self._pause()
 
     def wait(self) -> dict:
         for line in self.proc.stdout:
@@ -323,6 +348,7 @@ class Worker:
         raise RuntimeError(f"{self.fw} worker exited with status {self.proc.wait()} (see its stderr above)")
 
     def close(self):
+        self._resume()
         if self.proc.poll() is None:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.flush()
@@ -355,6 +381,7 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()
     print(f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
           f"repeats {args.repeats}, JAX {'unrolled' if args.unrolled else 'scan_layers'} remat={args.remat}, "
+          f"idle worker {'running' if args.no_freeze_idle else 'stopped'}, "
           f"load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
           f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}", flush=True)
     rows = {}

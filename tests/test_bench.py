@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end on a tiny config (no timing is asserted: machines are noisy)."""
 
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -42,11 +44,49 @@ def test_compare_torch_tiny():
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
 
 
-def test_device_smoke():
-    out = run_script("bench/device.py", "--smoke", "--peak-tflops", "1")
+def test_device_smoke_with_the_torch_peer(tmp_path):
+    pytest.importorskip("torch")
+    out = run_script("bench/device.py", "--smoke", "--peak-tflops", "1", "--peer", "torch", "--impls", "xla",
+                     "--json", str(tmp_path / "rows.json"))
     for program in ("train x2", "image x2", "text x2"):
         assert program in out, out
     assert "%" in out  # an MFU figure from the overridden peak
+    rows = json.load(open(tmp_path / "rows.json"))
+    assert {(r["program"], r["mode"]) for r in rows["peer"]} == {
+        ("train x2", "eager"), ("train x2", "compile"), ("image x2", "eager"), ("text x2", "eager")}, rows
+    assert all(r["rate"] > 0 and r["flops"] > 0 for r in rows["peer"]), rows["peer"]
+    assert all(r["layout"] == "scan" and r["rng_impl"] == "threefry" for r in rows["ours"])
+    ratios = [line.split() for line in out.splitlines() if line.startswith("smoke") and line.rstrip().endswith("x")]
+    assert len(ratios) == 3 and all(float(r[-2].rstrip("x")) > 0 for r in ratios), out  # ours/eager, ours/compile
+
+
+def test_device_refuses_an_unknown_layout():
+    res = subprocess.run([sys.executable, "bench/device.py", "--smoke", "--layouts", "spiral"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 2 and "--layouts: unknown ['spiral']" in res.stderr
+
+
+def test_profile_step_smoke(tmp_path):
+    out = run_script("bench/profile_step.py", "--smoke", "--top", "5", "--logdir", str(tmp_path / "trace"))
+    rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(rows) == 5, out
+    import profile_step
+
+    assert all(any(c in r for c in profile_step.CATEGORIES) for r in rows), out
+    assert "matmul" in out.split("category")[-1] and glob.glob(str(tmp_path / "trace/plugins/profile/*/*.xplane.pb"))
+    shares = [float(r.split()[-1].rstrip("%")) for r in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5, out
+
+
+def test_profile_categories():
+    import profile_step
+
+    cat = profile_step.categorize
+    assert cat("cublas-gemm.3") == cat("gemm_fusion_dot.12") == cat("ynn_fusion.4") == "matmul"
+    assert cat("cudnn$fmha.1") == cat("custom-call.7", "__cudnn$fmhaSoftmax") == "attention"
+    assert cat("loop_threefry2x32_fusion") == cat("rng-bit-generator.2") == "random bits"
+    assert cat("all-reduce.1") == "collective" and cat("input_reduce_fusion.3") == "reduction"
+    assert cat("transpose_copy_fusion") == "copy/transpose" and cat("loop_multiply_fusion.9") == "elementwise"
 
 
 def test_train_memory_tiny():
