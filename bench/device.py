@@ -21,7 +21,8 @@ FLOP/s per device from ``PEAK_TFLOPS`` by ``device_kind``, or ``--peak-tflops``)
 device's ``peak_bytes_in_use`` after the program (``memory_stats()``; a process-wide high-water
 mark, so it never decreases across rows). A combination that fails to compile or run (e.g.
 cudnn on CPU, or a shape cuDNN rejects) is skipped with its error's first line. Rows that would
-start after ``--budget-s`` seconds are skipped, so the script ends within its time budget.
+start after ``--budget-s`` seconds (of our own part, the peer's not counted) are skipped, so the
+script ends within its time budget.
 
 ``--peer torch`` (default ``auto``: on when torch with CUDA is importable) first runs
 ``bench/torch_peer.py`` in a subprocess (before this process touches the device, so each
@@ -260,6 +261,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown --sizes {unknown}; known: {', '.join(SIZES)}")
         sizes = {s: ccj.ChineseCLIPConfig.preset(SIZES[s]) for s in args.sizes.split(",")}
     peer_rows, peer_note = run_peer(args)  # first: this process has not touched the device yet
+    start = time.perf_counter()  # --budget-s is ours alone
     impls = [None if i in ("", "default", "none") else i for i in args.impls.split(",")]
     combos = [dict(impl=i, layout=lay, rng_impl=r, remat=m) for i in impls for lay in args.layouts.split(",")
               for r in args.rng_impls.split(",") for m in args.remat.split(",")]
