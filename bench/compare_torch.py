@@ -28,9 +28,11 @@ over the timed calls; programs run one at a time (the previous one is dropped), 
 torch's intra-op threads.
 
 Each worker is stopped (SIGSTOP) whenever the other one runs and continued (SIGCONT) only for
-its own requests, so an idle framework's thread pool (OpenMP threads spinning after a parallel
-region, XLA's Eigen pool spinning for work) cannot take cores from the timed one: each
-framework runs at its standalone speed (``--no-freeze-idle`` turns this off, for comparison). ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
+its own requests, so an idle framework's threads (an OpenMP pool spinning after its parallel
+region, XLA's Eigen pool spinning for work) cannot take cores from the timed one
+(``--no-freeze-idle`` turns this off). Each program's progress line reports the CPU seconds the
+idle worker used while the other was timed (0 when stopped; with ``--no-freeze-idle`` it is
+the measure of that interference: 0.00-0.01 s in a 4-round check here, docs/accelerators.md). ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
 inherit the environment, so ``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
 """
 
@@ -324,6 +326,12 @@ class Worker:
         self.wait()
         self._pause()
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds this worker has used (/proc/PID/stat)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _pause(self):
         if self.freeze_idle and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGSTOP)
@@ -398,14 +406,18 @@ def main(argv=None) -> None:
                 for w in workers.values():
                     w.ask("memreset")
                 t = {k: [] for k in ("jax", "torch", "jax_mm", "torch_mm")}
+                idle_cpu = {fw: 0.0 for fw in workers}  # CPU s an idle worker used while the other was timed
+                other = {"jax": workers["torch"], "torch": workers["jax"]}
                 for _ in range(args.repeats):  # JAX, torch, XLA matmul, torch matmul
-                    for fw, w in workers.items():
-                        t[fw].append(w.ask("run")["s"])
-                    for fw, w in workers.items():
-                        t[fw + "_mm"].append(w.ask("mm")["s"])
+                    for op, suffix in (("run", ""), ("mm", "_mm")):
+                        for fw, w in workers.items():
+                            c0 = other[fw].cpu_s()
+                            t[fw + suffix].append(w.ask(op)["s"])
+                            idle_cpu[other[fw].fw] += other[fw].cpu_s() - c0
                 mem = {fw: w.ask("mem") for fw, w in workers.items()}
                 rows[name] = (first, t, mem)
-                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}", flush=True)
+                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}; CPU s used by the idle worker while the "
+                      f"other was timed: " + ", ".join(f"{fw} {v:.2f}" for fw, v in idle_cpu.items()), flush=True)
         finally:
             for w in workers.values():
                 w.close()

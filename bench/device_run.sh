@@ -3,7 +3,7 @@
 #
 #   bash ../shared/device/fetch_wheels.sh          # here, once: the wheels the device image lacks -> .whl/
 #   bash bench/device_run.sh                       # on the device (run tool, carry .whl): tables -> $OUT
-#   bash bench/device_run.sh --smoke               # here, on CPU: every part on tiny configs (minutes)
+#   PYTHON=.venv/bin/python bash bench/device_run.sh --smoke   # here, on CPU: every part, tiny configs (minutes)
 #
 # Parts, most important first, each under `timeout`, skipped when it could not finish inside
 # TOTAL_S (default 600 s: with ~1 min of machine start-up, about 11 of the 15 device minutes):
@@ -40,6 +40,7 @@ log() { echo "[$((SECONDS - START))s] $*" | tee -a "$OUT/summary.txt"; }
 part() {  # part NAME TIMEOUT_S CMD ARGS...
   local name=$1 limit=$2 rc
   shift 2
+  [ "$SMOKE" = 1 ] && limit=$((limit * ${SMOKE_SCALE:-8}))  # a (shared) CPU compiles slowly
   if [ "$SMOKE" = 0 ] && [ $((SECONDS - START + limit)) -gt "$TOTAL_S" ]; then
     log "skip $name: needs up to ${limit}s, $((TOTAL_S - SECONDS + START))s left of TOTAL_S=$TOTAL_S"
     return
@@ -78,7 +79,7 @@ part layout 110 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --imp
 part flags 60 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --impls xla --xla-flags tuned \
   --peer none --steps 3 --repeats 3
 if [ "$SMOKE" = 1 ]; then
-  part memory 900 "$PY" bench/max_batch.py --smoke --capacity-gib 0.01 --remats none
+  part memory 100 "$PY" bench/max_batch.py --smoke --capacity-gib 0.01 --remats none
 else
   part memory 100 "$PY" bench/max_batch.py --sizes $SIZES --remats none,dots,full --budget-s 50
 fi
