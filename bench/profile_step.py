@@ -10,8 +10,8 @@ run options given (``--impl``, ``--layout``, ``--rng-impl``, ``--remat``). The t
 ``jax.profiler.trace(..., create_perfetto_trace=True)`` writes: ``plugins/profile/<run>/`` holds
 ``<host>.xplane.pb`` (TensorBoard / xprof) and ``perfetto_trace.json.gz``, a Chrome-trace JSON
 this script reads itself (no xprof needed). Device ops are the events of the "XLA Ops" lines of
-``/device:*`` processes (GPU, TPU); on the CPU backend, the XLA thunks run on the client's
-thread pools (``tf_XLA*`` threads), which stand in for them.
+``/device:*`` processes (GPU, TPU; else those processes' stream lines); on the CPU backend, the
+XLA thunks run on the client's thread pools (``tf_XLA*`` threads), which stand in for them.
 
 Printed: the ``--top`` ops by total time over the profiled steps, with calls per step, ms per
 step, share of the measured step time (wall clock, ``--steps`` steps) and a category: matmul,
@@ -78,6 +78,9 @@ def device_ops(trace_path: str) -> list[dict]:
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device_pids = {pid for pid, name in procs.items() if name.startswith("/device:")}
     op_lines = {k for k, name in threads.items() if k[0] in device_pids and name == "XLA Ops"}
+    if not op_lines:  # no "XLA Ops" line: the device's stream lines (kernels), not its summary lines
+        op_lines = {k for k, name in threads.items() if k[0] in device_pids and not re.match(
+            r"(Steps|XLA Modules|XLA TraceMe|Framework|Source|TensorFlow|Launch Stats)", name)}
     if op_lines:
         def is_op(e):
             return (e["pid"], e.get("tid")) in op_lines
