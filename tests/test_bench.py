@@ -99,3 +99,35 @@ def test_train_memory_tiny():
     for layout in ("unrolled", "scan"):  # remat recomputes, it does not change the loss (init differs per layout)
         assert len({round(v, 4) for k, v in loss.items() if k.startswith(layout)}) == 1, out
     assert 0 < temp["scan:full"] < temp["scan:dots"] < temp["scan:none"], out
+
+
+def test_profile_reads_a_gpu_trace_layout(tmp_path):
+    """The device-op line of a GPU trace ("XLA Ops" under /device:GPU:0), as xprof writes it: host
+    events are ignored, ops are summed by name, a container's time excludes the ops inside it."""
+    import gzip
+
+    import profile_step
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="thread_name", pid=1, tid=1, args=dict(name="python")),
+            dict(ph="M", name="thread_name", pid=2, tid=1, args=dict(name="Steps")),
+            dict(ph="M", name="thread_name", pid=2, tid=2, args=dict(name="XLA Ops"))]
+    ops = [dict(ph="X", pid=2, tid=2, name="while.1", ts=0, dur=100),
+           dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=10, dur=60, args=dict(long_name="%dot = ...")),
+           dict(ph="X", pid=2, tid=2, name="loop_threefry_fusion", ts=75, dur=20),
+           dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=200, dur=40),
+           dict(ph="X", pid=2, tid=1, name="train 0", ts=0, dur=300),
+           dict(ph="X", pid=1, tid=1, name="PjitFunction", ts=0, dur=300)]
+    d = tmp_path / "plugins" / "profile" / "run1"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + ops}, f)
+    found = profile_step.device_ops(profile_step.find_trace(str(tmp_path)))
+    by_name = {}
+    for op in found:
+        by_name[op["name"]] = by_name.get(op["name"], 0) + op["dur"]
+    assert by_name == {"while.1": 20, "gemm_fusion_dot.3": 100, "loop_threefry_fusion": 20}
+    table = profile_step.summarize(found, steps=1, step_s=300e-6, top=3)
+    first = table.splitlines()[2].split()
+    assert first[1] == "gemm_fusion_dot.3" and first[2] == "matmul" and first[-1] == "33.3%", table
