@@ -40,7 +40,7 @@ def main(argv) -> None:
     config = _CONFIG.value
     from chinese_clip_jax import xla_flags
 
-    xla_flags.apply(config.get("xla_gpu_flags", "none"))  # before any backend starts
+    xla_flags.apply(config.xla_gpu_flags)  # before any backend starts
     _maybe_initialize_distributed(config.distributed)
 
     import jax

@@ -137,7 +137,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     model_opts = dict(attention_impl=config.model.get("attention_impl") or None,
                       scan_layers=resolve_scan_layers(config.model.get("scan_layers", False)),
                       remat=config.model.get("remat", False))
-    rng_impl = config.get("rng_impl", "threefry")
+    rng_impl = config.rng_impl
     if rng_impl not in RNG_IMPLS:
         raise ValueError(f"rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
     init_params = None
