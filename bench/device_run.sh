@@ -27,12 +27,12 @@ TOTAL_S=${TOTAL_S:-600}
 if [ "$SMOKE" = 1 ]; then
   export JAX_PLATFORMS=cpu PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   TOTAL_S=${TOTAL_S_SMOKE:-3000}
-  SIZES=smoke; S=--smoke; PEAK="--peak-tflops 1"
+  SIZES=smoke; S=--smoke; PEAK="--peak-tflops 1"; PEER="--peer torch"
 else
   SITE=$(mktemp -d)
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || exit 3
   export PYTHONPATH=$SITE:$PWD
-  SIZES=base-patch16,large-patch14; S=; PEAK=
+  SIZES=base-patch16,large-patch14; S=; PEAK=; PEER=
 fi
 START=$SECONDS
 log() { echo "[$((SECONDS - START))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -68,7 +68,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 
 B=base-patch16
 [ "$SMOKE" = 1 ] && B=smoke
-part device 400 "$PY" bench/device.py $S $PEAK --sizes $SIZES --impls xla,cudnn --budget-s 150 --peer-budget-s 120 \
+part device 400 "$PY" bench/device.py $S $PEAK $PEER --sizes $SIZES --impls xla,cudnn --budget-s 150 --peer-budget-s 120 \
   --json "$OUT/device.json"
 part rng 90 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --impls xla --rng-impls rbg,unsafe_rbg \
   --peer none --steps 3 --repeats 3
