@@ -25,7 +25,14 @@ fraction of each framework's own f32 2048x2048 matmul rate, measured in the same
 memory: each worker's peak RSS (VmHWM, reset through /proc/self/clear_refs after the warm-up)
 over the timed calls; programs run one at a time (the previous one is dropped), weights included.
 ``--threads N`` pins the processes to N cores (both frameworks follow the affinity) and sets
-torch's intra-op threads. ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
+torch's intra-op threads.
+
+Each worker is stopped (SIGSTOP) whenever the other one runs and continued (SIGCONT) only for
+its own requests, so an idle framework's threads (an OpenMP pool spinning after its parallel
+region, XLA's Eigen pool spinning for work) cannot take cores from the timed one
+(``--no-freeze-idle`` turns this off). Each program's progress line reports the CPU seconds the
+idle worker used while the other was timed (0 when stopped; with ``--no-freeze-idle`` it is
+the measure of that interference: 0.00-0.01 s in a 4-round check here, docs/accelerators.md). ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
 inherit the environment, so ``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=("dots", "full", "none"), default="dots",
                    help="JAX remat policy in the train step (default: dots, as the trainer)")
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
+    p.add_argument("--no-freeze-idle", action="store_true",
+                   help="leave the idle worker running (default: SIGSTOP it while the other one is timed)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -304,18 +314,41 @@ def worker(args) -> None:
 
 
 class Worker:
+    """One framework's worker process. With ``freeze_idle`` it is SIGSTOPped between requests, so
+    its threads use no CPU while the other worker is timed."""
+
     def __init__(self, fw: str, args, ckpt: str):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
                "--threads", str(args.threads)]
         cmd += ["--tiny"] * args.tiny + ["--unrolled"] * args.unrolled + ["--remat", args.remat]
         self.fw = fw
+        self.freeze_idle = not args.no_freeze_idle
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.wait()
+        self._pause()
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds this worker has used (/proc/PID/stat)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _pause(self):
+        if self.freeze_idle and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def _resume(self):
+        if self.freeze_idle and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def ask(self, request: str) -> dict:
+        self._resume()
         self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
-        return self.wait()
+        try:
+            return self.wait()
+        finally:
+            self._pause()
 
     def wait(self) -> dict:
         for line in self.proc.stdout:
@@ -324,6 +357,7 @@ class Worker:
         raise RuntimeError(f"{self.fw} worker exited with status {self.proc.wait()} (see its stderr above)")
 
     def close(self):
+        self._resume()
         if self.proc.poll() is None:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.flush()
@@ -356,6 +390,7 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()
     print(f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
           f"repeats {args.repeats}, JAX {'unrolled' if args.unrolled else 'scan_layers'} remat={args.remat}, "
+          f"idle worker {'running' if args.no_freeze_idle else 'stopped'}, "
           f"load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
           f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}", flush=True)
     rows = {}
@@ -372,14 +407,18 @@ def main(argv=None) -> None:
                 for w in workers.values():
                     w.ask("memreset")
                 t = {k: [] for k in ("jax", "torch", "jax_mm", "torch_mm")}
+                idle_cpu = {fw: 0.0 for fw in workers}  # CPU s an idle worker used while the other was timed
+                other = {"jax": workers["torch"], "torch": workers["jax"]}
                 for _ in range(args.repeats):  # JAX, torch, XLA matmul, torch matmul
-                    for fw, w in workers.items():
-                        t[fw].append(w.ask("run")["s"])
-                    for fw, w in workers.items():
-                        t[fw + "_mm"].append(w.ask("mm")["s"])
+                    for op, suffix in (("run", ""), ("mm", "_mm")):
+                        for fw, w in workers.items():
+                            c0 = other[fw].cpu_s()
+                            t[fw + suffix].append(w.ask(op)["s"])
+                            idle_cpu[other[fw].fw] += other[fw].cpu_s() - c0
                 mem = {fw: w.ask("mem") for fw, w in workers.items()}
                 rows[name] = (first, t, mem)
-                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}", flush=True)
+                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}; CPU s used by the idle worker while the "
+                      f"other was timed: " + ", ".join(f"{fw} {v:.2f}" for fw, v in idle_cpu.items()), flush=True)
         finally:
             for w in workers.values():
                 w.close()

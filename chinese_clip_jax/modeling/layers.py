@@ -228,12 +228,6 @@ class ModelOptions(nn.Module):
             raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
         super().__post_init__()
 
-    @property
-    def options(self) -> dict:
-        """The run options as keyword arguments, to hand on to sub-towers."""
-        return dict(dtype=self.dtype, attention_impl=self.attention_impl, scan_layers=self.scan_layers,
-                    remat=self.remat, precision=self.precision)
-
 
 # What each layer keeps for the backward pass under remat; the rest is recomputed.
 REMAT_POLICIES: dict[str, Callable] = {
