@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
-from ..failures import first_line, is_disk_full
+from ..failures import first_line, is_disk_full, silence_orbax_after_failure
 from ..modeling import ChineseCLIPModel
 from .checkpoint import Checkpointer, abstract_like
 from .evaluate import Evaluator
@@ -147,6 +147,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     except Exception as e:
         if not is_disk_full(e):
             raise
+        silence_orbax_after_failure()
         _remove_temporaries(workdir)
         raise OSError(f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
                       "temporary checkpoint files were removed; free space and rerun to resume from the last "
