@@ -6,6 +6,11 @@ one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run ap
 same file, after dropping the lines of steps past the checkpoint it resumes from), writes TensorBoard events to ``workdir/tensorboard`` and
 shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss raises
 ``FloatingPointError`` naming the step, without saving.
+
+Before anything is built the config is validated (``validate.validate_config``) and the workdir
+locked (``workdir.WorkdirLock``); a rerun checks the model against the one its checkpoints hold
+and resumes from the newest readable checkpoint (``Checkpointer.restore_latest_readable``).
+A full disk ends in one ``OSError`` after Orbax's temporary files are removed.
 """
 
 from __future__ import annotations
@@ -202,7 +207,8 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if jax.process_index() == 0:
-        check_model_config(workdir, _architecture(model_config), resuming=os.path.isdir(ckpt_dir))
+        resuming = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+        check_model_config(workdir, _architecture(model_config), resuming=resuming)
 
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
