@@ -21,10 +21,8 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding as shd
