@@ -68,6 +68,10 @@ def main(argv=None) -> int:
         return 2
     out_existed = os.path.isdir(args.out)
     try:
+        if os.path.isdir(args.src):  # its image settings are copied: a bad file fails before any work
+            from chinese_clip_jax.image_settings import read_image_settings
+
+            read_image_settings(args.src)
         cfg, params, kind, directory = conversion.load_params(args.src, arch=args.arch)
         params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
         save = conversion.save_pretrained if args.to == "hf" else conversion.save_flax
