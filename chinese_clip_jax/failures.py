@@ -15,7 +15,7 @@ import gc
 import logging
 import sys
 
-__all__ = ["is_disk_full", "quiet_orbax_failures", "first_line"]
+__all__ = ["is_disk_full", "quiet_orbax_failures", "silence_orbax_after_failure", "first_line"]
 
 _DISK_FULL_TEXT = ("No space left", "File too large", "Disk quota", "os_error_code='27'", "os_error_code='28'")
 
@@ -38,13 +38,26 @@ def is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
+_LATE_NOISE = ("Event loop is closed", "sys.meta_path is None")
+
+
 def _closed_loop_filter(previous):
     def hook(u):
-        if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
+        if not (isinstance(u.exc_value, (RuntimeError, ImportError))
+                and any(t in str(u.exc_value) for t in _LATE_NOISE)):
             previous(u)
 
     hook._ccj_filter = True
     return hook
+
+
+def silence_orbax_after_failure() -> None:
+    """After a failed save the run is over: Orbax's background threads and the coroutines left at
+    interpreter exit would print tracebacks after the one-line error. Held back from here on."""
+    for name in ("asyncio", "absl"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if not getattr(sys.unraisablehook, "_ccj_filter", False):
+        sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
 
 
 @contextlib.contextmanager

@@ -153,14 +153,14 @@ class ChineseCLIP:
 
 def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:
     """The checkpoint's own processor when its directory (or hub repo) has the files."""
+    from .hub import is_hub_id
+
     default = ImageSettings.at_resolution(resolution)
     path = os.fspath(src)
-    directory = path if os.path.isdir(path) else None
-    if directory is None and not os.path.exists(path) and path.count("/") == 1:
-        directory = path  # a hub id: ChineseCLIPProcessor.from_pretrained downloads the small files
+    directory = path if os.path.isdir(path) or is_hub_id(path) else None  # a hub id: the small files download
     if directory is None:  # e.g. a cn_clip .pt file: no processor files
         return ChineseCLIPProcessor(image_settings=default, resize_mode=resize_mode)
     kwargs = {}
-    if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, "preprocessor_config.json")):
+    if os.path.isdir(directory) and read_image_settings(directory) is None:
         kwargs["image_settings"] = default
     return ChineseCLIPProcessor.from_pretrained(directory, resize_mode=resize_mode, **kwargs)

@@ -111,6 +111,10 @@ def main(argv=None) -> int:
         out = os.path.join(tmp, "out") if remote_out else args.out
         try:
             src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
+            if os.path.isdir(src):  # its image settings are copied: a bad file fails before any work
+                from chinese_clip_jax.image_settings import read_image_settings
+
+                read_image_settings(src)
             cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
             params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
             if args.export:

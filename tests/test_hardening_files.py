@@ -185,6 +185,17 @@ def test_bad_preprocessor_config_fails_at_load_naming_file_and_key(tmp_path, con
         ccj.ChineseCLIPProcessor.from_pretrained(tmp_path)  # at load, not at the first image
 
 
+def test_bad_preprocessor_config_stops_convert_before_any_work(hf_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    (src / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 0}}))
+    line = one_line_error(run_cli("convert", src, tmp_path / "out"))
+    assert f"{src / 'preprocessor_config.json'}: size.shortest_edge must be an int >= 1" in line
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- weights and outputs
 
 def test_int8_and_bool_weights_are_refused(hf_dir, tmp_path):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ChineseCLIPConfig
+from ..config import ChineseCLIPConfig, parse_dtype
 from ..hub import resolve_local_or_hub
 from ..modeling import ChineseCLIPModel
 from ..modeling.layers import resolve_scan_layers
@@ -235,9 +235,8 @@ def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
     Two passes over ``tensors`` (a callable returning a fresh iterator): shapes for the header,
     then the data. The file appears under ``path`` only once complete.
     """
-    import ml_dtypes
-
-    np_dtype, tag = (ml_dtypes.bfloat16, "BF16") if dtype == "bfloat16" else (np.float32, "F32")
+    np_dtype = parse_dtype(dtype)
+    tag = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[np.dtype(np_dtype).name]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, x in tensors():
@@ -313,7 +312,7 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     target = os.path.join(path, FLAX_PARAMS_DIR)
     if os.path.exists(target):
         raise FileExistsError(f"{target} already exists; choose an empty output directory")
-    np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
+    np_dtype = parse_dtype(dtype)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, np_dtype), params)  # no copy if already so
     os.makedirs(path, exist_ok=True)
     # At most ~1 GB in flight and no OCDBT write buffer: peak memory stays near the size of the params.

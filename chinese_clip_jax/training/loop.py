@@ -6,6 +6,11 @@ one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run ap
 same file, after dropping the lines of steps past the checkpoint it resumes from), writes TensorBoard events to ``workdir/tensorboard`` and
 shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss raises
 ``FloatingPointError`` naming the step, without saving.
+
+Before anything is built the config is validated (``validate.validate_config``) and the workdir
+locked (``workdir.WorkdirLock``); a rerun checks the model against the one its checkpoints hold
+and resumes from the newest readable checkpoint (``Checkpointer.restore_latest_readable``).
+A full disk ends in one ``OSError`` after Orbax's temporary files are removed.
 """
 
 from __future__ import annotations
@@ -17,15 +22,13 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding as shd
 from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
-from ..failures import first_line, is_disk_full
+from ..failures import first_line, is_disk_full, silence_orbax_after_failure
 from ..losses import SIGLIP_INIT_LOGIT_BIAS
 from ..modeling import ChineseCLIPModel
 from ..modeling.layers import resolve_scan_layers
@@ -195,6 +198,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     except Exception as e:
         if not is_disk_full(e):
             raise
+        silence_orbax_after_failure()
         _remove_temporaries(workdir)
         raise OSError(f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
                       "temporary checkpoint files were removed; free space and rerun to resume from the last "
@@ -250,7 +254,8 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
 
     ckpt_dir = workdir / "checkpoints"
     if jax.process_index() == 0:
-        check_model_config(workdir, _architecture(model_config), resuming=ckpt_dir.is_dir())
+        resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+        check_model_config(workdir, _architecture(model_config), resuming=resuming)
 
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
