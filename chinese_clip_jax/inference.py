@@ -154,6 +154,7 @@ class ChineseCLIP:
 def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:
     """The checkpoint's own processor when its directory (or hub repo) has the files."""
     from .hub import is_hub_id
+    from .image_settings import read_image_settings
 
     default = ImageSettings.at_resolution(resolution)
     path = os.fspath(src)
