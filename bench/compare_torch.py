@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from train.configs.base import get_config as base_config
 
 PRESET = "chinese-clip-vit-base-patch16"
 PROGRAMS = ("image", "text", "train")
@@ -139,8 +140,8 @@ def jax_train_setup(model, train_inputs: dict, init_params=None):
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     mesh = shd.make_mesh(devices=jax.devices()[:1])
-    opt = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,
-                                         grad_clip=0.0, end_lr_factor=0.0))
+    opt = base_config().optimizer  # the trainer's defaults (train/configs/base.py)
+    opt.update(lr=1e-5, warmup_steps=10)
     tx, schedule = make_optimizer(opt, total_steps=1000)
     state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init_params)
     step = make_train_step(model, tx, schedule, mesh, shardings)

@@ -55,6 +55,7 @@ from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.modeling.layers import REMAT_POLICIES  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.step import RNG_IMPLS  # noqa: E402
+from train.configs.base import get_config as base_config
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of device_kind (first match).
 PEAK_TFLOPS = (
@@ -162,7 +163,8 @@ def run_size(name: str, cfg, combo: dict, args, mesh, peak: float | None) -> lis
     rows = []
     params = None
     if "train" in programs:
-        opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+        opt = base_config().optimizer  # the trainer's defaults (train/configs/base.py)
+        opt.update(lr=1e-4, warmup_steps=10)
         tx, schedule = make_optimizer(opt, total_steps=1000)
         state, shardings = create_train_state(model, tx, mesh, seed=0)
         step = make_train_step(model, tx, schedule, mesh, shardings, rng_impl=combo["rng_impl"])

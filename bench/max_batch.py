@@ -35,6 +35,7 @@ import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from device import SIZES, fmt_row, host_batch, peak_flops, run_size, smoke_config  # noqa: E402
+from train.configs.base import get_config as base_config
 
 
 def parse_args(argv=None):
@@ -57,7 +58,8 @@ def parse_args(argv=None):
 def probe(cfg, remat: str, impl: str | None, mesh, batch: int) -> dict:
     """Bytes of the train step compiled at ``batch`` pairs per device (XLA's memory_analysis)."""
     model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=impl, scan_layers=True, remat=remat)
-    opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+    opt = base_config().optimizer  # the trainer's defaults (train/configs/base.py)
+    opt.update(lr=1e-4, warmup_steps=10)
     tx, schedule = make_optimizer(opt, total_steps=1000)
     state, shardings = create_train_state(model, tx, mesh, seed=0)
     step = make_train_step(model, tx, schedule, mesh, shardings)

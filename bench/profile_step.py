@@ -31,6 +31,7 @@ import re
 import sys
 import tempfile
 import time
+from train.configs.base import get_config as base_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -180,7 +181,8 @@ def main(argv=None) -> None:
     n = batch_n * mesh.devices.size
     model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=args.impl or None,
                                  scan_layers=args.layout == "scan", remat=args.remat)
-    opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=10, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6))
+    opt = base_config().optimizer  # the trainer's defaults (train/configs/base.py)
+    opt.update(lr=1e-4, warmup_steps=10)
     tx, schedule = make_optimizer(opt, total_steps=1000)
     state, shardings = create_train_state(model, tx, mesh, seed=0)
     step = make_train_step(model, tx, schedule, mesh, shardings, rng_impl=args.rng_impl)

@@ -115,7 +115,7 @@ class _Logger:
 
     def _truncate(self, resume_step: int) -> None:
         """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
         keep, torn = [], 0
         for line in lines:
             try:
