@@ -1,0 +1,152 @@
+"""Convert a Chinese-CLIP checkpoint between PyTorch layouts and Flax (``python -m convert`` and
+the ``ccj-convert`` script).
+
+  python -m convert SRC OUT [--arch NAME] [--to flax|hf|pt] [--dtype float32|bfloat16] [--scan-layers]
+
+SRC: a HF checkpoint dir, a hub id (online), a cn_clip .pt file, or a dir written by this command.
+--to flax (default) writes an Orbax checkpoint (OUT/params) + config.json + vocab.txt;
+--to hf writes config.json + model.safetensors + vocab.txt that transformers loads (ViT models;
+a ResNet (RN50) model has no HF layout and is refused);
+--to pt writes OUT/cn_clip.pt in cn_clip's own checkpoint layout (cn_clip and this tool read it).
+--export writes the serving export instead (chinese_clip_jax.export): OUT/text_features.jaxexport,
+OUT/image_features.jaxexport, OUT/params.safetensors and the processor files, for --platforms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+
+PT_NAME = "cn_clip.pt"  # the file --to pt writes inside OUT
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _output_names(args) -> tuple[str, ...]:
+    """Every name this conversion may create in OUT: all checked before any work (never overwrite)."""
+    from chinese_clip_jax import conversion
+
+    if args.export:
+        from chinese_clip_jax.export import output_names as export_names
+
+        return export_names()
+    if args.to == "pt":
+        return (PT_NAME,)
+    return conversion.output_names(args.to)
+
+
+def _remove_outputs(out: str, names: tuple[str, ...], out_existed: bool) -> None:
+    """After a failed write: removes what this run created (nothing there was the user's, checked first)."""
+    import shutil
+
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if os.path.isdir(out):
+        for name in os.listdir(out):  # Orbax temp dirs of an interrupted save
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        if not out_existed and not os.listdir(out):
+            os.rmdir(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="HF dir, hub id, cn_clip .pt file, or a dir written by this command")
+    parser.add_argument("out", help="output directory (must not already hold a checkpoint)")
+    parser.add_argument("--arch", help="cn_clip architecture, e.g. ViT-B-16@RoBERTa-wwm-ext-base-chinese "
+                        "(inferred from shapes when omitted)")
+    parser.add_argument("--to", choices=("flax", "hf", "pt"), default="flax")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="storage dtype of the written params (models compute from fp32 params)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="--to flax: store stacked layers (for scan_layers=True models)")
+    parser.add_argument("--export", action="store_true",
+                        help="write the jax.export serving artefacts (load with chinese_clip_jax.export.load_exported)")
+    parser.add_argument("--platforms", default="cpu,cuda,tpu",
+                        help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)")
+    parser.add_argument("--context-length", type=int, default=52, help="--export: fixed text length (default 52)")
+    args = parser.parse_args(argv)
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu", "rocm")]
+    if args.export and (bad or not platforms):
+        parser.error(f"--platforms: unknown platform(s) {', '.join(bad) or '(none given)'}; choose from cpu, cuda, "
+                     "tpu, rocm")
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
+    from chinese_clip_jax import conversion
+    from chinese_clip_jax.conversion import mapping
+    from chinese_clip_jax.paths import as_path, copy_tree, is_local
+
+    start = time.perf_counter()
+    try:  # gs://... SRC / OUT (epath): a bad scheme or a missing backend fails here, first
+        remote_src = None if is_local(args.src) else as_path(args.src, what="SRC")
+        remote_out = None if is_local(args.out) else as_path(args.out, what="OUT")
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Never overwrite: every name this conversion may write is checked before any work.
+    names = _output_names(args)
+    if remote_out:
+        existing = [n for n in names if (remote_out / n).exists()]
+    else:
+        existing = [n for n in names if os.path.lexists(os.path.join(args.out, n))]
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            existing = [""]
+    if existing:
+        print(f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "
+              "new or empty output directory", file=sys.stderr)
+        return 2
+    out_existed = remote_out is None and os.path.isdir(args.out)
+    with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:  # remote SRC / OUT are staged here
+        out = os.path.join(tmp, "out") if remote_out else args.out
+        try:
+            src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
+            if os.path.isdir(src):  # its image settings are copied: a bad file fails before any work
+                from chinese_clip_jax.image_settings import read_image_settings
+
+                read_image_settings(src)
+            cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
+            params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
+            if args.export:
+                from chinese_clip_jax.export import save_exported
+
+                save_exported(out, cfg, params, platforms=platforms, context_length=args.context_length,
+                              processor_from=directory)
+            elif args.to == "pt":
+                if args.dtype != "float32":
+                    raise ValueError("--to pt writes float32 tensors (as cn_clip's checkpoints); drop --dtype")
+                os.makedirs(out, exist_ok=True)
+                conversion.save_cn_clip(os.path.join(out, PT_NAME), cfg, params)
+            else:
+                save = conversion.save_pretrained if args.to == "hf" else conversion.save_flax
+                save(out, cfg, params, dtype=args.dtype, processor_from=directory)
+            if remote_out:
+                copy_tree(as_path(out), remote_out)
+        except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
+            if not remote_out:
+                _remove_outputs(args.out, names, out_existed)
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
+    n_params = sum(x.size for x in mapping.flatten(params).values())
+    target = f"export ({','.join(platforms)})" if args.export else args.to
+    print(
+        f"converted {kind} checkpoint {args.src} -> {target} {args.out}\n"
+        f"  parameters: {n_params:,} ({n_params / 1e6:.1f} M), stored as {args.dtype}\n"
+        f"  time: {time.perf_counter() - start:.1f} s, peak memory (RSS): {_peak_rss_gib():.2f} GiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The trainer's command line, a thin layer over ``chinese_clip_jax.training.loop.train``.
+
+    python -m train --config train/configs/demo.py --workdir build/demo [--config.KEY=VALUE ...]
+    ccj-train --config train/configs/demo.py --workdir build/demo      (the same, installed)
+
+Multi-host: every process runs the same command; ``jax.distributed.initialize`` reads the
+cluster environment (TPU pods, SLURM, ...) or ``--config.distributed.coordinator_address=host:port
+--config.distributed.num_processes=N --config.distributed.process_id=I``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _maybe_initialize_distributed(dist) -> None:
+    import jax
+
+    if dist.coordinator_address:
+        jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                                   num_processes=dist.num_processes, process_id=dist.process_id)
+    elif any(k in __import__("os").environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                                                     "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")):
+        jax.distributed.initialize()
+
+
+def _fail(message: str, status: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with an unknown ``--config.KEY`` (or a bad override) reported in one
+    line with the close matches instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 - config_flags' override errors (AttributeError, TypeError...)
+        from chinese_clip_jax.training.validate import known_keys, unknown_key_error
+        from train.configs import base
+
+        known = known_keys(base.get_config())
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                if key not in known:
+                    _fail(str(unknown_key_error(key, known)))
+        _fail(f"cannot apply the config overrides: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
+    config = _CONFIG.value
+    from chinese_clip_jax.training.checkpoint import CheckpointUnreadableError
+    from chinese_clip_jax.training.validate import validate_config
+    from chinese_clip_jax.training.workdir import WorkdirLockedError
+    from train.configs import base
+
+    try:
+        validate_config(config, reference=base.get_config())  # before anything is built
+    except ValueError as e:
+        _fail(str(e))
+    from chinese_clip_jax import xla_flags
+
+    xla_flags.apply(config.xla_gpu_flags)  # before any backend starts
+    _maybe_initialize_distributed(config.distributed)
+
+    import jax
+    from chinese_clip_jax.training.loop import train
+    from chinese_clip_jax.training.report import print_report
+
+    try:
+        result = train(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, WorkdirLockedError, CheckpointUnreadableError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)  # known-bad input: one line, status 2
+    except OSError as e:  # disk full: the loop has removed its temporaries and says so
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, status=1)
+    if jax.process_index() == 0:
+        print_report(result, config, _WORKDIR.value)
+    if result.get("stopped_early"):
+        sys.exit(0)
+
+
+def run() -> None:
+    """Entry point of ``python -m train`` and the ``ccj-train`` script."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
