@@ -285,6 +285,7 @@ def test_cn_clip_jsonl_with_a_bom_and_a_surrogate(tmp_path):
 
 
 def test_extreme_aspect_ratio_resizes_only_the_crop_window(monkeypatch):
+    import chinese_clip_jax.image_processing as image_processing
     import chinese_clip_jax.processing as processing
 
     requested = []
@@ -297,7 +298,7 @@ def test_extreme_aspect_ratio_resizes_only_the_crop_window(monkeypatch):
     assert out.shape == (1, 3, 224, 224) and np.isfinite(out).all()
     assert max(w * h for w, h in requested) <= 224 * 4000  # not 224 x 896000
     # where the full resize is affordable, the window path gives transformers' pixels
-    monkeypatch.setattr(processing, "MAX_RESIZED_PIXELS", 1 << 12)
+    monkeypatch.setattr(image_processing, "MAX_RESIZED_PIXELS", 1 << 12)
     for shape in ((300, 1, 3), (2, 500, 3), (700, 3, 3), (5, 900, 3)):
         image = PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
         want = transformers.ChineseCLIPImageProcessor()(image, return_tensors="np")["pixel_values"]
