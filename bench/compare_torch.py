@@ -32,8 +32,9 @@ its own requests, so an idle framework's threads (an OpenMP pool spinning after 
 region, XLA's Eigen pool spinning for work) cannot take cores from the timed one
 (``--no-freeze-idle`` turns this off). Each program's progress line reports the CPU seconds the
 idle worker used while the other was timed (0 when stopped; with ``--no-freeze-idle`` it is
-the measure of that interference: 0.00-0.01 s in a 4-round check here, docs/accelerators.md). ``--tiny`` runs a tiny config (the test's smoke mode). Both workers
-inherit the environment, so ``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
+the measure of that interference: 0.00-0.01 s in a 4-round check here, docs/accelerators.md).
+``--tiny`` runs a tiny config (the test's smoke mode). Both workers inherit the environment, so
+``LD_PRELOAD=.../libjemalloc.so.2`` applies to both (see README).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+
 from train.configs.base import get_config as base_config
 
 PRESET = "chinese-clip-vit-base-patch16"
@@ -59,11 +61,18 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=PROGRAMS, action="append", help="program(s) to run (default: all)")
     p.add_argument("--threads", type=int, default=0, help="pin to this many cores (0: all available)")
     p.add_argument("--unrolled", action="store_true", help="JAX with unrolled layers (default: scan_layers=True)")
-    p.add_argument("--remat", choices=("dots", "full", "none"), default="dots",
-                   help="JAX remat policy in the train step (default: dots, as the trainer)")
+    p.add_argument(
+        "--remat",
+        choices=("dots", "full", "none"),
+        default="dots",
+        help="JAX remat policy in the train step (default: dots, as the trainer)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny config and batches (smoke test)")
-    p.add_argument("--no-freeze-idle", action="store_true",
-                   help="leave the idle worker running (default: SIGSTOP it while the other one is timed)")
+    p.add_argument(
+        "--no-freeze-idle",
+        action="store_true",
+        help="leave the idle worker running (default: SIGSTOP it while the other one is timed)",
+    )
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -80,6 +89,7 @@ def pin_threads(n: int) -> None:
 
 # ------------------------------------------------------------------ config, inputs, checkpoint
 
+
 def bench_config(tiny: bool):
     import chinese_clip_jax as ccj
 
@@ -87,11 +97,18 @@ def bench_config(tiny: bool):
         cfg = ccj.ChineseCLIPConfig.preset(PRESET)
         # Our text attention has no probability dropout; the reference gets none either (same work).
         return cfg.replace(text_config=cfg.text_config.replace(attention_probs_dropout_prob=0.0))
-    text = ccj.ChineseCLIPTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64,
-                                     attention_probs_dropout_prob=0.0)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=32, patch_size=8)
+    text = ccj.ChineseCLIPTextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        attention_probs_dropout_prob=0.0,
+    )
+    vision = ccj.ChineseCLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
 
 
@@ -128,13 +145,13 @@ def save_reference(cfg, path: str) -> None:
 
 # ------------------------------------------------------------------ the programs, per framework
 
+
 def jax_train_setup(model, train_inputs: dict, init_params=None):
     """The JAX train program's parts: ``(step, state, batch, mesh)``. ``make_train_step`` on a
     1-device mesh (state donated), AdamW (b2 0.98, eps 1e-6, weight decay 0.2), ``train_inputs``
     (numpy, as ``make_inputs`` gives) placed as int32 ids/mask and f32 pixels; ``init_params``
     None: random init (seed 0). Call ``step`` inside ``sharding.use_mesh_and_rules(mesh)``."""
     import jax
-    import ml_collections
 
     from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
@@ -145,8 +162,13 @@ def jax_train_setup(model, train_inputs: dict, init_params=None):
     tx, schedule = make_optimizer(opt, total_steps=1000)
     state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init_params)
     step = make_train_step(model, tx, schedule, mesh, shardings)
-    batch = shd.shard_batch({k: train_inputs[k].astype("int32") if k != "pixel_values" else train_inputs[k]
-                             for k in ("input_ids", "attention_mask", "pixel_values")}, mesh)
+    batch = shd.shard_batch(
+        {
+            k: train_inputs[k].astype("int32") if k != "pixel_values" else train_inputs[k]
+            for k in ("input_ids", "attention_mask", "pixel_values")
+        },
+        mesh,
+    )
     return step, state, batch, mesh
 
 
@@ -214,15 +236,20 @@ class TorchPrograms:
 
         model, t = self.model, self.inputs
         if name == "image":
+
             def image():
                 with torch.inference_mode():
                     return model.get_image_features(pixel_values=t["pixel_values"]).pooler_output.numpy()
+
             return image
         if name == "text":
+
             def text():
                 with torch.inference_mode():
-                    return model.get_text_features(input_ids=t["input_ids"],
-                                                   attention_mask=t["attention_mask"]).pooler_output.numpy()
+                    return model.get_text_features(
+                        input_ids=t["input_ids"], attention_mask=t["attention_mask"]
+                    ).pooler_output.numpy()
+
             return text
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
@@ -230,8 +257,12 @@ class TorchPrograms:
 
         def train():
             optimizer.zero_grad(set_to_none=True)
-            out = model(input_ids=tb["input_ids"], pixel_values=tb["pixel_values"],
-                        attention_mask=tb["attention_mask"], return_loss=True)
+            out = model(
+                input_ids=tb["input_ids"],
+                pixel_values=tb["pixel_values"],
+                attention_mask=tb["attention_mask"],
+                return_loss=True,
+            )
             out.loss.backward()
             optimizer.step()
 
@@ -247,6 +278,7 @@ class TorchPrograms:
 
 
 # ------------------------------------------------------------------ workers: one process per framework
+
 
 def rss_mib() -> dict:
     """VmHWM (peak RSS since the last reset) and VmRSS of this process, MiB."""
@@ -272,8 +304,9 @@ def worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(args.ckpt, cfg, inputs, train_inputs,
-                                                                    not args.unrolled, args.remat)
+    progs = (JaxPrograms if args.worker == "jax" else TorchPrograms)(
+        args.ckpt, cfg, inputs, train_inputs, not args.unrolled, args.remat
+    )
     mm = progs.matmul(256 if args.tiny else 2048)
     fn = None
 
@@ -319,8 +352,16 @@ class Worker:
     its threads use no CPU while the other worker is timed."""
 
     def __init__(self, fw: str, args, ckpt: str):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--ckpt", ckpt,
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            fw,
+            "--ckpt",
+            ckpt,
+            "--threads",
+            str(args.threads),
+        ]
         cmd += ["--tiny"] * args.tiny + ["--unrolled"] * args.unrolled + ["--remat", args.remat]
         self.fw = fw
         self.freeze_idle = not args.no_freeze_idle
@@ -367,15 +408,15 @@ class Worker:
 
 # ------------------------------------------------------------------ main
 
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     pin_threads(args.threads)
     if args.worker:
         return worker(args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import numpy as np
-
     import flops
+    import numpy as np
 
     wanted = args.only or list(PROGRAMS)
     cfg = bench_config(args.tiny)
@@ -389,11 +430,14 @@ def main(argv=None) -> None:
     n_mm = 256 if args.tiny else 2048
     mm_work = 3 * flops.matmul_flops(n_mm)
     load0 = os.getloadavg()
-    print(f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
-          f"repeats {args.repeats}, JAX {'unrolled' if args.unrolled else 'scan_layers'} remat={args.remat}, "
-          f"idle worker {'running' if args.no_freeze_idle else 'stopped'}, "
-          f"load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
-          f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}", flush=True)
+    print(
+        f"# {'tiny config' if args.tiny else PRESET}, fp32, cores {len(os.sched_getaffinity(0))}, "
+        f"repeats {args.repeats}, JAX {'unrolled' if args.unrolled else 'scan_layers'} remat={args.remat}, "
+        f"idle worker {'running' if args.no_freeze_idle else 'stopped'}, "
+        f"load {load0[0]:.2f}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}"
+        f"{' ' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}",
+        flush=True,
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as ckpt:
         save_reference(cfg, ckpt)
@@ -418,8 +462,11 @@ def main(argv=None) -> None:
                             idle_cpu[other[fw].fw] += other[fw].cpu_s() - c0
                 mem = {fw: w.ask("mem") for fw, w in workers.items()}
                 rows[name] = (first, t, mem)
-                print(f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}; CPU s used by the idle worker while the "
-                      f"other was timed: " + ", ".join(f"{fw} {v:.2f}" for fw, v in idle_cpu.items()), flush=True)
+                print(
+                    f"# {name}: done{check}, load {os.getloadavg()[0]:.2f}; CPU s used by the idle worker while the "
+                    f"other was timed: " + ", ".join(f"{fw} {v:.2f}" for fw, v in idle_cpu.items()),
+                    flush=True,
+                )
         finally:
             for w in workers.values():
                 w.close()
@@ -427,28 +474,46 @@ def main(argv=None) -> None:
 
 
 def print_table(rows, work, mm_work, n_mm, sz, load0) -> None:
-    head = (f"{'program':<18}{'JAX s':>8}{'torch s':>9}{'JAX/torch':>11}{'JAX GF/s':>10}{'XLA mm':>8}{'%':>5}"
-            f"{'torch GF/s':>11}{'torch mm':>9}{'%':>5}{'JAX 1st s':>10}{'JAX MiB':>9}{'torch MiB':>10}")
+    head = (
+        f"{'program':<18}{'JAX s':>8}{'torch s':>9}{'JAX/torch':>11}{'JAX GF/s':>10}{'XLA mm':>8}{'%':>5}"
+        f"{'torch GF/s':>11}{'torch mm':>9}{'%':>5}{'JAX 1st s':>10}{'JAX MiB':>9}{'torch MiB':>10}"
+    )
     print("\n" + head)
     for name, (first, t, mem) in rows.items():
         med = {k: statistics.median(v) for k, v in t.items()}
         ratio = statistics.median(b / a for a, b in zip(t["jax"], t["torch"]))
-        frac = {fw: statistics.median(work[name] * m / (p * mm_work) for p, m in zip(t[fw], t[fw + "_mm"]))
-                for fw in ("jax", "torch")}
-        label = {"image": f"image x{sz['image']}", "text": f"text x{sz['text'][0]}x{sz['text'][1]}",
-                 "train": f"train step x{sz['train']}"}[name]
-        print(f"{label:<18}{med['jax']:>8.3f}{med['torch']:>9.3f}{ratio:>10.2f}x"
-              f"{work[name] / med['jax'] / 1e9:>10.1f}{mm_work / med['jax_mm'] / 1e9:>8.0f}{100 * frac['jax']:>4.0f}%"
-              f"{work[name] / med['torch'] / 1e9:>11.1f}{mm_work / med['torch_mm'] / 1e9:>9.0f}"
-              f"{100 * frac['torch']:>4.0f}%{first['jax']['s']:>10.1f}"
-              f"{mem['jax']['VmHWM']:>9.0f}{mem['torch']['VmHWM']:>10.0f}")
-    print(f"\nJAX/torch: median over rounds of torch s / JAX s (JAX throughput relative to torch; > 1: JAX faster).\n"
-          f"GF/s: bench/flops.py FLOPs / median s. 'XLA mm', 'torch mm': each framework's f32 {n_mm}x{n_mm} matmul "
-          "GFLOP/s in the same rounds; %: median over rounds of program rate / that round's matmul rate.\n"
-          "MiB: peak RSS of the framework's worker process during the timed calls (VmHWM reset after the warm-up "
-          f"call; the loaded weights included).  load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    print("per-round s:", json.dumps({n: {fw: [round(x, 3) for x in v] for fw, v in t.items() if "mm" not in fw}
-                                      for n, (_, t, _) in rows.items()}))
+        frac = {
+            fw: statistics.median(work[name] * m / (p * mm_work) for p, m in zip(t[fw], t[fw + "_mm"]))
+            for fw in ("jax", "torch")
+        }
+        label = {
+            "image": f"image x{sz['image']}",
+            "text": f"text x{sz['text'][0]}x{sz['text'][1]}",
+            "train": f"train step x{sz['train']}",
+        }[name]
+        print(
+            f"{label:<18}{med['jax']:>8.3f}{med['torch']:>9.3f}{ratio:>10.2f}x"
+            f"{work[name] / med['jax'] / 1e9:>10.1f}{mm_work / med['jax_mm'] / 1e9:>8.0f}{100 * frac['jax']:>4.0f}%"
+            f"{work[name] / med['torch'] / 1e9:>11.1f}{mm_work / med['torch_mm'] / 1e9:>9.0f}"
+            f"{100 * frac['torch']:>4.0f}%{first['jax']['s']:>10.1f}"
+            f"{mem['jax']['VmHWM']:>9.0f}{mem['torch']['VmHWM']:>10.0f}"
+        )
+    print(
+        f"\nJAX/torch: median over rounds of torch s / JAX s (JAX throughput relative to torch; > 1: JAX faster).\n"
+        f"GF/s: bench/flops.py FLOPs / median s. 'XLA mm', 'torch mm': each framework's f32 {n_mm}x{n_mm} matmul "
+        "GFLOP/s in the same rounds; %: median over rounds of program rate / that round's matmul rate.\n"
+        "MiB: peak RSS of the framework's worker process during the timed calls (VmHWM reset after the warm-up "
+        f"call; the loaded weights included).  load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "per-round s:",
+        json.dumps(
+            {
+                n: {fw: [round(x, 3) for x in v] for fw, v in t.items() if "mm" not in fw}
+                for n, (_, t, _) in rows.items()
+            }
+        ),
+    )
 
 
 if __name__ == "__main__":

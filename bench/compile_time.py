@@ -21,8 +21,9 @@ def compile_seconds(cfg, scan_layers, batch, dtype):
     r = cfg.vision_config.image_size
     ids = jax.ShapeDtypeStruct((batch, 52), jnp.int32)
     pixels = jax.ShapeDtypeStruct((batch, 3, r, r), jnp.float32)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 52), jnp.int32),
-                                               jnp.zeros((1, 3, r, r))))["params"]
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 52), jnp.int32), jnp.zeros((1, 3, r, r)))
+    )["params"]
 
     def forward(params, ids, pixels):
         return model.apply({"params": params}, ids, pixels, attention_mask=jnp.ones_like(ids)).logits_per_image
@@ -47,8 +48,9 @@ def main():
         cfg = ccj.ChineseCLIPConfig.preset(name)
         for scan in (False, True):
             lower_s, compile_s = compile_seconds(cfg, scan, args.batch, jnp.dtype(args.dtype))
-            print(f"{name:40s} {str(scan):>11s} {lower_s:14.1f} {compile_s:10.1f} {lower_s + compile_s:8.1f}",
-                  flush=True)
+            print(
+                f"{name:40s} {str(scan):>11s} {lower_s:14.1f} {compile_s:10.1f} {lower_s + compile_s:8.1f}", flush=True
+            )
 
 
 if __name__ == "__main__":

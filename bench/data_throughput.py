@@ -48,8 +48,7 @@ def _write_shard(path: Path, n: int, shape=(96, 128)) -> None:
 
 
 def _rate(cfg, batch: int, batches: int, image_size: int) -> float:
-    it = train_iterator(cfg, global_batch_size=batch, seed=0, image_size=image_size,
-                        process_index=0, process_count=1)
+    it = train_iterator(cfg, global_batch_size=batch, seed=0, image_size=image_size, process_index=0, process_count=1)
     next(it)  # warm-up: indexing, tokenizer load, workers starting, first prefetch
     start = time.perf_counter()
     for _ in range(batches):
@@ -85,15 +84,21 @@ def workers_table(args, tmp: Path) -> None:
 
     cfg = default_data_config("tfds")
     cfg.tfds.builder_dir = str(tmp / "tfds")
-    source, decode, rng = TfdsSource(cfg.tfds, "train"), ImageDecoder(args.image_size, args.crop, args.jpeg_draft), np.random.default_rng(0)
+    source, decode, rng = (
+        TfdsSource(cfg.tfds, "train"),
+        ImageDecoder(args.image_size, args.crop, args.jpeg_draft),
+        np.random.default_rng(0),
+    )
     n = min(len(source), 200)
     cpu = time.process_time()
     for i in range(n):
         decode(source[i]["image"], rng)
     per_image = (time.process_time() - cpu) / n
-    print(f"\nCPU time per 512x512 JPEG -> {args.image_size} px ({args.crop}, jpeg_draft={args.jpeg_draft}): "
-          f"{per_image * 1e3:.2f} ms "
-          f"= {1 / per_image:.0f} images/s per free core")
+    print(
+        f"\nCPU time per 512x512 JPEG -> {args.image_size} px ({args.crop}, jpeg_draft={args.jpeg_draft}): "
+        f"{per_image * 1e3:.2f} ms "
+        f"= {1 / per_image:.0f} images/s per free core"
+    )
     print(f"\nTFDS, 512x512 JPEGs -> {args.image_size} px, crop {args.crop}, batch {args.batch}")
     print(f"{'workers':>8}{'images/s':>10}{'per worker':>12}")
     rates = {}
@@ -117,8 +122,15 @@ def demo_table(args) -> None:
 
     c = demo.get_config()
     data_rate = _rate(c.data, c.batch_size, args.batches, c.model.vision.image_size)
-    it = train_iterator(c.data, global_batch_size=c.batch_size, seed=0, image_size=c.model.vision.image_size,
-                        context_length=c.context_length, process_index=0, process_count=1)
+    it = train_iterator(
+        c.data,
+        global_batch_size=c.batch_size,
+        seed=0,
+        image_size=c.model.vision.image_size,
+        context_length=c.context_length,
+        process_index=0,
+        process_count=1,
+    )
     batch = next(it)
     it.close()
 
@@ -141,8 +153,10 @@ def demo_table(args) -> None:
     with tempfile.TemporaryDirectory() as work:
         result = train(c, work, data_iter=Fixed(), progress=False)
     step_rate = result["samples_per_sec"]
-    print(f"\ndemo config on {jax.devices()[0].platform}: data-only {data_rate:.0f} samples/s, "
-          f"train loop (fixed batch) {step_rate:.0f} samples/s, ratio {data_rate / step_rate:.1f}x (target >= 5x)")
+    print(
+        f"\ndemo config on {jax.devices()[0].platform}: data-only {data_rate:.0f} samples/s, "
+        f"train loop (fixed batch) {step_rate:.0f} samples/s, ratio {data_rate / step_rate:.1f}x (target >= 5x)"
+    )
 
 
 def main() -> None:

@@ -25,14 +25,33 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_demo(workdir: str, seed: int, steps: int | None, env_extra: dict | None = None,
-             cpus: str | None = None, evaluate: bool = True) -> list[dict]:
+def run_demo(
+    workdir: str,
+    seed: int,
+    steps: int | None,
+    env_extra: dict | None = None,
+    cpus: str | None = None,
+    evaluate: bool = True,
+) -> list[dict]:
     """One demo run in a fresh process; returns its metrics.jsonl records."""
-    cmd = [sys.executable, "-m", "train", "--config", "train/configs/demo.py", "--workdir", workdir,
-           f"--config.seed={seed}", "--config.export_hf=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--config",
+        "train/configs/demo.py",
+        "--workdir",
+        workdir,
+        f"--config.seed={seed}",
+        "--config.export_hf=False",
+    ]
     if steps:
-        cmd += [f"--config.total_steps={steps}", "--config.log_every=1",
-                f"--config.eval_every={steps if evaluate else 0}", f"--config.checkpoint_every={steps}"]
+        cmd += [
+            f"--config.total_steps={steps}",
+            "--config.log_every=1",
+            f"--config.eval_every={steps if evaluate else 0}",
+            f"--config.checkpoint_every={steps}",
+        ]
     if cpus:
         cmd = ["taskset", "-c", cpus] + cmd
     env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
@@ -58,8 +77,10 @@ def environment() -> str:
 
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "unknown")
-    return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, CPU ISA up to {isa}, "
-            f"{len(os.sched_getaffinity(0))} cores usable, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    return (
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, CPU ISA up to {isa}, "
+        f"{len(os.sched_getaffinity(0))} cores usable, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
 
 
 def compare_env(seed: int, steps: int, root: str) -> None:
@@ -85,8 +106,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="total_steps (default: the demo's 1200)")
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
-    ap.add_argument("--compare-env", action="store_true",
-                    help="rerun the first seed under other XLA ISAs / 1 core and compare the losses")
+    ap.add_argument(
+        "--compare-env",
+        action="store_true",
+        help="rerun the first seed under other XLA ISAs / 1 core and compare the losses",
+    )
     args = ap.parse_args()
     root = args.workdir or tempfile.mkdtemp(prefix="demo_seeds_")
     print(environment())

@@ -43,7 +43,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,14 +54,28 @@ from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.modeling.layers import REMAT_POLICIES  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.step import RNG_IMPLS  # noqa: E402
-from train.configs.base import get_config as base_config
+from train.configs.base import get_config as base_config  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of device_kind (first match).
 PEAK_TFLOPS = (
-    ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
-    ("A10G", 70.0), ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v4", 275.0), ("TPU v3", 123.0),
+    ("H100 SXM", 989.0),
+    ("H100 80GB HBM3", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("TPU v6", 918.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+    ("TPU v3", 123.0),
 )
 SIZES = {"base-patch16": "chinese-clip-vit-base-patch16", "large-patch14": "chinese-clip-vit-large-patch14"}
 SEQ = 52
@@ -83,18 +96,30 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="calls per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per program (median reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per device (0: from table)")
-    p.add_argument("--remat", default="none", help="remat policies of the train step (comma list of none, dots, "
-                   "full; default none: the default batches fit an 80 GB device)")
+    p.add_argument(
+        "--remat",
+        default="none",
+        help="remat policies of the train step (comma list of none, dots, "
+        "full; default none: the default batches fit an 80 GB device)",
+    )
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
-    p.add_argument("--peer", choices=("auto", "torch", "none"), default="auto",
-                   help="PyTorch peer: auto = when torch with CUDA is importable")
+    p.add_argument(
+        "--peer",
+        choices=("auto", "torch", "none"),
+        default="auto",
+        help="PyTorch peer: auto = when torch with CUDA is importable",
+    )
     p.add_argument("--peer-budget-s", type=float, default=240.0, help="the peer's own --budget-s")
     p.add_argument("--xla-flags", default="none", help="a chinese_clip_jax.xla_flags set (none, tuned)")
     p.add_argument("--json", default="", help="also write all rows (ours and the peer's) to this file")
     p.add_argument("--smoke", action="store_true", help="tiny config, tiny batches, one step (CPU smoke test)")
     args = p.parse_args(argv)
-    for flag, value, allowed in (("--layouts", args.layouts, LAYOUTS), ("--rng-impls", args.rng_impls, RNG_IMPLS),
-                                 ("--programs", args.programs, PROGRAMS), ("--remat", args.remat, REMATS)):
+    for flag, value, allowed in (
+        ("--layouts", args.layouts, LAYOUTS),
+        ("--rng-impls", args.rng_impls, RNG_IMPLS),
+        ("--programs", args.programs, PROGRAMS),
+        ("--remat", args.remat, REMATS),
+    ):
         bad = [v for v in value.split(",") if v not in allowed]
         if bad:
             p.error(f"{flag}: unknown {bad}; allowed: {', '.join(allowed)}")
@@ -112,10 +137,17 @@ def peak_flops(device, override_tflops: float) -> tuple[float | None, str]:
 
 
 def smoke_config() -> ccj.ChineseCLIPConfig:
-    text = ccj.ChineseCLIPTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=32, patch_size=8)
+    text = ccj.ChineseCLIPTextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    vision = ccj.ChineseCLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
 
 
@@ -148,7 +180,7 @@ def timed(fn, steps: int, repeats: int) -> float:
 
 def peak_mem_gib(device) -> float | None:
     stats = device.memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
 def run_size(name: str, cfg, combo: dict, args, mesh, peak: float | None) -> list[dict]:
@@ -158,8 +190,13 @@ def run_size(name: str, cfg, combo: dict, args, mesh, peak: float | None) -> lis
     dev = mesh.devices.flat[0]
     tb, ib = (n * n_dev for n in batch_sizes(cfg, args.train_batch, args.infer_batch))
     programs = args.programs.split(",")
-    model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=combo["impl"],
-                                 scan_layers=combo["layout"] == "scan", remat=combo["remat"])
+    model = ccj.ChineseCLIPModel(
+        cfg,
+        dtype=jnp.bfloat16,
+        attention_impl=combo["impl"],
+        scan_layers=combo["layout"] == "scan",
+        remat=combo["remat"],
+    )
     rows = []
     params = None
     if "train" in programs:
@@ -181,21 +218,40 @@ def run_size(name: str, cfg, combo: dict, args, mesh, peak: float | None) -> lis
 
             train()
             sec = timed(train, args.steps, args.repeats)
-        rows.append(dict(program=f"train x{tb}", compile_s=compile_s, sec=sec, rate=tb / sec,
-                         flops=flops.train_step_flops(cfg, tb, SEQ), mem=peak_mem_gib(dev)))
+        rows.append(
+            dict(
+                program=f"train x{tb}",
+                compile_s=compile_s,
+                sec=sec,
+                rate=tb / sec,
+                flops=flops.train_step_flops(cfg, tb, SEQ),
+                mem=peak_mem_gib(dev),
+            )
+        )
         params = box[0].params
         del box, state, batch, compiled
     infer_programs = [p for p in programs if p != "train"]
     if infer_programs:
         if params is None:
-            params = shd.sharded_init(model, mesh, jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32),
-                                      jnp.zeros((1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)))[0]
+            params = shd.sharded_init(
+                model,
+                mesh,
+                jax.random.PRNGKey(0),
+                jnp.zeros((1, SEQ), jnp.int32),
+                jnp.zeros((1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)),
+            )[0]
         infer = shd.shard_batch(host_batch(cfg, ib, seed=1), mesh)
         programs_fn = {
-            "image": (lambda p, b: model.apply({"params": p}, b["pixel_values"], method="get_image_features"),
-                      flops.image_forward_flops(cfg)),
-            "text": (lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                                              method="get_text_features"), flops.text_forward_flops(cfg, SEQ)),
+            "image": (
+                lambda p, b: model.apply({"params": p}, b["pixel_values"], method="get_image_features"),
+                flops.image_forward_flops(cfg),
+            ),
+            "text": (
+                lambda p, b: model.apply(
+                    {"params": p}, b["input_ids"], b["attention_mask"], method="get_text_features"
+                ),
+                flops.text_forward_flops(cfg, SEQ),
+            ),
         }
         with shd.use_mesh_and_rules(mesh):
             for prog in infer_programs:
@@ -203,14 +259,25 @@ def run_size(name: str, cfg, combo: dict, args, mesh, peak: float | None) -> lis
                 t = time.perf_counter()
                 compiled_fn = jax.jit(fn).lower(params, infer).compile()
                 compile_s = time.perf_counter() - t
-                call = lambda: compiled_fn(params, infer).block_until_ready()  # noqa: E731
+                call = lambda compiled_fn=compiled_fn: compiled_fn(params, infer).block_until_ready()  # noqa: E731
                 call()
                 sec = timed(call, args.steps, args.repeats)
-                rows.append(dict(program=f"{prog} x{ib}", compile_s=compile_s, sec=sec, rate=ib / sec,
-                                 flops=per_sample * ib, mem=peak_mem_gib(dev)))
+                rows.append(
+                    dict(
+                        program=f"{prog} x{ib}",
+                        compile_s=compile_s,
+                        sec=sec,
+                        rate=ib / sec,
+                        flops=per_sample * ib,
+                        mem=peak_mem_gib(dev),
+                    )
+                )
     for r in rows:
-        r.update(size=name, **{**combo, "impl": combo["impl"] or "default"},
-                 mfu=r["flops"] / r["sec"] / (peak * n_dev) if peak else None)
+        r.update(
+            size=name,
+            **{**combo, "impl": combo["impl"] or "default"},
+            mfu=r["flops"] / r["sec"] / (peak * n_dev) if peak else None,
+        )
     return rows
 
 
@@ -218,11 +285,29 @@ def run_peer(args) -> tuple[list[dict], str | None]:
     """Runs bench/torch_peer.py in a subprocess; (rows, None) or ([], why it was skipped)."""
     if args.peer == "none":
         return [], None
-    out = args.json + ".peer.json" if args.json else os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                                     f"ccj_peer_{os.getpid()}.json")
-    cmd = [sys.executable, os.path.join(HERE, "torch_peer.py"), "--json", out, "--sizes", args.sizes,
-           "--budget-s", str(args.peer_budget_s), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--train-batch", str(args.train_batch), "--infer-batch", str(args.infer_batch)]
+    out = (
+        args.json + ".peer.json"
+        if args.json
+        else os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ccj_peer_{os.getpid()}.json")
+    )
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "torch_peer.py"),
+        "--json",
+        out,
+        "--sizes",
+        args.sizes,
+        "--budget-s",
+        str(args.peer_budget_s),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--train-batch",
+        str(args.train_batch),
+        "--infer-batch",
+        str(args.infer_batch),
+    ]
     cmd += ["--smoke"] * args.smoke
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_budget_s + 300)
@@ -242,8 +327,10 @@ def run_peer(args) -> tuple[list[dict], str | None]:
 def fmt_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     mem = f"{r['mem']:.1f}" if r.get("mem") is not None else "n/a"
-    return (f"{r['compile_s']:>10.1f}{1e3 * r['sec']:>10.1f}{r['rate']:>11.1f}{r['flops'] / r['sec'] / 1e12:>9.1f}"
-            f"{mfu:>7}{mem:>10}")
+    return (
+        f"{r['compile_s']:>10.1f}{1e3 * r['sec']:>10.1f}{r['rate']:>11.1f}{r['flops'] / r['sec'] / 1e12:>9.1f}"
+        f"{mfu:>7}{mem:>10}"
+    )
 
 
 def main(argv=None) -> None:
@@ -265,16 +352,27 @@ def main(argv=None) -> None:
     peer_rows, peer_note = run_peer(args)  # first: this process has not touched the device yet
     start = time.perf_counter()  # --budget-s is ours alone
     impls = [None if i in ("", "default", "none") else i for i in args.impls.split(",")]
-    combos = [dict(impl=i, layout=lay, rng_impl=r, remat=m) for i in impls for lay in args.layouts.split(",")
-              for r in args.rng_impls.split(",") for m in args.remat.split(",")]
+    combos = [
+        dict(impl=i, layout=lay, rng_impl=r, remat=m)
+        for i in impls
+        for lay in args.layouts.split(",")
+        for r in args.rng_impls.split(",")
+        for m in args.remat.split(",")
+    ]
     devices = jax.local_devices()
     mesh = shd.make_mesh(devices=devices)
     peak, peak_src = peak_flops(devices[0], args.peak_tflops)
-    print(f"# {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}, jax {jax.__version__}), bf16 "
-          f"compute, fp32 params; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s/device from {peak_src}; "
-          f"XLA flags {args.xla_flags}{' ' + ' '.join(added) if added else ''}", flush=True)
-    print(f"{'size':<14}{'attention':<10}{'layers':<9}{'rng':<11}{'remat':<6}{'program':<14}{'compile s':>10}"
-          f"{'ms/call':>10}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}", flush=True)
+    print(
+        f"# {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}, jax {jax.__version__}), bf16 "
+        f"compute, fp32 params; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s/device from {peak_src}; "
+        f"XLA flags {args.xla_flags}{' ' + ' '.join(added) if added else ''}",
+        flush=True,
+    )
+    print(
+        f"{'size':<14}{'attention':<10}{'layers':<9}{'rng':<11}{'remat':<6}{'program':<14}{'compile s':>10}"
+        f"{'ms/call':>10}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}",
+        flush=True,
+    )
     notes = [peer_note] if peer_note else []
     ours = []
     for name, cfg in sizes.items():
@@ -290,16 +388,21 @@ def main(argv=None) -> None:
                 notes.append(f"{label}: skipped ({type(e).__name__}: {first})")
                 continue
             for r in rows:
-                print(f"{r['size']:<14}{r['impl']:<10}{r['layout']:<9}{r['rng_impl']:<11}{r['remat']:<6}"
-                      f"{r['program']:<14}" + fmt_row(r), flush=True)
+                print(
+                    f"{r['size']:<14}{r['impl']:<10}{r['layout']:<9}{r['rng_impl']:<11}{r['remat']:<6}"
+                    f"{r['program']:<14}" + fmt_row(r),
+                    flush=True,
+                )
             ours += rows
     if peer_rows:
         print_peer(peer_rows, ours, peak)
     for n in notes:
         print("# " + n)
-    print(f"# total {time.perf_counter() - start:.0f} s; samples/s: pairs (train), images or 52-token texts; "
-          "peak GiB: device peak_bytes_in_use so far (process high-water mark; the peer's: "
-          "torch.cuda.max_memory_allocated per program)")
+    print(
+        f"# total {time.perf_counter() - start:.0f} s; samples/s: pairs (train), images or 52-token texts; "
+        "peak GiB: device peak_bytes_in_use so far (process high-water mark; the peer's: "
+        "torch.cuda.max_memory_allocated per program)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ours": ours, "peer": peer_rows, "notes": notes}, f, indent=1)
@@ -308,8 +411,10 @@ def main(argv=None) -> None:
 def print_peer(peer_rows: list[dict], ours: list[dict], peak: float | None) -> None:
     """The peer's rows, then ours / peer (eager and compile) per program and our row."""
     print("\n# PyTorch peer (transformers ChineseCLIPModel, bf16 autocast, SDPA, fused AdamW)")
-    print(f"{'size':<14}{'mode':<10}{'program':<14}{'first s':>10}{'ms/call':>10}{'samples/s':>11}{'TFLOP/s':>9}"
-          f"{'MFU':>7}{'peak GiB':>10}")
+    print(
+        f"{'size':<14}{'mode':<10}{'program':<14}{'first s':>10}{'ms/call':>10}{'samples/s':>11}{'TFLOP/s':>9}"
+        f"{'MFU':>7}{'peak GiB':>10}"
+    )
     for r in peer_rows:
         if "skipped" in r:
             print(f"{r['size']:<14}{r['mode']:<10}{r['program']:<14}  skipped: {r['skipped']}")
@@ -317,13 +422,23 @@ def print_peer(peer_rows: list[dict], ours: list[dict], peak: float | None) -> N
         r["mfu"] = r["flops"] / r["sec"] / peak if peak else None
         print(f"{r['size']:<14}{r['mode']:<10}{r['program']:<14}" + fmt_row(r))
     peer = {(r["size"], r["program"], r["mode"]): r for r in peer_rows if "skipped" not in r}
-    print(f"\n{'size':<14}{'attention':<10}{'layers':<9}{'rng':<11}{'remat':<6}{'program':<14}"
-          f"{'ours/eager':>11}{'ours/compile':>13}")
+    print(
+        f"\n{'size':<14}{'attention':<10}{'layers':<9}{'rng':<11}{'remat':<6}{'program':<14}"
+        f"{'ours/eager':>11}{'ours/compile':>13}"
+    )
     for r in ours:
-        ratio = {m: (f"{r['rate'] / peer[(r['size'], r['program'], m)]['rate']:.2f}x"
-                     if (r["size"], r["program"], m) in peer else "-") for m in ("eager", "compile")}
-        print(f"{r['size']:<14}{r['impl']:<10}{r['layout']:<9}{r['rng_impl']:<11}{r['remat']:<6}{r['program']:<14}"
-              f"{ratio['eager']:>11}{ratio['compile']:>13}")
+        ratio = {
+            m: (
+                f"{r['rate'] / peer[(r['size'], r['program'], m)]['rate']:.2f}x"
+                if (r["size"], r["program"], m) in peer
+                else "-"
+            )
+            for m in ("eager", "compile")
+        }
+        print(
+            f"{r['size']:<14}{r['impl']:<10}{r['layout']:<9}{r['rng_impl']:<11}{r['remat']:<6}{r['program']:<14}"
+            f"{ratio['eager']:>11}{ratio['compile']:>13}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,18 +42,21 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import flax.linen as nn
 
     import chinese_clip_jax as ccj
     from chinese_clip_jax.export import save_exported
 
     cfg = ccj.ChineseCLIPConfig.preset(args.preset)
     r = cfg.vision_config.image_size
-    shapes = nn.unbox(jax.eval_shape(ccj.ChineseCLIPModel(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
-                                     jnp.zeros((1, 3, r, r)))["params"])
+    shapes = nn.unbox(
+        jax.eval_shape(
+            ccj.ChineseCLIPModel(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 3, r, r))
+        )["params"]
+    )
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,17 +67,20 @@ def main():
         sizes = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", LOAD, out, str(args.batch)], env=env, capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD, out, str(args.batch)], env=env, capture_output=True, text=True, check=True
+        )
         total_s = time.perf_counter() - t
     timing = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{args.preset}, platforms {args.platforms}, backend {jax.default_backend()}, batch {args.batch}")
     print(f"  export (trace + lower + serialize): {export_s:.1f} s")
     for f, n in sizes.items():
         print(f"  {f:28s} {n / 2**20:10.2f} MiB")
-    print(f"  fresh process: import {timing['import_s']:.2f} s, load {timing['load_s']:.2f} s, first text call "
-          f"{timing['first_text_s']:.2f} s, first image call {timing['first_image_s']:.2f} s, then "
-          f"{timing['next_text_s'] * 1e3:.0f} / {timing['next_image_s'] * 1e3:.0f} ms; whole process {total_s:.1f} s")
+    print(
+        f"  fresh process: import {timing['import_s']:.2f} s, load {timing['load_s']:.2f} s, first text call "
+        f"{timing['first_text_s']:.2f} s, first image call {timing['first_image_s']:.2f} s, then "
+        f"{timing['next_text_s'] * 1e3:.0f} / {timing['next_image_s'] * 1e3:.0f} ms; whole process {total_s:.1f} s"
+    )
     print(f"  heavy modules imported by the loader: {timing['heavy_modules'] or 'none'}")
 
 

@@ -34,7 +34,7 @@ def image_forward_flops(cfg) -> float:
     v = cfg.vision_config
     patches = (v.image_size // v.patch_size) ** 2
     d = v.hidden_size
-    embed = 2.0 * patches * (v.patch_size ** 2 * v.num_channels) * d
+    embed = 2.0 * patches * (v.patch_size**2 * v.num_channels) * d
     return embed + v.num_hidden_layers * layer_flops(d, v.intermediate_size, patches + 1) + 2.0 * d * cfg.projection_dim
 
 
@@ -52,4 +52,4 @@ def train_step_flops(cfg, batch: int, seq_len: int) -> float:
 
 def matmul_flops(n: int) -> float:
     """FLOPs of one (n, n) @ (n, n) matmul."""
-    return 2.0 * n ** 3
+    return 2.0 * n**3

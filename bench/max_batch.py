@@ -29,13 +29,12 @@ sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+from device import SIZES, fmt_row, host_batch, peak_flops, run_size, smoke_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
-from device import SIZES, fmt_row, host_batch, peak_flops, run_size, smoke_config  # noqa: E402
-from train.configs.base import get_config as base_config
+from train.configs.base import get_config as base_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,8 +65,9 @@ def probe(cfg, remat: str, impl: str | None, mesh, batch: int) -> dict:
     b = shd.shard_batch(host_batch(cfg, batch * mesh.devices.size), mesh)
     with shd.use_mesh_and_rules(mesh):
         m = step.lower(state, b).compile().memory_analysis()
-    return dict(temp=m.temp_size_in_bytes, args=m.argument_size_in_bytes,
-                out=m.output_size_in_bytes - m.alias_size_in_bytes)
+    return dict(
+        temp=m.temp_size_in_bytes, args=m.argument_size_in_bytes, out=m.output_size_in_bytes - m.alias_size_in_bytes
+    )
 
 
 def main(argv=None) -> None:
@@ -81,14 +81,20 @@ def main(argv=None) -> None:
     devices = jax.local_devices()
     mesh = shd.make_mesh(devices=devices)
     stats = devices[0].memory_stats() or {}
-    capacity = args.capacity_gib * 2 ** 30 or stats.get("bytes_limit")
+    capacity = args.capacity_gib * 2**30 or stats.get("bytes_limit")
     if not capacity:
         raise SystemExit("this device reports no bytes_limit: pass --capacity-gib")
     peak, _ = peak_flops(devices[0], args.peak_tflops)
-    print(f"# {devices[0].device_kind}: capacity {capacity / 2 ** 30:.1f} GiB, headroom {args.headroom}, "
-          f"probe {args.probe_batch} pairs/device, attention {args.impl}, scan layers", flush=True)
-    print(f"{'size':<14}{'remat':<6}{'temp/pair MiB':>14}{'fixed GiB':>10}{'batch':>7}{'compile s':>10}{'ms/call':>10}"
-          f"{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}", flush=True)
+    print(
+        f"# {devices[0].device_kind}: capacity {capacity / 2**30:.1f} GiB, headroom {args.headroom}, "
+        f"probe {args.probe_batch} pairs/device, attention {args.impl}, scan layers",
+        flush=True,
+    )
+    print(
+        f"{'size':<14}{'remat':<6}{'temp/pair MiB':>14}{'fixed GiB':>10}{'batch':>7}{'compile s':>10}{'ms/call':>10}"
+        f"{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}",
+        flush=True,
+    )
     best = {}
     for name, cfg in sizes.items():
         for remat in args.remats.split(","):
@@ -107,8 +113,9 @@ def main(argv=None) -> None:
             for _ in range(3):
                 if batch < args.multiple:
                     break
-                run_args = argparse.Namespace(train_batch=batch, infer_batch=0, programs="train",
-                                              steps=args.steps, repeats=args.repeats)
+                run_args = argparse.Namespace(
+                    train_batch=batch, infer_batch=0, programs="train", steps=args.steps, repeats=args.repeats
+                )
                 combo = dict(impl=args.impl or None, layout="scan", rng_impl="threefry", remat=remat)
                 try:
                     row = run_size(name, cfg, combo, run_args, mesh, peak)[0]
@@ -116,7 +123,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # out of memory after all: 15% smaller
                     print(f"# {name}/{remat} x{batch}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                     batch = int(batch * 0.85) // args.multiple * args.multiple
-            head = f"{name:<14}{remat:<6}{per_pair / 2 ** 20:>14.1f}{fixed / 2 ** 30:>10.2f}{batch:>7}"
+            head = f"{name:<14}{remat:<6}{per_pair / 2**20:>14.1f}{fixed / 2**30:>10.2f}{batch:>7}"
             if row is None:
                 print(head + "   did not run", flush=True)
                 continue

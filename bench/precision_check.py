@@ -43,19 +43,26 @@ def main(argv=None) -> None:
         ref = transformers.ChineseCLIPModel.from_pretrained(ckpt).eval().to(device)
         t = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
         with torch.inference_mode():
-            want = {"image": ref.get_image_features(pixel_values=t["pixel_values"]).pooler_output.cpu().numpy(),
-                    "text": ref.get_text_features(input_ids=t["input_ids"],
-                                                  attention_mask=t["attention_mask"]).pooler_output.cpu().numpy()}
+            want = {
+                "image": ref.get_image_features(pixel_values=t["pixel_values"]).pooler_output.cpu().numpy(),
+                "text": ref.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+                .pooler_output.cpu()
+                .numpy(),
+            }
         del ref
-        print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), torch on {device} fp32 (TF32 off), "
-              f"{'tiny config' if args.smoke else 'base-patch16'}, {args.n} images / texts")
+        print(
+            f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), torch on {device} fp32 (TF32 off), "
+            f"{'tiny config' if args.smoke else 'base-patch16'}, {args.n} images / texts"
+        )
         print(f"{'precision':<12}{'image max|d|':>14}{'text max|d|':>13}{'<= 1e-4':>9}")
         for precision in (None, "highest"):
             model, params = ccj.from_pretrained(ckpt, precision=precision)
-            img = jax.jit(lambda p, x: model.apply({"params": p}, x, method="get_image_features"))(
-                params, inputs["pixel_values"])
-            txt = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method="get_text_features"))(
-                params, inputs["input_ids"].astype(np.int32), inputs["attention_mask"].astype(np.int32))
+            img = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x, method="get_image_features"))(
+                params, inputs["pixel_values"]
+            )
+            txt = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, m, method="get_text_features"))(
+                params, inputs["input_ids"].astype(np.int32), inputs["attention_mask"].astype(np.int32)
+            )
             d_img = float(np.max(np.abs(np.asarray(img) - want["image"])))
             d_txt = float(np.max(np.abs(np.asarray(txt) - want["text"])))
             ok = "yes" if max(d_img, d_txt) <= 1e-4 else "no"

@@ -36,7 +36,7 @@ def best_rate(fn, paths, repeats: int, batch: int) -> tuple[float, np.ndarray]:
     best, first = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        outs = [fn(paths[i:i + batch]) for i in range(0, len(paths), batch)]
+        outs = [fn(paths[i : i + batch]) for i in range(0, len(paths), batch)]
         best = min(best, time.perf_counter() - t0)
         first = outs if first is None else first
     return len(paths) / best, np.concatenate(first)
@@ -62,11 +62,16 @@ def main():
         rows = []
         hf_rate, ref = best_rate(lambda p: hf(p, return_tensors="np")["pixel_values"], paths, args.repeats, args.batch)
         rows.append(("transformers ChineseCLIPImageProcessorPil", hf_rate, 0.0))
-        for name, proc in ((f"chinese_clip_jax, 1 thread", ours_1), (f"chinese_clip_jax, {args.threads} threads", ours_n)):
+        for name, proc in (
+            ("chinese_clip_jax, 1 thread", ours_1),
+            (f"chinese_clip_jax, {args.threads} threads", ours_n),
+        ):
             rate, out = best_rate(proc.preprocess_images, paths, args.repeats, args.batch)
             rows.append((name, rate, float(np.abs(out - ref).max())))
-    print(f"{args.num_images} JPEGs 640x480 -> (3, 224, 224) float32, batch {args.batch}, "
-          f"{os.cpu_count()} CPUs, best of {args.repeats}")
+    print(
+        f"{args.num_images} JPEGs 640x480 -> (3, 224, 224) float32, batch {args.batch}, "
+        f"{os.cpu_count()} CPUs, best of {args.repeats}"
+    )
     for name, rate, err in rows:
         print(f"  {name:45s} {rate:8.1f} images/s  ({rate / hf_rate:4.2f}x)  max |diff| {err:.2e}")
 

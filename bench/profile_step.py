@@ -31,6 +31,7 @@ import re
 import sys
 import tempfile
 import time
+
 from train.configs.base import get_config as base_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,8 +45,11 @@ _RULES = (
     ("random bits", r"rng|threefry|philox|random|bit.generator"),
     ("matmul", r"\bdot\b|dot[._(]|gemm|cublas|matmul|convolution|conv[._(]|ynn"),
     ("reduction", r"reduce|argmax|argmin|softmax|norm"),
-    ("elementwise", r"^(loop_|wrapped_)?(convert|multiply|add|subtract|divide|select|exponential|tanh|log|maximum|"
-                    r"minimum|negate|compare|erf|rsqrt|sqrt|power|and|or|xor)"),
+    (
+        "elementwise",
+        r"^(loop_|wrapped_)?(convert|multiply|add|subtract|divide|select|exponential|tanh|log|maximum|"
+        r"minimum|negate|compare|erf|rsqrt|sqrt|power|and|or|xor)",
+    ),
     ("copy/transpose", r"copy|transpose|bitcast|slice|concatenate|gather|scatter|pad|broadcast|memcpy|memset"),
 )
 # CPU-side bookkeeping events on the XLA threads that are not ops.
@@ -61,8 +65,10 @@ def categorize(name: str, hlo: str = "") -> str:
 
 
 def find_trace(logdir: str) -> str:
-    found = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*perfetto_trace.json.gz")) +
-                   glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.trace.json.gz")))
+    found = sorted(
+        glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*perfetto_trace.json.gz"))
+        + glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.trace.json.gz"))
+    )
     if not found:
         raise FileNotFoundError(f"no *.trace.json.gz under {logdir}/plugins/profile")
     return found[-1]
@@ -73,16 +79,27 @@ def device_ops(trace_path: str) -> list[dict]:
     with gzip.open(trace_path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    procs = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    threads = {
+        (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     device_pids = {pid for pid, name in procs.items() if name.startswith("/device:")}
     op_lines = {k for k, name in threads.items() if k[0] in device_pids and name == "XLA Ops"}
     if not op_lines:  # no "XLA Ops" line: the device's stream lines (kernels), not its summary lines
-        op_lines = {k for k, name in threads.items() if k[0] in device_pids and not re.match(
-            r"(Steps|XLA Modules|XLA TraceMe|Framework|Source|TensorFlow|Launch Stats)", name)}
+        op_lines = {
+            k
+            for k, name in threads.items()
+            if k[0] in device_pids
+            and not re.match(r"(Steps|XLA Modules|XLA TraceMe|Framework|Source|TensorFlow|Launch Stats)", name)
+        }
     if op_lines:
+
         def is_op(e):
             return (e["pid"], e.get("tid")) in op_lines
     else:  # CPU backend: XLA's thunks on the client's thread pools
@@ -90,6 +107,7 @@ def device_ops(trace_path: str) -> list[dict]:
 
         def is_op(e):
             return (e["pid"], e.get("tid")) in cpu_lines and not _NOT_OPS.match(e["name"])
+
     by_line = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and is_op(e):
@@ -121,17 +139,21 @@ def summarize(ops: list[dict], steps: int, step_s: float, top: int) -> str:
         entry[2] = entry[2] or op["hlo"]
     step_us = step_s * 1e6
     total = sum(v[0] for v in by_name.values()) / steps
-    lines = [f"# {len(by_name)} distinct device ops, {total / 1e3:.2f} ms of op time per step, step "
-             f"{step_s * 1e3:.2f} ms (wall clock): ops busy {100 * total / step_us:.0f}% of the step",
-             f"{'#':>3} {'op':<48}{'category':<16}{'calls/step':>11}{'ms/step':>9}{'% step':>8}"]
+    lines = [
+        f"# {len(by_name)} distinct device ops, {total / 1e3:.2f} ms of op time per step, step "
+        f"{step_s * 1e3:.2f} ms (wall clock): ops busy {100 * total / step_us:.0f}% of the step",
+        f"{'#':>3} {'op':<48}{'category':<16}{'calls/step':>11}{'ms/step':>9}{'% step':>8}",
+    ]
     per_cat = collections.Counter()
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    for name, (dur, calls, hlo) in ranked:
+    for name, (dur, _, hlo) in ranked:
         per_cat[categorize(name, hlo)] += dur / steps
     for i, (name, (dur, calls, hlo)) in enumerate(ranked[:top], 1):
         cat = categorize(name, hlo)
-        lines.append(f"{i:>3} {name[:47]:<48}{cat:<16}{calls / steps:>11.1f}{dur / steps / 1e3:>9.3f}"
-                     f"{100 * dur / steps / step_us:>7.1f}%")
+        lines.append(
+            f"{i:>3} {name[:47]:<48}{cat:<16}{calls / steps:>11.1f}{dur / steps / 1e3:>9.3f}"
+            f"{100 * dur / steps / step_us:>7.1f}%"
+        )
     lines.append(f"\n{'category':<16}{'ms/step':>9}{'% step':>8}")
     for cat in CATEGORIES:
         lines.append(f"{cat:<16}{per_cat[cat] / 1e3:>9.3f}{100 * per_cat[cat] / step_us:>7.1f}%")
@@ -161,12 +183,11 @@ def main(argv=None) -> None:
     xla_flags.apply(args.xla_flags)
     import jax
     import jax.numpy as jnp
-    import ml_collections
+    from device import SIZES, batch_sizes, host_batch, smoke_config
 
     import chinese_clip_jax as ccj
     from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
-    from device import SIZES, batch_sizes, host_batch, smoke_config
 
     if args.smoke:
         cfg, args.steps = smoke_config(), min(args.steps, 2)
@@ -179,8 +200,9 @@ def main(argv=None) -> None:
     logdir = os.path.abspath(args.logdir or tempfile.mkdtemp(prefix="ccj_profile_"))
     mesh = shd.make_mesh(devices=jax.local_devices())
     n = batch_n * mesh.devices.size
-    model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16, attention_impl=args.impl or None,
-                                 scan_layers=args.layout == "scan", remat=args.remat)
+    model = ccj.ChineseCLIPModel(
+        cfg, dtype=jnp.bfloat16, attention_impl=args.impl or None, scan_layers=args.layout == "scan", remat=args.remat
+    )
     opt = base_config().optimizer  # the trainer's defaults (train/configs/base.py)
     opt.update(lr=1e-4, warmup_steps=10)
     tx, schedule = make_optimizer(opt, total_steps=1000)
@@ -199,9 +221,11 @@ def main(argv=None) -> None:
             step_s = (time.perf_counter() - t) / args.steps
     trace = find_trace(logdir)
     ops = device_ops(trace)
-    print(f"# {args.size if not args.smoke else 'smoke'} train x{n} on {jax.devices()[0].device_kind} "
-          f"({jax.default_backend()}), attention {args.impl or 'default'}, {args.layout}, rng {args.rng_impl}, "
-          f"remat {args.remat}, {args.steps} steps")
+    print(
+        f"# {args.size if not args.smoke else 'smoke'} train x{n} on {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), attention {args.impl or 'default'}, {args.layout}, rng {args.rng_impl}, "
+        f"remat {args.remat}, {args.steps} steps"
+    )
     if not ops:
         raise SystemExit(f"no device op events found in {trace}")
     print(summarize(ops, args.steps, step_s, args.top))

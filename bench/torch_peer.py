@@ -75,8 +75,10 @@ class Peer:
 
     def _tensors(self, batch: dict) -> dict:
         t = self.torch
-        return {k: t.from_numpy(v).to(self.device, dtype=t.long if k != "pixel_values" else t.float32)
-                for k, v in batch.items()}
+        return {
+            k: t.from_numpy(v).to(self.device, dtype=t.long if k != "pixel_values" else t.float32)
+            for k, v in batch.items()
+        }
 
     def sync(self):
         if self.device == "cuda":
@@ -88,14 +90,19 @@ class Peer:
         fwd = self.model
         if mode == "compile":
             fwd = t.compile(self.model, backend="eager" if self.smoke else "inductor")
-        opt = t.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
-                            fused=self.device == "cuda")
+        opt = t.optim.AdamW(
+            self.model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, fused=self.device == "cuda"
+        )
         b = self._tensors(batch)
 
         def step():
             with self._autocast():
-                out = fwd(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
-                          attention_mask=b["attention_mask"], return_loss=True)
+                out = fwd(
+                    input_ids=b["input_ids"],
+                    pixel_values=b["pixel_values"],
+                    attention_mask=b["attention_mask"],
+                    return_loss=True,
+                )
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -121,7 +128,7 @@ class Peer:
     def peak_gib(self):
         if self.device != "cuda":
             return None
-        return self.torch.cuda.max_memory_allocated() / 2 ** 30
+        return self.torch.cuda.max_memory_allocated() / 2**30
 
     def reset_peak(self):
         if self.device == "cuda":
@@ -135,7 +142,7 @@ def run(args) -> list[dict]:
         import transformers  # noqa: F401
     except ImportError as e:
         print(f"no torch peer: {e}", file=sys.stderr)
-        raise SystemExit(NO_PEER)
+        raise SystemExit(NO_PEER) from None
     if not args.smoke and not torch.cuda.is_available():
         print("no torch peer: torch has no CUDA device", file=sys.stderr)
         raise SystemExit(NO_PEER)
@@ -157,12 +164,34 @@ def run(args) -> list[dict]:
         tb, ib = batch_sizes(cfg, args.train_batch if not args.smoke else 2, args.infer_batch if not args.smoke else 2)
         train_batch, infer_batch = host_batch(cfg, tb), host_batch(cfg, ib, seed=1)
         for mode in args.modes.split(","):
-            programs.append((name, f"train x{tb}", mode, lambda m=mode, n=name, b=train_batch: peers[n].train(b, m),
-                             tb, flops.train_step_flops(cfg, tb, SEQ)))
-        programs += [(name, f"image x{ib}", "eager", lambda n=name, b=infer_batch: peers[n].features(b, "image"), ib,
-                      ib * flops.image_forward_flops(cfg)),
-                     (name, f"text x{ib}", "eager", lambda n=name, b=infer_batch: peers[n].features(b, "text"), ib,
-                      ib * flops.text_forward_flops(cfg, SEQ))]
+            programs.append(
+                (
+                    name,
+                    f"train x{tb}",
+                    mode,
+                    lambda m=mode, n=name, b=train_batch: peers[n].train(b, m),
+                    tb,
+                    flops.train_step_flops(cfg, tb, SEQ),
+                )
+            )
+        programs += [
+            (
+                name,
+                f"image x{ib}",
+                "eager",
+                lambda n=name, b=infer_batch: peers[n].features(b, "image"),
+                ib,
+                ib * flops.image_forward_flops(cfg),
+            ),
+            (
+                name,
+                f"text x{ib}",
+                "eager",
+                lambda n=name, b=infer_batch: peers[n].features(b, "text"),
+                ib,
+                ib * flops.text_forward_flops(cfg, SEQ),
+            ),
+        ]
     # every eager program first, torch.compile (long first calls) last: a tight budget drops compiles first
     programs.sort(key=lambda prog: prog[2] == "compile")
     for name, program, mode, build, n, work in programs:
@@ -181,8 +210,18 @@ def run(args) -> list[dict]:
             fn()  # warm-up; torch.compile compiles here
             first = time.perf_counter() - t
             sec = timed(fn, args.steps, args.repeats)
-            rows.append(dict(size=name, program=program, mode=mode, compile_s=first, sec=sec, rate=n / sec,
-                             flops=work, mem=peers[name].peak_gib()))
+            rows.append(
+                dict(
+                    size=name,
+                    program=program,
+                    mode=mode,
+                    compile_s=first,
+                    sec=sec,
+                    rate=n / sec,
+                    flops=work,
+                    mem=peers[name].peak_gib(),
+                )
+            )
         except Exception as e:  # e.g. out of memory: note it, keep going
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             rows.append(dict(size=name, program=program, mode=mode, skipped=f"{type(e).__name__}: {first_line}"))

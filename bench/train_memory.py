@@ -48,8 +48,9 @@ def parse_variant(v: str) -> tuple[bool, str]:
 
 
 def model_config(args):
-    import chinese_clip_jax as ccj
     from compare_torch import bench_config
+
+    import chinese_clip_jax as ccj
 
     return bench_config(True) if args.tiny else ccj.ChineseCLIPConfig.preset(args.preset)
 
@@ -58,10 +59,10 @@ def worker(args) -> None:
     import warnings
 
     import numpy as np
+    from compare_torch import jax_train_setup
 
     import chinese_clip_jax as ccj
     from chinese_clip_jax import sharding as shd
-    from compare_torch import jax_train_setup
 
     warnings.simplefilter("ignore", UserWarning)  # unrolled remat on CPU warns; measuring that is the point
     scan, remat = parse_variant(args.worker)
@@ -71,11 +72,14 @@ def worker(args) -> None:
     b, seq, r = args.batch, 52, cfg.vision_config.image_size
     lengths = rng.integers(4, seq + 1, b)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
-    step, state, batch, mesh = jax_train_setup(model, {
-        "input_ids": (rng.integers(106, cfg.text_config.vocab_size, (b, seq)) * mask).astype(np.int32),
-        "attention_mask": mask,
-        "pixel_values": rng.standard_normal((b, 3, r, r)).astype(np.float32),
-    })
+    step, state, batch, mesh = jax_train_setup(
+        model,
+        {
+            "input_ids": (rng.integers(106, cfg.text_config.vocab_size, (b, seq)) * mask).astype(np.int32),
+            "attention_mask": mask,
+            "pixel_values": rng.standard_normal((b, 3, r, r)).astype(np.float32),
+        },
+    )
     with shd.use_mesh_and_rules(mesh):
         temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
         state, metrics = step(state, batch)
@@ -90,8 +94,7 @@ def worker(args) -> None:
             times.append(time.perf_counter() - t)
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    print("@@" + json.dumps({"temp": temp, "s": statistics.median(times), "mib": hwm,
-                             "loss": float(metrics["loss"])}))
+    print("@@" + json.dumps({"temp": temp, "s": statistics.median(times), "mib": hwm, "loss": float(metrics["loss"])}))
 
 
 def main(argv=None) -> None:
@@ -102,13 +105,26 @@ def main(argv=None) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         parse_variant(v)
-    print(f"# {'tiny config' if args.tiny else args.preset}, fp32, batch {args.batch}, {args.steps} timed steps, "
-          f"cores {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}, "
-          f"allocator {os.environ.get('LD_PRELOAD') or 'glibc'}", flush=True)
+    print(
+        f"# {'tiny config' if args.tiny else args.preset}, fp32, batch {args.batch}, {args.steps} timed steps, "
+        f"cores {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}, "
+        f"allocator {os.environ.get('LD_PRELOAD') or 'glibc'}",
+        flush=True,
+    )
     print(f"{'variant':<16}{'temp MiB':>10}{'step s':>9}{'peak MiB':>10}{'loss':>10}", flush=True)
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--preset", args.preset] + ["--tiny"] * args.tiny
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            v,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--preset",
+            args.preset,
+        ] + ["--tiny"] * args.tiny
         res = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in res.stdout.splitlines() if line.startswith("@@")]
         if res.returncode or not lines:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 __all__ = [
     "ChineseCLIPTextConfig",
@@ -109,8 +110,9 @@ def _merge_old_layout(d: Mapping[str, Any], nested: Mapping[str, type]) -> Mappi
     return d
 
 
-def _check_fields(kind: str, cfg, positive: tuple[str, ...], non_negative: tuple[str, ...] = (),
-                  fractions: tuple[str, ...] = ()) -> None:
+def _check_fields(
+    kind: str, cfg, positive: tuple[str, ...], non_negative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()
+) -> None:
     """One-line ValueErrors for sizes that are not positive ints, and bad floats."""
     for name in positive + non_negative:
         v = getattr(cfg, name)
@@ -124,6 +126,8 @@ def _check_fields(kind: str, cfg, positive: tuple[str, ...], non_negative: tuple
     eps = cfg.layer_norm_eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{kind}.layer_norm_eps must be a number > 0, got {_short(eps)}")
+
+
 def _nested_class(choices, d: Mapping[str, Any]) -> type:
     """The config class for a nested dict: by its ``model_type``, the first choice when absent."""
     choices = choices if isinstance(choices, tuple) else (choices,)
@@ -138,9 +142,7 @@ def _nested_class(choices, d: Mapping[str, Any]) -> type:
 
 def _check_heads(kind: str, hidden_size: int, num_heads: int) -> None:
     if hidden_size % num_heads:
-        raise ValueError(
-            f"{kind}: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
-        )
+        raise ValueError(f"{kind}: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +166,21 @@ class ChineseCLIPTextConfig(_ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_fields("text_config", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "max_position_embeddings", "type_vocab_size"),
-                      ("pad_token_id",), ("hidden_dropout_prob", "attention_probs_dropout_prob"))
+        _check_fields(
+            "text_config",
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "max_position_embeddings",
+                "type_vocab_size",
+            ),
+            ("pad_token_id",),
+            ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+        )
         _check_heads("text_config", self.hidden_size, self.num_attention_heads)
         if self.hidden_act not in ("gelu", "gelu_new", "quick_gelu", "relu"):
             raise ValueError(f"text_config: unsupported hidden_act {self.hidden_act!r}")
@@ -199,9 +213,22 @@ class ChineseCLIPVisionConfig(_ConfigBase):
         for name in ("image_size", "patch_size"):
             if isinstance(getattr(self, name), (list, tuple)):
                 raise ValueError(f"vision_config.{name} must be one int (square), got {getattr(self, name)!r}")
-        _check_fields("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                              "num_attention_heads", "num_channels", "image_size", "patch_size",
-                                              "projection_dim"), (), ("attention_dropout",))
+        _check_fields(
+            "vision_config",
+            self,
+            (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_channels",
+                "image_size",
+                "patch_size",
+                "projection_dim",
+            ),
+            (),
+            ("attention_dropout",),
+        )
         _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -240,13 +267,17 @@ class ChineseCLIPResNetConfig(_ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.layers, (list, tuple)) or len(self.layers) != 4 or not all(
-                isinstance(n, int) and n >= 1 for n in self.layers):
+        if (
+            not isinstance(self.layers, (list, tuple))
+            or len(self.layers) != 4
+            or not all(isinstance(n, int) and n >= 1 for n in self.layers)
+        ):
             raise ValueError(f"vision_config: layers must be 4 positive ints (blocks per stage), got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(self.layers))  # a JSON list reads back equal
         if not isinstance(self.image_size, int) or self.image_size % 32:
-            raise ValueError(f"vision_config: image_size must be a multiple of 32 (the ResNet's stride), "
-                             f"got {self.image_size!r}")
+            raise ValueError(
+                f"vision_config: image_size must be a multiple of 32 (the ResNet's stride), got {self.image_size!r}"
+            )
         _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
 
     @property
@@ -275,7 +306,8 @@ class ChineseCLIPConfig(_ConfigBase):
     }
     text_config: ChineseCLIPTextConfig = dataclasses.field(default_factory=ChineseCLIPTextConfig)
     vision_config: ChineseCLIPVisionConfig | ChineseCLIPResNetConfig = dataclasses.field(
-        default_factory=ChineseCLIPVisionConfig)
+        default_factory=ChineseCLIPVisionConfig
+    )
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -295,7 +327,7 @@ class ChineseCLIPConfig(_ConfigBase):
         vision_config: ChineseCLIPVisionConfig,
         projection_dim: int = 512,
         **kwargs,
-    ) -> "ChineseCLIPConfig":
+    ) -> ChineseCLIPConfig:
         return cls(
             text_config=text_config,
             vision_config=vision_config,
@@ -309,7 +341,7 @@ class ChineseCLIPConfig(_ConfigBase):
         return isinstance(self.vision_config, ChineseCLIPResNetConfig)
 
     @classmethod
-    def preset(cls, name: str) -> "ChineseCLIPConfig":
+    def preset(cls, name: str) -> ChineseCLIPConfig:
         """One of the five published architectures (``OFA-Sys/`` prefix optional)."""
         key = name.split("/")[-1]
         if key not in PRESETS:
@@ -317,7 +349,7 @@ class ChineseCLIPConfig(_ConfigBase):
         return PRESETS[key]
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ChineseCLIPConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ChineseCLIPConfig:
         """Reads and validates a HF ``config.json``; a bad one raises a ValueError naming the file
         and the key."""
         path = os.fspath(path)
@@ -338,7 +370,7 @@ class ChineseCLIPConfig(_ConfigBase):
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike) -> "ChineseCLIPConfig":
+    def from_pretrained(cls, src: str | os.PathLike) -> ChineseCLIPConfig:
         """Reads ``config.json`` from a directory, a file path or a hub id (when online)."""
         from .hub import resolve_local_or_hub
 
@@ -363,15 +395,27 @@ class ChineseCLIPConfig(_ConfigBase):
 # tests/test_config.py checks every row against those files). Presets and cn_clip ``--arch``
 # strings ("ViT-B-16@RoBERTa-wwm-ext-base-chinese") are both read from it.
 
+
 def _vit(width: int, layers: int, heads: int, patch: int, resolution: int, embed_dim: int) -> ChineseCLIPVisionConfig:
-    return ChineseCLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                                   num_attention_heads=heads, patch_size=patch, image_size=resolution,
-                                   projection_dim=embed_dim)
+    return ChineseCLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=patch,
+        image_size=resolution,
+        projection_dim=embed_dim,
+    )
 
 
 def _roberta(hidden: int, layers: int, heads: int, intermediate: int) -> ChineseCLIPTextConfig:
-    return ChineseCLIPTextConfig(vocab_size=21128, hidden_size=hidden, intermediate_size=intermediate,
-                                 num_hidden_layers=layers, num_attention_heads=heads)
+    return ChineseCLIPTextConfig(
+        vocab_size=21128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
 
 
 VISION_ARCHS: dict[str, ChineseCLIPVisionConfig | ChineseCLIPResNetConfig] = {
@@ -381,8 +425,9 @@ VISION_ARCHS: dict[str, ChineseCLIPVisionConfig | ChineseCLIPResNetConfig] = {
     "ViT-L-14": _vit(1024, 24, 16, 14, 224, 768),
     "ViT-L-14-336": _vit(1024, 24, 16, 14, 336, 768),
     "ViT-H-14": _vit(1280, 32, 16, 14, 224, 1024),
-    "RN50": ChineseCLIPResNetConfig(layers=(3, 4, 6, 3), width=64, num_attention_heads=32, image_size=224,
-                                    projection_dim=1024),
+    "RN50": ChineseCLIPResNetConfig(
+        layers=(3, 4, 6, 3), width=64, num_attention_heads=32, image_size=224, projection_dim=1024
+    ),
 }
 TEXT_ARCHS: dict[str, ChineseCLIPTextConfig] = {
     "RoBERTa-wwm-ext-base-chinese": _roberta(768, 12, 12, 3072),

@@ -19,7 +19,8 @@ the devices run batch i.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,25 +28,30 @@ import numpy as np
 from . import sharding as shd
 from .modeling import l2_normalize
 
-__all__ = ["text_embeddings", "image_embeddings", "bucket_sizes",
-           "ensemble", "Encoder", "PROGRESS_MIN_BATCHES"]
+__all__ = ["text_embeddings", "image_embeddings", "bucket_sizes", "ensemble", "Encoder", "PROGRESS_MIN_BATCHES"]
 
 PROGRESS_MIN_BATCHES = 4  # a progress bar is shown (progress=None) from this many batches on
 
 
-def text_embeddings(model, params, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
-                    rng=None) -> jax.Array:
+def text_embeddings(
+    model, params, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rng=None
+) -> jax.Array:
     """(N, L) token ids -> (N, D) float32 L2-normalized text embeddings (pure; jit it yourself)."""
-    feats = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
-                        deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
-                        method="get_text_features")
+    feats = model.apply(
+        {"params": params},
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        deterministic=deterministic,
+        rngs=None if rng is None else {"dropout": rng},
+        method="get_text_features",
+    )
     return l2_normalize(feats)
 
 
 def image_embeddings(model, params, pixel_values, *, deterministic=True) -> jax.Array:
     """(N, 3, H, W) pixel values -> (N, D) float32 L2-normalized image embeddings (pure)."""
-    feats = model.apply({"params": params}, pixel_values, deterministic=deterministic,
-                        method="get_image_features")
+    feats = model.apply({"params": params}, pixel_values, deterministic=deterministic, method="get_image_features")
     return l2_normalize(feats)
 
 
@@ -72,7 +78,7 @@ def ensemble(prompt_embeds: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     for n in counts:
         if n < 1:
             raise ValueError("every class needs at least one prompt")
-        m = np.asarray(prompt_embeds[i:i + n], np.float64).mean(axis=0)
+        m = np.asarray(prompt_embeds[i : i + n], np.float64).mean(axis=0)
         out.append(m / np.linalg.norm(m))
         i += n
     return np.stack(out).astype(np.float32)
@@ -94,8 +100,9 @@ def _place(x: np.ndarray, sharding) -> jax.Array:
 class Encoder:
     """Jitted, batch-sharded text and image embedders of one model on one mesh.
 
-    model: a ChineseCLIPModel. params: its params (boxed or not); they are placed with ``param_shardings`` (default: the mesh's rules table, i.e.
-    replicated on a data-only mesh) unless already placed so. mesh: a ``sharding.make_mesh``
+    model: a ChineseCLIPModel. params: its params (boxed or not); they are placed with
+    ``param_shardings`` (default: the mesh's rules table, i.e. replicated on a data-only mesh) unless already
+    placed so. mesh: a ``sharding.make_mesh``
     mesh (default: every local device on "data"). batch_size: default rows per call.
     """
 
@@ -133,8 +140,17 @@ class Encoder:
     def _params(self, params):
         return self.params if params is None else params
 
-    def encode_text(self, input_ids, attention_mask, token_type_ids=None, *, params=None,
-                    batch_size: int | None = None, progress: bool | None = None, desc: str = "texts") -> np.ndarray:
+    def encode_text(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        *,
+        params=None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        desc: str = "texts",
+    ) -> np.ndarray:
         """Token arrays (N, L) -> (N, D) float32 numpy, L2-normalized."""
         input_ids = np.asarray(input_ids, np.int32)
         attention_mask = np.asarray(attention_mask, np.int32)
@@ -142,23 +158,37 @@ class Encoder:
         p = self._params(params)
 
         def run(start, stop, size):
-            arrays = [_place(_pad_rows(a[start:stop], size), self._batch)
-                      for a in (input_ids, attention_mask, token_type_ids)]
+            arrays = [
+                _place(_pad_rows(a[start:stop], size), self._batch) for a in (input_ids, attention_mask, token_type_ids)
+            ]
             with shd.use_mesh_and_rules(self.mesh):
                 return self._text_fn(p, *arrays)
 
         return self._batched(len(input_ids), batch_size, run, progress, desc)
 
-    def encode_pixels(self, pixel_values, *, params=None, batch_size: int | None = None,
-                      progress: bool | None = None) -> np.ndarray:
+    def encode_pixels(
+        self, pixel_values, *, params=None, batch_size: int | None = None, progress: bool | None = None
+    ) -> np.ndarray:
         """Preprocessed pixel values (N, 3, H, W) -> (N, D) float32 numpy, L2-normalized."""
         pixel_values = np.asarray(pixel_values, np.float32)
-        return self.encode_images(pixel_values, lambda chunk, start: np.asarray(chunk), params=params,
-                                  batch_size=batch_size, progress=progress)
+        return self.encode_images(
+            pixel_values,
+            lambda chunk, start: np.asarray(chunk),
+            params=params,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
-    def encode_images(self, items: Sequence[Any], preprocess: Callable[[Sequence[Any], int], np.ndarray], *,
-                      params=None, batch_size: int | None = None, progress: bool | None = None,
-                      desc: str = "images") -> np.ndarray:
+    def encode_images(
+        self,
+        items: Sequence[Any],
+        preprocess: Callable[[Sequence[Any], int], np.ndarray],
+        *,
+        params=None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        desc: str = "images",
+    ) -> np.ndarray:
         """Streams ``items`` (any random-access sequence: paths, PIL images, encoded bytes, ...).
 
         ``preprocess(items[s:e], s)`` -> float32 (e - s, 3, H, W) is called one batch at a time,
@@ -167,28 +197,44 @@ class Encoder:
         p = self._params(params)
 
         def run(start, stop, size):
-            chunk = (items[start:stop] if isinstance(items, (list, tuple, np.ndarray))
-                     else [items[i] for i in range(start, stop)])
+            chunk = (
+                items[start:stop]
+                if isinstance(items, (list, tuple, np.ndarray))
+                else [items[i] for i in range(start, stop)]
+            )
             pixels = np.asarray(preprocess(chunk, start), np.float32)
             with shd.use_mesh_and_rules(self.mesh):
                 return self._image_fn(p, _place(_pad_rows(pixels, size), self._batch))
 
         return self._batched(len(items), batch_size, run, progress, desc)
 
-    def class_embeddings(self, class_prompts: Sequence[Sequence[str]], tokenize: Callable[[list[str]], dict], *,
-                         params=None, batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
+    def class_embeddings(
+        self,
+        class_prompts: Sequence[Sequence[str]],
+        tokenize: Callable[[list[str]], dict],
+        *,
+        params=None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+    ) -> np.ndarray:
         """Prompt-ensemble class embeddings: every prompt of class c embedded, averaged,
         renormalized -> (C, D). ``tokenize(texts)`` -> {"input_ids", "attention_mask", ...}."""
         flat = [t for prompts in class_prompts for t in prompts]
         if not flat:
             raise ValueError("zero-shot needs at least one class and one prompt per class")
         tok = tokenize(flat)
-        emb = self.encode_text(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), params=params,
-                               batch_size=batch_size, progress=progress, desc="prompts")
+        emb = self.encode_text(
+            tok["input_ids"],
+            tok["attention_mask"],
+            tok.get("token_type_ids"),
+            params=params,
+            batch_size=batch_size,
+            progress=progress,
+            desc="prompts",
+        )
         return ensemble(emb, [len(p) for p in class_prompts])
 
-    def _batched(self, n: int, batch_size: int | None, run: Callable, progress: bool | None,
-                 unit: str) -> np.ndarray:
+    def _batched(self, n: int, batch_size: int | None, run: Callable, progress: bool | None, unit: str) -> np.ndarray:
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
         sizes = self.bucket_sizes(batch_size)

@@ -23,8 +23,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def read_labels(spec: str) -> tuple[list[str], str]:
     """--labels: a file (one class name per line, in class order) or cn_clip:NAME -> (names, source)."""
     if spec.startswith(CN_CLIP_PREFIX):
         sets, _ = _cn_clip_sets()
-        name = spec[len(CN_CLIP_PREFIX):]
+        name = spec[len(CN_CLIP_PREFIX) :]
         if name not in sets:
             raise UsageError(f"--labels {spec}: cn_clip has no label set {name!r} (has: {', '.join(sorted(sets))})")
         return list(sets[name]), spec
@@ -93,10 +94,11 @@ def read_templates(spec: str | None) -> tuple[list[str], str]:
         return list(CHINESE_TEMPLATES), "chinese_clip_jax.templates.CHINESE_TEMPLATES"
     if spec.startswith(CN_CLIP_PREFIX):
         _, sets = _cn_clip_sets()
-        name = spec[len(CN_CLIP_PREFIX):]
+        name = spec[len(CN_CLIP_PREFIX) :]
         if name not in sets:
-            raise UsageError(f"--templates {spec}: cn_clip has no template set {name!r} "
-                             f"(has: {', '.join(sorted(sets))})")
+            raise UsageError(
+                f"--templates {spec}: cn_clip has no template set {name!r} (has: {', '.join(sorted(sets))})"
+            )
         return [t("{}") if callable(t) else str(t) for t in sets[name]], spec
     out = []
     for n, line in _lines(spec, "--templates"):
@@ -114,9 +116,13 @@ def _load_model(src: str, resize_mode: str, dtype: str, batch_size: int):
 
     from .inference import ChineseCLIP
 
-    return ChineseCLIP.from_pretrained(src, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
-                                       resize_mode=RESIZE_MODES[resize_mode], text_batch_size=batch_size,
-                                       image_batch_size=batch_size)
+    return ChineseCLIP.from_pretrained(
+        src,
+        {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
+        resize_mode=RESIZE_MODES[resize_mode],
+        text_batch_size=batch_size,
+        image_batch_size=batch_size,
+    )
 
 
 def _to_pil(item: Any):
@@ -137,11 +143,10 @@ def _encode_images(clip, images: Sequence[Any], batch_size: int) -> np.ndarray:
 
 def run_zeroshot(args) -> dict:
     ds = open_classification(args.dataset, args.split, args.data_dir)
-    names, labels_source = (read_labels(args.labels) if args.labels else (ds.class_names, "dataset"))
+    names, labels_source = read_labels(args.labels) if args.labels else (ds.class_names, "dataset")
     if len(names) != len(ds.class_names):
         where = args.labels if args.labels else args.dataset
-        raise UsageError(f"--labels {where}: {len(names)} labels for the {len(ds.class_names)} classes of "
-                         f"{ds.source}")
+        raise UsageError(f"--labels {where}: {len(names)} labels for the {len(ds.class_names)} classes of {ds.source}")
     templates, templates_source = read_templates(args.templates)
     _check_output(args.output)
     clip = _load_model(args.model, args.resize_mode, args.dtype, args.batch_size)
@@ -150,12 +155,26 @@ def run_zeroshot(args) -> dict:
     image_embeds = _encode_images(clip, ds.images, args.batch_size)
     acc = metrics.zero_shot_accuracy(image_embeds, classes, ds.labels, topk=(1, 5))
     wall = time.perf_counter() - t0
-    return {"task": "zeroshot", **acc, "num_images": int(len(ds.labels)), "num_classes": len(names),
-            "model": args.model, "dataset": args.dataset, "split": args.split,
-            "settings": {"resize_mode": args.resize_mode, "batch_size": args.batch_size, "dtype": args.dtype,
-                         "labels": labels_source, "templates": templates_source,
-                         "num_templates": len(templates), "devices": len(clip.devices)},
-            "wall_s": round(wall, 3), "images_per_s": round(len(ds.labels) / wall, 2)}
+    return {
+        "task": "zeroshot",
+        **acc,
+        "num_images": int(len(ds.labels)),
+        "num_classes": len(names),
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "settings": {
+            "resize_mode": args.resize_mode,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "labels": labels_source,
+            "templates": templates_source,
+            "num_templates": len(templates),
+            "devices": len(clip.devices),
+        },
+        "wall_s": round(wall, 3),
+        "images_per_s": round(len(ds.labels) / wall, 2),
+    }
 
 
 def run_retrieval(args) -> dict:
@@ -168,22 +187,40 @@ def run_retrieval(args) -> dict:
     image_embeds = _encode_images(clip, ds.images, args.batch_size)
     rec = metrics.retrieval_metrics(text_embeds, image_embeds, ds.text_to_images)
     wall = time.perf_counter() - t0
-    out = {"task": "retrieval", **rec, "num_texts": len(ds.texts), "num_images": len(ds.image_ids),
-           "model": args.model, "data": args.data, "split": args.split, "layout": ds.layout,
-           "settings": {"resize_mode": args.resize_mode, "batch_size": args.batch_size, "dtype": args.dtype,
-                        "devices": len(clip.devices)},
-           "wall_s": round(wall, 3)}
+    out = {
+        "task": "retrieval",
+        **rec,
+        "num_texts": len(ds.texts),
+        "num_images": len(ds.image_ids),
+        "model": args.model,
+        "data": args.data,
+        "split": args.split,
+        "layout": ds.layout,
+        "settings": {
+            "resize_mode": args.resize_mode,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "devices": len(clip.devices),
+        },
+        "wall_s": round(wall, 3),
+    }
     if args.predictions:
         top = metrics.topk_indices(text_embeds, image_embeds, max(metrics.RECALL_KS))
-        lines = [json.dumps({"text_id": tid, "image_ids": [ds.image_ids[j] for j in row]}, ensure_ascii=False)
-                 for tid, row in zip(ds.text_ids, top.tolist())]
+        lines = [
+            json.dumps({"text_id": tid, "image_ids": [ds.image_ids[j] for j in row]}, ensure_ascii=False)
+            for tid, row in zip(ds.text_ids, top.tolist())
+        ]
         _write_atomic(args.predictions, "\n".join(lines) + "\n")
         out["predictions"] = os.path.abspath(args.predictions)
     if args.features_dir:
         d = Path(args.features_dir)
         d.mkdir(parents=True, exist_ok=True)
-        for name, arr in (("text_features", text_embeds), ("image_features", image_embeds),
-                          ("text_ids", np.asarray(ds.text_ids)), ("image_ids", np.asarray(ds.image_ids))):
+        for name, arr in (
+            ("text_features", text_embeds),
+            ("image_features", image_embeds),
+            ("text_ids", np.asarray(ds.text_ids)),
+            ("image_ids", np.asarray(ds.image_ids)),
+        ):
             np.save(d / f"{name}.npy", arr)
         out["features_dir"] = str(d.resolve())
     return out
@@ -211,8 +248,12 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp, default_split, default_resize):
         sp.add_argument("--model", required=True, help="anything ccj.from_pretrained reads")
         sp.add_argument("--split", default=default_split)
-        sp.add_argument("--resize-mode", choices=sorted(RESIZE_MODES), default=default_resize,
-                        help="crop: shortest edge + center crop (transformers); squash: cn_clip's eval resize")
+        sp.add_argument(
+            "--resize-mode",
+            choices=sorted(RESIZE_MODES),
+            default=default_resize,
+            help="crop: shortest edge + center crop (transformers); squash: cn_clip's eval resize",
+        )
         sp.add_argument("--batch-size", type=int, default=64, help="rows per device step (rounded to devices)")
         sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
         sp.add_argument("--output", help="write the results JSON here (also printed)")

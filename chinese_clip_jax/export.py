@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,10 @@ class ExportedCLIP:
         directory = os.fspath(directory)
         meta_path = os.path.join(directory, META_FILE)
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{directory} is not an export directory: no {META_FILE} "
-                                    "(write one with `python -m convert SRC OUT --export`)")
+            raise FileNotFoundError(
+                f"{directory} is not an export directory: no {META_FILE} "
+                "(write one with `python -m convert SRC OUT --export`)"
+            )
         with open(meta_path, encoding="utf-8") as f:
             self.meta = json.load(f)
         if self.meta.get("format") != FORMAT:
@@ -74,8 +77,9 @@ class ExportedCLIP:
         """(B, context_length) token ids (and 0/1 mask; default all ones) -> (B, D) float32."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
-            raise ValueError(f"input_ids must be (batch, {self.context_length}) (the exported context length), "
-                             f"got shape {ids.shape}")
+            raise ValueError(
+                f"input_ids must be (batch, {self.context_length}) (the exported context length), got shape {ids.shape}"
+            )
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
@@ -113,8 +117,16 @@ def output_names() -> tuple[str, ...]:
     return own + tuple(n + ".tmp" for n in own[:3]) + ("config.json",) + PROCESSOR_FILES
 
 
-def save_exported(out: str | os.PathLike, cfg, params: Any, *, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                  context_length: int = 52, dtype: Any = jnp.float32, processor_from: str | None = None) -> str:
+def save_exported(
+    out: str | os.PathLike,
+    cfg,
+    params: Any,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    context_length: int = 52,
+    dtype: Any = jnp.float32,
+    processor_from: str | None = None,
+) -> str:
     """Writes the serving export of ``(cfg, params)`` into directory ``out``; returns it.
 
     platforms: any of "cpu", "cuda", "tpu", "rocm" (one artefact runs on each). context_length:
@@ -135,8 +147,10 @@ def save_exported(out: str | os.PathLike, cfg, params: Any, *, platforms: Sequen
         raise ValueError(f"platforms must be some of cpu, cuda, tpu, rocm; got {list(platforms)}")
     existing = [n for n in output_names() if os.path.lexists(os.path.join(out, n))]
     if existing:
-        raise FileExistsError(f"{os.path.join(out, existing[0])} already exists; an export never overwrites: "
-                              "choose a new or empty directory")
+        raise FileExistsError(
+            f"{os.path.join(out, existing[0])} already exists; an export never overwrites: "
+            "choose a new or empty directory"
+        )
     flat = {k: np.asarray(v, np.float32) for k, v in check_params(nn.unbox(params), cfg).items()}
     # "xla" attention: plain XLA ops, which lower for every platform (no cuDNN custom call).
     model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl="xla")
@@ -172,9 +186,15 @@ def save_exported(out: str | os.PathLike, cfg, params: Any, *, platforms: Sequen
     write_safetensors(os.path.join(out, PARAMS_FILE), lambda: iter(sorted(flat.items())))
     cfg.save(out)
     copy_processor_files(out, cfg, processor_from)
-    meta = {"format": FORMAT, "platforms": list(platforms), "context_length": int(context_length),
-            "image_size": v.image_size, "projection_dim": cfg.projection_dim,
-            "compute_dtype": jnp.dtype(dtype).name, "jax_version": jax.__version__}
+    meta = {
+        "format": FORMAT,
+        "platforms": list(platforms),
+        "context_length": int(context_length),
+        "image_size": v.image_size,
+        "projection_dim": cfg.projection_dim,
+        "compute_dtype": jnp.dtype(dtype).name,
+        "jax_version": jax.__version__,
+    }
     with open(os.path.join(out, META_FILE), "w", encoding="utf-8") as f:  # last: marks the export complete
         json.dump(meta, f, indent=2)
     return out

@@ -43,8 +43,9 @@ _LATE_NOISE = ("Event loop is closed", "sys.meta_path is None")
 
 def _closed_loop_filter(previous):
     def hook(u):
-        if not (isinstance(u.exc_value, (RuntimeError, ImportError))
-                and any(t in str(u.exc_value) for t in _LATE_NOISE)):
+        if not (
+            isinstance(u.exc_value, (RuntimeError, ImportError)) and any(t in str(u.exc_value) for t in _LATE_NOISE)
+        ):
             previous(u)
 
     hook._ccj_filter = True

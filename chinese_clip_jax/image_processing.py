@@ -20,7 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
@@ -28,14 +28,21 @@ import PIL.ImageOps
 
 from .image_settings import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings
 
-__all__ = ["ImagePreprocessor", "ImageLoadError", "ImageInput", "to_rgb", "normalize_pixels",
-           "apply_normalize_table", "MAX_RESIZED_PIXELS"]
+__all__ = [
+    "ImagePreprocessor",
+    "ImageLoadError",
+    "ImageInput",
+    "to_rgb",
+    "normalize_pixels",
+    "apply_normalize_table",
+    "MAX_RESIZED_PIXELS",
+]
 
 logger = logging.getLogger(__name__)
 
 MAX_RESIZED_PIXELS = 1 << 26  # 64 Mpixel; above this, resize only the centre-crop window (extreme aspect ratios)
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, str, os.PathLike]
+ImageInput = PIL.Image.Image | np.ndarray | str | os.PathLike
 
 
 class ImageLoadError(ValueError):
@@ -115,8 +122,9 @@ class ImagePreprocessor:
     (PIL releases the GIL); 1 = in the calling thread.
     """
 
-    def __init__(self, settings: ImageSettings | None = None, resize_mode: str = "processor",
-                 num_threads: int | None = None):
+    def __init__(
+        self, settings: ImageSettings | None = None, resize_mode: str = "processor", num_threads: int | None = None
+    ):
         if resize_mode not in ("processor", "squash"):
             raise ValueError(f"resize_mode must be 'processor' or 'squash', got {resize_mode!r}")
         self.settings = settings or ImageSettings()
@@ -126,8 +134,9 @@ class ImagePreprocessor:
         if resize_mode == "squash":
             self._table = _normalize_table(None, s.image_mean, s.image_std, torch_style=True)
         else:
-            self._table = _normalize_table(s.rescale_factor if s.do_rescale else None,
-                                           s.image_mean if s.do_normalize else None, s.image_std)
+            self._table = _normalize_table(
+                s.rescale_factor if s.do_rescale else None, s.image_mean if s.do_normalize else None, s.image_std
+            )
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -145,7 +154,8 @@ class ImagePreprocessor:
         Raises ImageLoadError naming the image (its position, counted from start_index).
         """
         if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        ):
             images = [images]
         images = list(images)
         if not images:
@@ -198,8 +208,7 @@ class ImagePreprocessor:
             # and the uint8 rounding between them moves pixels by a grey level or two. Only for
             # extreme aspect ratios (a 1x4000 strip -> 224x896000) is the work bounded that way.
             if new_w * new_h > MAX_RESIZED_PIXELS and s.do_center_crop:
-                img = _resize_crop_window(img, new_w, new_h, s.crop_size["height"], s.crop_size["width"],
-                                          s.resample)
+                img = _resize_crop_window(img, new_w, new_h, s.crop_size["height"], s.crop_size["width"], s.resample)
             else:
                 img = img.resize((new_w, new_h), resample=s.resample)
         arr = np.asarray(img)
@@ -259,10 +268,10 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
     h, w = arr.shape[:2]
     top, left = (h - ch) // 2, (w - cw) // 2
     if top >= 0 and left >= 0:
-        return arr[top:top + ch, left:left + cw]
+        return arr[top : top + ch, left : left + cw]
     nh, nw = max(ch, h), max(cw, w)
     pad_top, pad_left = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil, as transformers
     canvas = np.zeros((nh, nw, 3), arr.dtype)
-    canvas[pad_top:pad_top + h, pad_left:pad_left + w] = arr
+    canvas[pad_top : pad_top + h, pad_left : pad_left + w] = arr
     top, left = top + pad_top, left + pad_left
-    return canvas[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+    return canvas[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]

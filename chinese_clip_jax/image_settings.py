@@ -19,8 +19,14 @@ import PIL.Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSettings", "read_image_settings", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
-           "PROCESSOR_CONFIG", "PREPROCESSOR_CONFIG"]
+__all__ = [
+    "ImageSettings",
+    "read_image_settings",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "PROCESSOR_CONFIG",
+    "PREPROCESSOR_CONFIG",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,12 +86,12 @@ class ImageSettings:
             raise ValueError(f"resample must be a PIL filter number {sorted(_RESAMPLE)}, got {self.resample!r}")
 
     @classmethod
-    def at_resolution(cls, r: int) -> "ImageSettings":
+    def at_resolution(cls, r: int) -> ImageSettings:
         """transformers' default settings for a model of input size r x r (shortest edge r, crop r x r)."""
         return cls(size={"shortest_edge": r}, crop_size={"height": r, "width": r})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageSettings":
+    def from_dict(cls, d: dict) -> ImageSettings:
         """Reads a preprocessor_config.json dict the way transformers does.
 
         An int `size` means the shortest edge, a [h, w] list means height/width; an int
@@ -117,8 +123,13 @@ class ImageSettings:
     def to_dict(self) -> dict:
         """The preprocessor_config.json that transformers' ChineseCLIPProcessor reads back the same."""
         d = dataclasses.asdict(self)
-        d.update(image_mean=list(self.image_mean), image_std=list(self.image_std), do_convert_rgb=True,
-                 image_processor_type="ChineseCLIPImageProcessor", processor_class="ChineseCLIPProcessor")
+        d.update(
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+            do_convert_rgb=True,
+            image_processor_type="ChineseCLIPImageProcessor",
+            processor_class="ChineseCLIPProcessor",
+        )
         return d
 
     def output_size(self) -> tuple[int, int]:

@@ -12,7 +12,8 @@ over a ``sharding.make_mesh`` mesh of the given local devices, params replicated
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +43,31 @@ class ChineseCLIP:
     local devices). text_batch_size / image_batch_size: defaults of encode_text / encode_image.
     """
 
-    def __init__(self, model: ChineseCLIPModel, params: Any, processor: ChineseCLIPProcessor | None = None,
-                 *, devices: Sequence[jax.Device] | None = None, text_batch_size: int = 64,
-                 image_batch_size: int = 32):
+    def __init__(
+        self,
+        model: ChineseCLIPModel,
+        params: Any,
+        processor: ChineseCLIPProcessor | None = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        text_batch_size: int = 64,
+        image_batch_size: int = 32,
+    ):
         self.model = model
         self.config = model.config
         r = self.config.vision_config.image_size
         if processor is None:
             processor = ChineseCLIPProcessor(image_settings=ImageSettings.at_resolution(r))
         if processor.image_size != (r, r):
-            raise ValueError(f"the processor makes {processor.image_size} images but the model takes {(r, r)}; "
-                             f"pass a processor with crop_size {r}")
+            raise ValueError(
+                f"the processor makes {processor.image_size} images but the model takes {(r, r)}; "
+                f"pass a processor with crop_size {r}"
+            )
         if len(processor.tokenizer) > self.config.text_config.vocab_size:
-            raise ValueError(f"tokenizer has {len(processor.tokenizer)} tokens, the model's vocab only "
-                             f"{self.config.text_config.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {len(processor.tokenizer)} tokens, the model's vocab only "
+                f"{self.config.text_config.vocab_size}"
+            )
         self.processor = processor
         self.devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = shd.make_mesh(devices=self.devices)
@@ -68,10 +80,20 @@ class ChineseCLIP:
         self._image_fn = self.encoder._image_fn
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike, dtype: Any = jnp.float32, *,
-                        processor: ChineseCLIPProcessor | None = None, resize_mode: str = "processor",
-                        arch: str | None = None, attention_impl: str | None = None, scan_layers: bool = False,
-                        image_size: int | None = None, precision: str | None = None, **kwargs) -> "ChineseCLIP":
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        dtype: Any = jnp.float32,
+        *,
+        processor: ChineseCLIPProcessor | None = None,
+        resize_mode: str = "processor",
+        arch: str | None = None,
+        attention_impl: str | None = None,
+        scan_layers: bool = False,
+        image_size: int | None = None,
+        precision: str | None = None,
+        **kwargs,
+    ) -> ChineseCLIP:
         """Loads anything `ccj.from_pretrained` reads (HF dir, hub id, cn_clip .pt, our Flax dir).
 
         The processor comes from the checkpoint directory (its vocab and preprocessor_config.json)
@@ -84,13 +106,23 @@ class ChineseCLIP:
         """
         from .conversion import from_pretrained as load
 
-        model, params = load(src, dtype, arch=arch, scan_layers=scan_layers, attention_impl=attention_impl,
-                             image_size=image_size, precision=precision)
+        model, params = load(
+            src,
+            dtype,
+            arch=arch,
+            scan_layers=scan_layers,
+            attention_impl=attention_impl,
+            image_size=image_size,
+            precision=precision,
+        )
         if processor is None:
             processor = _processor_for(src, model.config.vision_config.image_size, resize_mode)
             if processor.image_size != (model.config.vision_config.image_size,) * 2:  # image_size changed it
-                processor = ChineseCLIPProcessor(processor.tokenizer, ImageSettings.at_resolution(
-                    model.config.vision_config.image_size), resize_mode=resize_mode)
+                processor = ChineseCLIPProcessor(
+                    processor.tokenizer,
+                    ImageSettings.at_resolution(model.config.vision_config.image_size),
+                    resize_mode=resize_mode,
+                )
         return cls(model, params, processor, **kwargs)
 
     @property
@@ -101,44 +133,56 @@ class ChineseCLIP:
     def bucket_sizes(self, batch_size: int) -> tuple[int, ...]:
         return self.encoder.bucket_sizes(batch_size)
 
-    def encode_text(self, texts: str | Sequence[str], batch_size: int | None = None,
-                    progress: bool | None = None) -> np.ndarray:
+    def encode_text(
+        self, texts: str | Sequence[str], batch_size: int | None = None, progress: bool | None = None
+    ) -> np.ndarray:
         """texts -> (N, projection_dim) float32, L2-normalized (context length of the processor)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.config.projection_dim), np.float32)
         enc = self.processor.tokenize(texts)
-        return self.encoder.encode_text(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
-                                        batch_size=batch_size or self.text_batch_size, progress=progress)
+        return self.encoder.encode_text(
+            enc["input_ids"],
+            enc["attention_mask"],
+            enc["token_type_ids"],
+            batch_size=batch_size or self.text_batch_size,
+            progress=progress,
+        )
 
-    def encode_image(self, images: Sequence[Any] | Any, batch_size: int | None = None,
-                     progress: bool | None = None) -> np.ndarray:
+    def encode_image(
+        self, images: Sequence[Any] | Any, batch_size: int | None = None, progress: bool | None = None
+    ) -> np.ndarray:
         """Images (PIL images, uint8 arrays, paths) -> (N, projection_dim) float32, L2-normalized.
 
         images: one image, a sequence of them, or a uint8 (N, H, W, C) array; decoded batch by
         batch. An unreadable image raises processing.ImageLoadError naming it and the reason.
         """
         if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        ):
             images = [images]
         if not isinstance(images, (list, tuple, np.ndarray)):
             images = list(images)
-        return self.encoder.encode_images(images, self.processor.preprocess_images,
-                                          batch_size=batch_size or self.image_batch_size, progress=progress)
+        return self.encoder.encode_images(
+            images, self.processor.preprocess_images, batch_size=batch_size or self.image_batch_size, progress=progress
+        )
 
-    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None,
-                         batch_size: int | None = None) -> np.ndarray:
+    def class_embeddings(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
         """(N_labels, D): each label embedded in every template, averaged, L2-normalized."""
         labels = list(labels)
         templates = list(CHINESE_TEMPLATES if templates is None else templates)
         if not labels or not templates:
             raise ValueError("zero-shot needs at least one label and one template")
         prompts = [[fill(t, str(label)) for t in templates] for label in labels]
-        return self.encoder.class_embeddings(prompts, self.processor.tokenize,
-                                             batch_size=batch_size or self.text_batch_size)
+        return self.encoder.class_embeddings(
+            prompts, self.processor.tokenize, batch_size=batch_size or self.text_batch_size
+        )
 
-    def zero_shot(self, images, labels: Sequence[str], templates: Sequence[str] | None = None,
-                  batch_size: int | None = None) -> np.ndarray:
+    def zero_shot(
+        self, images, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
         """(N_images, N_labels) probabilities: softmax over labels of exp(logit_scale) * cosine.
 
         templates: strings with one "{}" (default: templates.CHINESE_TEMPLATES).

@@ -36,8 +36,7 @@ _HI = jax.lax.Precision.HIGHEST
 def _check(text_embeds: jax.Array, image_embeds: jax.Array) -> None:
     if text_embeds.ndim != 2 or text_embeds.shape != image_embeds.shape:
         raise ValueError(
-            f"text_embeds and image_embeds must both be (batch, dim), got {text_embeds.shape} and "
-            f"{image_embeds.shape}"
+            f"text_embeds and image_embeds must both be (batch, dim), got {text_embeds.shape} and {image_embeds.shape}"
         )
 
 

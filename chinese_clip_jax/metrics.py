@@ -28,12 +28,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["RECALL_KS", "retrieval_metrics", "zero_shot_accuracy", "topk_indices", "RetrievalAnnotations",
-           "load_retrieval_jsonl"]
+__all__ = [
+    "RECALL_KS",
+    "retrieval_metrics",
+    "zero_shot_accuracy",
+    "topk_indices",
+    "RetrievalAnnotations",
+    "load_retrieval_jsonl",
+]
 
 RECALL_KS = (1, 5, 10)
 
@@ -78,26 +84,25 @@ def topk_indices(queries, candidates, k: int, block_size: int = 2048) -> np.ndar
     ends = np.append(starts[1:], len(order))
     out = np.empty((len(uq), k), np.int64)
     for r in range(len(uq)):
-        members = [order[starts[u]:ends[u]] for u in top_u[r]]
+        members = [order[starts[u] : ends[u]] for u in top_u[r]]
         idx = np.concatenate(members)
         sc = np.repeat(score_u[r], [len(m) for m in members])
         out[r] = idx[np.lexsort((idx, -sc))[:k]]
     return out[q_inv]
 
 
-def _topk_distinct(queries: np.ndarray, candidates: np.ndarray, k: int, block_size: int,
-                   return_scores: bool = False):
+def _topk_distinct(queries: np.ndarray, candidates: np.ndarray, k: int, block_size: int, return_scores: bool = False):
     """(N, D), (M, D) -> (N, min(k, M)) candidate indices by descending score, ties by lower index."""
     n, m = len(queries), len(candidates)
     k = min(k, m)
     out = np.empty((n, k), np.int64)
     out_s = np.empty((n, k), np.float32)
     for q0 in range(0, n, block_size):
-        q = queries[q0:q0 + block_size]
+        q = queries[q0 : q0 + block_size]
         best_s = np.empty((len(q), 0), np.float32)
         best_i = np.empty((len(q), 0), np.int64)
         for c0 in range(0, m, block_size):  # increasing index order: needed for the tie rule
-            s = q @ candidates[c0:c0 + block_size].T
+            s = q @ candidates[c0 : c0 + block_size].T
             bs, bi = _block_topk(s, k)
             s_cat = np.concatenate([best_s, bs], axis=1)
             i_cat = np.concatenate([best_i, bi + c0], axis=1)
@@ -105,8 +110,8 @@ def _topk_distinct(queries: np.ndarray, candidates: np.ndarray, k: int, block_si
             order = np.argsort(-s_cat, axis=1, kind="stable")[:, :k]
             best_s = np.take_along_axis(s_cat, order, axis=1)
             best_i = np.take_along_axis(i_cat, order, axis=1)
-        out[q0:q0 + len(q)] = best_i
-        out_s[q0:q0 + len(q)] = best_s
+        out[q0 : q0 + len(q)] = best_i
+        out_s[q0 : q0 + len(q)] = best_s
     return (out, out_s) if return_scores else out
 
 
@@ -140,8 +145,9 @@ def _recalls(top: np.ndarray, positives: Sequence[Sequence[int]], ks=RECALL_KS) 
     return [float(np.mean(first_hit < kk)) for kk in ks]
 
 
-def retrieval_metrics(text_embeds, image_embeds, text_to_images: Sequence[Sequence[int]],
-                      block_size: int = 2048) -> dict[str, float]:
+def retrieval_metrics(
+    text_embeds, image_embeds, text_to_images: Sequence[Sequence[int]], block_size: int = 2048
+) -> dict[str, float]:
     """Text-image retrieval recall with several positives per query.
 
     text_embeds: (N, D); image_embeds: (M, D); text_to_images[i]: indices into image_embeds of
@@ -178,8 +184,9 @@ def retrieval_metrics(text_embeds, image_embeds, text_to_images: Sequence[Sequen
     return out
 
 
-def zero_shot_accuracy(image_embeds, class_embeds, labels, topk: Sequence[int] = (1, 5),
-                       block_size: int = 2048) -> dict[str, float]:
+def zero_shot_accuracy(
+    image_embeds, class_embeds, labels, topk: Sequence[int] = (1, 5), block_size: int = 2048
+) -> dict[str, float]:
     """Zero-shot classification accuracy from embeddings.
 
     image_embeds: (N, D); class_embeds: (C, D) (one, e.g. template-averaged, embedding per
@@ -245,5 +252,9 @@ def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = N
         if missing:
             raise ValueError(f"text_id {text_id}: image id {missing[0]} is not in the image pool")
         text_to_images.append([index[i] for i in ids])
-    return RetrievalAnnotations(text_ids=[r[0] for r in records], texts=[r[1] for r in records],
-                                image_ids=list(image_ids), text_to_images=text_to_images)
+    return RetrievalAnnotations(
+        text_ids=[r[0] for r in records],
+        texts=[r[1] for r in records],
+        image_ids=list(image_ids),
+        text_to_images=text_to_images,
+    )

@@ -20,13 +20,17 @@ from etils import epath
 __all__ = ["as_path", "scheme_of", "is_local", "copy_tree", "SCHEMES"]
 
 # scheme -> (fsspec implementation module, pip package); epath serves exactly these URI schemes.
-SCHEMES = {"gs": ("gcsfs", "gcsfs"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs"),
-           "hf": ("huggingface_hub", "huggingface_hub")}
+SCHEMES = {
+    "gs": ("gcsfs", "gcsfs"),
+    "s3": ("s3fs", "s3fs"),
+    "az": ("adlfs", "adlfs"),
+    "hf": ("huggingface_hub", "huggingface_hub"),
+}
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def scheme_of(path) -> str | None:
-    """"gs://b/x" -> "gs"; a local path -> None."""
+    """ "gs://b/x" -> "gs"; a local path -> None."""
     m = _URI.match(os.fspath(path) if not isinstance(path, str) else path)
     return m.group(1).lower() if m else None
 
@@ -62,8 +66,9 @@ def as_path(path, *, what: str = "path") -> epath.Path:
         supported = ", ".join(f"{s}://" for s in SCHEMES)
         raise ValueError(f"{what} {text!r}: unsupported scheme {scheme}:// (supported: local paths, {supported})")
     if not _backend_installed(scheme):
-        raise ImportError(f"{what} {text!r}: the {scheme}:// backend is not installed; "
-                          f"pip install {SCHEMES[scheme][1]}")
+        raise ImportError(
+            f"{what} {text!r}: the {scheme}:// backend is not installed; pip install {SCHEMES[scheme][1]}"
+        )
     return epath.Path(text)
 
 

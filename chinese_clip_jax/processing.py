@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,17 @@ from .image_processing import (  # noqa: F401 - re-exported: the processor's pub
 )
 from .image_settings import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, read_image_settings
 
-__all__ = ["ChineseCLIPProcessor", "ImagePreprocessor", "ImageSettings", "ImageLoadError", "to_rgb",
-           "normalize_pixels", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "DEFAULT_CONTEXT_LENGTH"]
+__all__ = [
+    "ChineseCLIPProcessor",
+    "ImagePreprocessor",
+    "ImageSettings",
+    "ImageLoadError",
+    "to_rgb",
+    "normalize_pixels",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "DEFAULT_CONTEXT_LENGTH",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +74,14 @@ class ChineseCLIPProcessor:
     ChineseCLIPProcessor.from_pretrained(dir_or_hub_id) uses the checkpoint's own files.
     """
 
-    def __init__(self, tokenizer=None, image_settings: ImageSettings | dict | None = None,
-                 context_length: int = DEFAULT_CONTEXT_LENGTH, resize_mode: str = "processor",
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        tokenizer=None,
+        image_settings: ImageSettings | dict | None = None,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        resize_mode: str = "processor",
+        num_threads: int | None = None,
+    ):
         if isinstance(image_settings, dict):
             image_settings = ImageSettings.from_dict(image_settings)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(ASSETS_DIR)
@@ -74,7 +89,7 @@ class ChineseCLIPProcessor:
         self.image_processor = ImagePreprocessor(image_settings, resize_mode, num_threads)
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike, **kwargs) -> "ChineseCLIPProcessor":
+    def from_pretrained(cls, src: str | os.PathLike, **kwargs) -> ChineseCLIPProcessor:
         """src: a checkpoint directory or a hub id (downloaded when online).
 
         Reads the tokenizer files (tokenizer_config.json / tokenizer.json / vocab.txt) and the
@@ -95,8 +110,10 @@ class ChineseCLIPProcessor:
         if "image_settings" not in kwargs:
             kwargs["image_settings"] = read_image_settings(directory)
             if kwargs["image_settings"] is None:
-                logger.warning("no processor_config.json or preprocessor_config.json in %s: using transformers' "
-                               "defaults", directory)
+                logger.warning(
+                    "no processor_config.json or preprocessor_config.json in %s: using transformers' defaults",
+                    directory,
+                )
         return cls(tokenizer=tokenizer, **kwargs)
 
     @property
@@ -104,9 +121,14 @@ class ChineseCLIPProcessor:
         """(height, width) of pixel_values."""
         return self.image_processor.image_size
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, *,
-                 padding: bool | str | None = None, truncation: bool | str | None = None
-                 ) -> dict[str, np.ndarray | list]:
+    def tokenize(
+        self,
+        texts: str | Sequence[str],
+        context_length: int | None = None,
+        *,
+        padding: bool | str | None = None,
+        truncation: bool | str | None = None,
+    ) -> dict[str, np.ndarray | list]:
         """texts -> {"input_ids", "attention_mask", "token_type_ids"}, int32 (N, L).
 
         With no ``padding``: padded and truncated to context_length (52 unless given) with
@@ -124,8 +146,10 @@ class ChineseCLIPProcessor:
             raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
         bad = [i for i, t in enumerate(texts) if not _is_encodable(t)]
         if bad:
-            raise ValueError(f"text {bad[0]} ({texts[bad[0]]!r}) is not valid Unicode (a lone surrogate); "
-                             "texts must be encodable as UTF-8")
+            raise ValueError(
+                f"text {bad[0]} ({texts[bad[0]]!r}) is not valid Unicode (a lone surrogate); "
+                "texts must be encodable as UTF-8"
+            )
         if padding is None:  # the fixed-length default
             padding, truncation = "max_length", True if truncation is None else truncation
         if truncation is None:  # transformers' default once padding is explicit
@@ -140,8 +164,14 @@ class ChineseCLIPProcessor:
         if not texts:
             z = np.zeros((0, length or 0), np.int32)
             return {"input_ids": z, "attention_mask": z.copy(), "token_type_ids": z.copy()}
-        enc = self.tokenizer(texts, padding=padding, max_length=None if length is None else int(length),
-                             truncation=truncation, return_token_type_ids=True, return_attention_mask=True)
+        enc = self.tokenizer(
+            texts,
+            padding=padding,
+            max_length=None if length is None else int(length),
+            truncation=truncation,
+            return_token_type_ids=True,
+            return_attention_mask=True,
+        )
         keys = ("input_ids", "attention_mask", "token_type_ids")
         if len({len(row) for row in enc["input_ids"]}) > 1:
             return {k: [list(row) for row in enc[k]] for k in keys}
@@ -154,13 +184,21 @@ class ChineseCLIPProcessor:
         """
         return self.image_processor(images, start_index)
 
-    def __call__(self, text=None, images=None, return_tensors: str | None = "np", max_length: int | None = None,
-                 padding: bool | str | None = None, truncation: bool | str | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        text=None,
+        images=None,
+        return_tensors: str | None = "np",
+        max_length: int | None = None,
+        padding: bool | str | None = None,
+        truncation: bool | str | None = None,
+    ) -> dict[str, Any]:
         """Either or both of text and images -> dict of arrays, as transformers' processor.
 
         padding / truncation / max_length: as transformers' (see ``tokenize``); without padding,
-        a fixed length of 52 (or max_length) with truncation, so jitted shapes stay fixed. return_tensors: "np" (and None), "jax", or "pt" (torch tensors,
-        int64 ids as transformers; needs torch).
+        a fixed length of 52 (or max_length) with truncation, so jitted shapes stay fixed.
+        return_tensors: "np" (and None), "jax", or "pt" (torch tensors, int64 ids as
+        transformers; needs torch).
         """
         if text is None and images is None:
             raise ValueError("give text, images or both")
@@ -170,8 +208,10 @@ class ChineseCLIPProcessor:
         if text is not None:
             out.update(self.tokenize(text, max_length, padding=padding, truncation=truncation))
             if return_tensors is not None and isinstance(out["input_ids"], list):
-                raise ValueError(f"padding={padding!r} left rows of different lengths, which return_tensors="
-                                 f"{return_tensors!r} cannot stack; pad (padding=True) or pass return_tensors=None")
+                raise ValueError(
+                    f"padding={padding!r} left rows of different lengths, which return_tensors="
+                    f"{return_tensors!r} cannot stack; pad (padding=True) or pass return_tensors=None"
+                )
         if images is not None:
             out["pixel_values"] = self.preprocess_images(images)
         if return_tensors == "jax":

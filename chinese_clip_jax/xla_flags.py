@@ -45,7 +45,8 @@ def apply(name: str = "none") -> list[str]:
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():
-        warnings.warn(f"XLA GPU flags {added} set after the backend started: they take effect in a new process",
-                      stacklevel=2)
+        warnings.warn(
+            f"XLA GPU flags {added} set after the backend started: they take effect in a new process", stacklevel=2
+        )
     os.environ["XLA_FLAGS"] = " ".join(current + added)
     return added

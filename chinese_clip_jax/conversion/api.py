@@ -35,7 +35,9 @@ def expected_shapes(cfg: ChineseCLIPConfig) -> dict[str, tuple[int, ...]]:
     model = ChineseCLIPModel(cfg)
     v = cfg.vision_config
     shapes = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+        model.init,
+        jax.random.key(0),
+        jnp.zeros((1, 2), jnp.int32),
         jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32),
     )
     from flax import linen as nn
@@ -63,20 +65,26 @@ def hf_to_flax(source: TensorSource, cfg: ChineseCLIPConfig, rename: dict | None
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:30])}" + (" ..." if len(missing) > 30 else ""))
+            parts.append(
+                f"missing keys ({len(missing)}): {', '.join(missing[:30])}" + (" ..." if len(missing) > 30 else "")
+            )
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:30])}"
-                         + (" ..." if len(unexpected) > 30 else ""))
+            parts.append(
+                f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:30])}"
+                + (" ..." if len(unexpected) > 30 else "")
+            )
         raise CheckpointError(f"{source.path} does not match the configured architecture: " + "; ".join(parts))
     not_float = sorted({src for n in wanted for src, _, _ in rename[n] if not source.is_float(src)})
     if not_float:
-        raise CheckpointError(f"{source.path}: weights must be floating point; {len(not_float)} tensors are not "
-                              f"(e.g. {not_float[0]!r}): an integer or bool checkpoint is not a model")
+        raise CheckpointError(
+            f"{source.path}: weights must be floating point; {len(not_float)} tensors are not "
+            f"(e.g. {not_float[0]!r}): an integer or bool checkpoint is not a model"
+        )
 
     cache: dict[str, np.ndarray] = {}  # one fused cn_clip in_proj tensor, reused for q, k, v
 
     def read(hf_name: str) -> np.ndarray:
-        (src_name, op, part), = rename[hf_name]
+        ((src_name, op, part),) = rename[hf_name]
         if op == "split":
             if src_name not in cache:
                 cache.clear()
@@ -108,13 +116,19 @@ def check_params(params: dict, cfg: ChineseCLIPConfig) -> dict:
     expected.update({k: shape for k, shape in mapping.FLAX_ONLY.items() if k in flat})  # optional params
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
-    wrong = [f"{k} {tuple(flat[k].shape)} (expected {expected[k]})"
-             for k in sorted(set(flat) & set(expected)) if tuple(flat[k].shape) != expected[k]]
+    wrong = [
+        f"{k} {tuple(flat[k].shape)} (expected {expected[k]})"
+        for k in sorted(set(flat) & set(expected))
+        if tuple(flat[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             "params do not match the config: "
-            + "; ".join(f"{what} {', '.join(names[:20])}" for what, names in
-                        (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
+            + "; ".join(
+                f"{what} {', '.join(names[:20])}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if names
+            )
         )
     return flat
 
@@ -132,8 +146,17 @@ def flax_to_hf(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- locating sources
 
-HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*", "vocab.txt",
-             "preprocessor_config.json", "processor_config.json", "tokenizer*", "special_tokens_map.json"]
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model.bin*",
+    "vocab.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+]
 
 
 def _is_cn_clip(names) -> bool:
@@ -148,8 +171,14 @@ class Loaded(NamedTuple):
 
 
 # Tokenizer and image-settings files carried over from the source checkpoint (transformers 4 and 5 names).
-PROCESSOR_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def output_names(to: str) -> tuple[str, ...]:
@@ -222,12 +251,20 @@ def from_pretrained(
     scan_layers = resolve_scan_layers(scan_layers)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
     bias = float(params["logit_bias"]) if "logit_bias" in params else None
-    model = ChineseCLIPModel(cfg, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
-                             precision=precision, logit_bias_init=bias)
+    model = ChineseCLIPModel(
+        cfg,
+        dtype=dtype,
+        attention_impl=attention_impl,
+        scan_layers=scan_layers,
+        remat=remat,
+        precision=precision,
+        logit_bias_init=bias,
+    )
     return model, params
 
 
 # --------------------------------------------------------------------------- writers
+
 
 def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
     """Streams ``(name, array)`` pairs into one safetensors file, converting one tensor at a time.
@@ -261,14 +298,21 @@ def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
         raise
 
 
-def save_pretrained(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
-                    processor_from: str | None = None) -> str:
+def save_pretrained(
+    path: str | os.PathLike,
+    cfg: ChineseCLIPConfig,
+    params: dict,
+    dtype: str = "float32",
+    processor_from: str | None = None,
+) -> str:
     """Writes the HF layout (``config.json`` + ``model.safetensors`` + ``vocab.txt``) that
     ``transformers.ChineseCLIPModel.from_pretrained`` loads with no missing or unexpected keys."""
     path = os.fspath(path)
     if cfg.is_resnet:
-        raise ValueError("transformers has no ResNet (RN50) Chinese-CLIP: write this model as Flax (--to flax) "
-                         "or as a cn_clip .pt (--to pt), not in the HF layout")
+        raise ValueError(
+            "transformers has no ResNet (RN50) Chinese-CLIP: write this model as Flax (--to flax) "
+            "or as a cn_clip .pt (--to pt), not in the HF layout"
+        )
     flat = check_params(_unboxed(params), cfg)  # validate before touching the directory
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, "model.safetensors"), lambda: iter_hf_tensors(flat, cfg), dtype)
@@ -301,8 +345,13 @@ def _unboxed(params: dict) -> dict:
     return nn.unbox(params)
 
 
-def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dtype: str = "float32",
-              processor_from: str | None = None) -> str:
+def save_flax(
+    path: str | os.PathLike,
+    cfg: ChineseCLIPConfig,
+    params: dict,
+    dtype: str = "float32",
+    processor_from: str | None = None,
+) -> str:
     """Writes an Orbax checkpoint of the params (``path/params``) plus ``config.json`` and ``vocab.txt``."""
     import orbax.checkpoint as ocp
 
@@ -319,16 +368,20 @@ def save_flax(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict, dty
     from ..failures import first_line, is_disk_full, quiet_orbax_failures
 
     try:
-        with quiet_orbax_failures(), ocp.Checkpointer(
-                ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt:
+        with (
+            quiet_orbax_failures(),
+            ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1, use_ocdbt=False)) as ckpt,
+        ):
             ckpt.save(target, ocp.args.StandardSave(params))
     except BaseException as e:  # full disk, interrupted: no half-written params/ or Orbax temp dir left
         for name in os.listdir(path):
             if name == FLAX_PARAMS_DIR or name.startswith(FLAX_PARAMS_DIR + ".orbax-checkpoint-tmp"):
                 shutil.rmtree(os.path.join(path, name), ignore_errors=True)
         if is_disk_full(e):
-            raise OSError(f"writing {target} failed: disk full or file-size limit ({first_line(e, 160)}); "
-                          "its temporary files were removed") from None
+            raise OSError(
+                f"writing {target} failed: disk full or file-size limit ({first_line(e, 160)}); "
+                "its temporary files were removed"
+            ) from None
         raise
     cfg.save(path)
     with open(os.path.join(path, FLAX_META), "w") as f:

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-
 PT_NAME = "cn_clip.pt"  # the file --to pt writes inside OUT
 
 
@@ -64,24 +63,38 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF dir, hub id, cn_clip .pt file, or a dir written by this command")
     parser.add_argument("out", help="output directory (must not already hold a checkpoint)")
-    parser.add_argument("--arch", help="cn_clip architecture, e.g. ViT-B-16@RoBERTa-wwm-ext-base-chinese "
-                        "(inferred from shapes when omitted)")
+    parser.add_argument(
+        "--arch",
+        help="cn_clip architecture, e.g. ViT-B-16@RoBERTa-wwm-ext-base-chinese (inferred from shapes when omitted)",
+    )
     parser.add_argument("--to", choices=("flax", "hf", "pt"), default="flax")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="storage dtype of the written params (models compute from fp32 params)")
-    parser.add_argument("--scan-layers", action="store_true",
-                        help="--to flax: store stacked layers (for scan_layers=True models)")
-    parser.add_argument("--export", action="store_true",
-                        help="write the jax.export serving artefacts (load with chinese_clip_jax.export.load_exported)")
-    parser.add_argument("--platforms", default="cpu,cuda,tpu",
-                        help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="storage dtype of the written params (models compute from fp32 params)",
+    )
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="--to flax: store stacked layers (for scan_layers=True models)"
+    )
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="write the jax.export serving artefacts (load with chinese_clip_jax.export.load_exported)",
+    )
+    parser.add_argument(
+        "--platforms",
+        default="cpu,cuda,tpu",
+        help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)",
+    )
     parser.add_argument("--context-length", type=int, default=52, help="--export: fixed text length (default 52)")
     args = parser.parse_args(argv)
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu", "rocm")]
     if args.export and (bad or not platforms):
-        parser.error(f"--platforms: unknown platform(s) {', '.join(bad) or '(none given)'}; choose from cpu, cuda, "
-                     "tpu, rocm")
+        parser.error(
+            f"--platforms: unknown platform(s) {', '.join(bad) or '(none given)'}; choose from cpu, cuda, tpu, rocm"
+        )
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
@@ -104,8 +117,11 @@ def main(argv=None) -> int:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             existing = [""]
     if existing:
-        print(f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "
-              "new or empty output directory", file=sys.stderr)
+        print(
+            f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "
+            "new or empty output directory",
+            file=sys.stderr,
+        )
         return 2
     out_existed = remote_out is None and os.path.isdir(args.out)
     with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:  # remote SRC / OUT are staged here
@@ -121,8 +137,9 @@ def main(argv=None) -> int:
             if args.export:
                 from chinese_clip_jax.export import save_exported
 
-                save_exported(out, cfg, params, platforms=platforms, context_length=args.context_length,
-                              processor_from=directory)
+                save_exported(
+                    out, cfg, params, platforms=platforms, context_length=args.context_length, processor_from=directory
+                )
             elif args.to == "pt":
                 if args.dtype != "float32":
                     raise ValueError("--to pt writes float32 tensors (as cn_clip's checkpoints); drop --dtype")

@@ -36,7 +36,7 @@ def to_cn_clip_state_dict(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.
     fused: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for hf, x in iter_hf_tensors(flat, cfg):
         if hf.startswith("text_model."):
-            out["bert." + hf[len("text_model."):]] = x
+            out["bert." + hf[len("text_model.") :]] = x
         elif hf.startswith("visual."):  # a ResNet tower: the table holds cn_clip's own names
             out[hf] = x
         elif hf in global_map:
@@ -67,7 +67,7 @@ def save_cn_clip(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict) 
     if cfg.is_resnet:
         for name in tensors:
             if name.endswith(".running_var"):
-                state["module." + name[:-len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
+                state["module." + name[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save({"epoch": 0, "step": 0, "name": "chinese_clip_jax", "state_dict": state}, tmp)

@@ -15,7 +15,8 @@ Each table row is ``(hf_suffix, flax_path, transform)``; a transform is a named 
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -84,8 +85,16 @@ VISION_LAYER = [
 
 GLOBAL = [
     ("text_model.embeddings.word_embeddings.weight", "text_model/embeddings/word_embeddings/embedding", IDENTITY),
-    ("text_model.embeddings.position_embeddings.weight", "text_model/embeddings/position_embeddings/embedding", IDENTITY),
-    ("text_model.embeddings.token_type_embeddings.weight", "text_model/embeddings/token_type_embeddings/embedding", IDENTITY),
+    (
+        "text_model.embeddings.position_embeddings.weight",
+        "text_model/embeddings/position_embeddings/embedding",
+        IDENTITY,
+    ),
+    (
+        "text_model.embeddings.token_type_embeddings.weight",
+        "text_model/embeddings/token_type_embeddings/embedding",
+        IDENTITY,
+    ),
     ("text_model.embeddings.LayerNorm.weight", "text_model/embeddings/layer_norm/scale", IDENTITY),
     ("text_model.embeddings.LayerNorm.bias", "text_model/embeddings/layer_norm/bias", IDENTITY),
     ("vision_model.embeddings.class_embedding", "vision_model/class_embedding", IDENTITY),
@@ -140,8 +149,10 @@ FLAX_ONLY = {"logit_bias": ()}
 
 # Non-persistent buffers that some exported checkpoints still carry, and BatchNorm's update
 # counter (unused at a fixed momentum): safe to drop.
-IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.(position_ids|token_type_ids)$"
-                             r"|^visual\..*\.num_batches_tracked$")
+IGNORED_HF_KEYS = re.compile(
+    r"^(text_model|vision_model)\.embeddings\.(position_ids|token_type_ids)$"
+    r"|^visual\..*\.num_batches_tracked$"
+)
 
 
 class Row(NamedTuple):
@@ -164,14 +175,19 @@ def table(cfg: ChineseCLIPConfig) -> list[Row]:
         return rows + [Row(*r) for r in resnet_rows(v)]
     for i in range(v.num_hidden_layers):
         rows += [
-            Row(f"vision_model.encoder.layers.{i}.{hf}", f"vision_model/encoder/layer_{i}/{fx}", tr,
-                v.num_attention_heads)
+            Row(
+                f"vision_model.encoder.layers.{i}.{hf}",
+                f"vision_model/encoder/layer_{i}/{fx}",
+                tr,
+                v.num_attention_heads,
+            )
             for hf, fx, tr in VISION_LAYER
         ]
     return rows
 
 
 # --------------------------------------------------------------------------- tree helpers
+
 
 def set_path(tree: dict, path: str, value) -> None:
     *parents, leaf = path.split("/")
@@ -247,8 +263,9 @@ def unstack_layers(params: Mapping) -> dict:
 
 # cn_clip's head width is 64, except ViT-H (80): heads by width, for inference from shapes
 # (from the one table of published sizes).
-_VISION_HEADS_BY_WIDTH = {v.hidden_size: v.num_attention_heads for v in VISION_ARCHS.values()
-                          if not isinstance(v, ChineseCLIPResNetConfig)}
+_VISION_HEADS_BY_WIDTH = {
+    v.hidden_size: v.num_attention_heads for v in VISION_ARCHS.values() if not isinstance(v, ChineseCLIPResNetConfig)
+}
 _TEXT_HEADS_BY_WIDTH = {t.hidden_size: t.num_attention_heads for t in TEXT_ARCHS.values()}
 
 CN_CLIP_VISION_LAYER = [  # cn_clip resblock suffix -> HF vision layer suffix (in_proj handled apart)
@@ -286,12 +303,20 @@ def _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads,
 
     return ChineseCLIPConfig(
         text_config=ChineseCLIPTextConfig(
-            vocab_size=21128, hidden_size=hidden, intermediate_size=inter,
-            num_hidden_layers=t_layers, num_attention_heads=t_heads,
+            vocab_size=21128,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_heads,
         ),
         vision_config=ChineseCLIPVisionConfig(
-            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-            num_attention_heads=heads, patch_size=patch, image_size=res, projection_dim=embed_dim,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            patch_size=patch,
+            image_size=res,
+            projection_dim=embed_dim,
         ),
         projection_dim=embed_dim,
     )
@@ -306,8 +331,13 @@ def infer_cn_clip_config(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     """Architecture from the tensor shapes of a cn_clip state dict (names without ``module.``)."""
     if is_cn_clip_resnet(shapes):
         return _infer_cn_clip_resnet(shapes)
-    need = ["visual.conv1.weight", "visual.positional_embedding", "bert.embeddings.word_embeddings.weight",
-            "text_projection", "bert.encoder.layer.0.intermediate.dense.weight"]
+    need = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "bert.embeddings.word_embeddings.weight",
+        "text_projection",
+        "bert.encoder.layer.0.intermediate.dense.weight",
+    ]
     missing = [n for n in need if n not in shapes]
     if missing:
         raise CheckpointError(f"not a cn_clip ViT or ResNet (RN50) checkpoint: missing {', '.join(missing)}")
@@ -321,9 +351,15 @@ def infer_cn_clip_config(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
         )
     names = list(shapes)
     return _cn_clip_config(
-        width, _count_layers(names, r"visual\.transformer\.resblocks\.(\d+)\."), _VISION_HEADS_BY_WIDTH[width],
-        patch, grid * patch, hidden, _count_layers(names, r"bert\.encoder\.layer\.(\d+)\."),
-        _TEXT_HEADS_BY_WIDTH[hidden], shapes["bert.encoder.layer.0.intermediate.dense.weight"][0],
+        width,
+        _count_layers(names, r"visual\.transformer\.resblocks\.(\d+)\."),
+        _VISION_HEADS_BY_WIDTH[width],
+        patch,
+        grid * patch,
+        hidden,
+        _count_layers(names, r"bert\.encoder\.layer\.(\d+)\."),
+        _TEXT_HEADS_BY_WIDTH[hidden],
+        shapes["bert.encoder.layer.0.intermediate.dense.weight"][0],
         shapes["text_projection"][1],
     )
 
@@ -336,19 +372,30 @@ def is_cn_clip_resnet(names) -> bool:
 def _text_from_shapes(shapes: Mapping[str, tuple], names) -> tuple[int, int, int, int]:
     hidden = shapes["bert.embeddings.word_embeddings.weight"][1]
     if hidden not in _TEXT_HEADS_BY_WIDTH:
-        raise CheckpointError(f"cannot infer the number of attention heads for text width {hidden}; "
-                              "pass arch='...@RoBERTa-...' explicitly")
-    return (hidden, _count_layers(names, r"bert\.encoder\.layer\.(\d+)\."), _TEXT_HEADS_BY_WIDTH[hidden],
-            shapes["bert.encoder.layer.0.intermediate.dense.weight"][0])
+        raise CheckpointError(
+            f"cannot infer the number of attention heads for text width {hidden}; "
+            "pass arch='...@RoBERTa-...' explicitly"
+        )
+    return (
+        hidden,
+        _count_layers(names, r"bert\.encoder\.layer\.(\d+)\."),
+        _TEXT_HEADS_BY_WIDTH[hidden],
+        shapes["bert.encoder.layer.0.intermediate.dense.weight"][0],
+    )
 
 
 def _infer_cn_clip_resnet(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     """A ModifiedResNet + RoBERTa config from shapes: blocks per stage, stem width, pooled grid."""
     from ..config import ChineseCLIPTextConfig
 
-    need = ["visual.conv3.weight", "visual.attnpool.positional_embedding", "visual.attnpool.c_proj.weight",
-            "bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight",
-            "text_projection"]
+    need = [
+        "visual.conv3.weight",
+        "visual.attnpool.positional_embedding",
+        "visual.attnpool.c_proj.weight",
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.intermediate.dense.weight",
+        "text_projection",
+    ]
     missing = [n for n in need if n not in shapes]
     if missing:
         raise CheckpointError(f"not a cn_clip ResNet checkpoint: missing {', '.join(missing)}")
@@ -358,10 +405,16 @@ def _infer_cn_clip_resnet(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     grid = int(round((shapes["visual.attnpool.positional_embedding"][0] - 1) ** 0.5))
     embed_dim = shapes["visual.attnpool.c_proj.weight"][0]
     hidden, t_layers, t_heads, inter = _text_from_shapes(shapes, names)
-    vision = ChineseCLIPResNetConfig(layers=layers, width=width, num_attention_heads=width * 32 // 64,
-                                     image_size=grid * 32, projection_dim=embed_dim)
-    text = ChineseCLIPTextConfig(vocab_size=shapes["bert.embeddings.word_embeddings.weight"][0], hidden_size=hidden,
-                                 intermediate_size=inter, num_hidden_layers=t_layers, num_attention_heads=t_heads)
+    vision = ChineseCLIPResNetConfig(
+        layers=layers, width=width, num_attention_heads=width * 32 // 64, image_size=grid * 32, projection_dim=embed_dim
+    )
+    text = ChineseCLIPTextConfig(
+        vocab_size=shapes["bert.embeddings.word_embeddings.weight"][0],
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=t_layers,
+        num_attention_heads=t_heads,
+    )
     return ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
 
 
@@ -377,8 +430,11 @@ def cn_clip_to_hf_names(names) -> dict[str, tuple[str, str, int | None]]:
     """
     out, unknown = {}, []
     resnet = is_cn_clip_resnet(names)
-    global_map = {cn: (hf, "transpose" if tr else "copy") for cn, hf, tr in CN_CLIP_GLOBAL
-                  if not (resnet and cn.startswith("visual."))}
+    global_map = {
+        cn: (hf, "transpose" if tr else "copy")
+        for cn, hf, tr in CN_CLIP_GLOBAL
+        if not (resnet and cn.startswith("visual."))
+    }
     for name in names:
         if resnet and _RESNET_NAME.match(name):
             out[name] = [(name, "copy", None)]
@@ -388,7 +444,7 @@ def cn_clip_to_hf_names(names) -> dict[str, tuple[str, str, int | None]]:
         elif name.startswith("bert.pooler."):
             out[name] = []
         elif name.startswith("bert."):
-            out[name] = [("text_model." + name[len("bert."):], "copy", None)]
+            out[name] = [("text_model." + name[len("bert.") :], "copy", None)]
         elif m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.(.+)$", name):
             i, rest = m.groups()
             prefix = f"vision_model.encoder.layers.{i}."
@@ -403,6 +459,8 @@ def cn_clip_to_hf_names(names) -> dict[str, tuple[str, str, int | None]]:
         else:
             unknown.append(name)
     if unknown:
-        raise CheckpointError(f"unexpected keys in cn_clip checkpoint: {', '.join(sorted(unknown)[:20])}"
-                         + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+        raise CheckpointError(
+            f"unexpected keys in cn_clip checkpoint: {', '.join(sorted(unknown)[:20])}"
+            + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else "")
+        )
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -124,13 +124,15 @@ def _torch_state_dict(file: str) -> dict:
                 f"refusing to load {file}: its pickle would import or run code, which weights_only "
                 "loading forbids. Convert it to safetensors in an environment you trust."
             ) from None
-        raise CheckpointError(f"{file} is truncated or not a torch checkpoint ({type(e).__name__}: {text[:200]})") from None
+        raise CheckpointError(
+            f"{file} is truncated or not a torch checkpoint ({type(e).__name__}: {text[:200]})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file} does not hold a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 

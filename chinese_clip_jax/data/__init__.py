@@ -30,22 +30,31 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
     """Data config with every source's defaults; ``name`` picks the one used."""
     if name not in SOURCES:
         raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
-    return ml_collections.ConfigDict({
-        "name": name,
-        "num_threads": 2,             # grain reader threads per process
-        "prefetch_buffer_size": 256,  # decoded samples buffered per process
-        "worker_count": 0,            # grain worker processes decoding images (0 = reader threads only)
-        "worker_buffer_size": 16,     # decoded samples each worker buffers
-        "train_crop": "center",       # "center" | "random_resized" (cn_clip's augmentation) | "squash"
-        "eval_crop": "center",        # "center" (transformers' processor) | "squash" (cn_clip's eval)
-        "jpeg_draft": False,          # training: decode big JPEGs at a reduced DCT scale (~2.4x faster)
-        "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
-        "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid",
-                    "eval_max_texts": 1000},
-        "webdataset": {"shards": "", "eval_shards": "", "caption_keys": "txt,json", "eval_max_samples": 1000},
-        "tfds": {"builder_dir": "", "name": "", "data_dir": "", "split": "train", "eval_split": "",
-                 "eval_max_samples": 1000, "image_key": "image", "text_key": "text"},
-    })
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "num_threads": 2,  # grain reader threads per process
+            "prefetch_buffer_size": 256,  # decoded samples buffered per process
+            "worker_count": 0,  # grain worker processes decoding images (0 = reader threads only)
+            "worker_buffer_size": 16,  # decoded samples each worker buffers
+            "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
+            "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
+            "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (~2.4x faster)
+            "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
+            "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid", "eval_max_texts": 1000},
+            "webdataset": {"shards": "", "eval_shards": "", "caption_keys": "txt,json", "eval_max_samples": 1000},
+            "tfds": {
+                "builder_dir": "",
+                "name": "",
+                "data_dir": "",
+                "split": "train",
+                "eval_split": "",
+                "eval_max_samples": 1000,
+                "image_key": "image",
+                "text_key": "text",
+            },
+        }
+    )
 
 
 def check_config(data_cfg) -> None:
@@ -69,15 +78,17 @@ def check_config(data_cfg) -> None:
             if part.strip():
                 as_path(part.strip(), what=f"data.{data_cfg.name}.{key}")
     if data_cfg.name == "tfds":  # dataset_info.json only: the builder, the feature keys, the splits
-        from .tfds_source import open_builder, _check_keys
+        from .tfds_source import _check_keys, open_builder
 
         builder = open_builder(sub)
         _check_keys(builder, sub)
         for key in ("split", "eval_split"):
             name = str(sub[key]).split("[")[0]
             if name and name not in builder.info.splits:
-                raise ValueError(f"data.tfds.{key} {sub[key]!r} is not a split of {builder.info.full_name} "
-                                 f"(splits: {sorted(builder.info.splits.keys())})")
+                raise ValueError(
+                    f"data.tfds.{key} {sub[key]!r} is not a split of {builder.info.full_name} "
+                    f"(splits: {sorted(builder.info.splits.keys())})"
+                )
 
 
 def _process_shard(process_index, process_count):
@@ -111,9 +122,16 @@ def _train_source(data_cfg, image_size: int, shard=None):
     raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
 
 
-def train_iterator(data_cfg, *, global_batch_size: int, seed: int, image_size: int,
-                   context_length: int = 52, process_index: int | None = None,
-                   process_count: int | None = None) -> TrainIterator:
+def train_iterator(
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    image_size: int,
+    context_length: int = 52,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
     """Infinite, deterministic, checkpointable iterator of this process's batches.
 
     global_batch_size must divide by the process count; process_index/process_count default
@@ -124,17 +142,27 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, image_size: i
     shard = _process_shard(process_index, process_count)
     shard_count = shard.shard_count
     if global_batch_size <= 0 or global_batch_size % shard_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                         f"process count {shard_count}")
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the process count {shard_count}"
+        )
     source = _train_source(data_cfg, image_size, shard)
     if getattr(source, "is_process_shard", False):  # indexed only this process's part already
         shard = grain.sharding.ShardOptions(0, 1)
     return build_train_iterator(
-        source, batch_size=global_batch_size // shard_count, seed=seed, image_size=image_size,
-        context_length=context_length, shard=shard, num_threads=data_cfg.num_threads,
-        prefetch_buffer_size=data_cfg.prefetch_buffer_size, worker_count=data_cfg.worker_count,
-        worker_buffer_size=data_cfg.worker_buffer_size, crop=data_cfg.train_crop, jpeg_draft=data_cfg.jpeg_draft,
-        name=f"data[{data_cfg.name}]")
+        source,
+        batch_size=global_batch_size // shard_count,
+        seed=seed,
+        image_size=image_size,
+        context_length=context_length,
+        shard=shard,
+        num_threads=data_cfg.num_threads,
+        prefetch_buffer_size=data_cfg.prefetch_buffer_size,
+        worker_count=data_cfg.worker_count,
+        worker_buffer_size=data_cfg.worker_buffer_size,
+        crop=data_cfg.train_crop,
+        jpeg_draft=data_cfg.jpeg_draft,
+        name=f"data[{data_cfg.name}]",
+    )
 
 
 def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:

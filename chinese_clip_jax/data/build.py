@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["build", "features", "DATASET_NAME"]
 
@@ -47,9 +47,14 @@ def features():
     """The FeaturesDict of a built dataset: image (encoded bytes), text, image_id, text_id."""
     import tensorflow_datasets as tfds
 
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(), "text": tfds.features.Text(),
-        "image_id": tfds.features.Text(), "text_id": tfds.features.Text()})
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(),
+            "text": tfds.features.Text(),
+            "image_id": tfds.features.Text(),
+            "text_id": tfds.features.Text(),
+        }
+    )
 
 
 def _cn_clip_records(src, split: str, skipped: list) -> Iterator[dict]:
@@ -65,8 +70,13 @@ def _cn_clip_records(src, split: str, skipped: list) -> Iterator[dict]:
                 yield {"error": f"image id {image_id} is not in {images.path}", "where": where}
                 continue
             b64, img_where = images[image_id]
-            yield {"image": b64, "text": text, "image_id": image_id, "text_id": str(text_id),
-                   "where": f"{where} / {img_where}"}
+            yield {
+                "image": b64,
+                "text": text,
+                "image_id": image_id,
+                "text_id": str(text_id),
+                "where": f"{where} / {img_where}",
+            }
 
 
 def _webdataset_records(src, skipped: list) -> Iterator[dict]:
@@ -111,8 +121,9 @@ def _init_worker():
     _FEATURES = features()
 
 
-def build(src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, workers: int = 1,
-          progress: bool = True) -> dict:
+def build(
+    src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, workers: int = 1, progress: bool = True
+) -> dict:
     """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
     {"split", "written", "skipped", "shards", "out"}."""
     import tensorflow_datasets as tfds
@@ -141,11 +152,12 @@ def build(src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, work
             raise FileExistsError(f"OUT: {out_path} already holds split {split!r}; choose another OUT or split")
 
     skipped = [0]
-    records = (_cn_clip_records(src, split, skipped) if fmt == "cn_clip" else _webdataset_records(src, skipped))
+    records = _cn_clip_records(src, split, skipped) if fmt == "cn_clip" else _webdataset_records(src, skipped)
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
-        template = naming.ShardedFileTemplate(data_dir=tmp, dataset_name=DATASET_NAME, split=split,
-                                              filetype_suffix="array_record")
+        template = naming.ShardedFileTemplate(
+            data_dir=tmp, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
+        )
         paths = [template.sharded_filepath(shard_index=i, num_shards=num_shards) for i in range(num_shards)]
         writers = [ArrayRecordWriter(os.fspath(p), "group_size:1") for p in paths]
         lengths = [0] * num_shards
@@ -181,52 +193,64 @@ def build(src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, work
             if bar is not None:
                 bar.close()
         if not written:
-            raise ValueError(f"SRC {src!r}: no usable (image, text) pairs in split {split!r} "
-                             f"({skipped[0]} skipped; first: {reasons[:1]})")
+            raise ValueError(
+                f"SRC {src!r}: no usable (image, text) pairs in split {split!r} "
+                f"({skipped[0]} skipped; first: {reasons[:1]})"
+            )
         out_path.mkdir(parents=True, exist_ok=True)
         num_bytes = 0
         for p in paths:  # shards first; dataset_info.json (what makes the split visible) last
             num_bytes += os.path.getsize(p)
             with open(p, "rb") as f_in, (out_path / p.name).open("wb") as f_out:
                 shutil.copyfileobj(f_in, f_out, 16 << 20)
-    out_template = naming.ShardedFileTemplate(data_dir=out_path, dataset_name=DATASET_NAME, split=split,
-                                              filetype_suffix="array_record")
-    split_info = splits_lib.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
-                                      filename_template=out_template)
+    out_template = naming.ShardedFileTemplate(
+        data_dir=out_path, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
+    )
+    split_info = splits_lib.SplitInfo(
+        name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=out_template
+    )
     splits = [split_info] + (list(existing.splits.values()) if existing else [])
     info = dataset_info.DatasetInfo(
-        builder=dataset_info.DatasetIdentity(name=DATASET_NAME, version="1.0.0", data_dir=os.fspath(out_path),
-                                             module_name=""),
+        builder=dataset_info.DatasetIdentity(
+            name=DATASET_NAME, version="1.0.0", data_dir=os.fspath(out_path), module_name=""
+        ),
         features=features(),
-        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {fmt} {src}")
+        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {fmt} {src}",
+    )
     info.set_splits(splits_lib.SplitDict(splits))
     info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
     info.write_to_directory(out_path)
-    return {"split": split, "written": written, "skipped": skipped[0], "shards": num_shards,
-            "out": os.fspath(out_path)}
+    return {"split": split, "written": written, "skipped": skipped[0], "shards": num_shards, "out": os.fspath(out_path)}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="cn_clip dataset directory, or webdataset shards (paths, globs, braces)")
     ap.add_argument("out", help="TFDS dataset directory to write (local or gs://...)")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--split", required=True, help="split name, e.g. train / valid / test")
     ap.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files for this split")
-    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                    help="processes decoding images to check them")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="processes decoding images to check them",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = build(args.src, args.out, fmt=args.format, split=args.split, num_shards=args.num_shards,
-                        workers=args.workers)
+        summary = build(
+            args.src, args.out, fmt=args.format, split=args.split, num_shards=args.num_shards, workers=args.workers
+        )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, ensure_ascii=False))
-    print(f"wrote {summary['written']} pairs ({summary['skipped']} skipped) into split {args.split!r} of "
-          f"{summary['out']} in {summary['shards']} ArrayRecord shard(s)", file=sys.stderr)
+    print(
+        f"wrote {summary['written']} pairs ({summary['skipped']} skipped) into split {args.split!r} of "
+        f"{summary['out']} in {summary['shards']} ArrayRecord shard(s)",
+        file=sys.stderr,
+    )
     return 0
 
 

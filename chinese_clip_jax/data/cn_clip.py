@@ -26,8 +26,6 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
-
 from .pipeline import LazyImages, TextEncoder, check_image
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "open_source", "eval_sets"]
@@ -79,7 +77,7 @@ class TsvImages:
     def __getitem__(self, image_id) -> tuple[str, str]:
         offset, length, line_no = self._index[str(image_id)]
         line = os.pread(self._fd, length, offset)
-        return line[line.find(b"\t") + 1:].strip().decode("ascii", "replace"), f"{self.path}:{line_no}"
+        return line[line.find(b"\t") + 1 :].strip().decode("ascii", "replace"), f"{self.path}:{line_no}"
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -117,8 +115,9 @@ class LmdbImages:
     def ids(self) -> list[str]:
         """Every image id, in key order (cn_clip's count key b"num_images" left out)."""
         with self._env.begin() as txn:
-            return [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)
-                    if bytes(k) != b"num_images"]
+            return [
+                bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False) if bytes(k) != b"num_images"
+            ]
 
     def __getitem__(self, image_id) -> tuple[str, str]:
         with self._env.begin() as txn:
@@ -190,8 +189,9 @@ def _split_dir(root: Path, split: str) -> Path:
     for candidate in (root / "lmdb" / split, root / split):
         if (candidate / "pairs").exists():
             return candidate
-    raise FileNotFoundError(f"cn_clip: no LMDB build of split {split!r} under {root} "
-                            f"(looked for {root / 'lmdb' / split / 'pairs'})")
+    raise FileNotFoundError(
+        f"cn_clip: no LMDB build of split {split!r} under {root} (looked for {root / 'lmdb' / split / 'pairs'})"
+    )
 
 
 def _open(c, split: str):
@@ -261,5 +261,11 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             positives.append(mine)
     if not texts:
         raise ValueError(f"cn_clip: split {c.eval_split!r} under {c.root} gave no usable eval pairs")
-    return {"retrieval": {"images": LazyImages(images, ids, 0), **TextEncoder(context_length)(texts),
-                          "texts": texts, "text_to_images": positives}}
+    return {
+        "retrieval": {
+            "images": LazyImages(images, ids, 0),
+            **TextEncoder(context_length)(texts),
+            "texts": texts,
+            "text_to_images": positives,
+        }
+    }

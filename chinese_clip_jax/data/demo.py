@@ -54,9 +54,15 @@ COLORS = {
 SHAPES = ("圆形", "正方形", "三角形", "十字形", "星形")
 # name -> centre as (x, y) fractions of the image side
 POSITIONS = {
-    "左上角": (0.27, 0.27), "上方": (0.5, 0.27), "右上角": (0.73, 0.27),
-    "左边": (0.27, 0.5), "中间": (0.5, 0.5), "右边": (0.73, 0.5),
-    "左下角": (0.27, 0.73), "下方": (0.5, 0.73), "右下角": (0.73, 0.73),
+    "左上角": (0.27, 0.27),
+    "上方": (0.5, 0.27),
+    "右上角": (0.73, 0.27),
+    "左边": (0.27, 0.5),
+    "中间": (0.5, 0.5),
+    "右边": (0.73, 0.5),
+    "左下角": (0.27, 0.73),
+    "下方": (0.5, 0.73),
+    "右下角": (0.73, 0.73),
 }
 _COLOR_NAMES = tuple(COLORS)
 _POSITION_NAMES = tuple(POSITIONS)
@@ -233,21 +239,26 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """
     from .pipeline import TextEncoder
 
-    classes = {"class_names": list(CLASS_NAMES), "class_names_en": list(CLASS_NAMES_EN),
-               "class_texts": class_prompts()}
+    classes = {"class_names": list(CLASS_NAMES), "class_names_en": list(CLASS_NAMES_EN), "class_texts": class_prompts()}
     out = {}
     for split, combos in (("zeroshot", TRAIN_COMBOS), ("zeroshot_unseen", UNSEEN_COMBOS)):
         n = c.eval_per_class * len(combos)
         attrs, _ = eval_attributes(split, n, c.demo_seed)
         labels = np.asarray([class_label(col, shp) for col, shp, _ in attrs], np.int32)
-        out[split] = {"images": EvalImages(split, image_size=image_size, count=n, seed=c.demo_seed),
-                      "labels": labels, **classes}
+        out[split] = {
+            "images": EvalImages(split, image_size=image_size, count=n, seed=c.demo_seed),
+            "labels": labels,
+            **classes,
+        }
     attrs, captions = eval_attributes("retrieval", c.num_retrieval, c.demo_seed)
     # a caption names colour, shape and position: every image with those three is a positive
     positives = [np.flatnonzero((attrs == a).all(axis=1)).tolist() for a in attrs]
-    out["retrieval"] = {"images": EvalImages("retrieval", image_size=image_size, count=c.num_retrieval,
-                                             seed=c.demo_seed),
-                        **TextEncoder(context_length)(captions), "texts": captions, "text_to_images": positives}
+    out["retrieval"] = {
+        "images": EvalImages("retrieval", image_size=image_size, count=c.num_retrieval, seed=c.demo_seed),
+        **TextEncoder(context_length)(captions),
+        "texts": captions,
+        "text_to_images": positives,
+    }
     return out
 
 
@@ -261,8 +272,9 @@ def class_label(color: int, shape: int) -> int:
     return ALL_COMBOS.index((color, shape))
 
 
-def write_eval_datasets(out: str, *, image_size: int = 32, eval_per_class: int = 20, num_retrieval: int = 200,
-                        seed: int = 0) -> None:
+def write_eval_datasets(
+    out: str, *, image_size: int = 32, eval_per_class: int = 20, num_retrieval: int = 200, seed: int = 0
+) -> None:
     """Writes the held-out sets as files the evaluation command reads (``docs/evaluation.md``):
 
     ``out/folder/NN/*.png`` (zero-shot, one folder per seen class, NN = index in CLASS_NAMES),
@@ -282,8 +294,7 @@ def write_eval_datasets(out: str, *, image_size: int = 32, eval_per_class: int =
         PIL.Image.fromarray(a).save(buf, "PNG")
         return buf.getvalue()
 
-    c = ml_collections.ConfigDict({"demo_seed": seed, "eval_per_class": eval_per_class,
-                                   "num_retrieval": num_retrieval})
+    c = ml_collections.ConfigDict({"demo_seed": seed, "eval_per_class": eval_per_class, "num_retrieval": num_retrieval})
     sets = eval_sets(c, image_size=image_size)
     z = sets["zeroshot"]
     for i, label in enumerate(z["labels"].tolist()):
@@ -299,6 +310,7 @@ def write_eval_datasets(out: str, *, image_size: int = 32, eval_per_class: int =
             f.write(f"{1000 + i}\t{base64.urlsafe_b64encode(png(r['images'][i])).decode()}\n")
     with open(os.path.join(out, "cn_clip", "valid_texts.jsonl"), "w", encoding="utf-8") as f:
         for t, (text, pos) in enumerate(zip(r["texts"], r["text_to_images"])):
-            f.write(json.dumps({"text_id": t, "text": text, "image_ids": [1000 + j for j in pos]},
-                               ensure_ascii=False) + "\n")
-
+            f.write(
+                json.dumps({"text_id": t, "text": text, "image_ids": [1000 + j for j in pos]}, ensure_ascii=False)
+                + "\n"
+            )

@@ -27,13 +27,20 @@ import base64
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DatasetError", "ClassificationSet", "RetrievalSet", "open_classification", "open_retrieval",
-           "IMAGE_SUFFIXES"]
+__all__ = [
+    "DatasetError",
+    "ClassificationSet",
+    "RetrievalSet",
+    "open_classification",
+    "open_retrieval",
+    "IMAGE_SUFFIXES",
+]
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -61,7 +68,7 @@ class LazyList:
 @dataclasses.dataclass
 class ClassificationSet:
     images: Sequence[Any]  # lazy: paths, encoded bytes or uint8 arrays
-    labels: np.ndarray     # int (N,)
+    labels: np.ndarray  # int (N,)
     class_names: list[str]
     source: str
 
@@ -148,15 +155,18 @@ def _tfds_classification(builder, split: str, spec: str) -> ClassificationSet:
 
     features, images, labels = _features_by_type(builder)
     if len(images) != 1 or len(labels) != 1:
-        raise DatasetError(f"{builder.data_dir}: need exactly one Image and one ClassLabel feature, "
-                           f"found images {images}, labels {labels}")
+        raise DatasetError(
+            f"{builder.data_dir}: need exactly one Image and one ClassLabel feature, "
+            f"found images {images}, labels {labels}"
+        )
     image_key, label_key = images[0], labels[0]
     # images stay encoded until the evaluator decodes them; the labels are read in one pass
     source = _tfds_source(builder, split, decoders={image_key: tfds.decode.SkipDecoding()})
     n = len(source)
     label_values = np.asarray([int(source[i][label_key]) for i in range(n)], np.int64)
-    return ClassificationSet(LazyList(n, lambda i: source[i][image_key]), label_values,
-                             list(features[label_key].names), spec)
+    return ClassificationSet(
+        LazyList(n, lambda i: source[i][image_key]), label_values, list(features[label_key].names), spec
+    )
 
 
 # ------------------------------------------------------------------ retrieval
@@ -175,8 +185,10 @@ def open_retrieval(path: str | os.PathLike, split: str = "valid") -> RetrievalSe
     for candidate in (root / "lmdb" / split, root / split):
         if (candidate / "pairs").exists() or (candidate / "imgs").exists():
             return _cn_clip_lmdb(candidate, split)
-    raise DatasetError(f"{root}: no split {split!r}: expected {root / f'{split}_texts.jsonl'} and "
-                       f"{root / f'{split}_imgs.tsv'}, {root / 'lmdb' / split}/{{imgs,pairs}}, or a TFDS directory")
+    raise DatasetError(
+        f"{root}: no split {split!r}: expected {root / f'{split}_texts.jsonl'} and "
+        f"{root / f'{split}_imgs.tsv'}, {root / 'lmdb' / split}/{{imgs,pairs}}, or a TFDS directory"
+    )
 
 
 def _find_tfds_dir(root: Path, split: str) -> Path | None:
@@ -205,8 +217,13 @@ def _cn_clip_tsv(root: Path, split: str) -> RetrievalSet:
     skipped = [0]
     images = TsvImages(root / f"{split}_imgs.tsv", skipped)
     ids = images.ids()
-    return _with_texts(LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, root / f"{split}_texts.jsonl",
-                       "cn_clip-tsv", str(root))
+    return _with_texts(
+        LazyList(len(ids), lambda i: _b64(images[ids[i]][0])),
+        ids,
+        root / f"{split}_texts.jsonl",
+        "cn_clip-tsv",
+        str(root),
+    )
 
 
 def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
@@ -221,8 +238,9 @@ def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
     for image_id, text_id, text, _ in _read_lmdb_pairs(directory / "pairs", [0]):
         grouped.setdefault((text_id, text), []).append(image_id)
     captions = [(text_id, text, image_ids) for (text_id, text), image_ids in grouped.items()]
-    return _retrieval_set(LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, captions, "cn_clip-lmdb",
-                          str(directory))
+    return _retrieval_set(
+        LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, captions, "cn_clip-lmdb", str(directory)
+    )
 
 
 def _with_texts(images, ids, texts_path: Path, layout: str, source: str) -> RetrievalSet:
@@ -248,8 +266,15 @@ def _retrieval_set(images, ids: list[str], captions, layout: str, source: str) -
         text_to_images.append(sorted(set(found)))
     if missing:
         logger.warning("%s: %d caption image ids are not among the split's images (ignored)", source, missing)
-    return RetrievalSet(images, [_int_id(i) for i in ids], [_int_id(c[0]) for c in captions],
-                        [c[1] for c in captions], text_to_images, layout, source)
+    return RetrievalSet(
+        images,
+        [_int_id(i) for i in ids],
+        [_int_id(c[0]) for c in captions],
+        [c[1] for c in captions],
+        text_to_images,
+        layout,
+        source,
+    )
 
 
 def _tfds_retrieval(directory: Path, split: str) -> RetrievalSet:
@@ -259,8 +284,9 @@ def _tfds_retrieval(directory: Path, split: str) -> RetrievalSet:
     features, images, _ = _features_by_type(builder)
     needed = {"text", "image_id", "text_id"}
     if len(images) != 1 or not needed <= set(features):
-        raise DatasetError(f"{directory}: a TFDS retrieval set needs one Image feature and {sorted(needed)}; "
-                           f"has {sorted(features)}")
+        raise DatasetError(
+            f"{directory}: a TFDS retrieval set needs one Image feature and {sorted(needed)}; has {sorted(features)}"
+        )
     image_key = images[0]
     source = _tfds_source(builder, split, decoders={image_key: tfds.decode.SkipDecoding()})
     record_of_image: dict[str, int] = {}
@@ -272,8 +298,13 @@ def _tfds_retrieval(directory: Path, split: str) -> RetrievalSet:
         captions.setdefault(tid, (_text(rec["text"]), []))[1].append(iid)
     ids = list(record_of_image)
     records = [record_of_image[i] for i in ids]
-    return _retrieval_set(LazyList(len(ids), lambda i: source[records[i]][image_key]), ids,
-                          [(tid, text, iids) for tid, (text, iids) in captions.items()], "tfds", str(directory))
+    return _retrieval_set(
+        LazyList(len(ids), lambda i: source[records[i]][image_key]),
+        ids,
+        [(tid, text, iids) for tid, (text, iids) in captions.items()],
+        "tfds",
+        str(directory),
+    )
 
 
 def _text(x) -> str:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -38,8 +39,17 @@ from chinese_clip_jax.processing import (
     normalize_pixels,
 )
 
-__all__ = ["TrainIterator", "build_train_iterator", "normalize_pixels", "ImageDecoder", "TextEncoder",
-           "LazyImages", "check_image", "TRAIN_CROPS", "EVAL_CROPS"]
+__all__ = [
+    "TrainIterator",
+    "build_train_iterator",
+    "normalize_pixels",
+    "ImageDecoder",
+    "TextEncoder",
+    "LazyImages",
+    "check_image",
+    "TRAIN_CROPS",
+    "EVAL_CROPS",
+]
 
 logger = logging.getLogger(__name__)
 _LOG_FIRST = 10  # log every skipped sample up to this many, then every _LOG_EVERY-th
@@ -64,8 +74,9 @@ def _to_pil(image: Any, draft_size: int = 0) -> PIL.Image.Image:
     return image
 
 
-def random_resized_box(width: int, height: int, rng: np.random.Generator,
-                       scale=RANDOM_RESIZED_SCALE, ratio=RANDOM_RESIZED_RATIO) -> tuple[int, int, int, int]:
+def random_resized_box(
+    width: int, height: int, rng: np.random.Generator, scale=RANDOM_RESIZED_SCALE, ratio=RANDOM_RESIZED_RATIO
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of torchvision's RandomResizedCrop window (10 tries, then
     the centre crop with the ratio clamped), drawn from ``rng``."""
     area = width * height
@@ -130,14 +141,20 @@ class ImageDecoder:
         if crop not in TRAIN_CROPS:
             raise ValueError(f"image crop must be one of {TRAIN_CROPS}, got {crop!r}")
         self.image_size, self.crop, self.jpeg_draft = int(image_size), crop, bool(jpeg_draft)
-        self._processor = ChineseCLIPProcessor(image_settings=ImageSettings.at_resolution(self.image_size),
-                                               num_threads=1,
-                                               resize_mode="squash" if crop == "squash" else "processor").image_processor
+        self._processor = ChineseCLIPProcessor(
+            image_settings=ImageSettings.at_resolution(self.image_size),
+            num_threads=1,
+            resize_mode="squash" if crop == "squash" else "processor",
+        ).image_processor
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> np.ndarray:
         s = self.image_size
-        if self.crop == "center" and isinstance(image, np.ndarray) and image.shape == (s, s, 3) \
-                and image.dtype == np.uint8:
+        if (
+            self.crop == "center"
+            and isinstance(image, np.ndarray)
+            and image.shape == (s, s, 3)
+            and image.dtype == np.uint8
+        ):
             return normalize_pixels(image)
         image = _to_pil(image, s if self.jpeg_draft else 0)
         if self.crop in ("center", "squash"):
@@ -206,8 +223,16 @@ class TrainIterator:
     "samples": good samples yielded}.
     """
 
-    def __init__(self, samples: grain.DatasetIterator, *, batch_size: int, encode_text: Callable,
-                 skipped_at_index: int = 0, shard_size: int | None = None, name: str = "data"):
+    def __init__(
+        self,
+        samples: grain.DatasetIterator,
+        *,
+        batch_size: int,
+        encode_text: Callable,
+        skipped_at_index: int = 0,
+        shard_size: int | None = None,
+        name: str = "data",
+    ):
         self._samples = samples
         self._shard_size = shard_size
         self.batch_size = int(batch_size)
@@ -217,7 +242,7 @@ class TrainIterator:
         self._yielded = 0
         self._skipped_at_index = int(skipped_at_index)
 
-    def __iter__(self) -> "TrainIterator":
+    def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -229,11 +254,17 @@ class TrainIterator:
                 self._skipped += 1
                 bad_in_a_row += 1
                 if self._shard_size is not None and bad_in_a_row >= max(self._shard_size, 1):
-                    raise RuntimeError(f"{self._name}: a whole epoch ({bad_in_a_row} samples) in a row "
-                                       f"could not be decoded; last: {sample['bad']}")
+                    raise RuntimeError(
+                        f"{self._name}: a whole epoch ({bad_in_a_row} samples) in a row "
+                        f"could not be decoded; last: {sample['bad']}"
+                    )
                 if self._skipped <= _LOG_FIRST or self._skipped % _LOG_EVERY == 0:
-                    logger.warning("%s: skipped undecodable sample %s (%d skipped so far)",
-                                   self._name, sample["bad"], self._skipped)
+                    logger.warning(
+                        "%s: skipped undecodable sample %s (%d skipped so far)",
+                        self._name,
+                        sample["bad"],
+                        self._skipped,
+                    )
                 continue
             pixels.append(sample["pixel_values"])
             texts.append(sample["text"])
@@ -244,8 +275,7 @@ class TrainIterator:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index,
-                "samples": self._yielded}
+        return {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index, "samples": self._yielded}
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state: grain's iterator state plus the counters."""
@@ -272,11 +302,22 @@ def shard_range(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[i
     return start, start + per + (1 if shard.shard_index < rem else 0)
 
 
-def build_train_iterator(source: Sequence, *, batch_size: int, seed: int, image_size: int,
-                         context_length: int, shard: grain.sharding.ShardOptions,
-                         num_threads: int = 2, prefetch_buffer_size: int = 256, worker_count: int = 0,
-                         worker_buffer_size: int = 16, crop: str = "center", jpeg_draft: bool = False,
-                         name: str = "data") -> TrainIterator:
+def build_train_iterator(
+    source: Sequence,
+    *,
+    batch_size: int,
+    seed: int,
+    image_size: int,
+    context_length: int,
+    shard: grain.sharding.ShardOptions,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 256,
+    worker_count: int = 0,
+    worker_buffer_size: int = 16,
+    crop: str = "center",
+    jpeg_draft: bool = False,
+    name: str = "data",
+) -> TrainIterator:
     """The pipeline above over ``source`` for one process; ``batch_size`` is host-local.
 
     worker_count > 0 decodes and transforms in that many grain worker processes
@@ -299,9 +340,15 @@ def build_train_iterator(source: Sequence, *, batch_size: int, seed: int, image_
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=worker_buffer_size))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+        )
     samples = ds.__iter__()
-    return TrainIterator(samples, batch_size=batch_size, encode_text=TextEncoder(context_length),
-                         skipped_at_index=getattr(source, "skipped_at_index", 0),
-                         shard_size=end - start, name=name)
+    return TrainIterator(
+        samples,
+        batch_size=batch_size,
+        encode_text=TextEncoder(context_length),
+        skipped_at_index=getattr(source, "skipped_at_index", 0),
+        shard_size=end - start,
+        name=name,
+    )

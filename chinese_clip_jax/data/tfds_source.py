@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 __all__ = ["TfdsSource", "open_builder", "eval_sets"]
 
 logger = logging.getLogger(__name__)
@@ -37,8 +35,10 @@ def open_builder(c):
     if c.builder_dir:
         path = as_path(c.builder_dir, what="data.tfds.builder_dir")
         if not (path / "dataset_info.json").exists():
-            raise FileNotFoundError(f"data.tfds.builder_dir {c.builder_dir!r}: no dataset_info.json there "
-                                    f"(build one with python -m chinese_clip_jax.data.build)")
+            raise FileNotFoundError(
+                f"data.tfds.builder_dir {c.builder_dir!r}: no dataset_info.json there "
+                f"(build one with python -m chinese_clip_jax.data.build)"
+            )
         return tfds.builder_from_directory(str(path))
     if c.name:
         data_dir = str(as_path(c.data_dir, what="data.tfds.data_dir")) if c.data_dir else None
@@ -53,8 +53,10 @@ def _check_keys(builder, c) -> bool:
     feats = builder.info.features
     for key, what in ((c.image_key, "image_key"), (c.text_key, "text_key")):
         if key not in feats:
-            raise KeyError(f"data.tfds.{what} {key!r} is not a feature of {builder.info.full_name} "
-                           f"(features: {sorted(feats.keys())})")
+            raise KeyError(
+                f"data.tfds.{what} {key!r} is not a feature of {builder.info.full_name} "
+                f"(features: {sorted(feats.keys())})"
+            )
     return isinstance(feats[c.image_key], tfds.features.Image)
 
 
@@ -78,8 +80,10 @@ class TfdsSource:
         try:
             self._ds = builder.as_data_source(self.split, decoders=decoders)
         except (KeyError, ValueError) as e:
-            raise ValueError(f"data.tfds: split {self.split!r} not in {builder.info.full_name} "
-                             f"(splits: {sorted(builder.info.splits.keys())}): {e}") from e
+            raise ValueError(
+                f"data.tfds: split {self.split!r} not in {builder.info.full_name} "
+                f"(splits: {sorted(builder.info.splits.keys())}): {e}"
+            ) from e
         self._name = builder.info.name
 
     def __getstate__(self):
@@ -100,8 +104,12 @@ class TfdsSource:
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
             image = record[self._c.image_key]
-            return {"image": image, "text": text, "where": where,
-                    **{k: record[k] for k in ("image_id", "text_id") if k in record}}
+            return {
+                "image": image,
+                "text": text,
+                "where": where,
+                **{k: record[k] for k in ("image_id", "text_id") if k in record},
+            }
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
 
@@ -141,5 +149,11 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             logger.warning("tfds: dropping eval sample %s: %s", record["where"], e)
     if not texts:
         raise ValueError(f"data.tfds: no usable eval samples in split {c.eval_split!r}")
-    return {"retrieval": {"images": LazyImages(source, indices, "image"), **TextEncoder(context_length)(texts),
-                          "texts": texts, "text_to_images": positives}}
+    return {
+        "retrieval": {
+            "images": LazyImages(source, indices, "image"),
+            **TextEncoder(context_length)(texts),
+            "texts": texts,
+            "text_to_images": positives,
+        }
+    }

@@ -8,14 +8,13 @@ A key with no image or no caption, or a truncated tar, is logged, skipped and co
 ``skipped_at_index``; an undecodable image or caption is skipped later by the pipeline.
 
 Config keys (``data.webdataset.*``): ``shards`` (comma-separated paths, globs, brace ranges and
-alternations, e.g. "/data/{00000..00099}.tar" or "gs://b/{laion,wukong}/{000..009}.tar"), ``eval_shards`` (same, for retrieval eval; "" = none),
-``caption_keys`` (e.g. "txt,json"), ``eval_max_samples``.
+alternations, e.g. "/data/{00000..00099}.tar" or "gs://b/{laion,wukong}/{000..009}.tar"),
+``eval_shards`` (same, for retrieval eval; "" = none), ``caption_keys`` (e.g. "txt,json"), ``eval_max_samples``.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import tarfile
 import threading
 
 import numpy as np
-import PIL.Image
 
 from .pipeline import LazyImages, TextEncoder, check_image
 
@@ -34,8 +32,16 @@ __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # One packed row per sample: 29 bytes of index (the tar header holds the key; read on demand).
-INDEX_DTYPE = np.dtype([("shard", "<u4"), ("image_offset", "<u8"), ("image_size", "<u4"),
-                        ("caption_offset", "<u8"), ("caption_size", "<u4"), ("kind", "u1")])
+INDEX_DTYPE = np.dtype(
+    [
+        ("shard", "<u4"),
+        ("image_offset", "<u8"),
+        ("image_size", "<u4"),
+        ("caption_offset", "<u8"),
+        ("caption_size", "<u4"),
+        ("kind", "u1"),
+    ]
+)
 
 
 def _split_top_level(spec: str, sep: str = ",") -> list[str]:
@@ -64,7 +70,7 @@ def expand_braces(pattern: str) -> list[str]:
         elif ch == "}" and depth:
             depth -= 1
             if depth == 0:
-                head, body, tail = pattern[:open_at], pattern[open_at + 1:i], pattern[i + 1:]
+                head, body, tail = pattern[:open_at], pattern[open_at + 1 : i], pattern[i + 1 :]
                 m = re.fullmatch(r"(\d+)\.\.(\d+)", body)
                 if m:
                     width = len(m.group(1))
@@ -78,7 +84,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """"a.tar,dir/*.tar,s/{000..002}.tar,{x,y}.tar" -> existing shard paths, in order
+    """ "a.tar,dir/*.tar,s/{000..002}.tar,{x,y}.tar" -> existing shard paths, in order
     (globs sorted per pattern; local or any epath scheme; errors name the missing one)."""
     from ..paths import as_path, is_local
 
@@ -122,7 +128,7 @@ class TarSource:
         paths = expand_shards(shards)
         self.is_process_shard = shard is not None and shard.shard_count > 1 and len(paths) >= shard.shard_count
         if self.is_process_shard:
-            paths = paths[shard.shard_index::shard.shard_count]
+            paths = paths[shard.shard_index :: shard.shard_count]
         self.paths = paths
         self.caption_keys = [k.strip().lower() for k in str(caption_keys).split(",") if k.strip()]
         self.skipped_at_index = 0
@@ -196,8 +202,7 @@ class TarSource:
             with self._lock:
                 if shard not in self._files:
                     path = self.paths[shard]
-                    self._files[shard] = (os.open(path, os.O_RDONLY) if is_local(path)
-                                          else as_path(path).open("rb"))
+                    self._files[shard] = os.open(path, os.O_RDONLY) if is_local(path) else as_path(path).open("rb")
                 f = self._files[shard]
         if isinstance(f, int):
             data = os.pread(f, size, offset)
@@ -228,8 +233,8 @@ class TarSource:
         where = f"{self.paths[shard]}@{offset}"
         try:  # the image's tar header (its key, for messages) and data in one read
             block = self._read(shard, offset - tarfile.BLOCKSIZE, size + tarfile.BLOCKSIZE)
-            where = f"{self.paths[shard]}:{self._key_of(block[:tarfile.BLOCKSIZE], offset)}"
-            image = block[tarfile.BLOCKSIZE:]
+            where = f"{self.paths[shard]}:{self._key_of(block[: tarfile.BLOCKSIZE], offset)}"
+            image = block[tarfile.BLOCKSIZE :]
             raw = self._read(shard, int(row["caption_offset"]), int(row["caption_size"])).decode("utf-8")
             kind = self.caption_keys[int(row["kind"])]
             text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
@@ -273,5 +278,11 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     for i, t in enumerate(texts):
         by_text.setdefault(t, []).append(i)
     images = LazyImages(source, indices, "image")
-    return {"retrieval": {"images": images, **TextEncoder(context_length)(texts),
-                          "texts": texts, "text_to_images": [by_text[t] for t in texts]}}
+    return {
+        "retrieval": {
+            "images": images,
+            **TextEncoder(context_length)(texts),
+            "texts": texts,
+            "text_to_images": [by_text[t] for t in texts],
+        }
+    }

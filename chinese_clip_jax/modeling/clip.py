@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax import struct
 
-from .layers import ModelOptions, Dense, matmul_precision, partitioned
+from .layers import Dense, ModelOptions, matmul_precision, partitioned
 from .resnet import ResNetTower
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
@@ -61,21 +61,30 @@ class ChineseCLIPModel(ModelOptions):
 
     def setup(self):
         cfg = self.config
-        opts = dict(dtype=self.dtype, attention_impl=self.attention_impl,
-                    scan_layers=self.scan_layers, remat=self.remat)
+        opts = dict(
+            dtype=self.dtype, attention_impl=self.attention_impl, scan_layers=self.scan_layers, remat=self.remat
+        )
         self.text_model = TextTower(cfg.text_config, **opts)
         if cfg.is_resnet:
             self.vision_model = ResNetTower(cfg.vision_config, **opts)
         else:
             self.vision_model = VisionTower(cfg.vision_config, **opts)
         self.text_projection = Dense(
-            cfg.projection_dim, ("embed",), (None,), std=cfg.text_config.hidden_size ** -0.5,
-            use_bias=False, dtype=self.dtype,
+            cfg.projection_dim,
+            ("embed",),
+            (None,),
+            std=cfg.text_config.hidden_size**-0.5,
+            use_bias=False,
+            dtype=self.dtype,
         )
         if not cfg.is_resnet:
             self.visual_projection = Dense(
-                cfg.projection_dim, ("embed",), (None,), std=cfg.vision_config.hidden_size ** -0.5,
-                use_bias=False, dtype=self.dtype,
+                cfg.projection_dim,
+                ("embed",),
+                (None,),
+                std=cfg.vision_config.hidden_size**-0.5,
+                use_bias=False,
+                dtype=self.dtype,
             )
         self.logit_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
@@ -85,8 +94,9 @@ class ChineseCLIPModel(ModelOptions):
                 "logit_bias", partitioned(nn.initializers.constant(self.logit_bias_init), ()), (), jnp.float32
             )
 
-    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                          deterministic: bool = True) -> jax.Array:
+    def get_text_features(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, deterministic: bool = True
+    ) -> jax.Array:
         """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32."""
         with matmul_precision(self.precision):
             hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
@@ -101,8 +111,9 @@ class ChineseCLIPModel(ModelOptions):
         vision = self.vision_model(pixel_values, deterministic, interpolate_pos_encoding)
         return vision, self.visual_projection(vision.pooler_output)
 
-    def get_image_features(self, pixel_values, deterministic: bool = True,
-                           interpolate_pos_encoding: bool = False) -> jax.Array:
+    def get_image_features(
+        self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
         """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32.
 
         ``interpolate_pos_encoding``: a ViT takes other image sizes (multiples of its patch), its
@@ -111,8 +122,16 @@ class ChineseCLIPModel(ModelOptions):
         with matmul_precision(self.precision):
             return self._vision(pixel_values, deterministic, interpolate_pos_encoding)[1].astype(jnp.float32)
 
-    def __call__(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True, interpolate_pos_encoding: bool = False) -> ChineseCLIPOutput:
+    def __call__(
+        self,
+        input_ids,
+        pixel_values,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        deterministic: bool = True,
+        interpolate_pos_encoding: bool = False,
+    ) -> ChineseCLIPOutput:
         """Both towers and the logits ``exp(logit_scale) * cos`` (``+ logit_bias`` when the model has one)."""
         with matmul_precision(self.precision):
             hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -96,8 +97,9 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     """
     dtype = q.dtype
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, dtype), k,
-                        preferred_element_type=jnp.float32)
+    scores = jnp.einsum(
+        "bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, dtype), k, preferred_element_type=jnp.float32
+    )
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -142,19 +144,22 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         def proj(name):
             return Dense(
-                (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"),
-                std=self.qkv_std, dtype=self.dtype, name=name,
+                (self.num_heads, self.head_dim),
+                ("embed",),
+                ("heads", "kv"),
+                std=self.qkv_std,
+                dtype=self.dtype,
+                name=name,
             )(x)
 
         q, k, v = proj("query"), proj("key"), proj("value")
         if self.implementation is None and jax.default_backend() == "cpu":
             y = head_major_attention(q, k, v, mask)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation,
-                                             **attention_mask_kwargs(mask, self.implementation))
-        return Dense(
-            x.shape[-1], ("heads", "kv"), ("embed",), std=self.out_std, dtype=self.dtype, name="out"
-        )(y)
+            y = jax.nn.dot_product_attention(
+                q, k, v, implementation=self.implementation, **attention_mask_kwargs(mask, self.implementation)
+            )
+        return Dense(x.shape[-1], ("heads", "kv"), ("embed",), std=self.out_std, dtype=self.dtype, name="out")(y)
 
 
 class MLP(nn.Module):
@@ -283,8 +288,11 @@ class LayerStack(nn.Module):
         scan = resolve_scan_layers(self.scan)
         if policy is not None:
             if not scan and jax.default_backend() == "cpu":
-                warnings.warn("remat has no effect on the CPU backend without scan_layers=True (XLA:CPU merges "
-                              "the recomputation back into the forward pass); use scan_layers=True", stacklevel=2)
+                warnings.warn(
+                    "remat has no effect on the CPU backend without scan_layers=True (XLA:CPU merges "
+                    "the recomputation back into the forward pass); use scan_layers=True",
+                    stacklevel=2,
+                )
             cls = nn.remat(cls, prevent_cse=not scan, policy=policy)
         if scan:
             stack = nn.scan(

@@ -83,8 +83,10 @@ def at_resolution(params: dict, cfg, image_size: int):
     if image_size == v.image_size:
         return params, cfg
     if cfg.is_resnet:
-        raise ValueError(f"image_size={image_size}: only ViT image towers can change resolution "
-                         f"(this ResNet takes {v.image_size} px)")
+        raise ValueError(
+            f"image_size={image_size}: only ViT image towers can change resolution "
+            f"(this ResNet takes {v.image_size} px)"
+        )
     new_v = v.replace(image_size=int(image_size))  # validates: a multiple of patch_size
     g = new_v.image_size // new_v.patch_size
     vision = dict(params["vision_model"])

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from ..config import ChineseCLIPResNetConfig
 from .layers import Dense, ModelOptions, head_major_attention, partitioned
@@ -56,9 +56,16 @@ class FrozenBatchNorm(nn.Module):
 
 def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
     """Bias-free conv with padding kernel // 2 on each side (cn_clip's); HWIO kernel, replicated."""
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=kernel // 2, use_bias=False,
-                   dtype=dtype, kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)),
-                   name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=kernel // 2,
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)),
+        name=name,
+    )
 
 
 def avg_pool(x, k: int):
@@ -105,14 +112,19 @@ class AttentionPool(nn.Module):
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
-        pos = self.param("position_embedding", partitioned(nn.initializers.normal(c ** -0.5), (None, "embed")),
-                         (h * w + 1, c), jnp.float32)
+        pos = self.param(
+            "position_embedding",
+            partitioned(nn.initializers.normal(c**-0.5), (None, "embed")),
+            (h * w + 1, c),
+            jnp.float32,
+        )
         x = x + pos.astype(x.dtype)
-        head_dim, std = c // self.num_heads, c ** -0.5
+        head_dim, std = c // self.num_heads, c**-0.5
 
         def proj(name, t):
-            return Dense((self.num_heads, head_dim), ("embed",), ("heads", "kv"), std=std, dtype=self.dtype,
-                         name=name)(t)
+            return Dense((self.num_heads, head_dim), ("embed",), ("heads", "kv"), std=std, dtype=self.dtype, name=name)(
+                t
+            )
 
         y = head_major_attention(proj("query", x[:, :1]), proj("key", x), proj("value", x), None)
         return Dense(self.output_dim, ("heads", "kv"), (None,), std=std, dtype=self.dtype, name="out")(y)[:, 0]
@@ -129,13 +141,15 @@ class ResNetTower(ModelOptions):
         cfg: ChineseCLIPResNetConfig = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must be NCHW (batch, {', '.join(map(str, expected))}), got shape "
-                             f"{tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be NCHW (batch, {', '.join(map(str, expected))}), got shape "
+                f"{tuple(pixel_values.shape)}"
+            )
         d, eps, width = self.dtype, cfg.batch_norm_eps, cfg.width
         x = pixel_values.astype(d).transpose(0, 2, 3, 1)  # NHWC
         x = _Stem(width, eps, d, name="stem")(x)
         for i, blocks in enumerate(cfg.layers):
-            x = _Stage(width * 2 ** i, blocks, 1 if i == 0 else 2, eps, d, name=f"layer{i + 1}")(x)
+            x = _Stage(width * 2**i, blocks, 1 if i == 0 else 2, eps, d, name=f"layer{i + 1}")(x)
         pooled = AttentionPool(cfg.num_attention_heads, cfg.projection_dim, d, name="attnpool")(x)
         b, h, w, c = x.shape
         return VisionOutput(last_hidden_state=x.reshape(b, h * w, c), pooler_output=pooled)

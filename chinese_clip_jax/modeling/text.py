@@ -5,14 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPTextConfig
-from .layers import (ModelOptions, MLP, Attention, Dense, LayerStack, constrain, layer_norm, matmul_precision,
-                     partitioned)
+from .layers import (
+    MLP,
+    Attention,
+    Dense,
+    LayerStack,
+    ModelOptions,
+    constrain,
+    layer_norm,
+    matmul_precision,
+    partitioned,
+)
 
 Dtype = Any
 
@@ -34,9 +43,7 @@ class TextEmbeddings(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
 
         def embed(name, num, axes):
-            return nn.Embed(
-                num, cfg.hidden_size, dtype=self.dtype, embedding_init=partitioned(init, axes), name=name
-            )
+            return nn.Embed(num, cfg.hidden_size, dtype=self.dtype, embedding_init=partitioned(init, axes), name=name)
 
         x = embed("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)
         x = x + embed("token_type_embeddings", cfg.type_vocab_size, (None, "embed"))(token_type_ids)
@@ -63,8 +70,13 @@ class TextLayer(nn.Module):
         std = cfg.initializer_range
         drop = nn.Dropout(cfg.hidden_dropout_prob)
         h = Attention(
-            cfg.num_attention_heads, cfg.head_dim, qkv_std=std, out_std=std,
-            dtype=self.dtype, implementation=self.attention_impl, name="attention",
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            qkv_std=std,
+            out_std=std,
+            dtype=self.dtype,
+            implementation=self.attention_impl,
+            name="attention",
         )(x, mask)
         x = layer_norm(cfg.layer_norm_eps, self.dtype, "attention_norm")(x + drop(h, self.deterministic))
         h = MLP(cfg.intermediate_size, cfg.hidden_act, std, std, dtype=self.dtype, name="mlp")(x)
@@ -81,8 +93,9 @@ class TextTower(ModelOptions):
     """Embeddings + encoder; returns the last hidden state (no pooler). ``config``: ChineseCLIPTextConfig."""
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True):
+    def __call__(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, deterministic: bool = True
+    ):
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
@@ -95,14 +108,17 @@ class TextTower(ModelOptions):
             token_type_ids = jnp.zeros_like(input_ids)
         if position_ids is None:
             position_ids = jnp.arange(seq_len)[None, :]
-        x = TextEmbeddings(cfg, self.dtype, deterministic, name="embeddings")(
-            input_ids, token_type_ids, position_ids
-        )
+        x = TextEmbeddings(cfg, self.dtype, deterministic, name="embeddings")(input_ids, token_type_ids, position_ids)
         x = constrain(x)
-        layer_kwargs = dict(config=cfg, dtype=self.dtype, attention_impl=self.attention_impl,
-                            deterministic=deterministic)
+        layer_kwargs = dict(
+            config=cfg, dtype=self.dtype, attention_impl=self.attention_impl, deterministic=deterministic
+        )
         return LayerStack(
-            TextLayer, layer_kwargs, cfg.num_hidden_layers, scan=self.scan_layers, remat=self.remat,
+            TextLayer,
+            layer_kwargs,
+            cfg.num_hidden_layers,
+            scan=self.scan_layers,
+            remat=self.remat,
             name="encoder",
         )(x, key_padding_mask(attention_mask))
 
@@ -114,14 +130,19 @@ class ChineseCLIPTextModel(ModelOptions):
     """
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True) -> TextOutput:
+    def __call__(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, deterministic: bool = True
+    ) -> TextOutput:
         with matmul_precision(self.precision):
             hidden = TextTower(
                 self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="text_model"
             )(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
             pooled = Dense(
-                self.config.hidden_size, ("embed",), (None,), std=self.config.initializer_range,
-                dtype=self.dtype, name="pooler",
+                self.config.hidden_size,
+                ("embed",),
+                (None,),
+                std=self.config.initializer_range,
+                dtype=self.dtype,
+                name="pooler",
             )(hidden[:, 0])
         return TextOutput(last_hidden_state=hidden, pooler_output=jnp.tanh(pooled))

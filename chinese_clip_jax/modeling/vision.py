@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
-from .layers import ModelOptions, MLP, Attention, LayerStack, constrain, layer_norm, matmul_precision, partitioned
+from .layers import MLP, Attention, LayerStack, ModelOptions, constrain, layer_norm, matmul_precision, partitioned
 from .position import resize_position_embedding
 
 Dtype = Any
@@ -62,15 +62,24 @@ class VisionLayer(nn.Module):
     def __call__(self, x, mask):
         cfg = self.config
         # transformers' CLIP init (factor 1): scaled by width and depth.
-        width_std = cfg.hidden_size ** -0.5
+        width_std = cfg.hidden_size**-0.5
         qkv_std = width_std * (2 * cfg.num_hidden_layers) ** -0.5
         x = x + Attention(
-            cfg.num_attention_heads, cfg.head_dim, qkv_std=qkv_std, out_std=width_std,
-            dtype=self.dtype, implementation=self.attention_impl, name="attention",
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            qkv_std=qkv_std,
+            out_std=width_std,
+            dtype=self.dtype,
+            implementation=self.attention_impl,
+            name="attention",
         )(layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x), mask)
         x = x + MLP(
-            cfg.intermediate_size, cfg.hidden_act, (2 * cfg.hidden_size) ** -0.5, qkv_std,
-            dtype=self.dtype, name="mlp",
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            (2 * cfg.hidden_size) ** -0.5,
+            qkv_std,
+            dtype=self.dtype,
+            name="mlp",
         )(layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x))
         return constrain(x), None
 
@@ -83,16 +92,22 @@ class VisionTower(ModelOptions):
     """
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic: bool = True,
-                 interpolate_pos_encoding: bool = False) -> VisionOutput:
+    def __call__(
+        self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
+    ) -> VisionOutput:
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if interpolate_pos_encoding:
-            ok = (pixel_values.ndim == 4 and pixel_values.shape[1] == cfg.num_channels
-                  and all(s % cfg.patch_size == 0 for s in pixel_values.shape[2:]))
+            ok = (
+                pixel_values.ndim == 4
+                and pixel_values.shape[1] == cfg.num_channels
+                and all(s % cfg.patch_size == 0 for s in pixel_values.shape[2:])
+            )
             if not ok:
-                raise ValueError(f"pixel_values must be NCHW with {cfg.num_channels} channels and H, W multiples of "
-                                 f"patch_size {cfg.patch_size}, got shape {tuple(pixel_values.shape)}")
+                raise ValueError(
+                    f"pixel_values must be NCHW with {cfg.num_channels} channels and H, W multiples of "
+                    f"patch_size {cfg.patch_size}, got shape {tuple(pixel_values.shape)}"
+                )
         elif pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must be NCHW (batch, {', '.join(map(str, expected))}), got shape "
@@ -102,7 +117,7 @@ class VisionTower(ModelOptions):
         patches = PatchEmbedding(cfg, self.dtype, name="patch_embedding")(pixel_values)
         cls = self.param(
             "class_embedding",
-            partitioned(nn.initializers.normal(cfg.hidden_size ** -0.5), ("embed",)),
+            partitioned(nn.initializers.normal(cfg.hidden_size**-0.5), ("embed",)),
             (cfg.hidden_size,),
             jnp.float32,
         )
@@ -117,10 +132,15 @@ class VisionTower(ModelOptions):
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
         x = constrain(layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layernorm")(x))
-        layer_kwargs = dict(config=cfg, dtype=self.dtype, attention_impl=self.attention_impl,
-                            deterministic=deterministic)
+        layer_kwargs = dict(
+            config=cfg, dtype=self.dtype, attention_impl=self.attention_impl, deterministic=deterministic
+        )
         x = LayerStack(
-            VisionLayer, layer_kwargs, cfg.num_hidden_layers, scan=self.scan_layers, remat=self.remat,
+            VisionLayer,
+            layer_kwargs,
+            cfg.num_hidden_layers,
+            scan=self.scan_layers,
+            remat=self.remat,
             name="encoder",
         )(x, None)
         pooled = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
@@ -131,8 +151,9 @@ class ChineseCLIPVisionModel(ModelOptions):
     """The image tower as transformers' ``ChineseCLIPVisionModel``: params ``{"vision_model": ...}``."""
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
-                 ) -> VisionOutput:
+    def __call__(
+        self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
+    ) -> VisionOutput:
         with matmul_precision(self.precision):
             return VisionTower(
                 self.config, self.dtype, self.attention_impl, self.scan_layers, self.remat, name="vision_model"

@@ -11,18 +11,24 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
 import jax
-import logging
 import orbax.checkpoint as ocp
 from etils import epath
 
 from ..failures import first_line, quiet_orbax_failures
 from .state import TrainState
 
-__all__ = ["Checkpointer", "CheckpointUnreadableError", "DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointUnreadableError",
+    "DataIteratorHandler",
+    "DataIteratorSave",
+    "DataIteratorRestore",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +64,15 @@ class DataIteratorHandler:
     def _file(self, directory: epath.Path) -> epath.Path:
         return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    def save(self, directory: epath.Path, args: "DataIteratorSave"):
+    def save(self, directory: epath.Path, args: DataIteratorSave):
         self._file(directory).write_text(json.dumps(_to_json(args.item.get_state())))
 
-    def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+    def restore(self, directory: epath.Path, args: DataIteratorRestore):
         path = self._file(directory)
         if not path.exists():
             raise FileNotFoundError(
-                f"no data-iterator state {path}: was this checkpoint written with another process count?")
+                f"no data-iterator state {path}: was this checkpoint written with another process count?"
+            )
         args.item.set_state(_from_json(json.loads(path.read_text())))
         return args.item
 
@@ -114,7 +121,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -144,8 +152,9 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
-    def restore_latest_readable(self, abstract_state: TrainState, data_iter: Any | None,
-                                fresh: TrainState) -> tuple[TrainState, int]:
+    def restore_latest_readable(
+        self, abstract_state: TrainState, data_iter: Any | None, fresh: TrainState
+    ) -> tuple[TrainState, int]:
         """``(state, step)`` from the newest checkpoint that restores; ``(fresh, 0)`` where there is none.
 
         An unreadable checkpoint (truncated or zeroed arrays, missing metadata, garbage iterator
@@ -170,12 +179,19 @@ class Checkpointer:
                 continue
             if bad:
                 self._set_aside([s for s, _ in bad])
-                logger.warning("resuming from step %d, the newest readable checkpoint in %s (unreadable: %s)",
-                               step, root, ", ".join(f"{s}" for s, _ in bad))
+                logger.warning(
+                    "resuming from step %d, the newest readable checkpoint in %s (unreadable: %s)",
+                    step,
+                    root,
+                    ", ".join(f"{s}" for s, _ in bad),
+                )
             return state, step
         if bad:
-            raise CheckpointUnreadableError(f"no readable checkpoint in {root}: " + "; ".join(f"step {s} ({r})" for s, r in bad)
-                               + ". Move them away to start afresh.")
+            raise CheckpointUnreadableError(
+                f"no readable checkpoint in {root}: "
+                + "; ".join(f"step {s} ({r})" for s, r in bad)
+                + ". Move them away to start afresh."
+            )
         return fresh, 0
 
     def _set_aside(self, steps: list[int]) -> None:

@@ -16,8 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,10 +25,13 @@ def _maybe_initialize_distributed(dist) -> None:
     import jax
 
     if dist.coordinator_address:
-        jax.distributed.initialize(coordinator_address=dist.coordinator_address,
-                                   num_processes=dist.num_processes, process_id=dist.process_id)
-    elif any(k in __import__("os").environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                                     "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")):
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator_address, num_processes=dist.num_processes, process_id=dist.process_id
+        )
+    elif any(
+        k in __import__("os").environ
+        for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")
+    ):
         jax.distributed.initialize()
 
 
@@ -52,7 +54,7 @@ def _parse_flags(argv):
         known = known_keys(base.get_config())
         for arg in argv[1:]:
             if arg.startswith("--config."):
-                key = arg[len("--config."):].split("=", 1)[0]
+                key = arg[len("--config.") :].split("=", 1)[0]
                 if key not in known:
                     _fail(str(unknown_key_error(key, known)))
         _fail(f"cannot apply the config overrides: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -79,6 +81,7 @@ def main(argv) -> None:
     _maybe_initialize_distributed(config.distributed)
 
     import jax
+
     from chinese_clip_jax.training.loop import train
     from chinese_clip_jax.training.report import print_report
 

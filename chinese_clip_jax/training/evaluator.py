@@ -33,8 +33,16 @@ class Evaluator:
     ``predictions[set]``: each zero-shot set's top-1 class per image at the last call.
     """
 
-    def __init__(self, model, mesh: Mesh, param_shardings: Any, eval_sets: dict, chunk: int = 256,
-                 resize_mode: str = "crop", progress: bool = False):
+    def __init__(
+        self,
+        model,
+        mesh: Mesh,
+        param_shardings: Any,
+        eval_sets: dict,
+        chunk: int = 256,
+        resize_mode: str = "crop",
+        progress: bool = False,
+    ):
         from ..data.pipeline import ImageDecoder
 
         if resize_mode not in ("crop", "squash"):
@@ -104,14 +112,16 @@ class Evaluator:
                 n_img = len(s["images"] if "images" in s else s["pixel_values"])
                 pos = np.array([len(p) for p in s["text_to_images"]])
                 n_txt = len(s["text_to_images"])
-                texts_of = np.bincount(np.concatenate([np.asarray(p, int) for p in s["text_to_images"]]),
-                                       minlength=n_img)
+                texts_of = np.bincount(
+                    np.concatenate([np.asarray(p, int) for p in s["text_to_images"]]), minlength=n_img
+                )
                 texts_of = texts_of[texts_of > 0]  # images that are some text's positive are the queries
                 for k in (1, 5, 10):
                     out[f"{name}/t2i_R@{k}"] = float(np.mean(1 - _none_hit(n_img, pos, k)))
                     out[f"{name}/i2t_R@{k}"] = float(np.mean(1 - _none_hit(n_txt, texts_of, k)))
-                out[f"{name}/mean_recall"] = float(np.mean([out[f"{name}/{d}_R@{k}"]
-                                                            for d in ("t2i", "i2t") for k in (1, 5, 10)]))
+                out[f"{name}/mean_recall"] = float(
+                    np.mean([out[f"{name}/{d}_R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)])
+                )
         return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
@@ -36,8 +36,11 @@ _CJK_FONT_PATHS = (
     "C:/Windows/Fonts/msyh.ttc",
     "C:/Windows/Fonts/simhei.ttf",
 )
-_LATIN_FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/Library/Fonts/Arial.ttf",
-                     "C:/Windows/Fonts/arial.ttf")
+_LATIN_FONT_PATHS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:/Windows/Fonts/arial.ttf",
+)
 GREEN, RED, GREY, BLACK = (30, 150, 60), (200, 40, 40), (120, 120, 120), (20, 20, 20)
 
 
@@ -64,6 +67,7 @@ def find_font(size: int = 14, cjk: bool = True):
 
 def can_draw(font, text: str) -> bool:
     """True when every character of text has a glyph in font (not the 'missing' box)."""
+
     def mask(ch):
         m = font.getmask(ch)
         return m.size, bytes(m)
@@ -86,8 +90,10 @@ def _panel(title: str, steps: Sequence[int], values: Sequence[float], size=(300,
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-    pts = [(left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
-           for s, v in zip(steps, values)]
+    pts = [
+        (left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
+        for s, v in zip(steps, values)
+    ]
     if len(pts) > 1:
         d.line(pts, fill=(40, 90, 200), width=2)
     for x, y in pts if len(pts) <= 12 else pts[-1:]:
@@ -114,8 +120,13 @@ def curves_image(rows: Sequence[dict], keys: Sequence[tuple[str, str]]) -> PIL.I
     return out
 
 
-def grid_image(images: Sequence[np.ndarray], true_names: Sequence[str], pred_names: Sequence[str],
-               columns: int = 6, cell: int = 112) -> PIL.Image.Image:
+def grid_image(
+    images: Sequence[np.ndarray],
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    columns: int = 6,
+    cell: int = 112,
+) -> PIL.Image.Image:
     """Images (uint8 HWC) with "true" / "pred" captions; green frame when right, red when wrong."""
     font = find_font(13, cjk=True)
     rows = -(-len(images) // columns)
@@ -142,8 +153,9 @@ def _names(s: dict, font) -> list[str]:
     return list(s.get("class_names_en") or [f"class {i}" for i in range(len(names))])
 
 
-def run_figure(rows: Sequence[dict], eval_sets: dict | None = None, predictions: dict | None = None,
-               count: int = 18) -> PIL.Image.Image:
+def run_figure(
+    rows: Sequence[dict], eval_sets: dict | None = None, predictions: dict | None = None, count: int = 18
+) -> PIL.Image.Image:
     """Curves from metrics.jsonl ``rows`` above a grid of the first zero-shot set's first
     ``count`` images with their true and predicted classes (``predictions[set]``: class per image)."""
     zs = [n for n, s in (eval_sets or {}).items() if "class_texts" in s and n in (predictions or {})]
@@ -157,8 +169,9 @@ def run_figure(rows: Sequence[dict], eval_sets: dict | None = None, predictions:
         idx = _spread(len(pred), count)
         images = [np.asarray(s["images"][i]) if "images" in s else None for i in idx]
         if all(im is not None for im in images):
-            parts.append(grid_image(images, [names[int(s["labels"][i])] for i in idx],
-                                    [names[int(pred[i])] for i in idx]))
+            parts.append(
+                grid_image(images, [names[int(s["labels"][i])] for i in idx], [names[int(pred[i])] for i in idx])
+            )
     width = max(p.width for p in parts)
     out = PIL.Image.new("RGB", (width, sum(p.height for p in parts)), "white")
     y = 0

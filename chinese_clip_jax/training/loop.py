@@ -3,8 +3,9 @@ logging, evaluation, checkpoints.
 
 ``train(config, workdir)`` reads the keys documented in ``train/configs/base.py``. It appends
 one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run appends to the
-same file, after dropping the lines of steps past the checkpoint it resumes from), writes TensorBoard events to ``workdir/tensorboard`` and
-shows a progress bar. SIGTERM saves a checkpoint and returns; a non-finite loss raises
+same file, after dropping the lines of steps past the checkpoint it resumes from), writes
+TensorBoard events to ``workdir/tensorboard`` and shows a progress bar. SIGTERM saves a checkpoint and
+returns; a non-finite loss raises
 ``FloatingPointError`` naming the step, without saving.
 
 Before anything is built the config is validated (``validate.validate_config``) and the workdir
@@ -43,6 +44,7 @@ from .workdir import WorkdirLock, check_model_config
 __all__ = ["train", "build_model_config", "TrainResult"]
 
 logger = logging.getLogger(__name__)
+
 
 def build_model_config(model_cfg) -> ChineseCLIPConfig:
     """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes;
@@ -95,8 +97,7 @@ class _Preemption:
 def _preemption_service_running() -> bool:
     from jax._src import distributed
 
-    return (distributed.global_state.client is not None
-            and distributed.global_state.preemption_sync_manager is not None)
+    return distributed.global_state.client is not None and distributed.global_state.preemption_sync_manager is not None
 
 
 class _Logger:
@@ -200,9 +201,11 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
             raise
         silence_orbax_after_failure()
         _remove_temporaries(workdir)
-        raise OSError(f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
-                      "temporary checkpoint files were removed; free space and rerun to resume from the last "
-                      "checkpoint") from None
+        raise OSError(
+            f"disk full (or file-size limit) while writing in {workdir}: {first_line(e)}; "
+            "temporary checkpoint files were removed; free space and rerun to resume from the last "
+            "checkpoint"
+        ) from None
     finally:
         if lock is not None:
             lock.release()
@@ -225,9 +228,13 @@ def _remove_temporaries(workdir) -> None:
 
 def _architecture(model_config: ChineseCLIPConfig) -> dict:
     """The keys of the model config that decide the checkpoint's contents (no dropout rates)."""
+
     def keep(d):
-        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
-                if not k.endswith(("dropout", "dropout_prob", "initializer_range"))}
+        return {
+            k: keep(v) if isinstance(v, dict) else v
+            for k, v in d.items()
+            if not k.endswith(("dropout", "dropout_prob", "initializer_range"))
+        }
 
     d = model_config.to_dict()
     d.update(text_config=model_config.text_config.to_dict(), vision_config=model_config.vision_config.to_dict())
@@ -241,15 +248,22 @@ def _architecture(model_config: ChineseCLIPConfig) -> dict:
 
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
     dtype = parse_dtype(config.dtype)
-    model_opts = dict(attention_impl=config.model.attention_impl or None,
-                      scan_layers=resolve_scan_layers(config.model.scan_layers), remat=config.model.remat)
+    model_opts = dict(
+        attention_impl=config.model.attention_impl or None,
+        scan_layers=resolve_scan_layers(config.model.scan_layers),
+        remat=config.model.remat,
+    )
     init_params = None
     if config.init_from:
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
     else:
         model_config = build_model_config(config.model)
-    model = ChineseCLIPModel(model_config, dtype=dtype, **model_opts,
-                             logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None)
+    model = ChineseCLIPModel(
+        model_config,
+        dtype=dtype,
+        **model_opts,
+        logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None,
+    )
     image_size = model_config.vision_config.image_size
 
     ckpt_dir = workdir / "checkpoints"
@@ -260,8 +274,10 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (n_batch_shards * config.accum_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
-                         f"accum_steps ({config.accum_steps})")
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
+            f"accum_steps ({config.accum_steps})"
+        )
     freeze = config.freeze or None
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
     state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
@@ -270,8 +286,13 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     if data_iter is None:
         from .. import data
 
-        data_iter = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                        image_size=image_size, context_length=config.context_length)
+        data_iter = data.train_iterator(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            image_size=image_size,
+            context_length=config.context_length,
+        )
     ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
     state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
     if start:
@@ -284,15 +305,40 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
         resize_mode = "squash" if config.data.eval_crop == "squash" else "crop"
-        evaluator = (Evaluator(model, mesh, shardings.params, eval_sets, resize_mode=resize_mode,
-                               progress=progress and jax.process_index() == 0) if eval_sets else None)
+        evaluator = (
+            Evaluator(
+                model,
+                mesh,
+                shardings.params,
+                eval_sets,
+                resize_mode=resize_mode,
+                progress=progress and jax.process_index() == 0,
+            )
+            if eval_sets
+            else None
+        )
 
-    step_fn = make_train_step(model, tx, schedule, mesh, shardings, loss=config.loss,
-                              accum_steps=config.accum_steps, freeze=freeze, rng_impl=config.rng_impl)
+    step_fn = make_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        shardings,
+        loss=config.loss,
+        accum_steps=config.accum_steps,
+        freeze=freeze,
+        rng_impl=config.rng_impl,
+    )
     log = _Logger(workdir, start)
     preempt = _Preemption()
-    result = TrainResult(step=start, stopped_early=False, first_eval=None, last_eval=None,
-                         checkpoint_dir=str(ckpt.directory), chance=evaluator.chance() if evaluator else None)
+    result = TrainResult(
+        step=start,
+        stopped_early=False,
+        first_eval=None,
+        last_eval=None,
+        checkpoint_dir=str(ckpt.directory),
+        chance=evaluator.chance() if evaluator else None,
+    )
 
     def run_eval(step):
         metrics = evaluator(state.params)
@@ -322,7 +368,8 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 ckpt.wait()
                 raise FloatingPointError(
                     f"non-finite loss {loss} at step {s} (the update from step {s - 1}); stopping. "
-                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+                )
             last_loss = loss
 
     try:
@@ -348,11 +395,17 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}", refresh=False)
             if log_now:
-                log.write(step, {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
-                                 "train/logit_scale": float(metrics["logit_scale"]),
-                                 "train/grad_norm": float(metrics["grad_norm"]),
-                                 "train/samples_per_sec": sps,
-                                 **{f"data/{k}": v for k, v in getattr(data_iter, "stats", {}).items()}})
+                log.write(
+                    step,
+                    {
+                        "train/loss": last_loss,
+                        "train/lr": float(metrics["lr"]),
+                        "train/logit_scale": float(metrics["logit_scale"]),
+                        "train/grad_norm": float(metrics["grad_norm"]),
+                        "train/samples_per_sec": sps,
+                        **{f"data/{k}": v for k, v in getattr(data_iter, "stats", {}).items()},
+                    },
+                )
                 window_s, window_n = 0.0, 0
             if eval_now:
                 run_eval(step)
@@ -372,8 +425,12 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         log.close()
     if config.export_hf and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
-    result.update(step=step, steps_run=step - start, wall_s=time.time() - t_start,
-                  samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"))
+    result.update(
+        step=step,
+        steps_run=step - start,
+        wall_s=time.time() - t_start,
+        samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"),
+    )
     return result
 
 

@@ -18,7 +18,15 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["FROZEN_PREFIXES", "NON_TRAINED", "make_schedule", "make_optimizer", "decay_mask", "trainable_labels", "is_frozen"]
+__all__ = [
+    "FROZEN_PREFIXES",
+    "NON_TRAINED",
+    "make_schedule",
+    "make_optimizer",
+    "decay_mask",
+    "trainable_labels",
+    "is_frozen",
+]
 
 # Top-level param subtrees of each tower (see chinese_clip_jax.modeling.clip).
 FROZEN_PREFIXES = {
@@ -51,8 +59,11 @@ def make_schedule(lr: float, warmup_steps: int, total_steps: int, end_lr_factor:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=lr * end_lr_factor,
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=lr * end_lr_factor,
     )
 
 
@@ -67,7 +78,7 @@ def decay_mask(params: Any) -> Any:
 
 
 def trainable_labels(params: dict, freeze: str | None) -> dict:
-    """"frozen" / "trainable" label per leaf: by top-level subtree, and ``NON_TRAINED`` leaves."""
+    """ "frozen" / "trainable" label per leaf: by top-level subtree, and ``NON_TRAINED`` leaves."""
     prefixes = _frozen_prefixes(freeze)
 
     def label(path, _):
@@ -90,9 +101,16 @@ def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None):
     chain = []
     if o["grad_clip"]:
         chain.append(optax.clip_by_global_norm(o["grad_clip"]))
-    chain.append(optax.adamw(
-        schedule, b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"], mask=decay_mask,
-    ))
+    chain.append(
+        optax.adamw(
+            schedule,
+            b1=o["b1"],
+            b2=o["b2"],
+            eps=o["eps"],
+            weight_decay=o["weight_decay"],
+            mask=decay_mask,
+        )
+    )
     trainable = optax.chain(*chain)
     _frozen_prefixes(freeze)  # validates
     tx = optax.multi_transform(

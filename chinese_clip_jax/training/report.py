@@ -59,22 +59,30 @@ def format_report(result: dict, config, workdir: str) -> str:
     if result.get("steps_run") == 0:
         # nothing was trained in this call (a finished run, rerun): report what the run logged
         first, last, sps = _from_metrics_file(workdir)
-        lines.append(f"already trained to step {result['step']} (nothing left to do); figures from metrics.jsonl "
-                     f"({sps:.0f} samples/s when last logged)")
+        lines.append(
+            f"already trained to step {result['step']} (nothing left to do); figures from metrics.jsonl "
+            f"({sps:.0f} samples/s when last logged)"
+        )
     else:
-        lines.append(f"trained to step {result['step']} in {result.get('wall_s', float('nan')):.0f} s "
-                     f"({sps:.0f} samples/s after compilation)")
+        lines.append(
+            f"trained to step {result['step']} in {result.get('wall_s', float('nan')):.0f} s "
+            f"({sps:.0f} samples/s after compilation)"
+        )
     if first and last:
         labels = metric_labels(config)
-        keys = [k for k in labels if k in last] + sorted((k for k in last if k != "step" and k not in labels),
-                                                         key=_natural)
+        keys = [k for k in labels if k in last] + sorted(
+            (k for k in last if k != "step" and k not in labels), key=_natural
+        )
         width = max([6] + [len(labels.get(k, k)) for k in keys])
-        lines.append(f"{'metric':{width}s} {'step ' + str(first['step']):>9s} {'step ' + str(last['step']):>9s} "
-                     f"{'chance':>8s}")
+        lines.append(
+            f"{'metric':{width}s} {'step ' + str(first['step']):>9s} {'step ' + str(last['step']):>9s} {'chance':>8s}"
+        )
         for key in keys:
             c = chance.get(key)
-            lines.append(f"{labels.get(key, key):{width}s} {first.get(key, float('nan')):9.3f} {last[key]:9.3f} "
-                         f"{'' if c is None else f'{c:8.3f}':>8s}")
+            lines.append(
+                f"{labels.get(key, key):{width}s} {first.get(key, float('nan')):9.3f} {last[key]:9.3f} "
+                f"{'' if c is None else f'{c:8.3f}':>8s}"
+            )
     lines.append(f"checkpoint: {result['checkpoint_dir']}/{result['step']}")
     workdir = as_path(workdir)
     lines.append(f"metrics:    {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})")

@@ -13,9 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .. import sharding as shd
 from ..losses import SIGLIP_INIT_LOGIT_SCALE
@@ -60,8 +60,9 @@ def _opt_state_shardings(abstract_opt, params, param_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
-def create_train_state(model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax",
-                       init_params: dict | None = None) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax", init_params: dict | None = None
+) -> tuple[TrainState, TrainState]:
     """A fresh ``TrainState`` sharded on ``mesh`` and the matching pytree of shardings.
 
     ``init_params`` (e.g. from ``ccj.from_pretrained``) replaces the random init; the random
@@ -69,25 +70,30 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax
     """
     has_bias = getattr(model, "logit_bias_init", None) is not None
     if loss == "sigmoid" and not has_bias:
-        raise ValueError("the sigmoid loss needs a model with a logit_bias: ChineseCLIPModel(cfg, ..., "
-                         "logit_bias_init=losses.SIGLIP_INIT_LOGIT_BIAS)")
+        raise ValueError(
+            "the sigmoid loss needs a model with a logit_bias: ChineseCLIPModel(cfg, ..., "
+            "logit_bias_init=losses.SIGLIP_INIT_LOGIT_BIAS)"
+        )
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     ids, pixels = example_inputs(model)
     if init_params is None:
-        params, p_shard = shd.sharded_init(model, mesh, init_rng, jnp.zeros(ids.shape, ids.dtype),
-                                           jnp.zeros(pixels.shape, pixels.dtype))
+        params, p_shard = shd.sharded_init(
+            model, mesh, init_rng, jnp.zeros(ids.shape, ids.dtype), jnp.zeros(pixels.shape, pixels.dtype)
+        )
         params = dict(params)
         if loss == "sigmoid":
             params["logit_scale"] = jax.device_put(jnp.float32(SIGLIP_INIT_LOGIT_SCALE), p_shard["logit_scale"])
     else:
-        p_shard = shd.param_shardings(model, mesh, jnp.zeros(ids.shape, ids.dtype),
-                                      jnp.zeros(pixels.shape, pixels.dtype))
+        p_shard = shd.param_shardings(
+            model, mesh, jnp.zeros(ids.shape, ids.dtype), jnp.zeros(pixels.shape, pixels.dtype)
+        )
         init_params = dict(init_params)
         if has_bias and "logit_bias" not in init_params:  # e.g. a HF checkpoint: no bias in that layout
             init_params["logit_bias"] = np.float32(model.logit_bias_init)
         _check_same_tree(init_params, p_shard)
-        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), dict(init_params),
-                              dict(p_shard))
+        params = jax.tree.map(
+            lambda x, s: jax.device_put(np.asarray(x, np.float32), s), dict(init_params), dict(p_shard)
+        )
     p_shard = dict(p_shard)
     abstract_opt = jax.eval_shape(tx.init, params)
     o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)

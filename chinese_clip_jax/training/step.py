@@ -18,12 +18,13 @@ resumed run draws the same masks whatever the implementation.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .. import sharding as shd
 from ..encoding import image_embeddings, text_embeddings
@@ -62,16 +63,30 @@ def make_embed_fn(model, rng_impl: str = "threefry") -> Callable:
         raise ValueError(f"rng_impl must be one of {RNG_IMPLS}, got {rng_impl!r}")
 
     def embed(params, batch, rng, deterministic=False):
-        text = text_embeddings(model, params, batch["input_ids"], batch["attention_mask"],
-                               deterministic=deterministic, rng=dropout_key(rng, rng_impl))
+        text = text_embeddings(
+            model,
+            params,
+            batch["input_ids"],
+            batch["attention_mask"],
+            deterministic=deterministic,
+            rng=dropout_key(rng, rng_impl),
+        )
         image = image_embeddings(model, params, batch["pixel_values"], deterministic=deterministic)
         return text, image
 
     return embed
 
 
-def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int = 1,
-                 freeze: str | None = None, deterministic: bool = False, rng_impl: str = "threefry") -> Callable:
+def make_grad_fn(
+    model,
+    mesh: Mesh,
+    *,
+    loss: str = "softmax",
+    accum_steps: int = 1,
+    freeze: str | None = None,
+    deterministic: bool = False,
+    rng_impl: str = "threefry",
+) -> Callable:
     """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
     With ``accum_steps > 1`` it runs the GradCache recipe of the module docstring; the result
@@ -122,12 +137,14 @@ def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int =
 
         p_loss = {k: params[k] for k in LOSS_PARAMS if k in params}
         loss_value, (g_loss, g_text, g_image) = jax.value_and_grad(loss_from_embeds, argnums=(0, 1, 2))(
-            p_loss, text, image)
+            p_loss, text, image
+        )
 
         def grad_one(acc, xs):
             mb, k, gt, gi = xs
-            _, pullback = jax.vjp(lambda q: embed(stop_frozen(q), mb, jax.random.fold_in(rng, k), deterministic),
-                                  params)
+            _, pullback = jax.vjp(
+                lambda q: embed(stop_frozen(q), mb, jax.random.fold_in(rng, k), deterministic), params
+            )
             (g,) = pullback((gt, gi))
             return jax.tree.map(jnp.add, acc, g), None
 
@@ -141,9 +158,19 @@ def make_grad_fn(model, mesh: Mesh, *, loss: str = "softmax", accum_steps: int =
     return full_batch_grad if accum_steps == 1 else accumulated_grad
 
 
-def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, loss: str = "softmax",
-                    accum_steps: int = 1, freeze: str | None = None, deterministic: bool = False,
-                    rng_impl: str = "threefry"):
+def make_train_step(
+    model,
+    tx,
+    schedule,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    *,
+    loss: str = "softmax",
+    accum_steps: int = 1,
+    freeze: str | None = None,
+    deterministic: bool = False,
+    rng_impl: str = "threefry",
+):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
     ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
@@ -152,8 +179,9 @@ def make_train_step(model, tx, schedule, mesh: Mesh, state_shardings: TrainState
     ``rng_impl``: the dropout bit generator (``RNG_IMPLS``; see ``dropout_key``).
     Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
     """
-    grad_fn = make_grad_fn(model, mesh, loss=loss, accum_steps=accum_steps, freeze=freeze,
-                           deterministic=deterministic, rng_impl=rng_impl)
+    grad_fn = make_grad_fn(
+        model, mesh, loss=loss, accum_steps=accum_steps, freeze=freeze, deterministic=deterministic, rng_impl=rng_impl
+    )
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)

@@ -10,7 +10,8 @@ and model sizes the config classes refuse.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["ConfigError", "validate_config", "unknown_key_error", "known_keys", "flat_keys"]
 
@@ -121,8 +122,12 @@ def validate_config(config, reference=None) -> None:
         _check(isinstance(v, (int, float)) and 0 <= v < 1, key, v, "a number in [0, 1)")
     _number_at_least(config, "optimizer.eps", 0.0, strict=True)
     remat = config.model.remat
-    _check(remat in (True, False, "", "none", "true", "false") or remat in REMAT_POLICIES, "model.remat", remat,
-           "one of 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES))
+    _check(
+        remat in (True, False, "", "none", "true", "false") or remat in REMAT_POLICIES,
+        "model.remat",
+        remat,
+        "one of 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES),
+    )
     _choice(config, "model.attention_impl", ("", None, "xla", "cudnn"))
     _choice(config, "model.scan_layers", (True, False, "auto", "true", "false"))
     from ..xla_flags import GPU_FLAG_SETS
@@ -133,11 +138,19 @@ def validate_config(config, reference=None) -> None:
     _choice(config, "data.name", SOURCES)
     if config.data.name == "cn_clip":
         _choice(config, "data.cn_clip.format", ("tsv", "lmdb"))
-        _check(bool(config.data.cn_clip.root), "data.cn_clip.root", config.data.cn_clip.root,
-               "the cn_clip dataset directory")
+        _check(
+            bool(config.data.cn_clip.root),
+            "data.cn_clip.root",
+            config.data.cn_clip.root,
+            "the cn_clip dataset directory",
+        )
     if config.data.name == "webdataset":
-        _check(bool(config.data.webdataset.shards), "data.webdataset.shards", config.data.webdataset.shards,
-               "a shard pattern, e.g. /data/{00000..00009}.tar")
+        _check(
+            bool(config.data.webdataset.shards),
+            "data.webdataset.shards",
+            config.data.webdataset.shards,
+            "a shard pattern, e.g. /data/{00000..00009}.tar",
+        )
     _int_at_least(config, "data.num_threads", 1)
     from ..data import check_config as check_data_config
 
@@ -146,8 +159,10 @@ def validate_config(config, reference=None) -> None:
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
     if config.require_init_from and not config.init_from:
-        raise ConfigError("this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
-                          ".pt file or a `python -m convert` output)")
+        raise ConfigError(
+            "this config fine-tunes a checkpoint: pass --config.init_from=SRC (a HF dir, a cn_clip "
+            ".pt file or a `python -m convert` output)"
+        )
     if not config.init_from:
         from .loop import build_model_config
 

@@ -74,7 +74,7 @@ class WorkdirLock:
         self.path.write_text(text)
         return self._read() == self.me
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
@@ -88,10 +88,13 @@ class WorkdirLock:
                 raise WorkdirLockedError(
                     f"workdir {self.path.parent} is in use by the run with pid {holder['pid']} on host "
                     f"{holder['host']!r} (lock {self.path}); wait for it, stop it, or use another --workdir"
-                    + ("" if holder["host"] == self.me["host"] else
-                       "; if that run is dead, delete the lock file"))
-            logger.warning("taking over the stale lock %s of a run that is gone (%s)", self.path,
-                           f"pid {holder['pid']} on {holder['host']}" if holder else "unreadable lock file")
+                    + ("" if holder["host"] == self.me["host"] else "; if that run is dead, delete the lock file")
+                )
+            logger.warning(
+                "taking over the stale lock %s of a run that is gone (%s)",
+                self.path,
+                f"pid {holder['pid']} on {holder['host']}" if holder else "unreadable lock file",
+            )
             self.path.unlink(missing_ok=True)
         raise WorkdirLockedError(f"could not take the lock {self.path}: another run keeps taking it")
 
@@ -125,7 +128,8 @@ def check_model_config(workdir: str | os.PathLike, model_config_dict: dict, resu
                 f"workdir {epath.Path(workdir)} holds checkpoints of another model: "
                 + ", ".join(f"{k} is {a!r} there, {b!r} now" for k, a, b in diffs[:4])
                 + ("" if len(diffs) <= 4 else f" (+{len(diffs) - 4} more)")
-                + "; use a new --workdir, or the same model settings to resume")
+                + "; use a new --workdir, or the same model settings to resume"
+            )
         if isinstance(saved, dict):
             return
     path.write_text(json.dumps(model_config_dict, indent=1, sort_keys=True))

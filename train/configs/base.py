@@ -33,30 +33,51 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
 
-    c.optimizer = ml_collections.ConfigDict({
-        "lr": 5e-4, "warmup_steps": 100, "weight_decay": 0.2, "b1": 0.9, "b2": 0.98, "eps": 1e-6,
-        "grad_clip": 0.0,  # global-norm clip over trainable params; 0 = off
-        "end_lr_factor": 0.0,
-    })
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "lr": 5e-4,
+            "warmup_steps": 100,
+            "weight_decay": 0.2,
+            "b1": 0.9,
+            "b2": 0.98,
+            "eps": 1e-6,
+            "grad_clip": 0.0,  # global-norm clip over trainable params; 0 = off
+            "end_lr_factor": 0.0,
+        }
+    )
 
     # Architecture: model.preset (e.g. "chinese-clip-vit-base-patch16") or the sizes below.
     # Ignored when init_from is set (the checkpoint's config.json decides).
-    c.model = ml_collections.ConfigDict({
-        "preset": "",
-        # Resolution to train at; 0 = the checkpoint's (init_from) or model.vision.image_size. With
-        # init_from, a ViT's position embeddings are resized once (cn_clip's resize_pos_embed).
-        "image_size": 0,
-        "projection_dim": 512,
-        "text": {"vocab_size": 21128, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "max_position_embeddings": 512},
-        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                   "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
-        "attention_impl": "",  # "" (jax default) | "xla" | "cudnn"
-        # One compiled layer body per tower, and remat keeping only the projections' outputs for
-        # the backward pass: the lowest memory at no loss of speed (README, performance notes).
-        "scan_layers": True,  # True | False | "auto" (unrolled on GPU, scanned elsewhere)
-        "remat": "dots",  # "dots" | "full" (recompute whole layers) | "none"
-    })
+    c.model = ml_collections.ConfigDict(
+        {
+            "preset": "",
+            # Resolution to train at; 0 = the checkpoint's (init_from) or model.vision.image_size. With
+            # init_from, a ViT's position embeddings are resized once (cn_clip's resize_pos_embed).
+            "image_size": 0,
+            "projection_dim": 512,
+            "text": {
+                "vocab_size": 21128,
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "max_position_embeddings": 512,
+            },
+            "vision": {
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "image_size": 224,
+                "patch_size": 16,
+            },
+            "attention_impl": "",  # "" (jax default) | "xla" | "cudnn"
+            # One compiled layer body per tower, and remat keeping only the projections' outputs for
+            # the backward pass: the lowest memory at no loss of speed (README, performance notes).
+            "scan_layers": True,  # True | False | "auto" (unrolled on GPU, scanned elsewhere)
+            "remat": "dots",  # "dots" | "full" (recompute whole layers) | "none"
+        }
+    )
 
     c.data = default_data_config("demo")
 

@@ -19,10 +19,17 @@ def get_config():
     c.context_length = 24  # the demo captions are at most ~15 characters
     c.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
     c.model.projection_dim = 64
-    c.model.text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0)
-    c.model.vision.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=32, patch_size=8)
+    c.model.text.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+    )
+    c.model.vision.update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     c.data.demo.num_train = 100_000
     c.data.demo.eval_per_class = 20
     c.data.demo.num_retrieval = 200
