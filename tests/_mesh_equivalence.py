@@ -8,17 +8,15 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 

@@ -4,7 +4,6 @@ batch; process 0 prints the losses and the params. With NUM_PROCESSES=1 it runs 
 steps alone on 4 devices (the reference)."""
 
 import os
-import sys
 
 num_processes = int(os.environ["NUM_PROCESSES"])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
@@ -16,13 +15,12 @@ if num_processes > 1:
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _train_helpers import fake_batches, opt_config, tiny_config  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from _train_helpers import fake_batches, opt_config, tiny_config  # noqa: E402
 
 
 def main():

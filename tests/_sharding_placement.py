@@ -6,18 +6,14 @@ reads it checks placement, not the code's own claims about it.
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _train_helpers import tiny_config
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax import sharding as shd  # noqa: E402
-from _train_helpers import tiny_config  # noqa: E402
+import chinese_clip_jax as ccj
+from chinese_clip_jax import sharding as shd
 
 assert jax.device_count() == 8, jax.devices()
 mesh = shd.make_mesh(2, 2, 2)

@@ -1,29 +1,96 @@
-"""Tiny model / optimizer / batches shared by the training tests (and their subprocess scripts)."""
+"""Tiny models, optimizer settings and batches shared by the tests and their subprocess scripts.
+
+The single home of these builders: test modules import it directly (pytest puts ``tests/`` on
+``sys.path``), and so do the scripts run as ``python tests/_x.py`` (their own directory is
+``sys.path[0]``). Shared fixtures are in ``conftest.py``.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import ml_collections
+import numpy as np
 
 import chinese_clip_jax as ccj
 
 
-def tiny_config(vocab_size: int = 64, dropout: float = 0.0, layers: int = 2) -> ccj.ChineseCLIPConfig:
+def tiny_config(
+    *,
+    vocab_size: int = 64,
+    hidden: int = 16,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 16,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    vision_hidden: int | None = None,
+    vision_layers: int | None = None,
+    image_size: int = 8,
+    patch_size: int = 4,
+    projection_dim: int = 8,
+    resnet: tuple[int, ...] | None = None,
+) -> ccj.ChineseCLIPConfig:
+    """A tiny ChineseCLIPConfig; every tower's MLP is twice its width.
+
+    ``hidden``/``layers``/``heads`` size both towers unless ``vision_hidden``/``vision_layers`` say
+    otherwise; ``dropout``/``attention_dropout`` are the text tower's. ``resnet`` (stage depths)
+    makes the vision tower a width-4 ResNet instead of a ViT (``patch_size`` and the vision
+    sizes then do not apply). ``vocab_size=21128`` is the bundled tokenizer's.
+    """
     text = ccj.ChineseCLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=16, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout,
     )
-    vision = ccj.ChineseCLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=8, patch_size=4, projection_dim=8,
+    if resnet is not None:
+        vision = ccj.ChineseCLIPResNetConfig(
+            layers=tuple(resnet),
+            width=4,
+            num_attention_heads=heads,
+            image_size=image_size,
+            projection_dim=projection_dim,
+        )
+    else:
+        v_hidden = hidden if vision_hidden is None else vision_hidden
+        vision = ccj.ChineseCLIPVisionConfig(
+            hidden_size=v_hidden,
+            intermediate_size=2 * v_hidden,
+            num_hidden_layers=layers if vision_layers is None else vision_layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=projection_dim,
+        )
+    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=projection_dim)
+
+
+def random_params(cfg: ccj.ChineseCLIPConfig, seed: int = 0):
+    """Random params of the model's shapes, drawn with numpy (no XLA compile); BatchNorm variances > 0."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    r = cfg.vision_config.image_size
+    shapes = nn.unbox(
+        jax.eval_shape(
+            ccj.ChineseCLIPModel(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 3, r, r))
+        )["params"]
     )
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=8)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        x = 0.1 * rng.standard_normal(s.shape).astype(np.float32)
+        return np.abs(x) + 0.5 if jax.tree_util.keystr(path).endswith("['running_var']") else x
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def opt_config(**kw) -> ml_collections.ConfigDict:
-    d = dict(lr=1e-2, warmup_steps=1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6, grad_clip=0.0,
-             end_lr_factor=0.0)
+    d = dict(lr=1e-2, warmup_steps=1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6, grad_clip=0.0, end_lr_factor=0.0)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 

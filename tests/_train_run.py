@@ -12,13 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
-
-import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def tiny_train_config(total_steps: int = 8, **overrides):

@@ -5,12 +5,12 @@ one place XLA GPU flags are set."""
 
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _train_helpers import fake_batches, opt_config, tiny_config
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax import sharding as shd
@@ -19,9 +19,6 @@ from chinese_clip_jax.modeling.layers import attention_mask_kwargs, resolve_scan
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like
 from chinese_clip_jax.training.step import RNG_IMPLS, dropout_key
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _train_helpers import fake_batches, opt_config, tiny_config  # noqa: E402
 
 
 def _mesh():

@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _train_helpers import tiny_config
 from safetensors.numpy import load_file, save_file
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax.conversion import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**vision):
-    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    vis = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               patch_size=8, image_size=32, projection_dim=16)
-    vis.update(vision)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, ccj.ChineseCLIPVisionConfig(**vis), projection_dim=16)
+SIZES = dict(vocab_size=21128, hidden=32, vision_hidden=48, vision_layers=3, max_positions=64, image_size=32,
+             patch_size=8, projection_dim=16)
 
 
 def inputs(cfg, seed=0):
@@ -40,13 +34,10 @@ def inputs(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
+def hf_dir(tmp_path_factory, save_hf_model):
+    cfg = tiny_config(**SIZES)
     path = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(path)
-    return cfg, path, model
+    return cfg, path, save_hf_model(cfg, path)
 
 
 def run_cli(*args):
@@ -303,7 +294,7 @@ def test_save_pretrained_rejects_params_of_another_config(hf_dir, tmp_path):
     _, path, _ = hf_dir
     _, params = ccj.from_pretrained(path)
     with pytest.raises(CheckpointError, match="missing .*vision_model/encoder/layer_3"):
-        ccj.save_pretrained(tmp_path / "x", tiny_config(num_hidden_layers=4), params)
+        ccj.save_pretrained(tmp_path / "x", tiny_config(**dict(SIZES, vision_layers=4)), params)
     assert not (tmp_path / "x").exists()
 
 

@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import PIL.Image
 import pytest
+from _train_helpers import tiny_config
 
-import chinese_clip_jax as ccj
 from chinese_clip_jax import evaluate
 from chinese_clip_jax.processing import ASSETS_DIR, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -22,24 +22,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 RES = 32
-
-
-def tiny_config(res=RES, patch=16):
-    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=res, patch_size=patch, projection_dim=16)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
+SIZES = dict(vocab_size=21128, hidden=32, heads=2, max_positions=64, image_size=RES, patch_size=16, projection_dim=16)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, save_hf_model):
     """(HF checkpoint dir, the transformers model that wrote it)."""
     d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    hf = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(tiny_config().to_dict())).eval()
-    hf.save_pretrained(d)
-    return str(d), hf
+    return str(d), save_hf_model(tiny_config(**SIZES), d)
 
 
 def _png(rng, h, w) -> bytes:
@@ -339,17 +329,13 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path):
+def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path, save_hf_model):
     """2,000 images at 384 px are 3.5 GB of float32 pixels; the streamed run stays far below (its
     peak, ~0.9 GB here, is the process baseline: jax, torch imported by the checkpoint loader, compiled
     towers; a 200-image run peaks within ~50 MB of it)."""
-    import transformers as tr
-
     big = 384
-    torch.manual_seed(0)
-    cfg = tiny_config(res=big, patch=64)
     src = tmp_path / "model"
-    tr.ChineseCLIPModel(tr.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval().save_pretrained(src)
+    save_hf_model(tiny_config(**dict(SIZES, image_size=big, patch_size=64)), src)
     rng = np.random.default_rng(0)
     n = 2000
     data = tmp_path / "data"

@@ -10,15 +10,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
+from _train_helpers import random_params, tiny_config
+from test_conversion import SIZES, run_cli
 
 import chinese_clip_jax as ccj
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from test_conversion import run_cli, tiny_config  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCHES = (1, 3, 17)
 
@@ -68,11 +65,9 @@ def check_in_fresh_process(out, model, params, tmp_path):
     return r.stdout
 
 
-def test_cli_export_loads_without_flax_and_matches(tmp_path):
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).save_pretrained(
-        tmp_path / "hf")
+def test_cli_export_loads_without_flax_and_matches(tmp_path, save_hf_model):
+    cfg = tiny_config(**SIZES)
+    save_hf_model(cfg, tmp_path / "hf")
     r = run_cli(tmp_path / "hf", tmp_path / "out", "--export")
     assert r.returncode == 0, r.stderr
     assert {"text_features.jaxexport", "image_features.jaxexport", "params.safetensors", "export.json",
@@ -91,10 +86,11 @@ def test_cli_export_loads_without_flax_and_matches(tmp_path):
 
 
 def test_export_function_resnet_cpu_only(tmp_path):
-    from chinese_clip_jax.export import load_exported, save_exported
-    from test_resnet import random_params, tiny_resnet_config
+    from test_resnet import RESNET
 
-    cfg = tiny_resnet_config()
+    from chinese_clip_jax.export import load_exported, save_exported
+
+    cfg = tiny_config(**RESNET)
     params = random_params(cfg)
     save_exported(tmp_path / "rn", cfg, params, platforms=("cpu",), context_length=16)
     enc = load_exported(tmp_path / "rn")

@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 import transformers
+from _train_helpers import tiny_config
 from safetensors.numpy import load_file, save_file
 
 import chinese_clip_jax as ccj
@@ -24,18 +25,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = os.path.join(REPO, "chinese_clip_jax", "assets", "vocab.txt")
 
 
-def tiny_config():
-    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, patch_size=8, image_size=32, projection_dim=16)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
+    cfg = tiny_config(vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8,
+                      projection_dim=16)
     torch.manual_seed(0)
-    model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(tiny_config().to_dict())).eval()
+    model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path)
     return path

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
+from _train_helpers import tiny_config
 from flax import linen as nn
 
 import chinese_clip_jax as ccj
@@ -18,20 +19,13 @@ from chinese_clip_jax.inference import ChineseCLIP, bucket_sizes
 from chinese_clip_jax.processing import ChineseCLIPProcessor, ImageLoadError, ImageSettings
 
 RES = 32
+SIZES = dict(vocab_size=21128, hidden=32, heads=2, max_positions=64, image_size=RES, patch_size=16, projection_dim=16)
 TEXTS = ["皮卡丘", "一只在草地上奔跑的小狗", "", "A cat 😺 坐在沙发上", "长" * 70, "杭州西湖"]
-
-
-def tiny_config():
-    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=RES, patch_size=16, projection_dim=16)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config()
+    cfg = tiny_config(**SIZES)
     model = ccj.ChineseCLIPModel(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
                                  jnp.zeros((1, 3, RES, RES), jnp.float32))["params"]
@@ -163,16 +157,15 @@ def test_from_pretrained_directory(tiny, tmp_path, clip):
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import linen as nn
-    sys.path.insert(0, sys.argv[1])
-    from test_inference import tiny_config, images, TEXTS, RES
+    from _train_helpers import tiny_config
+    from test_inference import SIZES, images, TEXTS, RES
     import chinese_clip_jax as ccj
     from chinese_clip_jax.inference import ChineseCLIP
     from chinese_clip_jax.processing import ChineseCLIPProcessor, ImageSettings
     assert jax.local_device_count() == 8
-    cfg = tiny_config()
+    cfg = tiny_config(**SIZES)
     model = ccj.ChineseCLIPModel(cfg)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
                                           jnp.zeros((1, 3, RES, RES)))["params"])
@@ -196,7 +189,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 def test_batch_is_sharded_over_local_devices(tmp_path):
     script = tmp_path / "multi.py"
     script.write_text(MULTI_DEVICE_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], capture_output=True,
-                         text=True, env=env, timeout=600)
+    here = os.path.dirname(os.path.abspath(__file__))  # the script imports this module and the helpers
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

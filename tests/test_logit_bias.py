@@ -4,13 +4,13 @@ without filters, and a checkpoint written before (bias appended to the params by
 still restores."""
 
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _train_helpers import fake_batches, opt_config, tiny_config
+from _train_run import make_iterator, tiny_train_config
 from safetensors.numpy import load_file
 
 import chinese_clip_jax as ccj
@@ -20,11 +20,6 @@ from chinese_clip_jax.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SC
 from chinese_clip_jax.training import create_train_state, make_optimizer
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like
 from chinese_clip_jax.training.loop import train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _train_helpers import fake_batches, opt_config, tiny_config  # noqa: E402
-from _train_run import make_iterator, tiny_train_config  # noqa: E402
 
 
 def _init(model, batch):

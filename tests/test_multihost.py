@@ -9,11 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from _train_helpers import max_rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_multihost_worker.py")
-sys.path.insert(0, HERE)
-from _train_helpers import max_rel_err  # noqa: E402
 
 
 def _free_port() -> int:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import PIL.Image
 import pytest
+from _train_helpers import tiny_config
 
 RECIPES = ["pretrain_stage1", "pretrain_stage2", "finetune_muge", "finetune_flickr30k_cn", "finetune_coco_cn"]
 # (lr, warmup, weight decay, b2, eps, global batch, freeze, train crop)
@@ -41,11 +42,8 @@ def tiny_copy(tmp_path_factory):
         (root / f"{split}_imgs.tsv").write_text("\n".join(lines) + "\n")
         (root / f"{split}_texts.jsonl").write_text("\n".join(caps) + "\n", encoding="utf-8")
         build(str(root), str(root / "tfds"), fmt="cn_clip", split=split, progress=False)
-    text = ccj.ChineseCLIPTextConfig(vocab_size=21128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=16, patch_size=8)
-    cfg = ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=8)
+    cfg = tiny_config(vocab_size=21128, layers=1, heads=2, max_positions=64, dropout=0.1, attention_dropout=0.1,
+                      image_size=16, patch_size=8)
     import jax
 
     model = ccj.ChineseCLIPModel(cfg)

@@ -4,24 +4,17 @@ training with frozen BatchNorm statistics."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import flax.linen as nn
+from _train_helpers import random_params, tiny_config
+from test_conversion import import_cn_clip_model, run_cli
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.conversion import save_cn_clip, to_cn_clip_state_dict
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from test_conversion import import_cn_clip_model, run_cli  # noqa: E402
+from chinese_clip_jax.conversion import save_cn_clip
 
 
 def cn_clip_rn50(seed=0, **overrides):
@@ -132,29 +125,11 @@ def test_rn50_cli_flax_and_back_and_hf_refused(rn50, tmp_path):
 # --------------------------------------------------------------------------- training
 
 
-def tiny_resnet_config():
-    text = ccj.ChineseCLIPTextConfig(vocab_size=21128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=16)
-    vision = ccj.ChineseCLIPResNetConfig(layers=(1, 2, 1, 1), width=4, num_attention_heads=4, image_size=32,
-                                         projection_dim=8)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=8)
-
-
-def random_params(cfg, seed=0):
-    """Random params of the model's shapes, drawn with numpy (no XLA compile); variances > 0."""
-    shapes = nn.unbox(jax.eval_shape(ccj.ChineseCLIPModel(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
-                                     jnp.zeros((1, 3, 32, 32)))["params"])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        x = 0.1 * rng.standard_normal(s.shape).astype(np.float32)
-        return np.abs(x) + 0.5 if jax.tree_util.keystr(path).endswith("['running_var']") else x
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+RESNET = dict(vocab_size=21128, layers=1, dropout=0.1, attention_dropout=0.1, image_size=32, resnet=(1, 2, 1, 1))
 
 
 def test_resnet_config_round_trips_and_validates(tmp_path):
-    cfg = tiny_resnet_config()
+    cfg = tiny_config(**RESNET)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["vision_config"]["model_type"] == "chinese_clip_resnet_vision_model"
     assert ccj.ChineseCLIPConfig.from_dict(d) == cfg and cfg.is_resnet
@@ -169,10 +144,11 @@ def test_resnet_config_round_trips_and_validates(tmp_path):
 def test_finetuning_keeps_batchnorm_statistics(tmp_path):
     """init_from a converted RN model: weights train, BatchNorm statistics stay bitwise, and the
     optimizer holds no moments for them."""
-    from chinese_clip_jax.training.loop import train
     from _train_run import tiny_train_config
 
-    cfg = tiny_resnet_config()
+    from chinese_clip_jax.training.loop import train
+
+    cfg = tiny_config(**RESNET)
     params = random_params(cfg)
     ccj.conversion.save_flax(tmp_path / "init", cfg, params)
     config = tiny_train_config(2, init_from=str(tmp_path / "init"), export_hf=True)
@@ -194,7 +170,7 @@ def test_finetuning_keeps_batchnorm_statistics(tmp_path):
 def test_optimizer_labels_statistics_frozen():
     from chinese_clip_jax.training.optim import trainable_labels
 
-    cfg = tiny_resnet_config()
+    cfg = tiny_config(**RESNET)
     params = random_params(cfg)
     labels = ccj.conversion.mapping.flatten(trainable_labels(dict(params), None))
     assert labels["vision_model/stem/bn1/running_var"] == "frozen"
@@ -204,7 +180,7 @@ def test_optimizer_labels_statistics_frozen():
 def test_chinese_clip_high_level_api_takes_a_resnet(tmp_path):
     import PIL.Image
 
-    cfg = tiny_resnet_config()
+    cfg = tiny_config(**RESNET)
     params = random_params(cfg)
     ccj.conversion.save_flax(tmp_path / "rn", cfg, params)
     clip = ccj.ChineseCLIP.from_pretrained(tmp_path / "rn", image_batch_size=2)

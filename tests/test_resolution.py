@@ -3,7 +3,6 @@ resize_pos_embed (from_pretrained(image_size=R)), and fine-tuning at a new size 
 
 import json
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from _train_helpers import tiny_config
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax.modeling.position import bicubic_matrix, resize_grid
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+VIT = dict(vocab_size=21128, hidden=32, layers=1, vision_hidden=48, vision_layers=2, max_positions=64, dropout=0.1,
+           attention_dropout=0.1, projection_dim=16)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -31,22 +31,11 @@ def test_bicubic_equals_torch(size_in, size_out, align_corners):
         np.testing.assert_array_equal(bicubic_matrix(size_in, size_out, False), np.eye(size_in, dtype=np.float32))
 
 
-def tiny_vit(patch=8, image=32):
-    text = ccj.ChineseCLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    vision = ccj.ChineseCLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, patch_size=patch, image_size=image, projection_dim=16)
-    return ccj.ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
-
-
 @pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    cfg = tiny_vit()
-    torch.manual_seed(0)
-    model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
+def hf_model(tmp_path_factory, save_hf_model):
+    cfg = tiny_config(**VIT, patch_size=8, image_size=32)
     path = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(path)
-    return cfg, path, model
+    return cfg, path, save_hf_model(cfg, path)
 
 
 @pytest.mark.parametrize("size", [(48, 48), (64, 40)])
@@ -69,8 +58,9 @@ def test_interpolate_pos_encoding_equals_transformers(hf_model, size):
 
 
 def test_from_pretrained_image_size_resizes_as_cn_clip(hf_model):
-    from test_conversion import import_cn_clip_model
     import types
+
+    from test_conversion import import_cn_clip_model
 
     import_cn_clip_model()
     from cn_clip.clip.model import resize_pos_embed
@@ -92,16 +82,14 @@ def test_from_pretrained_image_size_resizes_as_cn_clip(hf_model):
         ccj.from_pretrained(path, image_size=60)
 
 
-def test_finetune_l14_shaped_model_at_new_resolution(tmp_path):
+def test_finetune_l14_shaped_model_at_new_resolution(tmp_path, save_hf_model):
     """A ViT-L/14-shaped tiny model (patch 14) trained at 28 px, fine-tuned at 42 px through
     init_from + model.image_size: runs, exports a 42 px model whose processor makes 42 px images."""
-    from chinese_clip_jax.training.loop import train
     from _train_run import tiny_train_config
 
-    cfg = tiny_vit(patch=14, image=28)
-    torch.manual_seed(0)
-    hf = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
-    hf.save_pretrained(tmp_path / "src")
+    from chinese_clip_jax.training.loop import train
+
+    save_hf_model(tiny_config(**VIT, patch_size=14, image_size=28), tmp_path / "src")
     config = tiny_train_config(2, init_from=str(tmp_path / "src"), export_hf=True)
     config.model.update(image_size=42, scan_layers=False, remat="none")
     config.optimizer.lr = 0.0  # the exported params must be exactly the resized ones

@@ -319,10 +319,9 @@ def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
 
 
 def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monkeypatch):
-    from chinese_clip_jax.training.loop import train
-
-    sys.path.insert(0, os.path.join(REPO, "tests"))
     from _train_run import tiny_train_config
+
+    from chinese_clip_jax.training.loop import train
 
     monkeypatch.chdir(tmp_path)
     import chinese_clip_jax.training.loop as loop

@@ -5,21 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from _train_helpers import tiny_config
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax.conversion import mapping
 
-TEXT = ccj.ChineseCLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                 max_position_embeddings=40)
-VISION = ccj.ChineseCLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, patch_size=8, image_size=32)
+CFG = tiny_config(vocab_size=21128, hidden=48, max_positions=40, image_size=32, patch_size=8, projection_dim=16)
+TEXT, VISION = CFG.text_config, CFG.vision_config
 
 
 def tower_params(state_dict, tower):
     """Flax params of one tower from a standalone HF tower's state dict (names without the prefix)."""
-    cfg = ccj.ChineseCLIPConfig.from_text_vision_configs(TEXT, VISION, projection_dim=16)
     params = {}
-    for row in mapping.table(cfg):
+    for row in mapping.table(CFG):
         if row.hf.startswith(tower + "."):
             x = state_dict[row.hf[len(tower) + 1:]].numpy()  # standalone towers have no prefix
             mapping.set_path(params, row.flax, jnp.asarray(row.transform.to_flax(x, row.num_heads)))

@@ -14,6 +14,8 @@ import numpy as np
 import PIL.Image
 import optax
 import pytest
+from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config
+from _train_run import make_iterator, tiny_train_config
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax import sharding as shd
@@ -23,9 +25,6 @@ from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.step import make_grad_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
-from _train_run import make_iterator, tiny_train_config  # noqa: E402
 
 MESH = None
 
@@ -149,7 +148,6 @@ def test_init_from_a_converted_checkpoint(reference_run, tmp_path):
     rel, key_abs = max_rel_err(after, exported)
     assert rel == 0.0 and key_abs == 0.0
     with pytest.raises(ValueError, match="init_from"):
-        sys.path.insert(0, os.path.dirname(HERE))
         from train.configs import finetune
 
         train(finetune.get_config(), str(tmp_path / "none"), progress=False)
@@ -233,7 +231,6 @@ def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
 
 
 def test_short_demo_run_lands_far_above_chance(tmp_path):
-    sys.path.insert(0, os.path.dirname(HERE))
     from train.configs import demo
 
     config = demo.get_config()
