@@ -59,8 +59,12 @@ def main():
                 "word_embeddings": str(p["text_model"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec),
                 "fc1": str(p["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].sharding.spec),
                 "query": str(p["vision_model"]["encoder"]["layer_0"]["attention"]["query"]["kernel"].sharding.spec),
-                "mu_fc1": str(state.opt_state.inner_states["trainable"].inner_state[0][0].mu["text_model"]
-                              ["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].sharding.spec),
+                "mu_fc1": str(
+                    state.opt_state.inner_states["trainable"]
+                    .inner_state[0][0]
+                    .mu["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+                    .sharding.spec
+                ),
                 "n_devices_fc1": len(p["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].sharding.device_set),
             }
             # GradCache: accum_steps=4 against the full batch, on this sharded mesh
@@ -71,11 +75,12 @@ def main():
             with shd.use_mesh_and_rules(mesh):
                 lf, gf = jax.jit(full)(state.params, gb, rng)
                 la, ga = jax.jit(accum)(state.params, gb, rng)
-            out["accum"] = {"loss_rel_err": abs(float(la) - float(lf)) / abs(float(lf)),
-                            "grad_rel_err": max_rel_err(ga, gf)[0],
-                            "key_bias_abs_err": max_rel_err(ga, gf)[1],
-                            "grad_norm": float(np.sqrt(sum(np.sum(np.square(np.asarray(g)))
-                                                           for g in jax.tree.leaves(gf))))}
+            out["accum"] = {
+                "loss_rel_err": abs(float(la) - float(lf)) / abs(float(lf)),
+                "grad_rel_err": max_rel_err(ga, gf)[0],
+                "key_bias_abs_err": max_rel_err(ga, gf)[1],
+                "grad_norm": float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(gf)))),
+            }
     print("RESULT " + json.dumps(out))
 
 

@@ -10,8 +10,11 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_pro
 import jax  # noqa: E402
 
 if num_processes > 1:
-    jax.distributed.initialize(coordinator_address=os.environ["COORDINATOR"], num_processes=num_processes,
-                               process_id=int(os.environ["PROCESS_ID"]))
+    jax.distributed.initialize(
+        coordinator_address=os.environ["COORDINATOR"],
+        num_processes=num_processes,
+        process_id=int(os.environ["PROCESS_ID"]),
+    )
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -35,7 +38,7 @@ def main():
     losses = []
     with shd.use_mesh_and_rules(mesh):
         for b in fake_batches(3, 16):
-            local = {k: v[lo:lo + per_process] for k, v in b.items()}  # this process's share only
+            local = {k: v[lo : lo + per_process] for k, v in b.items()}  # this process's share only
             state, m = step(state, shd.shard_batch(local, mesh))
             losses.append(float(m["loss"]))
     # params are sharded over processes' devices; gather them to compare

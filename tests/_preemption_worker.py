@@ -7,8 +7,9 @@ import time
 
 import jax
 
-jax.distributed.initialize(coordinator_address=os.environ["COORDINATOR"], num_processes=2,
-                           process_id=int(os.environ["PROCESS_ID"]))
+jax.distributed.initialize(
+    coordinator_address=os.environ["COORDINATOR"], num_processes=2, process_id=int(os.environ["PROCESS_ID"])
+)
 from chinese_clip_jax.training.loop import _Preemption  # noqa: E402
 
 preempt = _Preemption()

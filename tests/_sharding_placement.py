@@ -28,23 +28,26 @@ for shard in batch.addressable_shards:
     rows[str(coords[shard.device.id])] = [int(r) for r in data[:, 0] // 3]
 
 model = ccj.ChineseCLIPModel(tiny_config(vocab_size=64))
-params, _ = shd.sharded_init(model, mesh, jax.random.key(0), jnp.ones((2, 8), jnp.int32),
-                             jnp.zeros((2, 3, 8, 8)))
+params, _ = shd.sharded_init(model, mesh, jax.random.key(0), jnp.ones((2, 8), jnp.int32), jnp.zeros((2, 3, 8, 8)))
 flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def shard_shapes(key):
     x = flat[key]
-    return {"global": list(x.shape),
-            "shape": {str(coords[s.device.id]): list(s.data.shape) for s in x.addressable_shards},
-            "start": {str(coords[s.device.id]): [sl.start or 0 for sl in s.index] for s in x.addressable_shards}}
+    return {
+        "global": list(x.shape),
+        "shape": {str(coords[s.device.id]): list(s.data.shape) for s in x.addressable_shards},
+        "start": {str(coords[s.device.id]): [sl.start or 0 for sl in s.index] for s in x.addressable_shards},
+    }
 
 
 picked = {}
-for name, needle in {"word_embeddings": "['word_embeddings']['embedding']",
-                     "mlp_in": "['mlp']['fc1']['kernel']",
-                     "query": "['query']['kernel']",
-                     "layer_norm": "['mlp_norm']['scale']"}.items():
+for name, needle in {
+    "word_embeddings": "['word_embeddings']['embedding']",
+    "mlp_in": "['mlp']['fc1']['kernel']",
+    "query": "['query']['kernel']",
+    "layer_norm": "['mlp_norm']['scale']",
+}.items():
     key = next(k for k in sorted(flat) if needle in k and "text_model" in k)
     picked[name] = shard_shapes(key)
 print("RESULT " + json.dumps({"batch_rows": rows, "params": picked}))

@@ -27,10 +27,17 @@ def tiny_train_config(total_steps: int = 8, **overrides):
     c.context_length = 16
     c.optimizer.update(lr=3e-3, warmup_steps=2, weight_decay=0.1)
     c.model.projection_dim = 8
-    c.model.text.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        max_position_embeddings=16, hidden_dropout_prob=0.1)  # dropout on: rng must resume too
-    c.model.vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=16, patch_size=8)
+    c.model.text.update(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.1,
+    )  # dropout on: rng must resume too
+    c.model.vision.update(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
     c.data.num_threads = 1
     c.data.prefetch_buffer_size = 16
     c.data.demo.num_train = 200
@@ -73,8 +80,13 @@ class HookedIterator:
 def make_iterator(config, hook=None):
     from chinese_clip_jax import data
 
-    it = data.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                             image_size=config.model.vision.image_size, context_length=config.context_length)
+    it = data.train_iterator(
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        image_size=config.model.vision.image_size,
+        context_length=config.context_length,
+    )
     return HookedIterator(it, hook or (lambda i, b: None))
 
 

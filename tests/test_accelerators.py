@@ -109,11 +109,13 @@ def test_cudnn_model_passes_lengths_for_text_and_nothing_for_images(monkeypatch)
 
     def run(impl, params):
         model = ccj.ChineseCLIPModel(cfg, attention_impl=impl)
-        return jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["pixel_values"],
-                                                b["attention_mask"]))(params, batch)
+        return jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"]))(
+            params, batch
+        )
 
-    params = jax.jit(ccj.ChineseCLIPModel(cfg).init)(jax.random.key(0), batch["input_ids"],
-                                                      batch["pixel_values"])["params"]
+    params = jax.jit(ccj.ChineseCLIPModel(cfg).init)(jax.random.key(0), batch["input_ids"], batch["pixel_values"])[
+        "params"
+    ]
     want = run("xla", params)
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     got = run("cudnn", params)
@@ -166,8 +168,11 @@ def test_precision_is_a_from_pretrained_option(tmp_path):
     ccj.save_pretrained(tmp_path / "hf", cfg, params)
     model, loaded = ccj.from_pretrained(tmp_path / "hf", precision="highest")
     assert model.precision == "highest"
-    text = jax.jit(lambda p: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                                         method="get_text_features")).lower(loaded).as_text()
+    text = (
+        jax.jit(lambda p: model.apply({"params": p}, b["input_ids"], b["attention_mask"], method="get_text_features"))
+        .lower(loaded)
+        .as_text()
+    )
     assert set(_dot_precisions(text)) == {"HIGHEST"}
     clip = ccj.ChineseCLIP.from_pretrained(tmp_path / "hf", precision="highest")
     assert clip.model.precision == "highest"
@@ -180,8 +185,9 @@ def test_scan_layers_auto_picks_per_backend(monkeypatch):
     assert resolve_scan_layers("auto") is False
     cfg = tiny_config()
     b = fake_batches(1, 2)[0]
-    params = ccj.ChineseCLIPModel(cfg, scan_layers="auto").init(
-        jax.random.key(0), b["input_ids"], b["pixel_values"])["params"]
+    params = ccj.ChineseCLIPModel(cfg, scan_layers="auto").init(jax.random.key(0), b["input_ids"], b["pixel_values"])[
+        "params"
+    ]
     assert "layer_0" in params["text_model"]["encoder"]  # unrolled on "gpu"
     with pytest.raises(ValueError, match="scan_layers must be"):
         ccj.ChineseCLIPModel(cfg, scan_layers="sometimes")

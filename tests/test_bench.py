@@ -12,8 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(*args, timeout=600):
-    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    res = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -39,21 +45,38 @@ def test_compare_torch_tiny():
         assert program in out
     assert "JAX MiB" in out and "torch MiB" in out
     # same weights and inputs: the features agree (printed as "max |JAX - torch| <x>")
-    diffs = [float(line.split("max |JAX - torch| ")[1].split(",")[0]) for line in out.splitlines()
-             if "max |JAX - torch|" in line]
+    diffs = [
+        float(line.split("max |JAX - torch| ")[1].split(",")[0])
+        for line in out.splitlines()
+        if "max |JAX - torch|" in line
+    ]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
 
 
 def test_device_smoke_with_the_torch_peer(tmp_path):
     pytest.importorskip("torch")
-    out = run_script("bench/device.py", "--smoke", "--peak-tflops", "1", "--peer", "torch", "--impls", "xla",
-                     "--json", str(tmp_path / "rows.json"))
+    out = run_script(
+        "bench/device.py",
+        "--smoke",
+        "--peak-tflops",
+        "1",
+        "--peer",
+        "torch",
+        "--impls",
+        "xla",
+        "--json",
+        str(tmp_path / "rows.json"),
+    )
     for program in ("train x2", "image x2", "text x2"):
         assert program in out, out
     assert "%" in out  # an MFU figure from the overridden peak
     rows = json.load(open(tmp_path / "rows.json"))
     assert {(r["program"], r["mode"]) for r in rows["peer"]} == {
-        ("train x2", "eager"), ("train x2", "compile"), ("image x2", "eager"), ("text x2", "eager")}, rows
+        ("train x2", "eager"),
+        ("train x2", "compile"),
+        ("image x2", "eager"),
+        ("text x2", "eager"),
+    }, rows
     assert all(r["rate"] > 0 and r["flops"] > 0 for r in rows["peer"]), rows["peer"]
     assert all(r["layout"] == "scan" and r["rng_impl"] == "threefry" for r in rows["ours"])
     ratios = [line.split() for line in out.split("ours/compile")[1].splitlines() if line.startswith("smoke")]
@@ -62,8 +85,13 @@ def test_device_smoke_with_the_torch_peer(tmp_path):
 
 
 def test_device_refuses_an_unknown_layout():
-    res = subprocess.run([sys.executable, "bench/device.py", "--smoke", "--layouts", "spiral"], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    res = subprocess.run(
+        [sys.executable, "bench/device.py", "--smoke", "--layouts", "spiral"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert res.returncode == 2 and "--layouts: unknown ['spiral']" in res.stderr
 
 
@@ -102,11 +130,26 @@ def test_train_memory_tiny():
 
 
 def test_data_throughput_workers_table_tiny():
-    out = run_script("bench/data_throughput.py", "--only", "workers", "--workers", "0,1,2", "--images", "16",
-                     "--batches", "1", "--batch", "8", "--image-size", "32")
+    out = run_script(
+        "bench/data_throughput.py",
+        "--only",
+        "workers",
+        "--workers",
+        "0,1,2",
+        "--images",
+        "16",
+        "--batches",
+        "1",
+        "--batch",
+        "8",
+        "--image-size",
+        "32",
+    )
     assert "CPU time per 512x512 JPEG -> 32 px" in out and "scaling 1 -> 2 workers:" in out, out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1", "2"] and all(float(r[1]) > 0 for r in rows), out
+
+
 def test_profile_reads_a_gpu_trace_layout(tmp_path):
     """The device-op line of a GPU trace ("XLA Ops" under /device:GPU:0), as xprof writes it: host
     events are ignored, ops are summed by name, a container's time excludes the ops inside it."""
@@ -114,17 +157,21 @@ def test_profile_reads_a_gpu_trace_layout(tmp_path):
 
     import profile_step
 
-    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
-            dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
-            dict(ph="M", name="thread_name", pid=1, tid=1, args=dict(name="python")),
-            dict(ph="M", name="thread_name", pid=2, tid=1, args=dict(name="Steps")),
-            dict(ph="M", name="thread_name", pid=2, tid=2, args=dict(name="XLA Ops"))]
-    ops = [dict(ph="X", pid=2, tid=2, name="while.1", ts=0, dur=100),
-           dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=10, dur=60, args=dict(long_name="%dot = ...")),
-           dict(ph="X", pid=2, tid=2, name="loop_threefry_fusion", ts=75, dur=20),
-           dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=200, dur=40),
-           dict(ph="X", pid=2, tid=1, name="train 0", ts=0, dur=300),
-           dict(ph="X", pid=1, tid=1, name="PjitFunction", ts=0, dur=300)]
+    meta = [
+        dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+        dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
+        dict(ph="M", name="thread_name", pid=1, tid=1, args=dict(name="python")),
+        dict(ph="M", name="thread_name", pid=2, tid=1, args=dict(name="Steps")),
+        dict(ph="M", name="thread_name", pid=2, tid=2, args=dict(name="XLA Ops")),
+    ]
+    ops = [
+        dict(ph="X", pid=2, tid=2, name="while.1", ts=0, dur=100),
+        dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=10, dur=60, args=dict(long_name="%dot = ...")),
+        dict(ph="X", pid=2, tid=2, name="loop_threefry_fusion", ts=75, dur=20),
+        dict(ph="X", pid=2, tid=2, name="gemm_fusion_dot.3", ts=200, dur=40),
+        dict(ph="X", pid=2, tid=1, name="train 0", ts=0, dur=300),
+        dict(ph="X", pid=1, tid=1, name="PjitFunction", ts=0, dur=300),
+    ]
     d = tmp_path / "plugins" / "profile" / "run1"
     d.mkdir(parents=True)
     with gzip.open(d / "host.trace.json.gz", "wt") as f:

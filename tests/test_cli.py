@@ -24,14 +24,28 @@ def shadowing_dir(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("ccj-convert", ["/nonexistent/ckpt", "out"], "error: no such local path: /nonexistent/ckpt"),
-    ("ccj-train", ["--config", os.path.join(ROOT, "train/configs/demo.py"), "--workdir", "w",
-                   "--config.optimizer.learning_rate=1"],
-     "error: unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"),
-    ("ccj-eval", ["zeroshot", "--model", "m", "--dataset", "folder:/nonexistent/classes"],
-     "error: no such directory /nonexistent/classes"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("ccj-convert", ["/nonexistent/ckpt", "out"], "error: no such local path: /nonexistent/ckpt"),
+        (
+            "ccj-train",
+            [
+                "--config",
+                os.path.join(ROOT, "train/configs/demo.py"),
+                "--workdir",
+                "w",
+                "--config.optimizer.learning_rate=1",
+            ],
+            "error: unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'",
+        ),
+        (
+            "ccj-eval",
+            ["zeroshot", "--model", "m", "--dataset", "folder:/nonexistent/classes"],
+            "error: no such directory /nonexistent/classes",
+        ),
+    ],
+)
 def test_console_scripts_are_ours_from_any_directory(shadowing_dir, script, args, message):
     proc = run([os.path.join(BIN, script), *args], cwd=shadowing_dir)
     assert "shadowed" not in proc.stderr + proc.stdout
@@ -42,11 +56,31 @@ def test_console_scripts_are_ours_from_any_directory(shadowing_dir, script, args
 
 def test_python_dash_m_entry_points_still_work(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    convert = subprocess.run([sys.executable, "-m", "convert", "/nonexistent/ckpt", str(tmp_path / "o")], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
+    convert = subprocess.run(
+        [sys.executable, "-m", "convert", "/nonexistent/ckpt", str(tmp_path / "o")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert convert.returncode == 2 and "no such local path" in convert.stderr
-    train = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/demo.py", "--workdir",
-                            str(tmp_path / "w"), "--config.optimizer.nope=1"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            "train/configs/demo.py",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.optimizer.nope=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 2 and "unknown config key 'optimizer.nope'" in train.stderr
     assert not (tmp_path / "w").exists()

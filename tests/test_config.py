@@ -50,10 +50,16 @@ def test_table_rows_match_cn_clip_files(vision, text):
         assert v.num_attention_heads == spec["vision_width"] * 32 // 64  # cn_clip's vision_heads
     else:
         assert (v.hidden_size, v.num_hidden_layers, v.patch_size) == (
-            spec["vision_width"], spec["vision_layers"], spec["vision_patch_size"])
+            spec["vision_width"],
+            spec["vision_layers"],
+            spec["vision_patch_size"],
+        )
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (
-        tspec["text_hidden_size"], tspec["text_num_hidden_layers"], tspec["text_num_attention_heads"],
-        tspec["text_intermediate_size"])
+        tspec["text_hidden_size"],
+        tspec["text_num_hidden_layers"],
+        tspec["text_num_attention_heads"],
+        tspec["text_intermediate_size"],
+    )
 
 
 @pytest.mark.parametrize("preset", list(CN_CLIP_ARCH))
@@ -62,15 +68,31 @@ def test_presets_match_cn_clip_architecture_files(preset):
     vision, text = (cn_clip_spec(n) for n in CN_CLIP_ARCH[preset])
     v, t = cfg.vision_config, cfg.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.patch_size, v.image_size) == (
-        vision["vision_width"], vision["vision_layers"], vision["vision_patch_size"], vision["image_resolution"])
+        vision["vision_width"],
+        vision["vision_layers"],
+        vision["vision_patch_size"],
+        vision["image_resolution"],
+    )
     assert v.head_dim == vision.get("vision_head_width", 64)  # ViT-H: 16 heads of width 80
     assert v.intermediate_size == 4 * v.hidden_size
     assert cfg.projection_dim == v.projection_dim == vision["embed_dim"]
-    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size, t.vocab_size,
-            t.max_position_embeddings, t.type_vocab_size) == (
-        text["text_hidden_size"], text["text_num_hidden_layers"], text["text_num_attention_heads"],
-        text["text_intermediate_size"], text["vocab_size"], text["text_max_position_embeddings"],
-        text["text_type_vocab_size"])
+    assert (
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.intermediate_size,
+        t.vocab_size,
+        t.max_position_embeddings,
+        t.type_vocab_size,
+    ) == (
+        text["text_hidden_size"],
+        text["text_num_hidden_layers"],
+        text["text_num_attention_heads"],
+        text["text_intermediate_size"],
+        text["vocab_size"],
+        text["text_max_position_embeddings"],
+        text["text_type_vocab_size"],
+    )
     assert ccj.ChineseCLIPConfig.preset("OFA-Sys/" + preset) == cfg
 
 

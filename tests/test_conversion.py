@@ -19,8 +19,16 @@ import chinese_clip_jax as ccj
 from chinese_clip_jax.conversion import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = dict(vocab_size=21128, hidden=32, vision_hidden=48, vision_layers=3, max_positions=64, image_size=32,
-             patch_size=8, projection_dim=16)
+SIZES = dict(
+    vocab_size=21128,
+    hidden=32,
+    vision_hidden=48,
+    vision_layers=3,
+    max_positions=64,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
 
 
 def inputs(cfg, seed=0):
@@ -41,8 +49,9 @@ def hf_dir(tmp_path_factory, save_hf_model):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_save_pretrained_loads_cleanly_in_transformers(hf_dir, tmp_path):
@@ -53,12 +62,17 @@ def test_save_pretrained_loads_cleanly_in_transformers(hf_dir, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids, mask, px = inputs(cfg)
     with torch.no_grad():
-        want = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         pixel_values=torch.tensor(px)).logits_per_image.numpy()
-        got_torch = loaded.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                  pixel_values=torch.tensor(px)).logits_per_image.numpy()
-    got_jax = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(px),
-                                     attention_mask=jnp.asarray(mask)).logits_per_image)
+        want = ref_model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(px)
+        ).logits_per_image.numpy()
+        got_torch = loaded.eval()(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(px)
+        ).logits_per_image.numpy()
+    got_jax = np.asarray(
+        model.apply(
+            {"params": params}, jnp.asarray(ids), jnp.asarray(px), attention_mask=jnp.asarray(mask)
+        ).logits_per_image
+    )
     np.testing.assert_array_equal(got_torch, want)  # identical weights back in torch
     np.testing.assert_allclose(got_jax, want, atol=1e-4)
 
@@ -71,7 +85,12 @@ def test_cli_round_trip_hf_flax_hf_is_bitwise(hf_dir, tmp_path, scan):
     assert r1.returncode == 0, r1.stderr
     assert "parameters:" in r1.stdout and "peak memory" in r1.stdout
     assert sorted(os.listdir(tmp_path / "flax")) == [
-        "config.json", "flax_checkpoint.json", "params", "preprocessor_config.json", "vocab.txt"]
+        "config.json",
+        "flax_checkpoint.json",
+        "params",
+        "preprocessor_config.json",
+        "vocab.txt",
+    ]
     r2 = run_cli(tmp_path / "flax", tmp_path / "hf2", "--to", "hf")
     assert r2.returncode == 0, r2.stderr
     original = load_file(str(path / "model.safetensors"))
@@ -101,8 +120,15 @@ def import_cn_clip_model():
     if "torchvision" not in sys.modules:
         tv = types.ModuleType("torchvision")
         tv.transforms = types.ModuleType("torchvision.transforms")
-        for name in ("Compose", "ToTensor", "Normalize", "Resize", "InterpolationMode", "CenterCrop",
-                     "RandomResizedCrop"):
+        for name in (
+            "Compose",
+            "ToTensor",
+            "Normalize",
+            "Resize",
+            "InterpolationMode",
+            "CenterCrop",
+            "RandomResizedCrop",
+        ):
             setattr(tv.transforms, name, object)
         sys.modules["torchvision"] = tv
         sys.modules["torchvision.transforms"] = tv.transforms
@@ -325,9 +351,11 @@ def test_bfloat16_hf_export_reads_back_in_torch(hf_dir, tmp_path):
 
 
 def test_hub_id_offline_gives_a_clear_error():
-    code = ("import chinese_clip_jax as ccj\n"
-            "try:\n    ccj.from_pretrained('OFA-Sys/chinese-clip-vit-base-patch16')\n"
-            "except OSError as e:\n    print('ERR', e)\n")
+    code = (
+        "import chinese_clip_jax as ccj\n"
+        "try:\n    ccj.from_pretrained('OFA-Sys/chinese-clip-vit-base-patch16')\n"
+        "except OSError as e:\n    print('ERR', e)\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(REPO) + "/build/empty-hf-home")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert "ERR could not download 'OFA-Sys/chinese-clip-vit-base-patch16' from the hub" in out, out

@@ -3,14 +3,13 @@
 import io
 import json
 
+import grain
 import numpy as np
 import PIL.Image
 import pytest
 
 from chinese_clip_jax.data import default_data_config, demo, eval_sets, train_iterator
 from chinese_clip_jax.data.pipeline import ImageDecoder, TextEncoder, build_train_iterator
-
-import grain
 
 S = 32  # image side used throughout
 
@@ -37,6 +36,7 @@ def _index_of_rows(batch, source):
 
 def _tokens(texts):
     from transformers import BertTokenizer
+
     from chinese_clip_jax.processing import ASSETS_DIR
 
     tok = BertTokenizer.from_pretrained(str(ASSETS_DIR))
@@ -118,13 +118,27 @@ def _png(rgb: np.ndarray) -> bytes:
 
 def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
     rng = np.random.default_rng(0)
-    good = [{"image": _png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), "text": f"第{i}张", "where": f"s:{i}"}
-            for i in range(6)]
-    bad = [{"image": b"not an image", "text": "坏", "where": "s:bad1"},
-           {"image": _png(np.zeros((8, 8, 3), np.uint8)), "text": "", "where": "s:empty-caption"}]
+    good = [
+        {"image": _png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), "text": f"第{i}张", "where": f"s:{i}"}
+        for i in range(6)
+    ]
+    bad = [
+        {"image": b"not an image", "text": "坏", "where": "s:bad1"},
+        {"image": _png(np.zeros((8, 8, 3), np.uint8)), "text": "", "where": "s:empty-caption"},
+    ]
     source = good[:3] + bad[:1] + good[3:] + bad[1:]
-    make = lambda: build_train_iterator(source, batch_size=3, seed=0, image_size=S, context_length=52,
-                                        shard=grain.sharding.ShardOptions(0, 1), num_threads=1)
+
+    def make():
+        return build_train_iterator(
+            source,
+            batch_size=3,
+            seed=0,
+            image_size=S,
+            context_length=52,
+            shard=grain.sharding.ShardOptions(0, 1),
+            num_threads=1,
+        )
+
     it = make()
     with caplog.at_level("WARNING"):
         _take(it, 2)  # exactly one epoch of good samples: both bad ones were met
@@ -141,8 +155,15 @@ def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
 
 def test_all_bad_source_raises_instead_of_spinning():
     source = [{"image": b"junk", "text": "坏", "where": f"s:{i}"} for i in range(3)]
-    it = build_train_iterator(source, batch_size=2, seed=0, image_size=S, context_length=52,
-                              shard=grain.sharding.ShardOptions(0, 1), num_threads=1)
+    it = build_train_iterator(
+        source,
+        batch_size=2,
+        seed=0,
+        image_size=S,
+        context_length=52,
+        shard=grain.sharding.ShardOptions(0, 1),
+        num_threads=1,
+    )
     with pytest.raises(RuntimeError, match="could not be decoded"):
         next(it)
 
@@ -211,8 +232,9 @@ def test_demo_eval_sets():
     zs = sets["zeroshot"]["images"]
     assert not any(ImageDecoder(S)(zs[i]).tobytes() in train_bytes for i in range(len(zs)))
     # the lazy images are those eval_images draws at once
-    np.testing.assert_array_equal(np.stack([zs[i] for i in range(len(zs))]),
-                                  demo.eval_images("zeroshot", image_size=S, count=len(zs))[0])
+    np.testing.assert_array_equal(
+        np.stack([zs[i] for i in range(len(zs))]), demo.eval_images("zeroshot", image_size=S, count=len(zs))[0]
+    )
     r = sets["retrieval"]
     assert len(r["images"]) == 24 and r["input_ids"].shape == (24, 52)
     for t, positives in enumerate(r["text_to_images"]):
@@ -221,6 +243,7 @@ def test_demo_eval_sets():
 
 
 # ---------------------------------------------------------------- file sources
+
 
 def _jpeg(seed: int, shape=(36, 48)) -> bytes:
     rgb = np.random.default_rng(seed).integers(0, 256, shape + (3,), dtype=np.uint8)
@@ -253,17 +276,31 @@ def cn_clip_dir(tmp_path):
     lines.insert(2, "99\t!!!this is not base64 at all###")
     lines.insert(4, "a line with no tab")
     (tmp_path / "train_imgs.tsv").write_text("\n".join(lines) + "\n")
-    captions = [(0, "一只猫", [0]), (1, "一条狗", [1, 2]), (2, "红色的花", [3]), (3, "蓝天", [4]),
-                (4, "坏图片", [99]), (5, "不存在的图片", [1234])]
+    captions = [
+        (0, "一只猫", [0]),
+        (1, "一条狗", [1, 2]),
+        (2, "红色的花", [3]),
+        (3, "蓝天", [4]),
+        (4, "坏图片", [99]),
+        (5, "不存在的图片", [1234]),
+    ]
     with open(tmp_path / "train_texts.jsonl", "w", encoding="utf-8") as f:
         for tid, text, ids in captions:
             f.write(json.dumps({"text_id": tid, "text": text, "image_ids": ids}, ensure_ascii=False) + "\n")
     (tmp_path / "valid_imgs.tsv").write_text("\n".join(lines[:2]) + "\n")
     (tmp_path / "valid_texts.jsonl").write_text(
-        json.dumps({"text_id": 0, "text": "两张图", "image_ids": [0, 1]}, ensure_ascii=False) + "\n"
-        + json.dumps({"text_id": 1, "text": "第一张", "image_ids": [0]}, ensure_ascii=False) + "\n")
-    good = [("一只猫", images[0]), ("一条狗", images[1]), ("一条狗", images[2]), ("红色的花", images[3]),
-            ("蓝天", images[4])]
+        json.dumps({"text_id": 0, "text": "两张图", "image_ids": [0, 1]}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"text_id": 1, "text": "第一张", "image_ids": [0]}, ensure_ascii=False)
+        + "\n"
+    )
+    good = [
+        ("一只猫", images[0]),
+        ("一条狗", images[1]),
+        ("一条狗", images[2]),
+        ("红色的花", images[3]),
+        ("蓝天", images[4]),
+    ]
     return tmp_path, captions, images, good
 
 
@@ -277,8 +314,9 @@ def _cn_clip_cfg(root, fmt="tsv"):
 def test_cn_clip_tsv_skips_bad_base64_and_counts(cn_clip_dir, caplog):
     root, _, _, good = cn_clip_dir
     with caplog.at_level("WARNING"):
-        it = train_iterator(_cn_clip_cfg(root), global_batch_size=5, seed=0, image_size=S,
-                            process_index=0, process_count=1)
+        it = train_iterator(
+            _cn_clip_cfg(root), global_batch_size=5, seed=0, image_size=S, process_index=0, process_count=1
+        )
         rows = _epoch_rows(it, 1)  # the 6 pairs with an image id in the TSV, one of them undecodable
     assert sorted(rows) == _expected_rows(good)
     assert it.stats == {"skipped": 1, "skipped_at_index": 2, "samples": 5}
@@ -314,8 +352,9 @@ def test_cn_clip_lmdb_build_gives_the_same_samples(cn_clip_dir):
             if "\t" in line:
                 image_id, b64 = line.split("\t")
                 txn.put(image_id.encode(), b64.encode())
-    it = train_iterator(_cn_clip_cfg(root, "lmdb"), global_batch_size=5, seed=0, image_size=S,
-                        process_index=0, process_count=1)
+    it = train_iterator(
+        _cn_clip_cfg(root, "lmdb"), global_batch_size=5, seed=0, image_size=S, process_index=0, process_count=1
+    )
     assert sorted(_epoch_rows(it, 1)) == _expected_rows(good)
     # bad base64 (99) and the missing image (1234) are both skipped when read
     assert it.stats["skipped"] == 2
@@ -333,23 +372,39 @@ def _tar(path, members):
 
 def test_webdataset_shards_skip_bad_jpeg_and_count(tmp_path, caplog):
     imgs = [_jpeg(10 + i) for i in range(4)]
-    _tar(tmp_path / "00000.tar", [
-        ("000000000.jpg", imgs[0]), ("000000000.txt", "一只猫".encode()),
-        ("000000001.jpg", imgs[1]), ("000000001.json", json.dumps({"caption": "一条狗"}).encode()),
-        ("000000002.jpg", b"\xff\xd8\xff broken jpeg"), ("000000002.txt", "坏的".encode()),
-        ("000000003.txt", "没有图片".encode()),
-    ])
-    _tar(tmp_path / "00001.tar", [("a/000000004.jpg", imgs[2]), ("a/000000004.txt", "红色的花".encode()),
-                                  ("000000005.png", _png(np.full((20, 30, 3), 7, np.uint8))),
-                                  ("000000005.txt", "灰色".encode())])
+    _tar(
+        tmp_path / "00000.tar",
+        [
+            ("000000000.jpg", imgs[0]),
+            ("000000000.txt", "一只猫".encode()),
+            ("000000001.jpg", imgs[1]),
+            ("000000001.json", json.dumps({"caption": "一条狗"}).encode()),
+            ("000000002.jpg", b"\xff\xd8\xff broken jpeg"),
+            ("000000002.txt", "坏的".encode()),
+            ("000000003.txt", "没有图片".encode()),
+        ],
+    )
+    _tar(
+        tmp_path / "00001.tar",
+        [
+            ("a/000000004.jpg", imgs[2]),
+            ("a/000000004.txt", "红色的花".encode()),
+            ("000000005.png", _png(np.full((20, 30, 3), 7, np.uint8))),
+            ("000000005.txt", "灰色".encode()),
+        ],
+    )
     cfg = default_data_config("webdataset")
     cfg.webdataset.shards = str(tmp_path / "{00000..00001}.tar")
     cfg.num_threads, cfg.prefetch_buffer_size = 1, 4
     with caplog.at_level("WARNING"):
         it = train_iterator(cfg, global_batch_size=4, seed=0, image_size=S, process_index=0, process_count=1)
         rows = _epoch_rows(it, 1)
-    good = [("一只猫", imgs[0]), ("一条狗", imgs[1]), ("红色的花", imgs[2]),
-            ("灰色", _png(np.full((20, 30, 3), 7, np.uint8)))]
+    good = [
+        ("一只猫", imgs[0]),
+        ("一条狗", imgs[1]),
+        ("红色的花", imgs[2]),
+        ("灰色", _png(np.full((20, 30, 3), 7, np.uint8))),
+    ]
     assert sorted(rows) == _expected_rows(good)
     assert it.stats == {"skipped": 1, "skipped_at_index": 1, "samples": 4}
     assert "00000.tar:000000002" in caplog.text and "00000.tar:000000003" in caplog.text
@@ -373,7 +428,10 @@ def test_missing_files_are_named(tmp_path):
 def test_default_threaded_reader_is_deterministic_and_resumes():
     cfg = default_data_config("demo")  # 2 reader threads, as in training
     cfg.demo.num_train = 40
-    make = lambda: train_iterator(cfg, global_batch_size=16, seed=5, image_size=S, process_index=0, process_count=1)
+
+    def make():
+        return train_iterator(cfg, global_batch_size=16, seed=5, image_size=S, process_index=0, process_count=1)
+
     it = make()
     first = _take(it, 2)
     state = it.get_state()
@@ -415,8 +473,15 @@ def test_jax_distributed_processes_read_their_own_shards(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"localhost:{port}", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)

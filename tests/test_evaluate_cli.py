@@ -47,8 +47,11 @@ def torch_text(hf, texts):
     tok = transformers.BertTokenizer.from_pretrained(str(ASSETS_DIR))
     enc = tok(texts, padding="max_length", max_length=52, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        return _normalize(hf.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                               token_type_ids=enc["token_type_ids"]).pooler_output)
+        return _normalize(
+            hf.get_text_features(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"]
+            ).pooler_output
+        )
 
 
 def torch_images(hf, images, mode):
@@ -59,8 +62,12 @@ def torch_images(hf, images, mode):
         proc = transformers.ChineseCLIPImageProcessorPil(size={"shortest_edge": RES}, crop_size=RES)
         px = proc(pil, return_tensors="pt")["pixel_values"]
     else:
-        arr = np.stack([np.asarray(p.resize((RES, RES), PIL.Image.Resampling.BICUBIC).convert("RGB"),
-                                   np.float32) / 255.0 for p in pil])
+        arr = np.stack(
+            [
+                np.asarray(p.resize((RES, RES), PIL.Image.Resampling.BICUBIC).convert("RGB"), np.float32) / 255.0
+                for p in pil
+            ]
+        )
         arr = (arr - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)
         px = torch.tensor(arr.transpose(0, 3, 1, 2).astype(np.float32))
     with torch.no_grad():
@@ -113,9 +120,24 @@ def test_zeroshot_on_an_image_folder_equals_torch_by_hand(model, tmp_path, capsy
     (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
     (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES) + "\n", encoding="utf-8")
     out = tmp_path / "res.json"
-    code, stdout, _ = run_cli(["zeroshot", "--model", src, "--dataset", f"folder:{root}", "--labels",
-                               str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"),
-                               "--batch-size", "4", "--output", str(out)], capsys)
+    code, stdout, _ = run_cli(
+        [
+            "zeroshot",
+            "--model",
+            src,
+            "--dataset",
+            f"folder:{root}",
+            "--labels",
+            str(tmp_path / "labels.txt"),
+            "--templates",
+            str(tmp_path / "templates.txt"),
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     res = json.loads(out.read_text(encoding="utf-8"))
     assert res == json.loads(stdout)
@@ -134,9 +156,15 @@ def _make_tfds(data_dir, images, labels):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "picture": tfds.features.Image(shape=(None, None, 3)),
-                "kind": tfds.features.ClassLabel(names=CLASSES)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "picture": tfds.features.Image(shape=(None, None, 3)),
+                        "kind": tfds.features.ClassLabel(names=CLASSES),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"test": self._generate_examples()}
@@ -160,13 +188,20 @@ def test_zeroshot_on_tfds_equals_torch_by_hand(model, tmp_path, capsys):
     import tensorflow_datasets as tfds
 
     ds = tfds.builder_from_directory(path).as_data_source(split="test")  # the record order tfds gives
-    order = [next(i for i, b in enumerate(images) if np.array_equal(
-        np.asarray(PIL.Image.open(io.BytesIO(b))), ds[r]["picture"])) for r in range(len(ds))]
+    order = [
+        next(
+            i
+            for i, b in enumerate(images)
+            if np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(b))), ds[r]["picture"])
+        )
+        for r in range(len(ds))
+    ]
     expected = _zeroshot_by_hand(hf, [images[i] for i in order], [labels[i] for i in order], CLASSES, TEMPLATES)
     (tmp_path / "t.txt").write_text("\n".join(TEMPLATES), encoding="utf-8")
     for spec, extra in ((f"tfds-dir:{path}", []), ("tfds:tiny_zeroshot", ["--data-dir", str(tmp_path / "tfds")])):
-        code, stdout, err = run_cli(["zeroshot", "--model", src, "--dataset", spec, *extra,
-                                     "--templates", str(tmp_path / "t.txt")], capsys)
+        code, stdout, err = run_cli(
+            ["zeroshot", "--model", src, "--dataset", spec, *extra, "--templates", str(tmp_path / "t.txt")], capsys
+        )
         assert code == 0, err
         res = json.loads(stdout)
         assert {k: res[k] for k in ("top1", "top5")} == expected, spec
@@ -198,9 +233,14 @@ def cn_clip_split(tmp_path_factory):
     with open(root / "valid_imgs.tsv", "w") as f:
         for iid, b in images.items():
             f.write(f"{iid}\t{base64.urlsafe_b64encode(b).decode()}\n")
-    captions = [{"text_id": 7000 + t, "text": f"第{t}张图片里有{'红蓝绿'[t % 3]}色的东西",
-                 "image_ids": sorted(rng.choice(list(images), size=1 + t % 3, replace=False).tolist())}
-                for t in range(8)]
+    captions = [
+        {
+            "text_id": 7000 + t,
+            "text": f"第{t}张图片里有{'红蓝绿'[t % 3]}色的东西",
+            "image_ids": sorted(rng.choice(list(images), size=1 + t % 3, replace=False).tolist()),
+        }
+        for t in range(8)
+    ]
     with open(root / "valid_texts.jsonl", "w", encoding="utf-8") as f:
         for c in captions:
             f.write(json.dumps(c, ensure_ascii=False) + "\n")
@@ -228,9 +268,24 @@ def test_retrieval_on_cn_clip_tsv_equals_torch_by_hand_and_cn_clip_scoring(model
     src, hf = model
     root, images, captions = cn_clip_split
     pred, feats, out = tmp_path / "pred.jsonl", tmp_path / "feats", tmp_path / "r.json"
-    code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(root), "--batch-size", "4",
-                                 "--predictions", str(pred), "--features-dir", str(feats), "--output", str(out)],
-                                capsys)
+    code, stdout, err = run_cli(
+        [
+            "retrieval",
+            "--model",
+            src,
+            "--data",
+            str(root),
+            "--batch-size",
+            "4",
+            "--predictions",
+            str(pred),
+            "--features-dir",
+            str(feats),
+            "--output",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     res = json.loads(out.read_text(encoding="utf-8"))
     expected, txt, img, t2i = _retrieval_by_hand(hf, images, captions)
@@ -291,8 +346,9 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(cn_clip_split, tmp_path,
     root, _, _ = cn_clip_split
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "valid_texts.jsonl").write_text((root / "valid_texts.jsonl").read_text(encoding="utf-8"),
-                                              encoding="utf-8")
+    (broken / "valid_texts.jsonl").write_text(
+        (root / "valid_texts.jsonl").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     folder = tmp_path / "folder"
     for name in ("a", "b"):
         (folder / name).mkdir(parents=True)
@@ -301,13 +357,37 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(cn_clip_split, tmp_path,
     (tmp_path / "bad_t.txt").write_text("{}的照片\n一张照片\n", encoding="utf-8")
     out = tmp_path / "out.json"
     cases = [
-        (["retrieval", "--model", "nowhere", "--data", str(broken), "--output", str(out)],
-         str(broken / "valid_imgs.tsv")),
+        (
+            ["retrieval", "--model", "nowhere", "--data", str(broken), "--output", str(out)],
+            str(broken / "valid_imgs.tsv"),
+        ),
         (["retrieval", "--model", "nowhere", "--data", str(root), "--split", "test"], "test_texts.jsonl"),
-        (["zeroshot", "--model", "nowhere", "--dataset", f"folder:{folder}", "--labels",
-          str(tmp_path / "three.txt"), "--output", str(out)], "three.txt: 3 labels for the 2 classes"),
-        (["zeroshot", "--model", "nowhere", "--dataset", f"folder:{folder}", "--templates",
-          str(tmp_path / "bad_t.txt")], "bad_t.txt:2: a template needs exactly one '{}'"),
+        (
+            [
+                "zeroshot",
+                "--model",
+                "nowhere",
+                "--dataset",
+                f"folder:{folder}",
+                "--labels",
+                str(tmp_path / "three.txt"),
+                "--output",
+                str(out),
+            ],
+            "three.txt: 3 labels for the 2 classes",
+        ),
+        (
+            [
+                "zeroshot",
+                "--model",
+                "nowhere",
+                "--dataset",
+                f"folder:{folder}",
+                "--templates",
+                str(tmp_path / "bad_t.txt"),
+            ],
+            "bad_t.txt:2: a template needs exactly one '{}'",
+        ),
         (["zeroshot", "--model", "nowhere", "--dataset", f"folder:{tmp_path / 'none'}"], "no such directory"),
         (["zeroshot", "--model", "nowhere", "--dataset", f"tfds-dir:{folder}"], "no dataset_info.json"),
     ]
@@ -351,20 +431,27 @@ def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path, sav
                 f.write(f"{i}\t{base64.urlsafe_b64encode(tile).decode()}\n")
         with open(data / "valid_texts.jsonl", "w", encoding="utf-8") as f:
             for t in range(50):
-                f.write(json.dumps({"text_id": t, "text": f"图片{t}", "image_ids": [t * (n // 50)]}, ensure_ascii=False)
-                        + "\n")
-        proc = subprocess.run([sys.executable, str(script), "retrieval", "--model", str(src), "--data", str(data),
-                               "--batch-size", "16"], capture_output=True, text=True, env=env, timeout=600)
+                f.write(
+                    json.dumps({"text_id": t, "text": f"图片{t}", "image_ids": [t * (n // 50)]}, ensure_ascii=False)
+                    + "\n"
+                )
+        proc = subprocess.run(
+            [sys.executable, str(script), "retrieval", "--model", str(src), "--data", str(data), "--batch-size", "16"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         last = json.loads(proc.stdout.strip().splitlines()[-1])
-        results = json.loads(proc.stdout[:proc.stdout.rindex("\n{")])
+        results = json.loads(proc.stdout[: proc.stdout.rindex("\n{")])
         assert last["code"] == 0 and results["num_images"] == n
         return last["maxrss_kb"] * 1024
 
     small, large = peak_of(200), peak_of(2000)
     added_pixels = (2000 - 200) * 3 * big * big * 4  # 3.2 GB if the run held every batch's pixels
     assert large - small < added_pixels / 10, ((large - small) / 2**20, added_pixels / 2**20)
-    assert large < 2000 * 3 * big * big * 4 / 2, (large / 2**20)  # and far below the whole split's pixels
+    assert large < 2000 * 3 * big * big * 4 / 2, large / 2**20  # and far below the whole split's pixels
 
 
 def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_split, tmp_path, capsys):
@@ -379,23 +466,31 @@ def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)), "text": tfds.features.Text(),
-                "image_id": np.int64, "text_id": np.int64}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "text": tfds.features.Text(),
+                        "image_id": np.int64,
+                        "text_id": np.int64,
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"valid": self._generate_examples()}
 
         def _generate_examples(self):
             for n, (c, iid) in enumerate(pairs):
-                yield n, {"image": io.BytesIO(images[iid]), "text": c["text"], "image_id": iid,
-                          "text_id": c["text_id"]}
+                yield n, {"image": io.BytesIO(images[iid]), "text": c["text"], "image_id": iid, "text_id": c["text_id"]}
 
     builder = TinyRetrieval(data_dir=str(tmp_path / "tfds"), file_format="array_record")
     builder.download_and_prepare()
     capsys.readouterr()
-    code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(tmp_path / "tfds"),
-                                 "--features-dir", str(tmp_path / "f")], capsys)
+    code, stdout, err = run_cli(
+        ["retrieval", "--model", src, "--data", str(tmp_path / "tfds"), "--features-dir", str(tmp_path / "f")], capsys
+    )
     assert code == 0, err
     res = json.loads(stdout)
     assert res["layout"] == "tfds" and res["num_texts"] == len(captions)

@@ -21,7 +21,7 @@ def test_hand_computed_recall_with_ties_and_several_positives():
     # text 1 (negative value): ranking 3, 1, 2, 0
     texts = np.array([[1.0], [-1.0], [1.0]], np.float32)
     text_to_images = [
-        [2],     # rank 2 -> miss @1, hit @5 (tie with image 1, which ranks first)
+        [2],  # rank 2 -> miss @1, hit @5 (tie with image 1, which ranks first)
         [1, 0],  # ranks 1 and 3 -> best rank 1: miss @1, hit @5
         [0, 3],  # rank 0 -> hit @1
     ]
@@ -64,6 +64,7 @@ def test_text_without_positive_is_a_miss_and_bad_index_is_named():
 
 def _brute_force(texts, images, text_to_images):
     """cn_clip's algorithm: per query, Python's stable sorted() over all candidates."""
+
     def recall(queries, cands, positives):
         hits = np.zeros(3)
         for q, pos in zip(queries, positives):
@@ -95,12 +96,15 @@ def test_matches_brute_force_with_many_ties(block_size):
 
 def test_zero_shot_accuracy_hand_computed():
     classes = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], np.float32)
-    images = np.array([
-        [1.0, 0.0],   # scores 1, 0, .7 -> ranking 0, 2, 1
-        [0.0, 1.0],   # ranking 1, 2, 0
-        [1.0, 1.0],   # scores 1, 1, 1.4 -> ranking 2, 0, 1 (tie 0/1: lower index first)
-        [-1.0, 0.0],  # scores -1, 0, -.7 -> ranking 1, 2, 0
-    ], np.float32)
+    images = np.array(
+        [
+            [1.0, 0.0],  # scores 1, 0, .7 -> ranking 0, 2, 1
+            [0.0, 1.0],  # ranking 1, 2, 0
+            [1.0, 1.0],  # scores 1, 1, 1.4 -> ranking 2, 0, 1 (tie 0/1: lower index first)
+            [-1.0, 0.0],  # scores -1, 0, -.7 -> ranking 1, 2, 0
+        ],
+        np.float32,
+    )
     labels = [0, 2, 1, 0]
     acc = zero_shot_accuracy(images, classes, labels, topk=(1, 2, 3, 5))
     assert acc == {"top1": 0.25, "top2": 0.5, "top3": 1.0, "top5": 1.0}
@@ -113,8 +117,7 @@ def test_zero_shot_accuracy_hand_computed():
 
 def test_load_retrieval_jsonl(tmp_path):
     path = tmp_path / "valid_texts.jsonl"
-    rows = [{"text_id": 10, "text": "一只猫", "image_ids": [7, 3]},
-            {"text_id": 11, "text": "两只狗", "image_ids": [5]}]
+    rows = [{"text_id": 10, "text": "一只猫", "image_ids": [7, 3]}, {"text_id": 11, "text": "两只狗", "image_ids": [5]}]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     ann = load_retrieval_jsonl(path)
     assert ann.image_ids == [3, 5, 7]
@@ -159,8 +162,9 @@ def test_exact_duplicates_score_identically_and_the_lower_index_wins(block_size)
     text_to_images = [[int(j)] for j in rng.integers(0, n, len(texts))]
     m = retrieval_metrics(texts, images, text_to_images, block_size=block_size)
     for k in (1, 5, 10):
-        assert m[f"t2i_R@{k}"] == pytest.approx(np.mean([ref[q, :k].tolist().count(p[0]) > 0
-                                                         for q, p in enumerate(text_to_images)]))
+        assert m[f"t2i_R@{k}"] == pytest.approx(
+            np.mean([ref[q, :k].tolist().count(p[0]) > 0 for q, p in enumerate(text_to_images)])
+        )
 
 
 def test_former_module_names_still_import():

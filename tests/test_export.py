@@ -51,8 +51,13 @@ def check_in_fresh_process(out, model, params, tmp_path):
     ids, mask, px = inputs(model.config, seq=seq)
     np.savez(tmp_path / "in.npz", ids=ids, mask=mask, px=px)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", LOADER, str(out), str(tmp_path / "in.npz"), str(tmp_path / "got.npz")],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", LOADER, str(out), str(tmp_path / "in.npz"), str(tmp_path / "got.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = np.load(tmp_path / "got.npz")
     v = {"params": params}
@@ -70,8 +75,15 @@ def test_cli_export_loads_without_flax_and_matches(tmp_path, save_hf_model):
     save_hf_model(cfg, tmp_path / "hf")
     r = run_cli(tmp_path / "hf", tmp_path / "out", "--export")
     assert r.returncode == 0, r.stderr
-    assert {"text_features.jaxexport", "image_features.jaxexport", "params.safetensors", "export.json",
-            "vocab.txt", "preprocessor_config.json", "config.json"} <= set(os.listdir(tmp_path / "out"))
+    assert {
+        "text_features.jaxexport",
+        "image_features.jaxexport",
+        "params.safetensors",
+        "export.json",
+        "vocab.txt",
+        "preprocessor_config.json",
+        "config.json",
+    } <= set(os.listdir(tmp_path / "out"))
     with open(tmp_path / "out" / "export.json") as f:
         assert json.load(f)["platforms"] == ["cpu", "cuda", "tpu"]
     model, params = ccj.from_pretrained(tmp_path / "hf")

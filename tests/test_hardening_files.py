@@ -27,8 +27,9 @@ VOCAB = os.path.join(REPO, "chinese_clip_jax", "assets", "vocab.txt")
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    cfg = tiny_config(vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8,
-                      projection_dim=16)
+    cfg = tiny_config(
+        vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8, projection_dim=16
+    )
     torch.manual_seed(0)
     model = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig.from_dict(cfg.to_dict())).eval()
     path = tmp_path_factory.mktemp("hf")
@@ -41,8 +42,14 @@ def run_cli(module, *args, limit_bytes=None):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, preexec_fn=limit if limit_bytes else None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit if limit_bytes else None,
+    )
 
 
 def one_line_error(result) -> str:
@@ -57,6 +64,7 @@ def listing(path):
 
 
 # --------------------------------------------------------------------------- transformers 5 files
+
 
 @pytest.fixture(scope="module")
 def tf5_dir(hf_dir, tmp_path_factory):
@@ -75,8 +83,11 @@ def tf5_dir(hf_dir, tmp_path_factory):
     vocab.write_text("\n".join(custom) + "\n", encoding="utf-8")
     tokenizer = transformers.BertTokenizer.from_pretrained(str(vocab.parent))
     image_processor = transformers.ChineseCLIPImageProcessor(
-        size={"shortest_edge": 18}, crop_size={"height": 30, "width": 40},
-        image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.6, 0.7])
+        size={"shortest_edge": 18},
+        crop_size={"height": 30, "width": 40},
+        image_mean=[0.1, 0.2, 0.3],
+        image_std=[0.5, 0.6, 0.7],
+    )
     transformers.ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     shutil.rmtree(vocab.parent)
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(path))
@@ -113,6 +124,7 @@ def test_convert_carries_transformers5_processor_files(tf5_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- config.json
+
 
 def test_old_layout_config_dicts_load_like_transformers(hf_dir, tmp_path):
     import shutil
@@ -168,12 +180,21 @@ def test_bad_config_json_in_the_cli_exits_2_and_writes_nothing(hf_dir, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "preprocessor_config.json is not valid JSON"),
-    (json.dumps({"size": {"shortest_edge": 0}}), "preprocessor_config.json: size.shortest_edge must be an int >= 1"),
-    (json.dumps({"crop_size": {"height": 224, "width": -1}}), "crop_size.width must be an int >= 1 (pixels), got -1"),
-    (json.dumps({"image_std": [0.2, 0, 0.2]}), "image_std must be 3 numbers > 0"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "preprocessor_config.json is not valid JSON"),
+        (
+            json.dumps({"size": {"shortest_edge": 0}}),
+            "preprocessor_config.json: size.shortest_edge must be an int >= 1",
+        ),
+        (
+            json.dumps({"crop_size": {"height": 224, "width": -1}}),
+            "crop_size.width must be an int >= 1 (pixels), got -1",
+        ),
+        (json.dumps({"image_std": [0.2, 0, 0.2]}), "image_std must be 3 numbers > 0"),
+    ],
+)
 def test_bad_preprocessor_config_fails_at_load_naming_file_and_key(tmp_path, content, message):
     (tmp_path / "preprocessor_config.json").write_text(content)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -192,6 +213,7 @@ def test_bad_preprocessor_config_stops_convert_before_any_work(hf_dir, tmp_path)
 
 
 # --------------------------------------------------------------------------- weights and outputs
+
 
 def test_int8_and_bool_weights_are_refused(hf_dir, tmp_path):
     tensors = load_file(hf_dir / "model.safetensors")
@@ -249,6 +271,7 @@ def test_disk_full_convert_removes_its_temporaries(hf_dir, tmp_path):
 
 # --------------------------------------------------------------------------- paths, text, data, images
 
+
 def test_hub_ids_and_mistyped_local_paths(tmp_path, monkeypatch):
     from chinese_clip_jax.hub import is_hub_id
 
@@ -269,8 +292,10 @@ def test_lone_surrogate_text_is_a_one_line_error():
 def test_cn_clip_jsonl_with_a_bom_and_a_surrogate(tmp_path):
     from chinese_clip_jax.data.cn_clip import read_texts
 
-    lines = [json.dumps({"text_id": i, "text": t, "image_ids": [i]}, ensure_ascii=False)
-             for i, t in enumerate(["一只猫", "一条狗", "红色的花"])]
+    lines = [
+        json.dumps({"text_id": i, "text": t, "image_ids": [i]}, ensure_ascii=False)
+        for i, t in enumerate(["一只猫", "一条狗", "红色的花"])
+    ]
     lines.append('{"text_id": 3, "text": "bad \\ud800", "image_ids": [3]}')  # JSON escape of a lone surrogate
     path = tmp_path / "train_texts.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8") + b"\n")
@@ -285,8 +310,9 @@ def test_extreme_aspect_ratio_resizes_only_the_crop_window(monkeypatch):
 
     requested = []
     resize = PIL.Image.Image.resize
-    monkeypatch.setattr(PIL.Image.Image, "resize",
-                        lambda self, size, *a, **k: requested.append(size) or resize(self, size, *a, **k))
+    monkeypatch.setattr(
+        PIL.Image.Image, "resize", lambda self, size, *a, **k: requested.append(size) or resize(self, size, *a, **k)
+    )
     rng = np.random.default_rng(0)
     strip = PIL.Image.fromarray(rng.integers(0, 255, (4000, 1, 3), dtype=np.uint8))
     out = ccj.ChineseCLIPProcessor().preprocess_images(strip)

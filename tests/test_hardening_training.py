@@ -14,18 +14,16 @@ import subprocess
 import sys
 
 import pytest
+from _train_run import make_iterator, tiny_train_config
 
 from chinese_clip_jax.training.checkpoint import Checkpointer, CheckpointUnreadableError, abstract_like
 from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.validate import ConfigError, validate_config
 from chinese_clip_jax.training.workdir import WorkdirLock, WorkdirLockedError
+from train.configs import base, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, REPO)
-from _train_run import make_iterator, tiny_train_config  # noqa: E402
-from train.configs import base, demo  # noqa: E402
 
 
 def _set(config, dotted, value):
@@ -35,17 +33,20 @@ def _set(config, dotted, value):
     config[leaf] = value
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("log_every", 0, "config.log_every = 0: must be an int >= 1"),
-    ("accum_steps", 0, "config.accum_steps = 0: must be an int >= 1"),
-    ("keep_checkpoints", 0, "config.keep_checkpoints = 0: must be an int >= 1"),
-    ("optimizer.warmup_steps", -10, "config.optimizer.warmup_steps = -10: must be an int >= 0"),
-    ("model.vision.num_attention_heads", 0, "config.model.vision.num_attention_heads must be an int >= 1, got 0"),
-    ("data.name", "tfdss", "config.data.name = 'tfdss': must be one of 'demo', 'cn_clip'"),
-    ("dtype", "fp16", "config.dtype = 'fp16': must be one of 'float32', 'bfloat16', 'float16'"),
-    ("optimizer.learning_rate", 1e-3, "unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"),
-    ("foo", 1, "unknown config key 'foo'"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("log_every", 0, "config.log_every = 0: must be an int >= 1"),
+        ("accum_steps", 0, "config.accum_steps = 0: must be an int >= 1"),
+        ("keep_checkpoints", 0, "config.keep_checkpoints = 0: must be an int >= 1"),
+        ("optimizer.warmup_steps", -10, "config.optimizer.warmup_steps = -10: must be an int >= 0"),
+        ("model.vision.num_attention_heads", 0, "config.model.vision.num_attention_heads must be an int >= 1, got 0"),
+        ("data.name", "tfdss", "config.data.name = 'tfdss': must be one of 'demo', 'cn_clip'"),
+        ("dtype", "fp16", "config.dtype = 'fp16': must be one of 'float32', 'bfloat16', 'float16'"),
+        ("optimizer.learning_rate", 1e-3, "unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"),
+        ("foo", 1, "unknown config key 'foo'"),
+    ],
+)
 def test_bad_training_values_are_one_line_errors(key, value, message):
     config = demo.get_config()
     _set(config, key, value)
@@ -64,11 +65,18 @@ def test_cn_clip_format_choice_is_checked():
 
 def test_cli_unknown_key_exits_2_before_anything_is_built(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
-    for arg, want in (("--config.optimizer.learning_rate=1e-3", "did you mean 'optimizer.lr'"),
-                      ("--config.log_every=0", "config.log_every = 0: must be an int >= 1")):
-        result = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/demo.py",
-                                 "--workdir", str(tmp_path / "w"), arg], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=300)
+    for arg, want in (
+        ("--config.optimizer.learning_rate=1e-3", "did you mean 'optimizer.lr'"),
+        ("--config.log_every=0", "config.log_every = 0: must be an int >= 1"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "train", "--config", "train/configs/demo.py", "--workdir", str(tmp_path / "w"), arg],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], lines
@@ -77,12 +85,14 @@ def test_cli_unknown_key_exits_2_before_anything_is_built(tmp_path):
 
 # --------------------------------------------------------------------------- the workdir lock
 
+
 def test_second_run_fails_at_once_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
-        with pytest.raises(WorkdirLockedError, match=f"in use by the run with pid {holder.pid} on host "
-                                                     f"'{socket.gethostname()}'"):
+        with pytest.raises(
+            WorkdirLockedError, match=f"in use by the run with pid {holder.pid} on host '{socket.gethostname()}'"
+        ):
             train(tiny_train_config(2), str(tmp_path), progress=False)
         assert sorted(os.listdir(tmp_path)) == ["lock.json"]  # nothing built, nothing written
         assert json.loads((tmp_path / "lock.json").read_text())["pid"] == holder.pid
@@ -108,6 +118,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------- reruns and checkpoints
+
 
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -220,24 +231,35 @@ def test_rerun_with_another_model_size_names_the_mismatch(finished_run, tmp_path
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     config = tiny_train_config(8)
     config.model.text.hidden_size = 32
-    with pytest.raises(ConfigError, match=r"holds checkpoints of another model: text_config.hidden_size is 16 "
-                                          r"there, 32 now"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds checkpoints of another model: text_config.hidden_size is 16 "
+        r"there, 32 now",
+    ):
         train(config, workdir, progress=False)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 def test_disk_full_removes_temporaries_and_says_so(tmp_path):
-    code = ("import sys; sys.path.insert(0, 'tests')\n"
-            "from _train_run import tiny_train_config\n"
-            "from chinese_clip_jax.training.loop import train\n"
-            f"train(tiny_train_config(8), {str(tmp_path)!r}, progress=False)\n")
+    code = (
+        "from _train_run import tiny_train_config\n"
+        "from chinese_clip_jax.training.loop import train\n"
+        f"train(tiny_train_config(8), {str(tmp_path)!r}, progress=False)\n"
+    )
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # < one checkpoint's largest file
 
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                            capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=f"{HERE}:{REPO}"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limit,
+    )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("OSError: disk full (or file-size limit) while writing in ") and "removed" in last
@@ -247,6 +269,7 @@ def test_disk_full_removes_temporaries_and_says_so(tmp_path):
 
 
 # --------------------------------------------------------------------------- reproducibility
+
 
 def test_two_demo_runs_give_bitwise_equal_losses(tmp_path):
     runs = []

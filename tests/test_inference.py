@@ -27,8 +27,9 @@ TEXTS = ["皮卡丘", "一只在草地上奔跑的小狗", "", "A cat 😺 坐�
 def tiny():
     cfg = tiny_config(**SIZES)
     model = ccj.ChineseCLIPModel(cfg)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
-                                 jnp.zeros((1, 3, RES, RES), jnp.float32))["params"]
+    params = jax.jit(model.init)(
+        jax.random.key(0), jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 3, RES, RES), jnp.float32)
+    )["params"]
     params = nn.unbox(params)
     params["logit_scale"] = jnp.asarray(np.log(20.0), jnp.float32)
     return cfg, model, params
@@ -36,8 +37,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def processor():
-    return ChineseCLIPProcessor(image_settings=ImageSettings(size={"shortest_edge": RES},
-                                                             crop_size={"height": RES, "width": RES}))
+    return ChineseCLIPProcessor(
+        image_settings=ImageSettings(size={"shortest_edge": RES}, crop_size={"height": RES, "width": RES})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def _normalize(x):
 def test_encode_text_equals_raw_model(tiny, processor, clip):
     _, model, params = tiny
     enc = processor(text=TEXTS)
-    raw = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
-                      method="get_text_features")
+    raw = model.apply(
+        {"params": params}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], method="get_text_features"
+    )
     ours = clip.encode_text(TEXTS, batch_size=4)  # a full batch and a padded one
     assert ours.shape == (len(TEXTS), 16) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, _normalize(raw), atol=2e-5)
@@ -88,8 +91,13 @@ def test_zero_shot_equals_model_logits(tiny, processor, clip):
     imgs = images(3, seed=1)
     probs = clip.zero_shot(imgs, labels, templates=["{}"])
     batch = processor(text=labels, images=imgs)
-    out = model.apply({"params": params}, input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                      attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    out = model.apply(
+        {"params": params},
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
     np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(out.logits_per_image, axis=-1)), atol=1e-5)
     # default templates: a distribution per image, and the prompt ensemble is a mean of normalized embeddings
     probs = clip.zero_shot(imgs, labels)
@@ -146,8 +154,9 @@ def test_from_pretrained_directory(tiny, tmp_path, clip):
     imgs = images(3)
     np.testing.assert_allclose(loaded.encode_image(imgs), clip.encode_image(imgs), atol=1e-5)
     # with one: it is honoured (here a squash to 32 x 32 instead of shortest-edge + crop)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": RES, "width": RES},
-                                                                    "crop_size": RES}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"height": RES, "width": RES}, "crop_size": RES})
+    )
     squashed = ChineseCLIP.from_pretrained(tmp_path)
     assert squashed.processor.image_processor.settings.size == {"height": RES, "width": RES}
     tall = [PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 30, 3), dtype=np.uint8))]
@@ -190,7 +199,10 @@ def test_batch_is_sharded_over_local_devices(tmp_path):
     script = tmp_path / "multi.py"
     script.write_text(MULTI_DEVICE_SCRIPT)
     here = os.path.dirname(os.path.abspath(__file__))  # the script imports this module and the helpers
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
+    )
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -36,7 +36,8 @@ def test_the_bias_is_a_param_only_with_its_init_and_shifts_the_logits():
     assert float(params["logit_bias"].value) == -3.5 and params["logit_bias"].names == ()
     params = {**params, "logit_bias": -3.5}
     out = jax.jit(lambda p: model.apply({"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"]))(
-        nn_unbox_tree(params))
+        nn_unbox_tree(params)
+    )
     cos = np.asarray(out.text_embeds, np.float64) @ np.asarray(out.image_embeds, np.float64).T
     scale = math.exp(float(params["logit_scale"].value))
     np.testing.assert_allclose(np.asarray(out.logits_per_text), scale * cos - 3.5, rtol=1e-5, atol=1e-5)
@@ -81,8 +82,10 @@ def test_a_checkpoint_with_the_bias_appended_by_the_old_trainer_restores(tmp_pat
 def test_conversion_drops_the_bias_from_the_hf_layout_and_keeps_it_in_flax(tmp_path):
     cfg = tiny_config(layers=1)
     b = fake_batches(1, 2)[0]
-    params = {**jax.tree.map(np.asarray, nn_unbox_tree(_init(ccj.ChineseCLIPModel(cfg), b))),
-              "logit_bias": np.float32(-2.0)}
+    params = {
+        **jax.tree.map(np.asarray, nn_unbox_tree(_init(ccj.ChineseCLIPModel(cfg), b))),
+        "logit_bias": np.float32(-2.0),
+    }
     plain = {k: v for k, v in params.items() if k != "logit_bias"}
     ccj.save_pretrained(tmp_path / "hf_bias", cfg, params)
     ccj.save_pretrained(tmp_path / "hf_plain", cfg, plain)

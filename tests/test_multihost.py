@@ -30,13 +30,21 @@ def _env(**kw):
 def _result(stdout: str) -> dict:
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     assert lines, stdout[-2000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_two_processes_match_one():
     addr = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, WORKER], env=_env(NUM_PROCESSES=2, PROCESS_ID=i, COORDINATOR=addr),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER],
+            env=_env(NUM_PROCESSES=2, PROCESS_ID=i, COORDINATOR=addr),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         try:
@@ -45,19 +53,21 @@ def test_two_processes_match_one():
             for q in procs:
                 q.kill()
             raise
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     multi = _result(outs[0][0])
-    single_proc = subprocess.run([sys.executable, WORKER], env=_env(NUM_PROCESSES=1), capture_output=True, text=True,
-                                 timeout=600)
+    single_proc = subprocess.run(
+        [sys.executable, WORKER], env=_env(NUM_PROCESSES=1), capture_output=True, text=True, timeout=600
+    )
     assert single_proc.returncode == 0, single_proc.stderr[-4000:]
     single = _result(single_proc.stdout)
     assert multi["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert single["losses"][-1] < single["losses"][0]
     assert sorted(multi["params"]) == sorted(single["params"])
     keys = sorted(single["params"])
-    rel, key_bias_abs = max_rel_err({k: np.asarray(multi["params"][k]) for k in keys},
-                                    {k: np.asarray(single["params"][k]) for k in keys})
+    rel, key_bias_abs = max_rel_err(
+        {k: np.asarray(multi["params"][k]) for k in keys}, {k: np.asarray(single["params"][k]) for k in keys}
+    )
     assert rel <= 1e-5 and key_bias_abs <= 1e-3, (rel, key_bias_abs)  # key biases: see _train_helpers
 
 
@@ -70,8 +80,12 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step_via_the_sync_point():
     addr = f"127.0.0.1:{_free_port()}"
     worker = os.path.join(HERE, "_preemption_worker.py")
     env = [dict(_env(PROCESS_ID=i, COORDINATOR=addr), JAX_PLATFORMS="cpu") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, worker], env=env[i], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker], env=env[i], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     try:
         assert procs[1].stdout.readline().strip() == "READY"
         time.sleep(1.0)

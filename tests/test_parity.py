@@ -49,8 +49,14 @@ def forward(model, params, ids, mask, pixels):
     return [np.asarray(x) for x in run(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels)]
 
 
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow)  # RN50: tests/test_resnet.py
-                                        for n, c in PRESETS.items() if not c.is_resnet])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(n, marks=pytest.mark.slow)  # RN50: tests/test_resnet.py
+        for n, c in PRESETS.items()
+        if not c.is_resnet
+    ],
+)
 def saved_reference(request, tmp_path_factory):
     """(preset config, HF checkpoint dir, inputs, reference outputs); the torch model is freed."""
     cfg = ccj.ChineseCLIPConfig.preset(request.param)

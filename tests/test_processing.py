@@ -118,14 +118,33 @@ def test_pixels_arrays_and_paths(proc, tmp_path):
 
 
 HEIGHT_WIDTH_CONFIGS = [
-    ({"size": {"height": 256, "width": 192},
-      "crop_size": {"height": 240, "width": 200},  # bigger than the resize width: zero padding
-      "do_center_crop": True, "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.25],
-      "image_processor_type": "ChineseCLIPImageProcessor"}, (240, 200)),
+    (
+        {
+            "size": {"height": 256, "width": 192},
+            "crop_size": {"height": 240, "width": 200},  # bigger than the resize width: zero padding
+            "do_center_crop": True,
+            "resample": 2,
+            "image_mean": [0.5, 0.4, 0.3],
+            "image_std": [0.2, 0.3, 0.25],
+            "image_processor_type": "ChineseCLIPImageProcessor",
+        },
+        (240, 200),
+    ),
     # the layout of the released checkpoints' configs: a squash to height x width, no crop
-    ({"size": {"height": 224, "width": 224}, "crop_size": 224, "do_center_crop": False, "do_resize": True,
-      "do_normalize": True, "resample": 3, "feature_extractor_type": "ChineseCLIPFeatureExtractor",
-      "image_mean": list(ImageSettings().image_mean), "image_std": list(ImageSettings().image_std)}, (224, 224)),
+    (
+        {
+            "size": {"height": 224, "width": 224},
+            "crop_size": 224,
+            "do_center_crop": False,
+            "do_resize": True,
+            "do_normalize": True,
+            "resample": 3,
+            "feature_extractor_type": "ChineseCLIPFeatureExtractor",
+            "image_mean": list(ImageSettings().image_mean),
+            "image_std": list(ImageSettings().image_std),
+        },
+        (224, 224),
+    ),
 ]
 
 
@@ -140,9 +159,10 @@ def test_pixels_from_directory_with_height_width(tmp_path, hf_tokenizer, cfg, ou
     ours = proc(images=images)["pixel_values"]
     assert ours.shape == (len(images), 3) + out_size
     _assert_close_pixels(ours, ref(images, return_tensors="np")["pixel_values"])
-    np.testing.assert_array_equal(proc(text=TEXTS)["input_ids"],
-                                  hf_tokenizer(TEXTS, padding="max_length", max_length=52,
-                                               truncation=True, return_tensors="np")["input_ids"])
+    np.testing.assert_array_equal(
+        proc(text=TEXTS)["input_ids"],
+        hf_tokenizer(TEXTS, padding="max_length", max_length=52, truncation=True, return_tensors="np")["input_ids"],
+    )
 
 
 def test_int_sizes_in_legacy_config(tmp_path):
@@ -191,11 +211,9 @@ def test_bad_settings_are_named():
 
 
 def test_joint_call_equals_transformers_processor(proc, hf_tokenizer):
-    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
-                                                 tokenizer=hf_tokenizer)
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(), tokenizer=hf_tokenizer)
     images = [_rng_image(h, w, "RGB", seed=i) for i, (h, w) in enumerate(SIZES[:3])]
-    ref = ref_proc(text=TEXTS, images=images, padding="max_length", max_length=52, truncation=True,
-                   return_tensors="np")
+    ref = ref_proc(text=TEXTS, images=images, padding="max_length", max_length=52, truncation=True, return_tensors="np")
     ours = proc(text=TEXTS, images=images)
     assert set(ours) == {"input_ids", "attention_mask", "token_type_ids", "pixel_values"}
     for key in ("input_ids", "attention_mask", "token_type_ids"):
@@ -205,18 +223,21 @@ def test_joint_call_equals_transformers_processor(proc, hf_tokenizer):
     assert jax_out["input_ids"].dtype == np.int32 and jax_out["input_ids"].shape == (2, 52)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(padding=True),
-    dict(padding="longest", truncation=True, max_length=12),
-    dict(padding="max_length", max_length=20),
-    dict(padding="max_length", max_length=16, truncation=True),
-    dict(padding="max_length", max_length=64, truncation=False),
-    dict(padding=False, truncation=True, max_length=8),
-    dict(padding="do_not_pad", truncation=False),
-], ids=["longest", "longest-trunc12", "max20", "max16-trunc", "max64-notrunc", "nopad-trunc8", "nopad"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(padding=True),
+        dict(padding="longest", truncation=True, max_length=12),
+        dict(padding="max_length", max_length=20),
+        dict(padding="max_length", max_length=16, truncation=True),
+        dict(padding="max_length", max_length=64, truncation=False),
+        dict(padding=False, truncation=True, max_length=8),
+        dict(padding="do_not_pad", truncation=False),
+    ],
+    ids=["longest", "longest-trunc12", "max20", "max16-trunc", "max64-notrunc", "nopad-trunc8", "nopad"],
+)
 def test_hf_keyword_arguments_equal_transformers(proc, hf_tokenizer, kwargs):
-    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
-                                                 tokenizer=hf_tokenizer)
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(), tokenizer=hf_tokenizer)
     # transformers does not truncate unless asked: without truncation, only texts that fit
     texts = TEXTS if kwargs.get("truncation") else [t for t in TEXTS if len(t) < 19]
     stackable = kwargs.get("padding") not in (False, "do_not_pad")
@@ -231,7 +252,10 @@ def test_hf_keyword_arguments_equal_transformers(proc, hf_tokenizer, kwargs):
         else:
             assert ours[key] == [list(r) for r in want], key
     if stackable:
-        pt, ref_pt = proc(text=texts, return_tensors="pt", **kwargs), ref_proc(text=texts, return_tensors="pt", **kwargs)
+        pt, ref_pt = (
+            proc(text=texts, return_tensors="pt", **kwargs),
+            ref_proc(text=texts, return_tensors="pt", **kwargs),
+        )
         for key in ("input_ids", "attention_mask", "token_type_ids"):
             assert pt[key].dtype == ref_pt[key].dtype and pt[key].equal(ref_pt[key]), key
 
@@ -239,12 +263,12 @@ def test_hf_keyword_arguments_equal_transformers(proc, hf_tokenizer, kwargs):
 def test_pt_tensors_with_images_and_ragged_errors(proc, hf_tokenizer):
     import torch
 
-    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(),
-                                                 tokenizer=hf_tokenizer)
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(), tokenizer=hf_tokenizer)
     images = [_rng_image(40, 60, "RGB", seed=3)]
     ours = proc(text=TEXTS[:2], images=images, return_tensors="pt")
-    ref = ref_proc(text=TEXTS[:2], images=images, return_tensors="pt", padding="max_length", max_length=52,
-                   truncation=True)
+    ref = ref_proc(
+        text=TEXTS[:2], images=images, return_tensors="pt", padding="max_length", max_length=52, truncation=True
+    )
     assert ours["pixel_values"].dtype == torch.float32 and ours["input_ids"].shape == (2, 52)
     assert ours["input_ids"].equal(ref["input_ids"])
     _assert_close_pixels(ours["pixel_values"].numpy(), ref["pixel_values"].numpy())

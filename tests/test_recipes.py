@@ -42,8 +42,16 @@ def tiny_copy(tmp_path_factory):
         (root / f"{split}_imgs.tsv").write_text("\n".join(lines) + "\n")
         (root / f"{split}_texts.jsonl").write_text("\n".join(caps) + "\n", encoding="utf-8")
         build(str(root), str(root / "tfds"), fmt="cn_clip", split=split, progress=False)
-    cfg = tiny_config(vocab_size=21128, layers=1, heads=2, max_positions=64, dropout=0.1, attention_dropout=0.1,
-                      image_size=16, patch_size=8)
+    cfg = tiny_config(
+        vocab_size=21128,
+        layers=1,
+        heads=2,
+        max_positions=64,
+        dropout=0.1,
+        attention_dropout=0.1,
+        image_size=16,
+        patch_size=8,
+    )
     import jax
 
     model = ccj.ChineseCLIPModel(cfg)
@@ -60,13 +68,29 @@ def test_recipe_has_the_papers_hyperparameters_and_trains_on_a_tiny_copy(name, t
     lr, warmup, wd, b2, eps, batch, freeze, crop = PAPER[name]
     o = c.optimizer
     assert (o.lr, o.warmup_steps, o.weight_decay, o.b2, o.eps, c.batch_size, c.freeze, c.data.train_crop) == (
-        lr, warmup, wd, b2, eps, batch, freeze, crop)
+        lr,
+        warmup,
+        wd,
+        b2,
+        eps,
+        batch,
+        freeze,
+        crop,
+    )
     assert c.require_init_from and c.data.name == "tfds" and c.data.tfds.eval_split == "valid"
     # size overrides for the tiny copy (what a user would pass as --config.K=V)
     c.init_from = str(tiny_copy / "init")
     c.data.tfds.builder_dir = str(tiny_copy / "tfds")
-    c.update(total_steps=2, batch_size=4, log_every=1, eval_every=2, checkpoint_every=2, context_length=16,
-             dtype="float32", export_hf=False)
+    c.update(
+        total_steps=2,
+        batch_size=4,
+        log_every=1,
+        eval_every=2,
+        checkpoint_every=2,
+        context_length=16,
+        dtype="float32",
+        export_hf=False,
+    )
     c.optimizer.warmup_steps = 1
     c.data.worker_count = 0
     c.data.num_threads = 1

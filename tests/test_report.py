@@ -16,18 +16,27 @@ def _config(name):
 
 
 def _metrics_file(workdir):
-    rows = [{"step": 0, "zeroshot/top1": 0.03, "retrieval/t2i_R@10": 0.2, "retrieval/t2i_R@5": 0.1},
-            {"step": 10, "train/loss": 3.0, "train/samples_per_sec": 250.0},
-            {"step": 20, "train/loss": 2.0, "train/samples_per_sec": 300.0},
-            {"step": 20, "zeroshot/top1": 0.5, "retrieval/t2i_R@10": 0.9, "retrieval/t2i_R@5": 0.7}]
+    rows = [
+        {"step": 0, "zeroshot/top1": 0.03, "retrieval/t2i_R@10": 0.2, "retrieval/t2i_R@5": 0.1},
+        {"step": 10, "train/loss": 3.0, "train/samples_per_sec": 250.0},
+        {"step": 20, "train/loss": 2.0, "train/samples_per_sec": 300.0},
+        {"step": 20, "zeroshot/top1": 0.5, "retrieval/t2i_R@10": 0.9, "retrieval/t2i_R@5": 0.7},
+    ]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
 def test_a_finished_run_rerun_reports_its_logged_table(tmp_path):
     _metrics_file(tmp_path)
-    result = {"step": 20, "steps_run": 0, "samples_per_sec": float("nan"), "first_eval": None,
-              "last_eval": None, "chance": {"zeroshot/top1": 1 / 30}, "checkpoint_dir": str(tmp_path / "ck")}
+    result = {
+        "step": 20,
+        "steps_run": 0,
+        "samples_per_sec": float("nan"),
+        "first_eval": None,
+        "last_eval": None,
+        "chance": {"zeroshot/top1": 1 / 30},
+        "checkpoint_dir": str(tmp_path / "ck"),
+    }
     text = format_report(result, _config("demo"), str(tmp_path))
     assert "nan" not in text
     lines = text.splitlines()
@@ -41,10 +50,16 @@ def test_a_finished_run_rerun_reports_its_logged_table(tmp_path):
 
 
 def test_the_generic_report_prints_every_logged_metric(tmp_path):
-    result = {"step": 20, "steps_run": 20, "wall_s": 12.0, "samples_per_sec": 300.0,
-              "first_eval": {"step": 0, "retrieval/mean_recall": 0.1, "mine/acc": 0.2},
-              "last_eval": {"step": 20, "retrieval/mean_recall": 0.4, "mine/acc": 0.6},
-              "chance": {}, "checkpoint_dir": "ck"}
+    result = {
+        "step": 20,
+        "steps_run": 20,
+        "wall_s": 12.0,
+        "samples_per_sec": 300.0,
+        "first_eval": {"step": 0, "retrieval/mean_recall": 0.1, "mine/acc": 0.2},
+        "last_eval": {"step": 20, "retrieval/mean_recall": 0.4, "mine/acc": 0.6},
+        "chance": {},
+        "checkpoint_dir": "ck",
+    }
     text = format_report(result, _config("cn_clip"), str(tmp_path))
     assert text.splitlines()[0] == "trained to step 20 in 12 s (300 samples/s after compilation)"
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:4]}

@@ -93,7 +93,7 @@ def test_rn50_pt_round_trip_is_bitwise(rn50, tmp_path):
     original = {k: v for k, v in ref.state_dict().items()}
     written = torch.load(back, weights_only=True)["state_dict"]
     assert all(k.startswith("module.") for k in written)
-    written = {k[len("module."):]: v for k, v in written.items()}
+    written = {k[len("module.") :]: v for k, v in written.items()}
     assert set(written) == set(original)  # pooler dropped, num_batches_tracked kept
     for k, v in original.items():
         if k.endswith("num_batches_tracked"):

@@ -43,11 +43,16 @@ def test_fit_spec_replicates_indivisible_dims():
 @pytest.fixture(scope="module")
 def mesh_run():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_mesh_equivalence.py")], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_mesh_equivalence.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"])
@@ -77,13 +82,21 @@ def test_gradcache_accumulation_on_a_sharded_mesh(mesh_run):
 
 @pytest.fixture(scope="module")
 def placement():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_placement.py")], capture_output=True,
-                          text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_sharding_placement.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 MESH_222 = [(d, f, t) for d in range(2) for f in range(2) for t in range(2)]
@@ -96,12 +109,15 @@ def test_shard_batch_places_each_devices_rows(placement):
         assert placement["batch_rows"][str((d, f, t))] == [first, first + 1], (d, f, t)
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("word_embeddings", (("tensor", 64), ("fsdp", 16))),   # (vocab, embed) -> (tensor, fsdp)
-    ("mlp_in", (("fsdp", 16), ("tensor", 32))),            # (embed, mlp) -> (fsdp, tensor)
-    ("query", (("fsdp", 16), ("tensor", 4), (None, 4))),   # (embed, heads, kv) -> (fsdp, tensor, -)
-    ("layer_norm", ((None, 16),)),                        # (norm,) -> replicated
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("word_embeddings", (("tensor", 64), ("fsdp", 16))),  # (vocab, embed) -> (tensor, fsdp)
+        ("mlp_in", (("fsdp", 16), ("tensor", 32))),  # (embed, mlp) -> (fsdp, tensor)
+        ("query", (("fsdp", 16), ("tensor", 4), (None, 4))),  # (embed, heads, kv) -> (fsdp, tensor, -)
+        ("layer_norm", ((None, 16),)),  # (norm,) -> replicated
+    ],
+)
 def test_rules_place_each_param_dim_on_its_mesh_axis(placement, name, rule):
     """Each device's slice of a param, read from the array, follows the logical -> mesh table: a dim
     mapped to mesh axis A is cut in two (each axis has size 2) at the device's coordinate along A."""

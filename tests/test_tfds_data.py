@@ -19,7 +19,7 @@ import pytest
 
 from chinese_clip_jax.data import build as build_mod
 from chinese_clip_jax.data import default_data_config, eval_sets, train_iterator
-from chinese_clip_jax.data.pipeline import ImageDecoder, TextEncoder, random_resized_box
+from chinese_clip_jax.data.pipeline import ImageDecoder, random_resized_box
 
 S = 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def _write_cn_clip(root, n_good=6):
     with open(root / "train_texts.jsonl", "w", encoding="utf-8") as f:
         for tid, text, ids in caps:
             f.write(json.dumps({"text_id": tid, "text": text, "image_ids": ids}, ensure_ascii=False) + "\n")
-    good = [(t, images[i], str(i), str(tid)) for tid, t, ids in caps[:n_good - 1] for i in ids]
+    good = [(t, images[i], str(i), str(tid)) for tid, t, ids in caps[: n_good - 1] for i in ids]
     return good
 
 
@@ -91,17 +91,24 @@ def test_cn_clip_tsv_builds_a_tfds_dir_read_back_equal(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     good = _write_cn_clip(src)
-    assert build_mod.main([str(src), str(out), "--format", "cn_clip", "--split", "train", "--num-shards", "2",
-                           "--workers", "1"]) == 0
+    assert (
+        build_mod.main(
+            [str(src), str(out), "--format", "cn_clip", "--split", "train", "--num-shards", "2", "--workers", "1"]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert summary["written"] == len(good) and summary["skipped"] == 3  # bad base64, missing id, empty caption
     assert {"dataset_info.json", "features.json"} <= set(os.listdir(out))
     assert sorted(f for f in os.listdir(out) if ".array_record-" in f) == [
-        "ccj-train.array_record-00000-of-00002", "ccj-train.array_record-00001-of-00002"]
+        "ccj-train.array_record-00000-of-00002",
+        "ccj-train.array_record-00001-of-00002",
+    ]
     builder, records = _read_back(out)
     assert builder.info.splits["train"].num_examples == len(good)
-    got = sorted((r["text"].decode(), r["image_id"].decode(), r["text_id"].decode(), r["image"].tobytes())
-                 for r in records)  # tfds decodes the image feature on read
+    got = sorted(
+        (r["text"].decode(), r["image_id"].decode(), r["text_id"].decode(), r["image"].tobytes()) for r in records
+    )  # tfds decodes the image feature on read
     want = sorted((t, iid, tid, _decoded(img).tobytes()) for t, img, iid, tid in good)
     assert got == want
     # a second split goes into the same directory; an existing one is refused, nothing overwritten
@@ -127,8 +134,9 @@ def test_webdataset_builds_a_tfds_dir_read_back_equal(tmp_path):
 
 
 def test_bad_build_arguments_exit_2_before_writing(tmp_path, capsys):
-    assert build_mod.main([str(tmp_path / "nope"), str(tmp_path / "out"), "--format", "cn_clip",
-                           "--split", "train"]) == 2
+    assert (
+        build_mod.main([str(tmp_path / "nope"), str(tmp_path / "out"), "--format", "cn_clip", "--split", "train"]) == 2
+    )
     assert "train_imgs.tsv does not exist" in capsys.readouterr().err
     assert build_mod.main([str(tmp_path), "ftp://host/out", "--format", "cn_clip", "--split", "train"]) == 2
     assert "unsupported scheme ftp://" in capsys.readouterr().err
@@ -157,8 +165,9 @@ def test_four_processes_see_every_sample_once_per_epoch(tfds_dir):
     expected = sorted(ImageDecoder(S)(img).tobytes() for _, img in good.values())  # 12 samples
     seen = []
     for p in range(4):
-        it = train_iterator(_tfds_cfg(out), global_batch_size=12, seed=3, image_size=S,
-                            process_index=p, process_count=4)
+        it = train_iterator(
+            _tfds_cfg(out), global_batch_size=12, seed=3, image_size=S, process_index=p, process_count=4
+        )
         seen += [row.tobytes() for row in next(it)["pixel_values"]]  # 3 per process = its epoch
         it.close()
     assert sorted(seen) == expected
@@ -176,8 +185,14 @@ def test_tfds_source_resumes_exactly_and_workers_give_the_same_batches(tfds_dir)
     for x, y in zip(rest, [next(b) for _ in range(3)]):
         np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
-    w = train_iterator(_tfds_cfg(out, train_crop="random_resized", worker_count=2), global_batch_size=4, seed=1,
-                       image_size=S, process_index=0, process_count=1)
+    w = train_iterator(
+        _tfds_cfg(out, train_crop="random_resized", worker_count=2),
+        global_batch_size=4,
+        seed=1,
+        image_size=S,
+        process_index=0,
+        process_count=1,
+    )
     for x in first + rest:  # decoding in grain worker processes changes nothing
         np.testing.assert_array_equal(x["pixel_values"], next(w)["pixel_values"])
     w.close()
@@ -205,12 +220,24 @@ def _with_eval(out):
 
 # ---------------------------------------------------------------- webdataset at scale
 
+
 def test_webdataset_processes_index_only_their_shards_compactly(tmp_path):
     from chinese_clip_jax.data.webdataset import INDEX_DTYPE, TarSource, expand_braces
 
     assert expand_braces("s{01..02}{x,y}/{a,b{c,d}}") == [
-        "s01x/a", "s01x/bc", "s01x/bd", "s01y/a", "s01y/bc", "s01y/bd",
-        "s02x/a", "s02x/bc", "s02x/bd", "s02y/a", "s02y/bc", "s02y/bd"]
+        "s01x/a",
+        "s01x/bc",
+        "s01x/bd",
+        "s01y/a",
+        "s01y/bc",
+        "s01y/bd",
+        "s02x/a",
+        "s02x/bc",
+        "s02x/bd",
+        "s02y/a",
+        "s02y/bc",
+        "s02y/bd",
+    ]
     good, spec = _write_webdataset(tmp_path, n_shards=4, per_shard=3, corrupt=False)
     import grain
 
@@ -218,7 +245,8 @@ def test_webdataset_processes_index_only_their_shards_compactly(tmp_path):
     for p in range(2):
         src = TarSource(spec, shard=grain.sharding.ShardOptions(p, 2), progress=False)
         assert src.is_process_shard and [os.path.basename(x) for x in src.paths] == (
-            ["a0.tar", "c2.tar"] if p == 0 else ["b1.tar", "d3.tar"])
+            ["a0.tar", "c2.tar"] if p == 0 else ["b1.tar", "d3.tar"]
+        )
         assert src.index_bytes == len(src) * INDEX_DTYPE.itemsize and INDEX_DTYPE.itemsize <= 32
         keys += [src.key(i) for i in range(len(src))]
         rec = src[0]
@@ -227,6 +255,7 @@ def test_webdataset_processes_index_only_their_shards_compactly(tmp_path):
 
 
 # ---------------------------------------------------------------- crops and pixels
+
 
 def test_random_resized_crop_is_cn_clips_window_and_deterministic():
     rng = np.random.default_rng(0)
@@ -258,14 +287,16 @@ def test_normalize_pixels_is_bit_equal_to_transformers():
     from chinese_clip_jax.processing import normalize_pixels
 
     images = np.random.default_rng(0).integers(0, 256, (2, 17, 23, 3), dtype=np.uint8)
-    ref = ChineseCLIPImageProcessor(do_resize=False, do_center_crop=False)(
-        list(images), return_tensors="np")["pixel_values"]
+    ref = ChineseCLIPImageProcessor(do_resize=False, do_center_crop=False)(list(images), return_tensors="np")[
+        "pixel_values"
+    ]
     out = normalize_pixels(images)
     assert out.dtype == np.float32 and out.shape == (2, 3, 17, 23)
     np.testing.assert_array_equal(out, ref)
 
 
 # ---------------------------------------------------------------- epath routes
+
 
 @pytest.fixture
 def fake_gcs():
@@ -307,11 +338,14 @@ def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
     assert set(fake_gcs.store) >= {"bucket/wds/a0.tar", "bucket/wds/b1.tar"}
     src = TarSource("gs://bucket/wds/{a0,b1}.tar", progress=False)  # indexed and read through epath
     assert sorted((src[i]["text"], src[i]["image"]) for i in range(len(src))) == sorted(good.values())
-    assert TarSource("gs://bucket/wds/*.tar", progress=False).paths == ["gs://bucket/wds/a0.tar",
-                                                                        "gs://bucket/wds/b1.tar"]
+    assert TarSource("gs://bucket/wds/*.tar", progress=False).paths == [
+        "gs://bucket/wds/a0.tar",
+        "gs://bucket/wds/b1.tar",
+    ]
     # the builder writes a TFDS directory to gs://, readable once copied back
-    summary = build_mod.build("gs://bucket/wds/{a0,b1}.tar", "gs://bucket/ds", fmt="webdataset", split="train",
-                              progress=False)
+    summary = build_mod.build(
+        "gs://bucket/wds/{a0,b1}.tar", "gs://bucket/ds", fmt="webdataset", split="train", progress=False
+    )
     assert summary["written"] == 4 and fake_gcs.store.get("bucket/ds/dataset_info.json") is not None
     local = copy_tree(as_path("gs://bucket/ds"), as_path(tmp_path / "ds"))
     _, records = _read_back(local)
@@ -340,12 +374,18 @@ def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monke
     with pytest.raises(ValueError, match=r"data.webdataset.shards 'http://host/\{0..3\}.tar': unsupported"):
         train(cfg, str(tmp_path / "run"))
     assert os.listdir(tmp_path) == []  # no ./gs: or ./ftp: folder, no workdir, nothing built
-    proc = subprocess.run([sys.executable, "-m", "convert", "s3x://b/model.pt", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert", "s3x://b/model.pt", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "SRC 's3x://b/model.pt': unsupported scheme s3x://" in proc.stderr
 
 
 # ---------------------------------------------------------------- kill -9 on the TFDS source
+
 
 def _losses(workdir):
     by_step = {}
@@ -365,8 +405,11 @@ def test_cli_run_on_tfds_resumes_exactly_after_kill9(tfds_dir, tmp_path):
     ref = str(tmp_path / "ref")
     subprocess.run([sys.executable, script, ref, "6", *tfds_args], check=True, env=env, timeout=600)
     work = str(tmp_path / "killed")
-    proc = subprocess.run([sys.executable, script, work, "6", *tfds_args, "--kill9-after-checkpoint", "4",
-                           "--at-batch", "6"], env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, script, work, "6", *tfds_args, "--kill9-after-checkpoint", "4", "--at-batch", "6"],
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == -9
     assert max(_losses(work)) == 5
     subprocess.run([sys.executable, script, work, "6", *tfds_args], check=True, env=env, timeout=600)

@@ -19,7 +19,7 @@ def tower_params(state_dict, tower):
     params = {}
     for row in mapping.table(CFG):
         if row.hf.startswith(tower + "."):
-            x = state_dict[row.hf[len(tower) + 1:]].numpy()  # standalone towers have no prefix
+            x = state_dict[row.hf[len(tower) + 1 :]].numpy()  # standalone towers have no prefix
             mapping.set_path(params, row.flax, jnp.asarray(row.transform.to_flax(x, row.num_heads)))
     return params
 
@@ -29,8 +29,10 @@ def test_text_model_with_pooler_matches_transformers():
     hf = transformers.ChineseCLIPTextModel(transformers.ChineseCLIPTextConfig(**TEXT.to_dict())).eval()
     sd = hf.state_dict()
     params = tower_params(sd, "text_model")
-    params["pooler"] = {"kernel": jnp.asarray(sd["pooler.dense.weight"].numpy().T),
-                        "bias": jnp.asarray(sd["pooler.dense.bias"].numpy())}
+    params["pooler"] = {
+        "kernel": jnp.asarray(sd["pooler.dense.weight"].numpy().T),
+        "bias": jnp.asarray(sd["pooler.dense.bias"].numpy()),
+    }
     ids = np.random.default_rng(0).integers(106, 21128, (3, 20))
     mask = np.ones_like(ids)
     mask[2, 7:] = 0
@@ -38,11 +40,13 @@ def test_text_model_with_pooler_matches_transformers():
     types[:, 10:] = 1  # token-type embeddings exercised
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
-    out = ccj.ChineseCLIPTextModel(TEXT).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                               jnp.asarray(types))
+    out = ccj.ChineseCLIPTextModel(TEXT).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types)
+    )
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(out.last_hidden_state)[valid], ref.last_hidden_state.numpy()[valid],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out.last_hidden_state)[valid], ref.last_hidden_state.numpy()[valid], atol=1e-4
+    )
     np.testing.assert_allclose(np.asarray(out.pooler_output), ref.pooler_output.numpy(), atol=1e-4)
 
 

@@ -11,8 +11,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 import optax
+import PIL.Image
 import pytest
 from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config
 from _train_run import make_iterator, tiny_train_config
@@ -70,15 +70,22 @@ def _run_steps(freeze, n=3, **state_overrides):
     return before, state, scales
 
 
-@pytest.mark.parametrize("freeze,frozen,trained", [("image", ("vision_model", "visual_projection"), "text_model"),
-                                                   ("text", ("text_model", "text_projection"), "vision_model")])
+@pytest.mark.parametrize(
+    "freeze,frozen,trained",
+    [
+        ("image", ("vision_model", "visual_projection"), "text_model"),
+        ("text", ("text_model", "text_projection"), "vision_model"),
+    ],
+)
 def test_frozen_tower_is_bitwise_unchanged_and_has_no_moments(freeze, frozen, trained):
     before, state, _ = _run_steps(freeze)
     for key in frozen:
         for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(state.params[key])):
             assert np.array_equal(a, np.asarray(b)) and a.tobytes() == np.asarray(b).tobytes()
-    changed = [not np.array_equal(a, np.asarray(b))
-               for a, b in zip(jax.tree.leaves(before[trained]), jax.tree.leaves(state.params[trained]))]
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before[trained]), jax.tree.leaves(state.params[trained]))
+    ]
     assert sum(changed) > len(changed) // 2
     adam = state.opt_state.inner_states["trainable"].inner_state[0][0]
     for key in frozen:  # no moment arrays at all for the frozen tower
@@ -86,7 +93,8 @@ def test_frozen_tower_is_bitwise_unchanged_and_has_no_moments(freeze, frozen, tr
     n_params = sum(x.size for k in before if k not in frozen for x in jax.tree.leaves(before[k]))
     n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert n_state == 2 * n_params - sum(  # mu + nu for trainable params only (scalars excluded)
-        2 for k in before if k not in frozen for x in jax.tree.leaves(before[k]) if x.ndim == 0)
+        2 for k in before if k not in frozen for x in jax.tree.leaves(before[k]) if x.ndim == 0
+    )
 
 
 def test_logit_scale_never_exceeds_ln100():
@@ -103,10 +111,14 @@ def test_weight_decay_mask_and_schedule():
     assert flat["['text_model']['encoder']['layer_0']['mlp']['fc1']['kernel']"] is True
     assert flat["['visual_projection']['kernel']"] is True
     assert flat["['vision_model']['patch_embedding']['kernel']"] is True
-    for no_decay in ("['logit_scale']", "['text_model']['embeddings']['word_embeddings']['embedding']",
-                     "['text_model']['encoder']['layer_0']['mlp']['fc1']['bias']",
-                     "['text_model']['encoder']['layer_0']['attention_norm']['scale']",
-                     "['vision_model']['class_embedding']", "['vision_model']['position_embedding']"):
+    for no_decay in (
+        "['logit_scale']",
+        "['text_model']['embeddings']['word_embeddings']['embedding']",
+        "['text_model']['encoder']['layer_0']['mlp']['fc1']['bias']",
+        "['text_model']['encoder']['layer_0']['attention_norm']['scale']",
+        "['vision_model']['class_embedding']",
+        "['vision_model']['position_embedding']",
+    ):
         assert flat[no_decay] is False, no_decay
     sched = make_schedule(1.0, warmup_steps=10, total_steps=110)
     assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
@@ -161,8 +173,17 @@ def test_metrics_file_has_the_documented_keys(reference_run, tmp_path):
         records = [json.loads(line) for line in f]
     train_lines = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train_lines] == list(range(1, 9))
-    documented = {"step", "train/loss", "train/lr", "train/logit_scale", "train/grad_norm",
-                  "train/samples_per_sec", "data/skipped", "data/skipped_at_index", "data/samples"}
+    documented = {
+        "step",
+        "train/loss",
+        "train/lr",
+        "train/logit_scale",
+        "train/grad_norm",
+        "train/samples_per_sec",
+        "data/skipped",
+        "data/skipped_at_index",
+        "data/samples",
+    }
     for r in train_lines:
         assert set(r) == documented, sorted(set(r) ^ documented)
         k = r["step"] - 1  # the update of step s uses the schedule at s - 1
@@ -178,8 +199,13 @@ def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     script = os.path.join(HERE, "_train_run.py")
-    proc = subprocess.run([sys.executable, script, workdir, "8", "--kill9-after-checkpoint", "4", "--at-batch", "7"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, script, workdir, "8", "--kill9-after-checkpoint", "4", "--at-batch", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:1] == ["4"]
     killed = _losses(workdir)
