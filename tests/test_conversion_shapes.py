@@ -4,14 +4,13 @@ and equal to the model's own params (Flax) and to transformers' PyTorch model (H
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import flax.linen as nn
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax.conversion import check, flax_to_hf, hf_to_flax, mapping
