@@ -111,7 +111,7 @@ def load_exported(directory: str | os.PathLike) -> ExportedCLIP:
 
 def output_names() -> tuple[str, ...]:
     """Every name ``save_exported`` may create in its directory (all checked before any work)."""
-    from .conversion.api import PROCESSOR_FILES
+    from .conversion.write import PROCESSOR_FILES
 
     own = (TEXT_FILE, IMAGE_FILE, PARAMS_FILE, META_FILE)
     return own + tuple(n + ".tmp" for n in own[:3]) + ("config.json",) + PROCESSOR_FILES
@@ -136,8 +136,9 @@ def save_exported(
     """
     import flax.linen as nn
 
-    from .conversion.api import check_params, copy_processor_files
+    from .conversion.check import check_params
     from .conversion.mapping import set_path
+    from .conversion.write import copy_processor_files
     from .modeling import ChineseCLIPModel
 
     out = os.fspath(out)
@@ -175,7 +176,7 @@ def save_exported(
     text = jax.export.export(jax.jit(text_features), platforms=platforms)(p_spec, ids, ids)
     image = jax.export.export(jax.jit(image_features), platforms=platforms)(p_spec, px)
 
-    from .conversion.api import write_safetensors
+    from .conversion.write import write_safetensors
 
     os.makedirs(out, exist_ok=True)
     for name, exp in ((TEXT_FILE, text), (IMAGE_FILE, image)):

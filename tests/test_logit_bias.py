@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax import sharding as shd
-from chinese_clip_jax.conversion.api import save_flax
+from chinese_clip_jax.conversion.write import save_flax
 from chinese_clip_jax.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from chinese_clip_jax.training import create_train_state, make_optimizer
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like

@@ -1,18 +1,10 @@
 """PyTorch <-> Flax checkpoint conversion (HF layout and original cn_clip .pt files)."""
 
-from .api import (
-    flax_to_hf,
-    from_pretrained,
-    hf_to_flax,
-    load_flax_params,
-    load_params,
-    output_names,
-    save_flax,
-    save_pretrained,
-)
 from .cn_clip_pt import save_cn_clip, to_cn_clip_state_dict
+from .load import from_pretrained, hf_to_flax, load_flax_params, load_params
 from .mapping import parse_cn_clip_arch, stack_layers, unstack_layers
 from .sources import CheckpointError, open_tensors
+from .write import flax_to_hf, output_names, save_flax, save_pretrained
 
 __all__ = [
     "CheckpointError",

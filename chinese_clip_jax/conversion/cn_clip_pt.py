@@ -28,7 +28,8 @@ def _hf_to_cn_clip_names() -> tuple[dict, dict]:
 
 def to_cn_clip_state_dict(params: dict, cfg: ChineseCLIPConfig) -> dict[str, np.ndarray]:
     """Flax params (scanned or not) -> cn_clip-named fp32 numpy tensors (no ``module.`` prefix)."""
-    from .api import check_params, iter_hf_tensors
+    from .check import check_params
+    from .write import iter_hf_tensors
 
     flat = check_params(params, cfg)
     global_map, layer_map = _hf_to_cn_clip_names()
