@@ -24,8 +24,13 @@ def run_script(*args, timeout=600):
     return res.stdout
 
 
-def test_flops_match_the_issue_figure(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))  # bench/ holds scripts, not a package
+@pytest.fixture(autouse=True)
+def bench_importable(monkeypatch):
+    """bench/ holds scripts, not a package: its modules import by name while a test runs."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+
+
+def test_flops_match_the_issue_figure():
     import flops
 
     import chinese_clip_jax as ccj

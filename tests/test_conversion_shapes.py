@@ -1,9 +1,6 @@
 """The shapes conversion checks against: traced once per config (not one ``jax.eval_shape`` per tensor),
 and equal to the model's own params (Flax) and to transformers' PyTorch model (HF names)."""
 
-import os
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _train_helpers import tiny_config as _tiny_config
+from test_conversion import SIZES
 
 import chinese_clip_jax as ccj
 from chinese_clip_jax.conversion import check, flax_to_hf, hf_to_flax, mapping
 from chinese_clip_jax.conversion.sources import TensorSource
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_conversion import tiny_config  # noqa: E402
+
+def tiny_config(**overrides):
+    """test_conversion's model sizes (2 text layers, 3 vision layers: 95 conversion rows)."""
+    return _tiny_config(**{**SIZES, **overrides})
 
 
 class InMemory(TensorSource):
