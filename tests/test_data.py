@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from chinese_clip_jax.data import default_data_config, demo, eval_sets, train_iterator
-from chinese_clip_jax.data.pipeline import ImageDecoder, TextEncoder, build_train_iterator
+from chinese_clip_jax.data.pipeline import CachingTokenizer, ImageDecoder, build_train_iterator
 
 S = 32  # image side used throughout
 
@@ -190,7 +190,7 @@ def test_encoded_images_match_transformers_image_processor():
 
 def test_text_encoder_matches_reference_including_truncation():
     texts = ["左上角有一个红色的圆形", "长" * 80, "蓝色的星形"]
-    out = TextEncoder(52)(texts + texts[:1])
+    out = CachingTokenizer(52)(texts + texts[:1])
     ref = _tokens(texts + texts[:1])
     np.testing.assert_array_equal(out["input_ids"], ref["input_ids"])
     np.testing.assert_array_equal(out["attention_mask"], ref["attention_mask"])
@@ -262,7 +262,7 @@ def _epoch_rows(it, n_batches):
 
 
 def _expected_rows(pairs):
-    ids = TextEncoder(52)([t for t, _ in pairs])["input_ids"]
+    ids = CachingTokenizer(52)([t for t, _ in pairs])["input_ids"]
     return sorted((i.tobytes(), ImageDecoder(S)(img).tobytes()) for i, (_, img) in zip(ids, pairs))
 
 

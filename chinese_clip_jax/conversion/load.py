@@ -139,7 +139,7 @@ def from_pretrained(
     """Loads a checkpoint -> ``(model, params)``; params are fp32 jax arrays, ``dtype`` is compute.
 
     ``scan_layers``, ``attention_impl``, ``remat``, ``precision``: the model's run options
-    (``ModelOptions``); ``precision="highest"`` gives fp32 parity with PyTorch on GPU/TPU, whose
+    (``ConfiguredModule``); ``precision="highest"`` gives fp32 parity with PyTorch on GPU/TPU, whose
     default matmul precision is lower (docs/accelerators.md). A checkpoint holding a
     ``logit_bias`` (a SigLIP-trained `python -m convert --to flax` directory) gives a model with one.
     ``image_size``: a ViT's resolution to run at (e.g. 336 for a 224 checkpoint); its position

@@ -26,7 +26,7 @@ import os
 import pickle
 from pathlib import Path
 
-from .pipeline import LazyImages, TextEncoder, check_image
+from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "open_source", "eval_sets"]
 
@@ -264,7 +264,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     return {
         "retrieval": {
             "images": LazyImages(images, ids, 0),
-            **TextEncoder(context_length)(texts),
+            **CachingTokenizer(context_length)(texts),
             "texts": texts,
             "text_to_images": positives,
         }

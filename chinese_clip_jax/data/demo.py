@@ -237,7 +237,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     "attention_mask" int32 (t, L), "texts", "text_to_images" (positives per text)}.
     ``c``: the ``data.demo`` config (demo_seed, eval_per_class, num_retrieval).
     """
-    from .pipeline import TextEncoder
+    from .pipeline import CachingTokenizer
 
     classes = {"class_names": list(CLASS_NAMES), "class_names_en": list(CLASS_NAMES_EN), "class_texts": class_prompts()}
     out = {}
@@ -255,7 +255,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     positives = [np.flatnonzero((attrs == a).all(axis=1)).tolist() for a in attrs]
     out["retrieval"] = {
         "images": EvalImages("retrieval", image_size=image_size, count=c.num_retrieval, seed=c.demo_seed),
-        **TextEncoder(context_length)(captions),
+        **CachingTokenizer(context_length)(captions),
         "texts": captions,
         "text_to_images": positives,
     }

@@ -44,6 +44,7 @@ __all__ = [
     "build_train_iterator",
     "normalize_pixels",
     "ImageDecoder",
+    "CachingTokenizer",
     "TextEncoder",
     "LazyImages",
     "check_image",
@@ -189,7 +190,7 @@ class _Decode(grain.transforms.RandomMap):
         return self.random_map(record, None)
 
 
-class TextEncoder:
+class CachingTokenizer:
     """Captions -> {"input_ids", "attention_mask"} int32 (n, L) with the Chinese-CLIP tokenizer.
 
     Tokenized in the calling thread (tokenizers are not thread-safe), with a bounded cache.
@@ -212,6 +213,9 @@ class TextEncoder:
         ids = np.stack([self._cache[t][0] for t in texts]).astype(np.int32)
         mask = np.stack([self._cache[t][1] for t in texts]).astype(np.int32)
         return {"input_ids": ids, "attention_mask": mask}
+
+
+TextEncoder = CachingTokenizer  # the former name (kept for existing imports)
 
 
 class TrainIterator:
@@ -347,7 +351,7 @@ def build_train_iterator(
     return TrainIterator(
         samples,
         batch_size=batch_size,
-        encode_text=TextEncoder(context_length),
+        encode_text=CachingTokenizer(context_length),
         skipped_at_index=getattr(source, "skipped_at_index", 0),
         shard_size=end - start,
         name=name,

@@ -121,7 +121,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     Images are deduplicated by ``image_id`` when the dataset has one; a text's positives are the
     images paired with its ``text_id`` (or, without ids, with the same caption).
     """
-    from .pipeline import LazyImages, TextEncoder, check_image
+    from .pipeline import CachingTokenizer, LazyImages, check_image
 
     del image_size  # the evaluator decodes
     if not c.eval_split:
@@ -152,7 +152,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     return {
         "retrieval": {
             "images": LazyImages(source, indices, "image"),
-            **TextEncoder(context_length)(texts),
+            **CachingTokenizer(context_length)(texts),
             "texts": texts,
             "text_to_images": positives,
         }

@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from .pipeline import LazyImages, TextEncoder, check_image
+from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
@@ -281,7 +281,7 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     return {
         "retrieval": {
             "images": images,
-            **TextEncoder(context_length)(texts),
+            **CachingTokenizer(context_length)(texts),
             "texts": texts,
             "text_to_images": [by_text[t] for t in texts],
         }

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .layers import Dense, ModelOptions, matmul_precision, partitioned
+from .layers import ConfiguredModule, Dense, matmul_precision, partitioned
 from .resnet import ResNetTower
 from .text import TextOutput, TextTower
 from .vision import VisionOutput, VisionTower
@@ -47,9 +47,9 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class ChineseCLIPModel(ModelOptions):
+class ChineseCLIPModel(ConfiguredModule):
     """Chinese-CLIP as a Flax Linen module; ``config`` is a ``ChineseCLIPConfig``, the run fields
-    (dtype, attention_impl, scan_layers, remat, precision) are ``ModelOptions``'.
+    (dtype, attention_impl, scan_layers, remat, precision) are ``ConfiguredModule``'.
 
     ``logit_bias_init``: None (CLIP, softmax loss: no bias) or the initial value of a learnable
     scalar ``logit_bias`` param (SigLIP's sigmoid loss; big_vision's ``b``, open_clip's

@@ -204,7 +204,7 @@ def matmul_precision(precision: str | None):
     return jax.default_matmul_precision(precision)
 
 
-class ModelOptions(nn.Module):
+class ConfiguredModule(nn.Module):
     """Fields of the towers and of the joint model: the architecture and how to run it.
 
     config: the architecture (a text, vision or joint config). dtype: compute dtype (params stay
@@ -232,6 +232,9 @@ class ModelOptions(nn.Module):
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
         super().__post_init__()
+
+
+ModelOptions = ConfiguredModule  # the former name (kept for existing imports)
 
 
 # What each layer keeps for the backward pass under remat; the rest is recomputed.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ChineseCLIPResNetConfig
-from .layers import Dense, ModelOptions, head_major_attention, partitioned
+from .layers import ConfiguredModule, Dense, head_major_attention, partitioned
 from .vision import VisionOutput
 
 Dtype = Any
@@ -130,7 +130,7 @@ class AttentionPool(nn.Module):
         return Dense(self.output_dim, ("heads", "kv"), (None,), std=std, dtype=self.dtype, name="out")(y)[:, 0]
 
 
-class ResNetTower(ModelOptions):
+class ResNetTower(ConfiguredModule):
     """cn_clip's ModifiedResNet; ``config``: ChineseCLIPResNetConfig. ``pooler_output`` is the
     attention pool's output, already ``projection_dim`` wide (there is no separate projection);
     ``last_hidden_state`` the last stage's feature map, (batch, grid*grid, hidden).

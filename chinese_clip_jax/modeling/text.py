@@ -14,9 +14,9 @@ from ..config import ChineseCLIPTextConfig
 from .layers import (
     MLP,
     Attention,
+    ConfiguredModule,
     Dense,
     LayerStack,
-    ModelOptions,
     constrain,
     layer_norm,
     matmul_precision,
@@ -89,7 +89,7 @@ def key_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
-class TextTower(ModelOptions):
+class TextTower(ConfiguredModule):
     """Embeddings + encoder; returns the last hidden state (no pooler). ``config``: ChineseCLIPTextConfig."""
 
     @nn.compact
@@ -123,7 +123,7 @@ class TextTower(ModelOptions):
         )(x, key_padding_mask(attention_mask))
 
 
-class ChineseCLIPTextModel(ModelOptions):
+class ChineseCLIPTextModel(ConfiguredModule):
     """The text tower with its BERT pooler, as transformers' ``ChineseCLIPTextModel``.
 
     Params: ``{"text_model": ..., "pooler": {"kernel", "bias"}}``.

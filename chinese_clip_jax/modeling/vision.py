@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ..config import ChineseCLIPVisionConfig
-from .layers import MLP, Attention, LayerStack, ModelOptions, constrain, layer_norm, matmul_precision, partitioned
+from .layers import MLP, Attention, ConfiguredModule, LayerStack, constrain, layer_norm, matmul_precision, partitioned
 from .position import resize_position_embedding
 
 Dtype = Any
@@ -84,7 +84,7 @@ class VisionLayer(nn.Module):
         return constrain(x), None
 
 
-class VisionTower(ModelOptions):
+class VisionTower(ConfiguredModule):
     """Patch embedding + encoder + post-LN class token; ``config``: ChineseCLIPVisionConfig.
 
     ``interpolate_pos_encoding``: images of another size (H and W multiples of the patch size)
@@ -147,7 +147,7 @@ class VisionTower(ModelOptions):
         return VisionOutput(last_hidden_state=x, pooler_output=pooled)
 
 
-class ChineseCLIPVisionModel(ModelOptions):
+class ChineseCLIPVisionModel(ConfiguredModule):
     """The image tower as transformers' ``ChineseCLIPVisionModel``: params ``{"vision_model": ...}``."""
 
     @nn.compact

@@ -72,9 +72,9 @@ class Evaluator:
 
     def _encode_fn(self, encode):
         if encode is None:
-            from ..data.pipeline import TextEncoder
+            from ..data.pipeline import CachingTokenizer
 
-            encode = TextEncoder()
+            encode = CachingTokenizer()
         return encode
 
     def zero_shot_scores(self, params, name: str, encode=None) -> np.ndarray:
