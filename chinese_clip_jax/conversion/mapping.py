@@ -299,25 +299,13 @@ parse_cn_clip_arch = from_cn_clip_arch  # "ViT-B-16@RoBERTa-wwm-ext-base-chinese
 
 
 def _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads, inter, embed_dim):
-    from ..config import ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+    """A cn_clip-style ViT + RoBERTa config from sizes read off a checkpoint's tensors, built by the
+    same helpers as the published-sizes table (``config.VISION_ARCHS`` / ``TEXT_ARCHS``)."""
+    from ..config import _roberta, _vit
 
     return ChineseCLIPConfig(
-        text_config=ChineseCLIPTextConfig(
-            vocab_size=21128,
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=t_layers,
-            num_attention_heads=t_heads,
-        ),
-        vision_config=ChineseCLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=4 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            patch_size=patch,
-            image_size=res,
-            projection_dim=embed_dim,
-        ),
+        text_config=_roberta(hidden, t_layers, t_heads, inter),
+        vision_config=_vit(width, layers, heads, patch, res, embed_dim),
         projection_dim=embed_dim,
     )
 
