@@ -39,7 +39,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "worker_buffer_size": 16,  # decoded samples each worker buffers
             "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
             "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
-            "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (~2.4x faster)
+            "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)
             "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
             "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid", "eval_max_texts": 1000},
             "webdataset": {"shards": "", "eval_shards": "", "caption_keys": "txt,json", "eval_max_samples": 1000},

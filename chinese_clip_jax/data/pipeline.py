@@ -134,8 +134,8 @@ class ImageDecoder:
     training crop: RandomResizedCrop with scale (0.9, 1.0), ratio (3/4, 4/3), bicubic; needs
     ``rng``). Arrays already (s, s, 3) uint8 are only normalised under "center".
     ``jpeg_draft``: JPEGs at least twice the output size are decoded at a reduced scale (still
-    >= s px a side) before resizing: ~2.4x faster at 512 -> 224 px, pixels no longer identical
-    to transformers' (a training option).
+    >= s px a side) before resizing: less CPU per image (docs/data.md), pixels no longer
+    identical to transformers' (a training option).
     """
 
     def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):

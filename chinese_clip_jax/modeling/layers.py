@@ -93,7 +93,7 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     q, k, v: (batch, seq, heads, head_dim); mask: bool broadcastable to (batch, heads, q, k) or None.
     Returns (batch, seq, heads, head_dim) in q's dtype; scores and softmax in fp32. The two
     products run head-major, (batch, heads, seq, head_dim), so XLA:CPU gets plain batched GEMMs:
-    ViT-B/16 forward ~15% faster on CPU than ``jax.nn.dot_product_attention`` (README, performance).
+    faster on CPU than ``jax.nn.dot_product_attention`` (figures: docs/performance.md).
     """
     dtype = q.dtype
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -178,8 +178,8 @@ class MLP(nn.Module):
 
 def resolve_scan_layers(scan_layers: bool | str) -> bool:
     """``scan_layers`` option -> bool. "auto": unrolled on GPU (where ``nn.scan``'s while loop
-    cost a base train step 33%: 283 ms scanned vs 213 ms unrolled on one H100, issue 9), scanned
-    elsewhere (CPU: same speed, less memory, faster compiles; TPU: the usual choice).
+    made the base train step slower, issue 9; figures: docs/accelerators.md), scanned elsewhere
+    (CPU: same speed, less memory, faster compiles; TPU: the usual choice).
     "true"/"false" strings (a command line's) are accepted."""
     if isinstance(scan_layers, str):
         key = scan_layers.lower()
