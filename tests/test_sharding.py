@@ -40,19 +40,20 @@ def test_fit_spec_replicates_indivisible_dims():
     assert shd._fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")  # 6 % 4 != 0, 6 % 2 == 0
 
 
-@pytest.fixture(scope="module")
-def mesh_run():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+def run_script(name: str, timeout: int, **env) -> dict:
+    """Runs tests/NAME in a subprocess (repo on PYTHONPATH, ``env`` added) -> its last ``RESULT {json}``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]), **env)
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_mesh_equivalence.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+        [sys.executable, os.path.join(HERE, name)], capture_output=True, text=True, env=env, timeout=timeout
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def mesh_run():
+    return run_script("_mesh_equivalence.py", timeout=900)
 
 
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"])
@@ -82,21 +83,7 @@ def test_gradcache_accumulation_on_a_sharded_mesh(mesh_run):
 
 @pytest.fixture(scope="module")
 def placement():
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_sharding_placement.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_script("_sharding_placement.py", timeout=600, XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
 MESH_222 = [(d, f, t) for d in range(2) for f in range(2) for t in range(2)]
