@@ -23,12 +23,22 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import sharding as shd
+from .image_processing import default_normalize_table
 from .modeling import l2_normalize
 
-__all__ = ["text_embeddings", "image_embeddings", "bucket_sizes", "ensemble", "Encoder", "PROGRESS_MIN_BATCHES"]
+__all__ = [
+    "text_embeddings",
+    "image_embeddings",
+    "model_pixels",
+    "bucket_sizes",
+    "ensemble",
+    "Encoder",
+    "PROGRESS_MIN_BATCHES",
+]
 
 PROGRESS_MIN_BATCHES = 4  # a progress bar is shown (progress=None) from this many batches on
 
@@ -49,8 +59,22 @@ def text_embeddings(
     return l2_normalize(feats)
 
 
+def model_pixels(pixel_values) -> jax.Array:
+    """uint8 (N, H, W, 3) images (the training pipeline's batches) -> float32 (N, 3, H, W) model
+    input, rescaled and normalized on the device through ``normalize_pixels``' own table (a
+    lookup: bit-equal to the host); float pixel values pass through unchanged."""
+    if pixel_values.dtype != jnp.uint8:
+        return pixel_values
+    if pixel_values.ndim != 4 or pixel_values.shape[-1] != 3:
+        raise ValueError(f"uint8 images must be (N, H, W, 3), got {pixel_values.shape}")
+    table = jnp.asarray(default_normalize_table())
+    return jnp.stack([table[c][pixel_values[..., c]] for c in range(3)], axis=1)
+
+
 def image_embeddings(model, params, pixel_values, *, deterministic=True) -> jax.Array:
-    """(N, 3, H, W) pixel values -> (N, D) float32 L2-normalized image embeddings (pure)."""
+    """(N, 3, H, W) float pixel values, or uint8 (N, H, W, 3) images (``model_pixels``) -> (N, D)
+    float32 L2-normalized image embeddings (pure)."""
+    pixel_values = model_pixels(pixel_values)
     feats = model.apply({"params": params}, pixel_values, deterministic=deterministic, method="get_image_features")
     return l2_normalize(feats)
 

@@ -34,6 +34,7 @@ __all__ = [
     "ImageInput",
     "to_rgb",
     "normalize_pixels",
+    "default_normalize_table",
     "apply_normalize_table",
     "MAX_RESIZED_PIXELS",
 ]
@@ -171,6 +172,11 @@ class ImagePreprocessor:
         return np.stack(arrays)
 
     def _one(self, image: ImageInput, index: int) -> np.ndarray:
+        return self._normalize(self.resized(image, index))
+
+    def resized(self, image: ImageInput, index: int = 0) -> np.ndarray:
+        """One image -> uint8 (H, W, 3): resized and cropped, not yet rescaled or normalized
+        (``self.table`` finishes it: ``apply_normalize_table``)."""
         try:
             if self.resize_mode == "squash":
                 return self._squash(self._load(image, convert=False))
@@ -179,6 +185,11 @@ class ImagePreprocessor:
             raise
         except Exception as e:  # noqa: BLE001 - reported with the image's name
             raise ImageLoadError(f"cannot read {_image_name(image, index)}: {type(e).__name__}: {e}") from e
+
+    @property
+    def table(self) -> np.ndarray:
+        """(3, 256) float32: normalized value of grey level v in channel c for these settings."""
+        return self._table
 
     @staticmethod
     def _load(image: ImageInput, convert: bool) -> PIL.Image.Image:
@@ -214,12 +225,11 @@ class ImagePreprocessor:
         arr = np.asarray(img)
         if s.do_center_crop:
             arr = _center_crop(arr, s.crop_size["height"], s.crop_size["width"])
-        return self._normalize(arr)
+        return arr
 
     def _squash(self, img: PIL.Image.Image) -> np.ndarray:
         h, w = self.image_size
-        img = img.resize((w, h), resample=PIL.Image.Resampling.BICUBIC).convert("RGB")
-        return self._normalize(np.asarray(img))
+        return np.asarray(img.resize((w, h), resample=PIL.Image.Resampling.BICUBIC).convert("RGB"))
 
     def _normalize(self, arr: np.ndarray) -> np.ndarray:
         return apply_normalize_table(arr, self._table)
@@ -244,10 +254,16 @@ def normalize_pixels(images: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) with transformers' default settings
     (``x * (1/255)`` in float64, cast, then ``(x - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD`` in
     float32): bit-equal to ``ChineseCLIPImageProcessor`` without resize and crop."""
+    return apply_normalize_table(images, default_normalize_table())
+
+
+def default_normalize_table() -> np.ndarray:
+    """(3, 256) float32 table of ``normalize_pixels`` (transformers' default rescale and CLIP
+    mean/std); ``encoding.model_pixels`` applies the same table on the device."""
     global _DEFAULT_TABLE
     if _DEFAULT_TABLE is None:
         _DEFAULT_TABLE = _normalize_table(1 / 255, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    return apply_normalize_table(images, _DEFAULT_TABLE)
+    return _DEFAULT_TABLE
 
 
 def _resize_crop_window(img: PIL.Image.Image, new_w: int, new_h: int, ch: int, cw: int, resample: int):

@@ -30,7 +30,7 @@ def _take(it, n):
 
 def _index_of_rows(batch, source):
     """Maps each batch row back to its source index by its pixels (demo images are distinct)."""
-    table = {ImageDecoder(S)(source[i]["image"]).tobytes(): i for i in range(len(source))}
+    table = {ImageDecoder(S, uint8=True)(source[i]["image"]).tobytes(): i for i in range(len(source))}
     return [table[row.tobytes()] for row in batch["pixel_values"]]
 
 
@@ -54,7 +54,7 @@ def test_demo_batches_are_deterministic_and_shaped():
             np.testing.assert_array_equal(x[k], y[k])
     assert a[0]["input_ids"].shape == (8, 52) and a[0]["input_ids"].dtype == np.int32
     assert a[0]["attention_mask"].dtype == np.int32
-    assert a[0]["pixel_values"].shape == (8, 3, S, S) and a[0]["pixel_values"].dtype == np.float32
+    assert a[0]["pixel_values"].shape == (8, S, S, 3) and a[0]["pixel_values"].dtype == np.uint8
     assert not np.array_equal(a[0]["pixel_values"], c["pixel_values"])
 
 
@@ -263,7 +263,7 @@ def _epoch_rows(it, n_batches):
 
 def _expected_rows(pairs):
     ids = CachingTokenizer(52)([t for t, _ in pairs])["input_ids"]
-    return sorted((i.tobytes(), ImageDecoder(S)(img).tobytes()) for i, (_, img) in zip(ids, pairs))
+    return sorted((i.tobytes(), ImageDecoder(S, uint8=True)(img).tobytes()) for i, (_, img) in zip(ids, pairs))
 
 
 @pytest.fixture
@@ -456,7 +456,7 @@ from chinese_clip_jax.data.pipeline import ImageDecoder
 cfg = default_data_config("demo")
 cfg.demo.num_train, cfg.num_threads = 10, 1
 src = demo.DemoSource(image_size=16, num_train=10, seed=0)
-table = {ImageDecoder(16)(src[i]["image"]).tobytes(): i for i in range(10)}
+table = {ImageDecoder(16, uint8=True)(src[i]["image"]).tobytes(): i for i in range(10)}
 it = train_iterator(cfg, global_batch_size=2, seed=0, image_size=16)  # process index/count from jax
 rows = [table[p.tobytes()] for _ in range(5) for p in next(it)["pixel_values"]]
 print("ROWS", json.dumps([jax.process_index(), jax.process_count(), rows]))
@@ -490,3 +490,105 @@ def test_jax_distributed_processes_read_their_own_shards(tmp_path):
     (i0, n0, rows0), (i1, n1, rows1) = sorted(results)
     assert (i0, i1, n0, n1) == (0, 1, 2, 2)
     assert sorted(rows0) == list(range(5)) and sorted(rows1) == list(range(5, 10))
+
+
+def _mixed_source(n=45, bad=(3, 31, 32, 40)):
+    """n records of distinct 8x8-patterned images; the indices in ``bad`` are undecodable."""
+    rng = np.random.default_rng(1)
+    return [
+        {"image": b"junk", "text": "坏", "where": f"s:{i}"}
+        if i in bad
+        else {"image": rng.integers(0, 256, (S, S, 3), dtype=np.uint8), "text": f"第{i}张", "where": f"s:{i}"}
+        for i in range(n)
+    ]
+
+
+def _iterator(source, batch_size, seed=2, **kw):
+    return build_train_iterator(
+        source,
+        batch_size=batch_size,
+        seed=seed,
+        image_size=S,
+        context_length=52,
+        shard=grain.sharding.ShardOptions(0, 1),
+        **kw,
+    )
+
+
+def test_batches_follow_the_shuffled_record_order_across_chunks():
+    """Chunking is invisible: batch k holds good records 5k..5k+4 of grain's shuffled, repeated
+    index stream (the reference walks that stream one record at a time)."""
+    from chinese_clip_jax.data.pipeline import CHUNK
+
+    source = _mixed_source()
+    order = grain.MapDataset.range(len(source)).shuffle(seed=2).repeat(None)
+    good = [int(order[i]) for i in range(4 * len(source)) if isinstance(source[int(order[i])]["image"], np.ndarray)]
+    it = _iterator(source, 5, num_threads=2)
+    n_batches = 3 * len(source) // 5  # several epochs and chunks of CHUNK records
+    assert n_batches * 5 > 2 * CHUNK
+    got = [row.tobytes() for _ in range(n_batches) for row in next(it)["pixel_values"]]
+    assert got == [source[i]["image"].tobytes() for i in good[: n_batches * 5]]
+    assert it.stats["samples"] == n_batches * 5 and it.stats["skipped"] > 0
+
+
+def test_resume_from_any_batch_inside_a_chunk_is_exact():
+    source = _mixed_source()
+    it = _iterator(source, 5, num_threads=1)
+    states, batches = [], []
+    for _ in range(24):
+        states.append(json.loads(json.dumps(it.get_state())))
+        batches.append(next(it))
+    for k in (0, 1, 6, 7, 13, 19):  # positions inside and at the ends of chunks, across epochs
+        again = _iterator(source, 5, num_threads=2)
+        again.set_state(states[k])
+        for want in batches[k : k + 4]:
+            got = next(again)
+            np.testing.assert_array_equal(got["pixel_values"], want["pixel_values"])
+            np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        assert again.stats == _replay_stats(source, k + 4)
+        again.close()
+
+
+def _replay_stats(source, n_batches):
+    it = _iterator(source, 5, num_threads=1)
+    for _ in range(n_batches):
+        next(it)
+    return it.stats
+
+
+def test_state_saved_before_chunks_resumes_at_the_same_record():
+    """A state written by the record-at-a-time pipeline (grain counted records) continues at the
+    record it names: samples + skipped records into the stream."""
+    source = _mixed_source()
+    it = _iterator(source, 5, num_threads=1)
+    for _ in range(9):
+        next(it)
+    new_state = it.get_state()
+    legacy = {"grain": {"next_index": it.stats["samples"] + it.stats["skipped"]}, **it.stats}
+    legacy.pop("skipped_at_index")
+    a, b = _iterator(source, 5), _iterator(source, 5)
+    a.set_state(new_state)
+    b.set_state(legacy)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(a)["pixel_values"], next(b)["pixel_values"])
+    with pytest.raises(ValueError, match="worker_count=0"):
+        _iterator(source, 5).set_state({**legacy, "grain": {"workers_state": {}}})
+
+
+def test_uint8_batches_normalised_on_device_equal_the_processor():
+    """The train step's device normalisation (encoding.model_pixels) gives exactly the float
+    pixels the host decoder (transformers' processor, pinned above) gives."""
+    import jax
+
+    from chinese_clip_jax.encoding import model_pixels
+
+    rng = np.random.default_rng(3)
+    source = [{"image": _png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), "text": "图", "where": "p"}] * 3
+    batch = next(_iterator(source, 3))
+    assert batch["pixel_values"].dtype == np.uint8 and batch["pixel_values"].shape == (3, S, S, 3)
+    on_device = np.asarray(jax.jit(model_pixels)(batch["pixel_values"]))
+    want = ImageDecoder(S)(source[0]["image"])  # float32 (3, S, S), normalised on the host
+    for row in on_device:
+        np.testing.assert_array_equal(row, want)
+    floats = np.zeros((2, 3, S, S), np.float32)
+    assert model_pixels(floats) is floats

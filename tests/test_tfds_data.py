@@ -162,7 +162,7 @@ def _tfds_cfg(out, **kw):
 
 def test_four_processes_see_every_sample_once_per_epoch(tfds_dir):
     out, good = tfds_dir
-    expected = sorted(ImageDecoder(S)(img).tobytes() for _, img in good.values())  # 12 samples
+    expected = sorted(ImageDecoder(S, uint8=True)(img).tobytes() for _, img in good.values())  # 12 samples
     seen = []
     for p in range(4):
         it = train_iterator(

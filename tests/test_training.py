@@ -247,8 +247,10 @@ def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
     config = tiny_train_config(8, log_every=log_every)
 
     def hook(index, batch):
-        if index == poisoned:
-            batch["pixel_values"][0, 0, 0, 0] = np.nan
+        if index == poisoned:  # uint8 images cannot be NaN: a float batch (as a custom iterator gives)
+            pixels = ccj.processing.normalize_pixels(batch["pixel_values"])
+            pixels[0, 0, 0, 0] = np.nan
+            return {**batch, "pixel_values": pixels}
 
     with pytest.raises(FloatingPointError, match=f"at step {poisoned} ") as err:
         train(config, workdir, data_iter=make_iterator(config, hook), progress=False)

@@ -1,7 +1,7 @@
 """Training and evaluation data: the demo set, the cn_clip layout and webdataset shards, via grain.
 
     it = train_iterator(cfg.data, global_batch_size=256, seed=0, image_size=32)
-    batch = next(it)   # {"input_ids", "attention_mask": int32 (b, 52), "pixel_values": float32 (b, 3, 32, 32)}
+    batch = next(it)   # {"input_ids", "attention_mask": int32 (b, 52), "pixel_values": uint8 (b, 32, 32, 3)}
     state = it.get_state(); ...; it.set_state(state)      # JSON-able, exact resume
     sets = eval_sets(cfg.data, image_size=32)
 
@@ -34,9 +34,9 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
         {
             "name": name,
             "num_threads": 2,  # grain reader threads per process
-            "prefetch_buffer_size": 256,  # decoded samples buffered per process
+            "prefetch_buffer_size": 256,  # decoded samples buffered per process (whole chunks of 32)
             "worker_count": 0,  # grain worker processes decoding images (0 = reader threads only)
-            "worker_buffer_size": 16,  # decoded samples each worker buffers
+            "worker_buffer_size": 64,  # decoded samples each worker buffers (whole chunks of 32)
             "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
             "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
             "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)

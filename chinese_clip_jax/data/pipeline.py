@@ -10,15 +10,18 @@ messages (e.g. "train_imgs.tsv:17"); a source that cannot even read a record ret
      ``jax.process_index()`` / ``jax.process_count()``);
   2. shuffles it with ``seed`` (grain folds the epoch into the seed: each epoch reshuffled,
      deterministically) and repeats forever;
-  3. decodes each record to float32 pixel values (3, s, s) normalised with the CLIP mean/std
-     (centre crop, squash, or cn_clip's random resized crop drawn from an rng grain derives
-     from (seed, position)), in grain's reader threads or, with ``worker_count``, in grain
-     worker processes; an undecodable record becomes a marker, never an exception;
-  4. in :class:`TrainIterator`, skips and counts markers (logged), stacks ``b`` good samples and
+  3. decodes each record to a uint8 (s, s, 3) image (centre crop, squash, or cn_clip's random
+     resized crop drawn from an rng grain derives from (seed, position)), ``CHUNK`` consecutive
+     records at a time, in grain's reader threads or, with ``worker_count``, in grain worker
+     processes; an undecodable record becomes a marker, never an exception;
+  4. in :class:`TrainIterator`, skips and counts markers (logged), gathers ``b`` good samples and
      tokenizes their captions with ``ChineseCLIPProcessor`` (context length 52, padded).
 
-``TrainIterator.get_state()`` is JSON-able: grain's iterator state plus the skip counters, so
-``set_state`` continues exactly (same batches, same counts).
+Pixels stay uint8 up to the device (a quarter of float32's bytes through the worker queues and
+the host-to-device copy); the train step normalises them (``encoding.model_pixels``) with the
+same table as ``normalize_pixels``. ``TrainIterator.get_state()`` is JSON-able: grain's iterator
+state, the position inside the current chunk and the skip counters, so ``set_state`` continues
+exactly (same batches, same counts).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import grain
 import numpy as np
 import PIL.Image
 
+from chinese_clip_jax.image_processing import apply_normalize_table, default_normalize_table
 from chinese_clip_jax.processing import (
     ChineseCLIPProcessor,
     ImageSettings,
@@ -60,6 +64,10 @@ TRAIN_CROPS = ("center", "random_resized", "squash")  # data.train_crop
 EVAL_CROPS = ("center", "squash")  # data.eval_crop (the evaluator's resize modes "crop", "squash")
 RANDOM_RESIZED_SCALE = (0.9, 1.0)  # cn_clip's training augmentation (timm, bicubic)
 RANDOM_RESIZED_RATIO = (3 / 4, 4 / 3)
+# Records decoded per grain element: one message per CHUNK records crosses from the reader
+# threads or worker processes (docs/data.md, "Input throughput"). Buffer sizes in the config
+# count records and are rounded up to whole chunks.
+CHUNK = 32
 
 
 def _to_pil(image: Any, draft_size: int = 0) -> PIL.Image.Image:
@@ -126,22 +134,25 @@ def check_image(image) -> None:
 
 
 class ImageDecoder:
-    """Raw image -> float32 (3, s, s), normalised with the CLIP mean/std (``normalize_pixels``).
+    """Raw image -> float32 (3, s, s), normalised with the CLIP mean/std (``normalize_pixels``),
+    or with ``uint8=True`` the uint8 (s, s, 3) image before that step (the training pipeline's
+    output: the device normalises it, ``encoding.model_pixels``, with the same table).
 
     crop: "center" (resize shortest edge to s, bicubic, centre crop: transformers'
     ChineseCLIPImageProcessor, identical output), "squash" (bicubic resize to s x s: cn_clip's
     eval transform, the processor's ``resize_mode="squash"``) or "random_resized" (cn_clip's
     training crop: RandomResizedCrop with scale (0.9, 1.0), ratio (3/4, 4/3), bicubic; needs
-    ``rng``). Arrays already (s, s, 3) uint8 are only normalised under "center".
+    ``rng``). Arrays already (s, s, 3) uint8 are used as they are under "center".
     ``jpeg_draft``: JPEGs at least twice the output size are decoded at a reduced scale (still
     >= s px a side) before resizing: less CPU per image (docs/data.md), pixels no longer
     identical to transformers' (a training option).
     """
 
-    def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):
+    def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False, uint8: bool = False):
         if crop not in TRAIN_CROPS:
             raise ValueError(f"image crop must be one of {TRAIN_CROPS}, got {crop!r}")
         self.image_size, self.crop, self.jpeg_draft = int(image_size), crop, bool(jpeg_draft)
+        self.uint8 = bool(uint8)
         self._processor = ChineseCLIPProcessor(
             image_settings=ImageSettings.at_resolution(self.image_size),
             num_threads=1,
@@ -149,6 +160,11 @@ class ImageDecoder:
         ).image_processor
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> np.ndarray:
+        pixels, table = self._resized(image, rng)
+        return pixels if self.uint8 else apply_normalize_table(pixels, table)
+
+    def _resized(self, image: Any, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (uint8 (s, s, 3), the (3, 256) table that normalises it)."""
         s = self.image_size
         if (
             self.crop == "center"
@@ -156,23 +172,25 @@ class ImageDecoder:
             and image.shape == (s, s, 3)
             and image.dtype == np.uint8
         ):
-            return normalize_pixels(image)
+            return image, default_normalize_table()
         image = _to_pil(image, s if self.jpeg_draft else 0)
         if self.crop in ("center", "squash"):
-            return self._processor(image)[0]
+            return self._processor.resized(image), self._processor.table
         if rng is None:
             raise ValueError("random_resized crop needs an rng")
         image = image.convert("RGB")
         box = random_resized_box(image.width, image.height, rng)
         image = image.resize((s, s), resample=PIL.Image.Resampling.BICUBIC, box=box)
-        return normalize_pixels(np.asarray(image))
+        return np.asarray(image), default_normalize_table()
 
 
 class _Decode(grain.transforms.RandomMap):
-    """grain map: raw record -> {"pixel_values", "text"} or {"bad": "where: why"} (never raises)."""
+    """grain map: raw record -> {"pixel_values": uint8 (s, s, 3), "text": str, "bad": ""}, or for
+    an undecodable record zeros, "" and "bad": "where: why" (never raises; one structure, so
+    ``_collate`` stacks records into chunks)."""
 
     def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):
-        self._image = ImageDecoder(image_size, crop, jpeg_draft)
+        self._image = ImageDecoder(image_size, crop, jpeg_draft, uint8=True)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         where = record.get("where", "?") if isinstance(record, dict) else "?"
@@ -182,12 +200,27 @@ class _Decode(grain.transforms.RandomMap):
             text = record["text"]
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"caption must be a non-empty string, got {text!r}")
-            return {"pixel_values": self._image(record["image"], rng), "text": text}
+            return {"pixel_values": self._image(record["image"], rng), "text": text, "bad": ""}
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
-            return {"bad": f"{where}: {type(e).__name__}: {e}"}
+            s = self._image.image_size
+            return {
+                "pixel_values": np.zeros((s, s, 3), np.uint8),
+                "text": "",
+                "bad": f"{where}: {type(e).__name__}: {e}",
+            }
 
     def __call__(self, record: dict) -> dict:  # deterministic crops need no rng
         return self.random_map(record, None)
+
+
+def _collate(records: Sequence[dict]) -> dict:
+    """Decoded records -> one chunk {"pixel_values": uint8 (n, s, s, 3), "text": [n], "bad": [n]}:
+    what crosses from grain's threads or worker processes (one message per CHUNK records)."""
+    return {
+        "pixel_values": np.stack([r["pixel_values"] for r in records]),
+        "text": [r["text"] for r in records],
+        "bad": [r["bad"] for r in records],
+    }
 
 
 class CachingTokenizer:
@@ -222,9 +255,13 @@ class TrainIterator:
     """Infinite iterator of host-local batches; checkpointable.
 
     ``next(it)`` -> {"input_ids": int32 (b, L), "attention_mask": int32 (b, L),
-    "pixel_values": float32 (b, 3, s, s)}. ``it.stats`` -> {"skipped": undecodable samples
-    skipped so far, "skipped_at_index": records dropped while indexing the source,
-    "samples": good samples yielded}.
+    "pixel_values": uint8 (b, s, s, 3)} (images resized and cropped; the train step normalises
+    them on the device: ``encoding.model_pixels``, or ``normalize_pixels`` on the host).
+    ``it.stats`` -> {"skipped": undecodable samples skipped so far, "skipped_at_index": records
+    dropped while indexing the source, "samples": good samples yielded}.
+
+    ``samples`` yields chunks (``_collate``); a batch may end inside one, so the state is the
+    grain state before that chunk plus how many of its records were used.
     """
 
     def __init__(
@@ -245,45 +282,72 @@ class TrainIterator:
         self._skipped = 0
         self._yielded = 0
         self._skipped_at_index = int(skipped_at_index)
+        self._bad_in_a_row = 0
+        self._chunk: dict | None = None  # the chunk being consumed, its grain state, records used
+        self._chunk_state: Any = None
+        self._used = 0
 
     def __iter__(self) -> TrainIterator:
         return self
 
+    def _next_chunk(self) -> None:
+        self._chunk_state = self._samples.get_state()
+        self._chunk, self._used = next(self._samples), 0
+
     def __next__(self) -> dict[str, np.ndarray]:
-        pixels, texts = [], []
-        bad_in_a_row = 0
+        runs: list[tuple[np.ndarray, int, int]] = []  # (chunk pixels, first row, end row): good rows taken
+        texts: list[str] = []
         while len(texts) < self.batch_size:
-            sample = next(self._samples)
-            if "bad" in sample:
-                self._skipped += 1
-                bad_in_a_row += 1
-                if self._shard_size is not None and bad_in_a_row >= max(self._shard_size, 1):
-                    raise RuntimeError(
-                        f"{self._name}: a whole epoch ({bad_in_a_row} samples) in a row "
-                        f"could not be decoded; last: {sample['bad']}"
-                    )
-                if self._skipped <= _LOG_FIRST or self._skipped % _LOG_EVERY == 0:
-                    logger.warning(
-                        "%s: skipped undecodable sample %s (%d skipped so far)",
-                        self._name,
-                        sample["bad"],
-                        self._skipped,
-                    )
-                continue
-            pixels.append(sample["pixel_values"])
-            texts.append(sample["text"])
+            if self._chunk is None or self._used == len(self._chunk["bad"]):
+                self._next_chunk()
+            chunk = self._chunk
+            while self._used < len(chunk["bad"]) and len(texts) < self.batch_size:
+                i, self._used = self._used, self._used + 1
+                if chunk["bad"][i]:
+                    self._skip(chunk["bad"][i])
+                    continue
+                self._bad_in_a_row = 0
+                texts.append(chunk["text"][i])
+                if runs and runs[-1][0] is chunk["pixel_values"] and runs[-1][2] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1], i + 1)
+                else:
+                    runs.append((chunk["pixel_values"], i, i + 1))
         self._yielded += len(texts)
         batch = self._encode_text(texts)
-        batch["pixel_values"] = np.stack(pixels).astype(np.float32, copy=False)
+        pixels = np.empty((len(texts),) + runs[0][0].shape[1:], runs[0][0].dtype)
+        row = 0
+        for array, lo, hi in runs:
+            pixels[row : row + hi - lo] = array[lo:hi]
+            row += hi - lo
+        batch["pixel_values"] = pixels
         return batch
+
+    def _skip(self, why: str) -> None:
+        self._skipped += 1
+        self._bad_in_a_row += 1
+        if self._shard_size is not None and self._bad_in_a_row >= max(self._shard_size, 1):
+            raise RuntimeError(
+                f"{self._name}: a whole epoch ({self._bad_in_a_row} samples) in a row could not be decoded; last: {why}"
+            )
+        if self._skipped <= _LOG_FIRST or self._skipped % _LOG_EVERY == 0:
+            logger.warning("%s: skipped undecodable sample %s (%d skipped so far)", self._name, why, self._skipped)
 
     @property
     def stats(self) -> dict[str, int]:
         return {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index, "samples": self._yielded}
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able state: grain's iterator state plus the counters."""
-        return {"grain": self._samples.get_state(), "skipped": self._skipped, "samples": self._yielded}
+        """JSON-able state: grain's iterator state (before the chunk in use), the records of that
+        chunk already used, and the counters."""
+        partial = self._chunk is not None and self._used < len(self._chunk["bad"])
+        return {
+            "grain": self._chunk_state if partial else self._samples.get_state(),
+            "chunk": CHUNK,
+            "used": self._used if partial else 0,
+            "skipped": self._skipped,
+            "samples": self._yielded,
+            "bad_in_a_row": self._bad_in_a_row,
+        }
 
     def close(self) -> None:
         """Stops grain's reader threads."""
@@ -294,9 +358,27 @@ class TrainIterator:
         missing = {"grain", "skipped", "samples"} - set(state)
         if missing:
             raise ValueError(f"{self._name}: iterator state lacks keys {sorted(missing)}; got {sorted(state)}")
-        self._samples.set_state(state["grain"])
+        grain_state, used = state["grain"], int(state.get("used", 0))
+        if "chunk" not in state:  # saved before chunks: grain counted records
+            if set(grain_state) != {"next_index"}:
+                raise ValueError(
+                    f"{self._name}: this checkpoint's data state is from a version that decoded record by "
+                    f"record in worker processes; resume it once with data.worker_count=0"
+                )
+            records = int(state["samples"]) + int(state["skipped"])
+            grain_state, used = {"next_index": records // CHUNK}, records % CHUNK
+        elif int(state["chunk"]) != CHUNK:
+            raise ValueError(
+                f"{self._name}: data state saved with chunks of {state['chunk']} records, this version uses {CHUNK}"
+            )
+        self._samples.set_state(grain_state)
+        self._chunk, self._chunk_state, self._used = None, None, 0
+        if used:
+            self._next_chunk()
+            self._used = used
         self._skipped = int(state["skipped"])
         self._yielded = int(state["samples"])
+        self._bad_in_a_row = int(state.get("bad_in_a_row", 0))
 
 
 def shard_range(num_records: int, shard: grain.sharding.ShardOptions) -> tuple[int, int]:
@@ -337,7 +419,11 @@ def build_train_iterator(
         raise ValueError(f"{name}: {len(source)} records cannot feed {shard.shard_count} processes")
     ds = grain.MapDataset.source(source)[start:end]
     ds = ds.shuffle(seed=seed).repeat(None).random_map(_Decode(image_size, crop, jpeg_draft), seed=seed)
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    # chunks of consecutive records: the record order, and so every batch, is the same for any
+    # number of threads or workers (worker i decodes chunks i, i + n, ...)
+    ds = ds.batch(CHUNK, batch_fn=_collate)
+    chunks = lambda records: max(1, -(-records // CHUNK))  # noqa: E731
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=chunks(prefetch_buffer_size))
     ds = ds.to_iter_dataset(read)
     if worker_count:
         from absl import flags
@@ -345,7 +431,7 @@ def build_train_iterator(
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=chunks(worker_buffer_size))
         )
     samples = ds.__iter__()
     return TrainIterator(

@@ -174,7 +174,8 @@ def make_train_step(
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
     ``batch``: dict of global arrays sharded over ("data", "fsdp") (``sharding.shard_batch``),
-    input_ids/attention_mask int32 (B, L), pixel_values float32 (B, 3, H, W).
+    input_ids/attention_mask int32 (B, L), pixel_values uint8 (B, H, W, 3) images (the data
+    pipeline's; normalised here, on the device: ``encoding.model_pixels``) or float32 (B, 3, H, W).
     ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
     ``rng_impl``: the dropout bit generator (``RNG_IMPLS``; see ``dropout_key``).
     Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
