@@ -7,17 +7,28 @@ before any work, naming the scheme and what to install:
 
     as_path("gs://b/x", what="workdir")   # -> epath.Path, or ImportError "... pip install gcsfs"
     as_path("ftp://h/x", what="workdir")  # ValueError "workdir 'ftp://h/x': unsupported scheme ..."
+
+What cannot be read remotely (an LMDB database, a checkpoint a library opens by local path) is
+copied once into a temp dir: ``copy_tree`` (any scheme to any scheme), or ``local_copy``, which
+keeps the copy alive with the object that reads it. What is read by byte ranges (a TSV of
+images, tar shards) stays where it is: ``RangeReader``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
+import tempfile
+import threading
+import time
 
 from etils import epath
 
-__all__ = ["as_path", "scheme_of", "is_local", "copy_tree", "SCHEMES"]
+__all__ = ["as_path", "scheme_of", "is_local", "copy_tree", "local_copy", "RangeReader", "SCHEMES"]
+
+logger = logging.getLogger(__name__)
 
 # scheme -> (fsspec implementation module, pip package); epath serves exactly these URI schemes.
 SCHEMES = {
@@ -87,3 +98,61 @@ def copy_tree(src: epath.Path, dst: epath.Path) -> epath.Path:
     with src.open("rb") as f_in, dst.open("wb") as f_out:
         shutil.copyfileobj(f_in, f_out, 16 << 20)
     return dst
+
+
+def local_copy(path: epath.Path, *, what: str = "path") -> tuple[epath.Path, tempfile.TemporaryDirectory | None]:
+    """(``path``, None) when ``path`` is local; else (a copy of the file or directory in a fresh
+    temp dir, the ``TemporaryDirectory`` holding it), logged. The copy lives until that holder
+    is cleaned up or garbage collected: keep it beside whatever reads the copy."""
+    if is_local(path):
+        return path, None
+    holder = tempfile.TemporaryDirectory(prefix="ccj-copy-")
+    local = epath.Path(holder.name) / path.name
+    logger.info("%s %s cannot be read remotely: copying it to %s (once)", what, path, local)
+    start = time.perf_counter()
+    copy_tree(path, local)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)  # our temp dir
+    size = size or os.path.getsize(local)  # a single file
+    logger.info("%s: copied %.1f MiB in %.1f s", what, size / 2**20, time.perf_counter() - start)
+    return local, holder
+
+
+class RangeReader:
+    """Byte ranges of one local or remote file: ``reader.read(offset, size)`` -> bytes.
+
+    Opened on the first read: a local file with ``os.pread`` (threads read concurrently), a
+    remote one (gs://, any epath scheme) by seek/read on one epath file object under a lock.
+    Pickles without the open file, so grain worker processes reopen their own.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._file, self._lock = None, threading.Lock()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self._file is None:
+            with self._lock:
+                if self._file is None:
+                    local = is_local(self.path)
+                    self._file = os.open(self.path, os.O_RDONLY) if local else as_path(self.path).open("rb")
+        if isinstance(self._file, int):
+            return os.pread(self._file, size, offset)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.read(size)
+
+    def close(self) -> None:
+        f, self._file = getattr(self, "_file", None), None
+        if isinstance(f, int):
+            os.close(f)
+        elif f is not None:
+            f.close()
+
+    def __del__(self):
+        self.close()
