@@ -120,9 +120,12 @@ def local_copy(path: epath.Path, *, what: str = "path") -> tuple[epath.Path, tem
 class RangeReader:
     """Byte ranges of one local or remote file: ``reader.read(offset, size)`` -> bytes.
 
-    Opened on the first read: a local file with ``os.pread`` (threads read concurrently), a
-    remote one (gs://, any epath scheme) by seek/read on one epath file object under a lock.
-    Pickles without the open file, so grain worker processes reopen their own.
+    Opened on the first read. A local file is read with ``os.pread``; a remote one through the
+    file object epath opens: an fsspec file (gcsfs, s3fs, ...) by its filesystem's
+    ``cat_file(path, start, end)``, one exact ranged request per read (a plain seek/read on a
+    GCSFile would also fetch its 5 MiB read-ahead block), any other by seek/read under a lock.
+    Threads read concurrently except in that last case. Pickles without the open file, so grain
+    worker processes reopen their own.
     """
 
     def __init__(self, path):
@@ -135,23 +138,36 @@ class RangeReader:
     def __setstate__(self, state):
         self.__init__(state["path"])
 
+    def _open(self):
+        if is_local(self.path):
+            return os.open(self.path, os.O_RDONLY)
+        f = as_path(self.path).open("rb")
+        fs, key = getattr(f, "fs", None), getattr(f, "path", None)
+        if fs is not None and key and hasattr(fs, "cat_file"):
+            f.close()
+            return fs, key
+        return f
+
     def read(self, offset: int, size: int) -> bytes:
         if self._file is None:
             with self._lock:
                 if self._file is None:
-                    local = is_local(self.path)
-                    self._file = os.open(self.path, os.O_RDONLY) if local else as_path(self.path).open("rb")
-        if isinstance(self._file, int):
-            return os.pread(self._file, size, offset)
+                    self._file = self._open()
+        f = self._file
+        if isinstance(f, int):
+            return os.pread(f, size, offset)
+        if isinstance(f, tuple):
+            fs, key = f
+            return fs.cat_file(key, start=offset, end=offset + size)
         with self._lock:
-            self._file.seek(offset)
-            return self._file.read(size)
+            f.seek(offset)
+            return f.read(size)
 
     def close(self) -> None:
         f, self._file = getattr(self, "_file", None), None
         if isinstance(f, int):
             os.close(f)
-        elif f is not None:
+        elif f is not None and not isinstance(f, tuple):
             f.close()
 
     def __del__(self):

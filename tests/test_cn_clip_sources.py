@@ -184,3 +184,25 @@ def test_gs_root_reads_equal_to_local_for_training_and_build(cn_clip_src, tmp_pa
         )
         assert rc == 0 and (summary["written"], summary["skipped"]) == (len(good), 3)
         assert _records(tmp_path / fmt) == _want(good)
+
+
+def test_remote_byte_ranges_are_exact_requests(tmp_path, fake_gcs, monkeypatch):
+    from chinese_clip_jax.paths import RangeReader
+
+    data = bytes(range(256)) * 40
+    (tmp_path / "blob").write_bytes(data)
+    copy_tree(as_path(tmp_path / "blob"), as_path("gs://bucket/blob"))
+    requests = []
+    cat_file = fake_gcs.cat_file
+
+    def spy(self, path, start=None, end=None, **kw):
+        requests.append((path, start, end))
+        return cat_file(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fake_gcs, "cat_file", spy)
+    local, remote = RangeReader(tmp_path / "blob"), RangeReader("gs://bucket/blob")
+    for offset, size in ((0, 10), (5000, 300), (10230, 50)):  # the last one runs past the end
+        assert remote.read(offset, size) == local.read(offset, size) == data[offset : offset + size]
+    # one ranged request per read, as gcsfs' cat_file makes (no read-ahead block)
+    assert requests == [("bucket/blob", 0, 10), ("bucket/blob", 5000, 5300), ("bucket/blob", 10230, 10280)]
+    assert pickle.loads(pickle.dumps(remote)).read(7, 3) == data[7:10]  # a worker reopens it
