@@ -10,9 +10,10 @@ Files under ``root`` for a split (e.g. "train", "valid"):
 it. The training source and ``python -m chinese_clip_jax.data.build`` both read through these.
 
 ``root`` is local or remote (gs://, any ``etils.epath`` scheme, via ``paths.as_path``): a remote
-TSV is indexed by streaming it once, then read by byte offsets (seek/read on an epath file
-object); a remote LMDB split (LMDB opens local files only) is copied once into a temp dir, with
-a log line, and read there.
+TSV is indexed by streaming it once, then each image read by its byte range
+(``paths.RangeReader``: one ranged request per image with gcsfs); a remote LMDB split (LMDB opens
+local files only) is copied once into a temp dir (``paths.local_copy``), with a log line, and
+read there.
 
 A training sample is one (caption, image) pair, one per image id a caption lists, as cn_clip.
 Index-time problems (a TSV line with no tab, a JSONL line that is not a caption object, a caption
