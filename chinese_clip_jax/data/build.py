@@ -1,8 +1,13 @@
 """Builds a TFDS dataset directory (ArrayRecord shards) from a cn_clip or webdataset split.
 
     python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset} --split NAME [--num-shards N]
+        [--cn-clip-format {tsv,lmdb}]
 
-SRC: for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``; for
+SRC (local or ``gs://...``): for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` +
+``{split}_texts.jsonl`` or cn_clip's LMDB build ``lmdb/{split}/{imgs,pairs}`` (SRC may also be
+that ``lmdb`` directory), read by ``data.cn_clip``'s own readers: the layout present is used,
+``--cn-clip-format`` picks one where SRC holds both, and SRC with neither is refused (exit 2)
+before anything is written; a remote LMDB split is copied to a local temp dir once. For
 ``webdataset``, shard paths/globs/braces (as ``data.webdataset.shards``). OUT (local or
 ``gs://...``) receives ``dataset_info.json``, ``features.json`` and
 ``ccj-{split}.array_record-0000i-of-0000n``; ``tfds.builder_from_directory(OUT)`` reads it and
@@ -57,26 +62,27 @@ def features():
     )
 
 
-def _cn_clip_records(src, split: str, skipped: list) -> Iterator[dict]:
-    from etils import epath
+def _cn_clip_records(src, split: str, cn_clip_format: str, skipped: list) -> Iterator[dict]:
+    from .cn_clip import open_split
 
-    from .cn_clip import TsvImages, read_texts
-
-    root = epath.Path(src)
-    images = TsvImages(root / f"{split}_imgs.tsv", skipped)
-    for text_id, text, image_ids, where in read_texts(root / f"{split}_texts.jsonl", skipped):
-        for image_id in map(str, image_ids):
-            if image_id not in images:
-                yield {"error": f"image id {image_id} is not in {images.path}", "where": where}
-                continue
-            b64, img_where = images[image_id]
-            yield {
-                "image": b64,
-                "text": text,
-                "image_id": image_id,
-                "text_id": str(text_id),
-                "where": f"{where} / {img_where}",
-            }
+    _, images, captions = open_split(src, split, cn_clip_format, skipped, choose_with="--cn-clip-format")
+    try:
+        for text_id, text, image_ids, where in captions:
+            for image_id in map(str, image_ids):
+                try:
+                    b64, img_where = images[image_id]
+                except KeyError as e:  # "image id 7 not in SRC/..."
+                    yield {"error": e.args[0], "where": where}
+                    continue
+                yield {
+                    "image": b64,
+                    "text": text,
+                    "image_id": image_id,
+                    "text_id": str(text_id),
+                    "where": f"{where} / {img_where}",
+                }
+    finally:
+        images.close()  # and a remote LMDB split's local copy
 
 
 def _webdataset_records(src, skipped: list) -> Iterator[dict]:
@@ -122,10 +128,19 @@ def _init_worker():
 
 
 def build(
-    src: str, out: str, *, fmt: str, split: str, num_shards: int = 1, workers: int = 1, progress: bool = True
+    src: str,
+    out: str,
+    *,
+    fmt: str,
+    split: str,
+    num_shards: int = 1,
+    workers: int = 1,
+    progress: bool = True,
+    cn_clip_format: str | None = None,
 ) -> dict:
     """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
-    {"split", "written", "skipped", "shards", "out"}."""
+    {"split", "written", "skipped", "shards", "out"}. ``cn_clip_format`` ("tsv", "lmdb"; None:
+    the one SRC holds) applies to ``fmt="cn_clip"`` only."""
     import tensorflow_datasets as tfds
     from array_record.python.array_record_module import ArrayRecordWriter
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
@@ -140,11 +155,16 @@ def build(
     if not split or not split.replace("_", "").isalnum():
         raise ValueError(f"--split must be a name like 'train' (letters, digits, _), got {split!r}")
     out_path = as_path(out, what="OUT")
+    if cn_clip_format is not None and fmt != "cn_clip":
+        raise ValueError(f"--cn-clip-format applies to --format cn_clip only, not {fmt!r}")
     if fmt == "cn_clip":
+        from .cn_clip import find_split
+
         src_path = as_path(src, what="SRC")
-        for name in (f"{split}_imgs.tsv", f"{split}_texts.jsonl"):
-            if not (src_path / name).exists():
-                raise FileNotFoundError(f"SRC: {src_path / name} does not exist (cn_clip split {split!r})")
+        try:
+            cn_clip_format, _ = find_split(src_path, split, cn_clip_format, choose_with="--cn-clip-format")
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"SRC: {e}") from None
     existing = None
     if (out_path / "dataset_info.json").exists():
         existing = tfds.builder_from_directory(os.fspath(out_path)).info
@@ -152,7 +172,10 @@ def build(
             raise FileExistsError(f"OUT: {out_path} already holds split {split!r}; choose another OUT or split")
 
     skipped = [0]
-    records = _cn_clip_records(src, split, skipped) if fmt == "cn_clip" else _webdataset_records(src, skipped)
+    if fmt == "cn_clip":
+        records = _cn_clip_records(src_path, split, cn_clip_format, skipped)
+    else:
+        records = _webdataset_records(src, skipped)
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
         template = naming.ShardedFileTemplate(
@@ -203,6 +226,7 @@ def build(
             num_bytes += os.path.getsize(p)
             with open(p, "rb") as f_in, (out_path / p.name).open("wb") as f_out:
                 shutil.copyfileobj(f_in, f_out, 16 << 20)
+    source = f"cn_clip ({cn_clip_format})" if fmt == "cn_clip" else fmt
     out_template = naming.ShardedFileTemplate(
         data_dir=out_path, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
     )
@@ -215,7 +239,7 @@ def build(
             name=DATASET_NAME, version="1.0.0", data_dir=os.fspath(out_path), module_name=""
         ),
         features=features(),
-        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {fmt} {src}",
+        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {source} {src}",
     )
     info.set_splits(splits_lib.SplitDict(splits))
     info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
@@ -225,11 +249,17 @@ def build(
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="cn_clip dataset directory, or webdataset shards (paths, globs, braces)")
+    ap.add_argument("src", help="cn_clip dataset directory (TSV or LMDB), or webdataset shards (paths, globs, braces)")
     ap.add_argument("out", help="TFDS dataset directory to write (local or gs://...)")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--split", required=True, help="split name, e.g. train / valid / test")
     ap.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files for this split")
+    ap.add_argument(
+        "--cn-clip-format",
+        choices=("tsv", "lmdb"),
+        default=None,
+        help="cn_clip layout: SPLIT_imgs.tsv + SPLIT_texts.jsonl, or lmdb/SPLIT (default: the one SRC holds)",
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -238,9 +268,16 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)  # e.g. "copying a remote LMDB split"
     try:
         summary = build(
-            args.src, args.out, fmt=args.format, split=args.split, num_shards=args.num_shards, workers=args.workers
+            args.src,
+            args.out,
+            fmt=args.format,
+            split=args.split,
+            num_shards=args.num_shards,
+            workers=args.workers,
+            cn_clip_format=args.cn_clip_format,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,16 +5,24 @@ Files under ``root`` for a split (e.g. "train", "valid"):
   ``{split}_texts.jsonl``  one caption per line: ``{"text_id": 1, "text": "...", "image_ids": [..]}``
   or the LMDB build (cn_clip's build_lmdb_dataset.py): ``{root}/lmdb/{split}/imgs`` (key
   str(image_id) -> base64) and ``{root}/lmdb/{split}/pairs`` (key str(i) -> pickled
-  (image_id, text_id, text); b"num_samples").
+  (image_id, text_id, text); b"num_samples"); ``root`` may also be that ``lmdb`` directory.
+``find_split`` says which layout holds a split (or picks the one present); ``open_split`` opens
+it. The training source and ``python -m chinese_clip_jax.data.build`` both read through these.
+
+``root`` is local or remote (gs://, any ``etils.epath`` scheme, via ``paths.as_path``): a remote
+TSV is indexed by streaming it once, then each image read by its byte range
+(``paths.RangeReader``: one ranged request per image with gcsfs); a remote LMDB split (LMDB opens
+local files only) is copied once into a temp dir (``paths.local_copy``), with a log line, and
+read there.
 
 A training sample is one (caption, image) pair, one per image id a caption lists, as cn_clip.
 Index-time problems (a TSV line with no tab, a JSONL line that is not a caption object, a caption
 naming an image that is not in the TSV) are logged with file:line, skipped and counted in
 ``skipped_at_index``; images that fail to decode are skipped later by the pipeline.
 
-Config keys (``data.cn_clip.*``): ``root`` (directory), ``format`` ("tsv" or "lmdb"; LMDB needs
-the ``lmdb`` package), ``split`` (training split), ``eval_split`` (retrieval eval; "" = none),
-``eval_max_texts`` (at most this many eval captions).
+Config keys (``data.cn_clip.*``): ``root`` (directory, local or gs://), ``format`` ("tsv" or
+"lmdb"; LMDB needs the ``lmdb`` package), ``split`` (training split), ``eval_split`` (retrieval
+eval; "" = none), ``eval_max_texts`` (at most this many eval captions).
 """
 
 from __future__ import annotations
@@ -22,15 +30,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
-from pathlib import Path
+import threading
 
+from etils import epath
+
+from ..paths import RangeReader, as_path, local_copy
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
-__all__ = ["TsvImages", "LmdbImages", "PairSource", "open_source", "eval_sets"]
+__all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
 
 logger = logging.getLogger(__name__)
+FORMATS = ("tsv", "lmdb")
 
 
 def _skip(counter: list, where: str, why: str) -> None:
@@ -40,15 +51,16 @@ def _skip(counter: list, where: str, why: str) -> None:
 
 
 class TsvImages:
-    """``{split}_imgs.tsv`` indexed by byte offset: ``images[image_id]`` -> (base64 str, "file:line")."""
+    """``{split}_imgs.tsv`` (local or remote) indexed by byte offset: ``images[image_id]`` ->
+    (base64 str, "file:line")."""
 
-    def __init__(self, path: str | os.PathLike, skipped: list):
-        self.path = Path(path)
+    def __init__(self, path, skipped: list):
+        self.path = as_path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"cn_clip: image file {self.path} does not exist")
         self._index: dict[str, tuple[int, int, int]] = {}  # id -> (offset, length, line number)
         offset = 0
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             for line_no, line in enumerate(f, start=1):
                 tab = line.find(b"\t")
                 if tab <= 0:
@@ -58,14 +70,7 @@ class TsvImages:
                     key = line[:tab].decode("utf-8", "replace").strip()
                     self._index[key] = (offset, len(line), line_no)
                 offset += len(line)
-        self._fd = os.open(self.path, os.O_RDONLY)
-
-    def __getstate__(self):  # grain worker processes reopen the file
-        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._reader = RangeReader(self.path)  # pickles without its file: grain workers reopen
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._index
@@ -75,13 +80,15 @@ class TsvImages:
         return list(self._index)
 
     def __getitem__(self, image_id) -> tuple[str, str]:
-        offset, length, line_no = self._index[str(image_id)]
-        line = os.pread(self._fd, length, offset)
+        entry = self._index.get(str(image_id))
+        if entry is None:
+            raise KeyError(f"image id {image_id} not in {self.path}")
+        offset, length, line_no = entry
+        line = self._reader.read(offset, length)
         return line[line.find(b"\t") + 1 :].strip().decode("ascii", "replace"), f"{self.path}:{line_no}"
 
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+    def close(self) -> None:
+        self._reader.close()
 
 
 class _TupleOnly(pickle.Unpickler):
@@ -91,7 +98,7 @@ class _TupleOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an LMDB pair")
 
 
-def _lmdb_open(path: Path):
+def _lmdb_open(path: epath.Path):
     try:
         import lmdb
     except ImportError as e:
@@ -102,36 +109,63 @@ def _lmdb_open(path: Path):
 
 
 class LmdbImages:
-    """``lmdb/{split}/imgs``: ``images[image_id]`` -> (base64 str, "db:key")."""
+    """``lmdb/{split}/imgs`` (a local directory): ``images[image_id]`` -> (base64 str, "db:key").
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._env = _lmdb_open(path)
+    ``keep``: the temp dir holding a copy of a remote database (``paths.local_copy``), kept as
+    long as this object and removed by ``close``; ``origin``: the database messages name (the
+    remote one a copy came from). Pickles as its path: grain workers reopen it.
+    """
+
+    def __init__(self, path: epath.Path, keep=None, origin=None):
+        self.path, self._keep, self.origin = path, keep, str(origin or path)
+        self._env, self._lock = _lmdb_open(path), threading.Lock()
+
+    def __getstate__(self):
+        return {"path": self.path, "origin": self.origin}
+
+    def __setstate__(self, state):  # opened on first read (lmdb refuses a second open per process)
+        self.path, self._keep, self.origin = state["path"], None, state["origin"]
+        self._env, self._lock = None, threading.Lock()
+
+    def _begin(self):
+        if self._env is None:
+            with self._lock:
+                if self._env is None:
+                    self._env = _lmdb_open(self.path)
+        return self._env.begin()
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+        if self._keep is not None:
+            self._keep.cleanup()
 
     def __contains__(self, image_id) -> bool:
-        with self._env.begin() as txn:
+        with self._begin() as txn:
             return txn.get(str(image_id).encode()) is not None
 
     def ids(self) -> list[str]:
         """Every image id, in key order (cn_clip's count key b"num_images" left out)."""
-        with self._env.begin() as txn:
+        with self._begin() as txn:
             return [
                 bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False) if bytes(k) != b"num_images"
             ]
 
     def __getitem__(self, image_id) -> tuple[str, str]:
-        with self._env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(str(image_id).encode())
         if value is None:
-            raise KeyError(f"image id {image_id} not in {self.path}")
-        return bytes(value).decode("ascii", "replace"), f"{self.path}:{image_id}"
+            raise KeyError(f"image id {image_id} not in {self.origin}")
+        return bytes(value).decode("ascii", "replace"), f"{self.origin}:{image_id}"
 
 
-def read_texts(path: Path, skipped: list):
-    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl``."""
+def read_texts(path, skipped: list):
+    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl`` (local or remote)."""
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cn_clip: caption file {path} does not exist")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 BOM (Windows editors) is not a record's text
+    # -sig: a UTF-8 BOM (Windows editors) is not a record's text
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -147,15 +181,16 @@ def read_texts(path: Path, skipped: list):
                 _skip(skipped, where, f"not a caption object ({type(e).__name__}: {e})")
 
 
-def _read_lmdb_pairs(path: Path, skipped: list):
-    """Yields (image_id, text_id, text, where) from ``lmdb/{split}/pairs``."""
+def _read_lmdb_pairs(path: epath.Path, skipped: list, origin=None):
+    """Yields (image_id, text_id, text, where) from ``lmdb/{split}/pairs`` (``origin``: the
+    database ``where`` names, if ``path`` is a copy)."""
     env = _lmdb_open(path)
     with env.begin() as txn:
         raw = txn.get(b"num_samples")
         if raw is None:
             raise ValueError(f"cn_clip: {path} has no b'num_samples' key: not a cn_clip pairs database")
         for i in range(int(bytes(raw).decode())):
-            where = f"{path}:{i}"
+            where = f"{origin or path}:{i}"
             value = txn.get(str(i).encode())
             try:
                 image_id, text_id, text = _TupleOnly(io.BytesIO(bytes(value))).load()
@@ -185,40 +220,77 @@ class PairSource:
         return {"image": b64, "text": text, "where": where}
 
 
-def _split_dir(root: Path, split: str) -> Path:
-    for candidate in (root / "lmdb" / split, root / split):
-        if (candidate / "pairs").exists():
-            return candidate
-    raise FileNotFoundError(
-        f"cn_clip: no LMDB build of split {split!r} under {root} (looked for {root / 'lmdb' / split / 'pairs'})"
-    )
+def find_split(root: epath.Path, split: str, fmt: str | None = None, *, choose_with: str = "data.cn_clip.format"):
+    """("tsv", root) or ("lmdb", the split's LMDB directory) for ``split`` under ``root``.
+
+    ``fmt`` "tsv" / "lmdb" takes that layout; None takes the one present. Raises (one line)
+    FileNotFoundError when the layout asked for, or any, is missing, and ValueError for a bad
+    ``fmt`` or, with None, when ``root`` holds both (``choose_with`` names the setting to pass).
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"cn_clip: {choose_with} must be one of {FORMATS}, got {fmt!r}")
+    tsv = [root / f"{split}_imgs.tsv", root / f"{split}_texts.jsonl"]
+    lmdb_dir = next((d for d in (root / "lmdb" / split, root / split) if (d / "pairs").exists()), None)
+    if fmt is None:
+        has_tsv = any(p.exists() for p in tsv)
+        if has_tsv and lmdb_dir is not None:
+            raise ValueError(
+                f"cn_clip: {root} holds split {split!r} both as TSV ({tsv[0].name}) and as LMDB ({lmdb_dir}): "
+                f"choose one with {choose_with} tsv or lmdb"
+            )
+        if not has_tsv and lmdb_dir is None:
+            raise FileNotFoundError(
+                f"cn_clip: no split {split!r} under {root}: neither {tsv[0].name} + {tsv[1].name} (TSV) "
+                f"nor lmdb/{split}/pairs + imgs (LMDB)"
+            )
+        fmt = "tsv" if has_tsv else "lmdb"
+    if fmt == "tsv":
+        for p in tsv:
+            if not p.is_file():
+                raise FileNotFoundError(f"cn_clip: {p} does not exist (split {split!r}, TSV layout)")
+        return "tsv", root
+    if lmdb_dir is None:
+        raise FileNotFoundError(
+            f"cn_clip: no LMDB build of split {split!r} under {root} (looked for {root / 'lmdb' / split / 'pairs'})"
+        )
+    if not (lmdb_dir / "imgs").exists():
+        raise FileNotFoundError(f"cn_clip: {lmdb_dir / 'imgs'} does not exist (LMDB split {split!r})")
+    return "lmdb", lmdb_dir
+
+
+def open_split(root, split: str, fmt: str | None, skipped: list, *, choose_with: str = "data.cn_clip.format"):
+    """(format, images, captions) of ``split`` under ``root`` (local or remote; ``fmt`` as in
+    ``find_split``). images: ``TsvImages`` or ``LmdbImages`` (a remote LMDB split is copied to a
+    temp dir first; ``images.close()`` removes it); captions: [(text_id, text, image_ids, where)],
+    the LMDB pairs grouped back into captions in file order. Index-time problems go to ``skipped``.
+    """
+    fmt, directory = find_split(as_path(root), split, fmt, choose_with=choose_with)
+    if fmt == "tsv":
+        images = TsvImages(directory / f"{split}_imgs.tsv", skipped)
+        return fmt, images, list(read_texts(directory / f"{split}_texts.jsonl", skipped))
+    local, keep = local_copy(directory, what=f"cn_clip LMDB split {split!r}")
+    images = LmdbImages(local / "imgs", keep=keep, origin=directory / "imgs")
+    grouped: dict = {}
+    for image_id, text_id, text, where in _read_lmdb_pairs(local / "pairs", skipped, origin=directory / "pairs"):
+        grouped.setdefault((text_id, text), ([], where))[0].append(image_id)
+    return fmt, images, [(text_id, text, ids, where) for (text_id, text), (ids, where) in grouped.items()]
 
 
 def _open(c, split: str):
     """(images, pairs as [(image_id, text)], per-caption [(text, [image_ids])], skipped counter)."""
-    root, skipped = Path(c.root), [0]
     if not str(c.root):
         raise ValueError("cn_clip: set data.cn_clip.root to the dataset directory")
-    if c.format == "tsv":
-        images = TsvImages(root / f"{split}_imgs.tsv", skipped)
-        captions = [(text, ids) for _, text, ids, _ in read_texts(root / f"{split}_texts.jsonl", skipped)]
-    elif c.format == "lmdb":
-        directory = _split_dir(root, split)
-        images = LmdbImages(directory / "imgs")
-        grouped: dict = {}
-        for image_id, text_id, text, _ in _read_lmdb_pairs(directory / "pairs", skipped):
-            grouped.setdefault((text_id, text), []).append(image_id)
-        captions = [(text, ids) for (_, text), ids in grouped.items()]
-    else:
-        raise ValueError(f"cn_clip: data.cn_clip.format must be 'tsv' or 'lmdb', got {c.format!r}")
+    skipped = [0]
+    root = as_path(c.root, what="data.cn_clip.root")
+    fmt, images, captions = open_split(root, split, c.format, skipped)
     pairs = []
-    for text, ids in captions:
+    for _, text, ids, _ in captions:
         for image_id in ids:
-            if c.format == "tsv" and image_id not in images:
+            if fmt == "tsv" and image_id not in images:
                 _skip(skipped, f"caption {text!r}", f"image id {image_id} is not in {images.path}")
             else:
                 pairs.append((str(image_id), text))
-    return images, pairs, captions, skipped
+    return images, pairs, [(text, ids) for _, text, ids, _ in captions], skipped
 
 
 def open_source(c, split: str) -> PairSource:

@@ -21,10 +21,10 @@ import os
 import posixpath
 import re
 import tarfile
-import threading
 
 import numpy as np
 
+from ..paths import RangeReader
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
@@ -155,20 +155,12 @@ class TarSource:
         self._rows = np.concatenate(parts) if parts else np.zeros(0, INDEX_DTYPE)
         if not len(self._rows):
             raise ValueError(f"webdataset: no (image, caption) samples in {self.paths[:3]}...")
-        self._files: dict[int, object] = {}
-        self._lock = threading.Lock()
+        self._readers = [RangeReader(p) for p in self.paths]  # opened on first read, reopened in workers
 
     @property
     def index_bytes(self) -> int:
         """Bytes of index held for this process's samples."""
         return self._rows.nbytes
-
-    def __getstate__(self):  # grain worker processes reopen the files
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_lock")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._files, self._lock = {}, threading.Lock()
 
     def _skip(self, where: str, why: str) -> None:
         self.skipped_at_index += 1
@@ -195,21 +187,7 @@ class TarSource:
         return len(self._rows)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        from ..paths import as_path, is_local
-
-        f = self._files.get(shard)
-        if f is None:
-            with self._lock:
-                if shard not in self._files:
-                    path = self.paths[shard]
-                    self._files[shard] = os.open(path, os.O_RDONLY) if is_local(path) else as_path(path).open("rb")
-                f = self._files[shard]
-        if isinstance(f, int):
-            data = os.pread(f, size, offset)
-        else:
-            with self._lock:
-                f.seek(offset)
-                data = f.read(size)
+        data = self._readers[shard].read(offset, size)
         if len(data) != size:
             raise OSError(f"short read ({len(data)} of {size} bytes)")
         return data
@@ -241,13 +219,6 @@ class TarSource:
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
         return {"image": image, "text": text, "where": where}
-
-    def __del__(self):
-        for f in getattr(self, "_files", {}).values():
-            if isinstance(f, int):
-                os.close(f)
-            else:
-                f.close()
 
 
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
