@@ -298,36 +298,6 @@ def test_normalize_pixels_is_bit_equal_to_transformers():
 # ---------------------------------------------------------------- epath routes
 
 
-@pytest.fixture
-def fake_gcs():
-    """gs:// served by an in-memory fsspec filesystem (epath's fsspec backend, as with gcsfs)."""
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    class FakeGCS(MemoryFileSystem):
-        protocol, root_marker = ("gs", "gcs"), ""
-        store, pseudo_dirs = {}, [""]
-
-        @classmethod
-        def _strip_protocol(cls, path):  # "gs://bucket/x" -> "bucket/x", as gcsfs
-            path = str(path).split("://", 1)[-1]
-            return path.strip("/")
-
-    fsspec.register_implementation("gs", FakeGCS, clobber=True)
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    from etils.epath import backend
-
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield FakeGCS
-    FakeGCS.store.clear()
-    import importlib
-
-    registry = importlib.import_module("fsspec.registry")
-    for name in ("gs", "gcs"):
-        registry._registry.pop(name, None)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-
-
 def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
     from chinese_clip_jax.data.webdataset import TarSource
     from chinese_clip_jax.paths import as_path, copy_tree
