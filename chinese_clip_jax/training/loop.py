@@ -36,6 +36,7 @@ from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
 from .evaluator import Evaluator
 from .optim import make_optimizer
+from .run_length import resolve_run_length
 from .run_log import RunLog
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
@@ -102,10 +103,11 @@ def _preemption_service_running() -> bool:
 
 
 class TrainResult(dict):
-    """What ``train`` returns: ``step``, ``stopped_early`` (SIGTERM), ``first_eval``,
-    ``last_eval``, ``chance``, ``checkpoint_dir``, ``steps_run`` (0: the run was already finished),
-    ``wall_s``, ``samples_per_sec``, ``figure`` (DIR/demo.png or DIR/summary.png, with evals) and, with
-    ``export_hf``, ``export_dir`` (HF layout that ``ccj.from_pretrained`` and transformers read)."""
+    """What ``train`` returns: ``step``, ``total_steps`` (derived, with ``epochs``), ``stopped_early``
+    (SIGTERM), ``first_eval``, ``last_eval``, ``chance``, ``checkpoint_dir``, ``steps_run`` (0: the
+    run was already finished), ``wall_s``, ``samples_per_sec``, ``figure`` (DIR/demo.png or
+    DIR/summary.png, with evals) and, with ``export_hf``, ``export_dir`` (HF layout that
+    ``ccj.from_pretrained`` and transformers read)."""
 
 
 def _load_init(config, dtype, scan_layers):
@@ -214,6 +216,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     image_size = model_config.vision_config.image_size
 
     ckpt_dir = workdir / "checkpoints"
+    resuming = None
     if jax.process_index() == 0:
         resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
         check_model_config(workdir, _architecture(model_config), resuming=resuming)
@@ -225,11 +228,6 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
             f"accum_steps ({config.accum_steps})"
         )
-    freeze = config.freeze or None
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
-    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
-    del init_params
-
     if data_iter is None:
         from .. import data
 
@@ -240,6 +238,12 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             image_size=image_size,
             context_length=config.context_length,
         )
+    config = resolve_run_length(config, data_iter, workdir, resuming)  # epochs -> total_steps, once
+    freeze = config.freeze or None
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
+    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
+    del init_params
+
     ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
     state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
     if start:
@@ -376,6 +380,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(
         step=step,
+        total_steps=config.total_steps,
         steps_run=step - start,
         wall_s=time.time() - t_start,
         samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"),
