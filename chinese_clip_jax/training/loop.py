@@ -4,10 +4,11 @@ logging, evaluation, checkpoints.
 ``train(config, workdir)`` reads the keys documented in ``train/configs/base.py``. It appends
 one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run appends to the
 same file, after dropping the lines of steps past the checkpoint it resumes from), writes
-TensorBoard events to ``workdir/tensorboard`` (``run_log.RunLog``: on a ``gs://`` workdir both are
-staged locally and copied at each eval, checkpoint and exit) and shows a progress bar. SIGTERM saves a checkpoint and
-returns; a non-finite loss raises
-``FloatingPointError`` naming the step, without saving.
+TensorBoard events to ``workdir/tensorboard`` (``run_log.RunLog``: on a ``gs://`` workdir both
+are staged locally and copied at each eval, checkpoint and exit) and shows a progress bar.
+``epochs`` > 0 derives ``total_steps`` from the opened train split (``run_length``). SIGTERM
+saves a checkpoint and returns; a non-finite loss raises ``FloatingPointError`` naming the step,
+without saving.
 
 Before anything is built the config is validated (``validate.validate_config``) and the workdir
 locked (``workdir.WorkdirLock``); a rerun checks the model against the one its checkpoints hold
