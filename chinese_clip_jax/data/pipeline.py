@@ -333,6 +333,11 @@ class TrainIterator:
             logger.warning("%s: skipped undecodable sample %s (%d skipped so far)", self._name, why, self._skipped)
 
     @property
+    def shard_records(self) -> int | None:
+        """Records in this process's shard of the source (one epoch of this process)."""
+        return self._shard_size
+
+    @property
     def stats(self) -> dict[str, int]:
         return {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index, "samples": self._yielded}
 

@@ -4,9 +4,11 @@ logging, evaluation, checkpoints.
 ``train(config, workdir)`` reads the keys documented in ``train/configs/base.py``. It appends
 one JSON object per log/eval step to ``workdir/metrics.jsonl`` (a resumed run appends to the
 same file, after dropping the lines of steps past the checkpoint it resumes from), writes
-TensorBoard events to ``workdir/tensorboard`` and shows a progress bar. SIGTERM saves a checkpoint and
-returns; a non-finite loss raises
-``FloatingPointError`` naming the step, without saving.
+TensorBoard events to ``workdir/tensorboard`` (``run_log.RunLog``: on a ``gs://`` workdir both
+are staged locally and copied at each eval, checkpoint and exit) and shows a progress bar.
+``epochs`` > 0 derives ``total_steps`` from the opened train split (``run_length``). SIGTERM
+saves a checkpoint and returns; a non-finite loss raises ``FloatingPointError`` naming the step,
+without saving.
 
 Before anything is built the config is validated (``validate.validate_config``) and the workdir
 locked (``workdir.WorkdirLock``); a rerun checks the model against the one its checkpoints hold
@@ -17,7 +19,6 @@ A full disk ends in one ``OSError`` after Orbax's temporary files are removed.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -36,6 +37,8 @@ from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
 from .evaluator import Evaluator
 from .optim import make_optimizer
+from .run_length import resolve_run_length
+from .run_log import RunLog
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
 from .validate import validate_config
@@ -100,65 +103,12 @@ def _preemption_service_running() -> bool:
     return distributed.global_state.client is not None and distributed.global_state.preemption_sync_manager is not None
 
 
-class _Logger:
-    """metrics.jsonl + TensorBoard, on process 0 only."""
-
-    def __init__(self, workdir, resume_step: int):
-        self.active = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self._tb = None
-        if self.active and self.path.exists():
-            self._truncate(resume_step)
-        if self.active:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def _truncate(self, resume_step: int) -> None:
-        """Drops lines of steps the resumed run will redo (logged after the last checkpoint)."""
-        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
-        keep, torn = [], 0
-        for line in lines:
-            try:
-                record = json.loads(line)
-                step = record["step"]
-            except (ValueError, KeyError, TypeError):  # a half-written line (crash, full disk)
-                torn += line.strip() != ""
-                continue
-            if step <= resume_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        if torn:
-            logger.warning("%s: dropped %d unreadable line(s) (a run stopped while writing them)", self.path, torn)
-        if keep != lines:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(keep), encoding="utf-8")
-            tmp.replace(self.path)
-
-    def image(self, tag: str, image, step: int) -> None:
-        """An RGB uint8 (H, W, 3) image to TensorBoard."""
-        if self.active:
-            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
-            self._tb.flush()
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.active:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-
-    def close(self):
-        if self._tb is not None:
-            self._tb.close()
-
-
 class TrainResult(dict):
-    """What ``train`` returns: ``step``, ``stopped_early`` (SIGTERM), ``first_eval``,
-    ``last_eval``, ``chance``, ``checkpoint_dir``, ``steps_run`` (0: the run was already finished),
-    ``wall_s``, ``samples_per_sec``, ``figure`` (DIR/demo.png or DIR/summary.png, with evals) and, with
-    ``export_hf``, ``export_dir`` (HF layout that ``ccj.from_pretrained`` and transformers read)."""
+    """What ``train`` returns: ``step``, ``total_steps`` (derived, with ``epochs``), ``stopped_early``
+    (SIGTERM), ``first_eval``, ``last_eval``, ``chance``, ``checkpoint_dir``, ``steps_run`` (0: the
+    run was already finished), ``wall_s``, ``samples_per_sec``, ``figure`` (DIR/demo.png or
+    DIR/summary.png, with evals) and, with ``export_hf``, ``export_dir`` (HF layout that
+    ``ccj.from_pretrained`` and transformers read)."""
 
 
 def _load_init(config, dtype, scan_layers):
@@ -267,6 +217,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     image_size = model_config.vision_config.image_size
 
     ckpt_dir = workdir / "checkpoints"
+    resuming = None
     if jax.process_index() == 0:
         resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
         check_model_config(workdir, _architecture(model_config), resuming=resuming)
@@ -278,11 +229,6 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
             f"accum_steps ({config.accum_steps})"
         )
-    freeze = config.freeze or None
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
-    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
-    del init_params
-
     if data_iter is None:
         from .. import data
 
@@ -293,6 +239,12 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             image_size=image_size,
             context_length=config.context_length,
         )
+    config = resolve_run_length(config, data_iter, workdir, resuming)  # epochs -> total_steps, once
+    freeze = config.freeze or None
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
+    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
+    del init_params
+
     ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
     state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
     if start:
@@ -329,7 +281,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         freeze=freeze,
         rng_impl=config.rng_impl,
     )
-    log = _Logger(workdir, start)
+    log = RunLog(workdir, start)
     preempt = _Preemption()
     result = TrainResult(
         step=start,
@@ -343,6 +295,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     def run_eval(step):
         metrics = evaluator(state.params)
         log.write(step, metrics)
+        log.sync()
         if result["first_eval"] is None:
             result["first_eval"] = dict(metrics, step=step)
         result["last_eval"] = dict(metrics, step=step)
@@ -409,7 +362,8 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 window_s, window_n = 0.0, 0
             if eval_now:
                 run_eval(step)
-            ckpt.save(step, state, data_iter, force=step == config.total_steps)
+            if ckpt.save(step, state, data_iter, force=step == config.total_steps):
+                log.sync()
             if step == config.total_steps and evaluator is not None:
                 result["figure"] = _write_figure(workdir, config, evaluator, log, step)
             if stop_now:
@@ -427,6 +381,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(
         step=step,
+        total_steps=config.total_steps,
         steps_run=step - start,
         wall_s=time.time() - t_start,
         samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"),
@@ -440,8 +395,7 @@ def _write_figure(workdir, config, evaluator, log, step: int) -> str | None:
         return None
     from .figures import run_figure
 
-    rows = [json.loads(line) for line in log.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    image = run_figure(rows, evaluator.sets, evaluator.predictions)
+    image = run_figure(log.rows(), evaluator.sets, evaluator.predictions)
     path = workdir / ("demo.png" if config.data.name == "demo" else "summary.png")
     tmp = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()

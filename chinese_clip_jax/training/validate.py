@@ -2,7 +2,8 @@
 
 ``validate_config(config, reference)`` raises a one-line ``ConfigError`` naming the key, the
 value and what is allowed: keys missing from ``reference`` (``train/configs/base.py``'s
-``get_config()``; misspellings get the close matches), non-positive counts, unknown choices
+``get_config()``; misspellings get the close matches), non-positive counts (``eval_every`` /
+``checkpoint_every`` may be -1, once per epoch, with ``epochs`` set), unknown choices
 (``dtype``, ``loss``, ``freeze``, ``model.remat``, ``data.name``, ``data.cn_clip.format``, ...)
 and model sizes the config classes refuse.
 """
@@ -102,9 +103,14 @@ def validate_config(config, reference=None) -> None:
     from ..modeling.layers import REMAT_POLICIES
     from .optim import FROZEN_PREFIXES
 
-    for key in ("total_steps", "batch_size", "accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("total_steps", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
         _int_at_least(config, key, 1)
-    _int_at_least(config, "eval_every", 0)
+    _number_at_least(config, "epochs", 0.0)
+    for key, low in (("checkpoint_every", 1), ("eval_every", 0)):
+        if config[key] == -1:  # once per epoch
+            _check(config.epochs > 0, key, -1, f"an int >= {low}, or -1 (once per epoch) with config.epochs > 0")
+        else:
+            _int_at_least(config, key, low)
     _int_at_least(config, "context_length", 2)
     _int_at_least(config, "seed", 0)
     _choice(config, "dtype", DTYPES)

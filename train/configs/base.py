@@ -12,6 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
+    # > 0: train this many passes over the train split instead; total_steps becomes
+    # ceil(epochs x train records / batch_size), computed once the data is opened and recorded in
+    # DIR/run_length.json for resumes (chinese_clip_jax/training/run_length.py). 0 = total_steps.
+    c.epochs = 0.0
     c.batch_size = 256  # GLOBAL batch (all processes, all micro-batches)
     c.accum_steps = 1  # micro-batches per step; the gradient is still the full-batch one (GradCache)
     c.loss = "softmax"  # "softmax" (CLIP InfoNCE) | "sigmoid" (SigLIP, learnable bias)
@@ -26,8 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.xla_gpu_flags = "none"  # a set of chinese_clip_jax.xla_flags.GPU_FLAG_SETS: "none" | "tuned"
 
     c.log_every = 10
-    c.eval_every = 0  # 0 = no evaluation
-    c.checkpoint_every = 500
+    c.eval_every = 0  # 0 = no evaluation; -1 = once per epoch (with epochs)
+    c.checkpoint_every = 500  # -1 = once per epoch (with epochs)
     c.keep_checkpoints = 3
     c.export_hf = False  # at the end, also write DIR/hf (config.json + model.safetensors, ccj.save_pretrained)
 

@@ -8,7 +8,8 @@ Paper (Yang et al. 2022, sec. 3 and appendix): image tower from OpenAI CLIP, tex
 RoBERTa-wwm; AdamW lr 1e-4, b1 0.9, b2 0.98, eps 1e-6, weight decay 1e-3, 5000 warmup steps
 then cosine, global batch 32768, 224 px, random resized crop. INIT is a checkpoint holding those
 two towers (anything ``ccj.from_pretrained`` reads; its config.json fixes the architecture).
-``total_steps`` depends on how much data you have: epochs x pairs / batch_size.
+``total_steps`` depends on how much data you have: set it, or ``--config.epochs=E`` to derive
+it from the train split once opened (ceil(E x pairs / batch_size)).
 """
 
 from train.configs import base
