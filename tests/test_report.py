@@ -87,3 +87,22 @@ def test_figure_marks_right_and_wrong_and_never_draws_boxes(tmp_path):
     assert figures.can_draw(latin, "red circle")
     image.save(tmp_path / "x.png")
     assert PIL.Image.open(tmp_path / "x.png").size == image.size
+
+
+def test_retrieval_chance_is_the_hypergeometric_miss_probability():
+    """R@k by chance = 1 - C(n - p, k) / C(n, k) for a query with p positives among n, also when
+    k >= n (every candidate picked: a sure hit, and no division by zero)."""
+    import warnings
+    from math import comb
+
+    import numpy as np
+
+    from chinese_clip_jax.training.evaluator import _none_hit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (3, 5, 12):
+            positives = np.array([p for p in (1, 2, 3) if p <= n])
+            for k in (1, 5, 10):
+                want = [comb(n - p, min(k, n)) / comb(n, min(k, n)) for p in positives]
+                np.testing.assert_allclose(_none_hit(n, positives, k), want)

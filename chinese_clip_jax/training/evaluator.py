@@ -128,6 +128,6 @@ class Evaluator:
 def _none_hit(n: int, positives: np.ndarray, k: int) -> np.ndarray:
     """P(no positive among k random picks without replacement out of n)."""
     p = np.ones(len(positives))
-    for j in range(k):
+    for j in range(min(k, n)):  # k >= n picks everything: p is already 0 (every query has a positive)
         p *= np.clip((n - positives - j) / (n - j), 0.0, 1.0)
     return p
