@@ -6,8 +6,10 @@ low-saturation background, captioned in Chinese with one of several phrasings, e
 once) never appear in training: they give the "unseen combinations" zero-shot figure, while
 every colour and every shape is still seen in training with other partners.
 
-Images are uint8 (size, size, 3), a pure function of (seed, split, index), drawn with vectorised
-numpy on a cached coordinate grid (tens of microseconds at 32-64 px), so nothing is stored.
+Images are uint8 (size, size, 3), a pure function of (seed, split, index), so nothing is stored:
+the draws come from a hash of the three, the background is one small matmul plus a window of a
+cached noise bank, and the shape a cached mask per (shape, radius level, quarter-pixel centre);
+about 20 us per 32 px image on one core (docs/data.md), far below the train step's share.
 
 Config keys (``data.demo.*``, used when ``data.name == "demo"``):
   demo_seed        int, seed of the image content (independent of the shuffling seed)
@@ -205,7 +207,7 @@ def render(size: int, color: int, shape: int, position: int, u) -> np.ndarray:
     qy = round((fy + 0.1 * u[7] - 0.05) * size * _SUBPIXEL)
     top, left, mask = _placed_mask(size, shape, _pick(u[8], _RADII), qx % _SUBPIXEL, qy % _SUBPIXEL)
     y0, x0 = qy // _SUBPIXEL + top, qx // _SUBPIXEL + left
-    rgb = [min(max(int(c + 30.0 * t - 15.0), 0), 255) for c, t in zip(COLORS[_COLOR_NAMES[color]], u[9:12])]
+    rgb = [min(int(c + 30.0 * t - 15.0), 255) for c, t in zip(COLORS[_COLOR_NAMES[color]], u[9:12])]  # c >= 35
     np.copyto(img[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.array(rgb, np.uint8), where=mask)
     return img
 
