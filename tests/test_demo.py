@@ -62,7 +62,7 @@ def test_images_are_a_pure_function_of_seed_split_and_index():
     assert len(set(images)) == len(images) == 250
 
 
-@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("size", [32, 48, 224])
 def test_shape_pixels_are_the_geometry_at_every_pixel_centre(size):
     """Cached, cropped and placed masks = the shape evaluated over the whole image; those pixels and
     only those have the drawn colour."""

@@ -175,7 +175,7 @@ def _placed_mask(size: int, shape: int, level: int, sub_x: int, sub_y: int) -> t
     (ix + sub_x / _SUBPIXEL, iy + sub_y / _SUBPIXEL) px, as rows iy + top ... and columns ix + left ...
     of the image (ix, iy integers). Cached: the few thousand masks of one size are drawn once."""
     r = _radius(size, level)
-    half = int(r) + 2
+    half = int(1.1 * r) + 2  # every shape lies within 1.06 r of its centre (the triangle's base corners)
     offsets = np.arange(-half, half + 1, dtype=np.float32) + 0.5  # pixel centres, relative to (ix, iy)
     mask = _shape_mask(shape, offsets - sub_x / _SUBPIXEL, (offsets - sub_y / _SUBPIXEL)[:, None], r, -np.pi / 2)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
