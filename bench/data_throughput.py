@@ -127,6 +127,19 @@ def demo_table(args) -> None:
     from train.configs import demo
 
     c = demo.get_config()
+    # the source alone (draw + render + caption), CPU time in this thread: what the pipeline adds
+    # on top is the data-only rate's remainder
+    from chinese_clip_jax.data.demo import DemoSource
+
+    d = c.data.demo
+    source = DemoSource(image_size=c.model.vision.image_size, num_train=d.num_train, seed=d.demo_seed)
+    for i in range(2000):  # warm the renderer's caches
+        source[i]
+    cpu = time.process_time()
+    for i in range(2000, 7000):
+        source[i]
+    per_sample = (time.process_time() - cpu) / 5000
+    print(f"\ndemo source alone: {per_sample * 1e6:.1f} us CPU per sample = {1 / per_sample:.0f} samples/s per core")
     data_rate = _rate(c.data, c.batch_size, args.batches, c.model.vision.image_size)
     it = train_iterator(
         c.data,

@@ -6,8 +6,10 @@ low-saturation background, captioned in Chinese with one of several phrasings, e
 once) never appear in training: they give the "unseen combinations" zero-shot figure, while
 every colour and every shape is still seen in training with other partners.
 
-Images are uint8 (size, size, 3), a pure function of (seed, split, index), drawn with vectorised
-numpy on a cached coordinate grid (tens of microseconds at 32-64 px), so nothing is stored.
+Images are uint8 (size, size, 3), a pure function of (seed, split, index), so nothing is stored:
+the draws come from a hash of the three, the background is one small matmul plus a window of a
+cached noise bank, and the shape a cached mask per (shape, radius level, quarter-pixel centre);
+about 20 us per 32 px image on one core (docs/data.md), far below the train step's share.
 
 Config keys (``data.demo.*``, used when ``data.name == "demo"``):
   demo_seed        int, seed of the image content (independent of the shuffling seed)
@@ -19,7 +21,9 @@ Config keys (``data.demo.*``, used when ``data.name == "demo"``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import struct
 
 import numpy as np
 
@@ -100,16 +104,50 @@ METRIC_LABELS = {
 
 _SPLITS = {"train": 0, "zeroshot": 1, "zeroshot_unseen": 2, "retrieval": 3}
 
+# ---------------------------------------------------------------- random draws
+# Every random choice of an image comes from _draws(seed, split, index): 16 numbers from a
+# BLAKE2b hash of the three (~2 us; building a numpy Generator alone costs ~10 us per image).
+RENDER_DRAWS = 13  # numbers render() takes; the three before them pick class, position, caption
+_DRAWS = 16
+
+
+def _draws(seed: int, split: str, index: int) -> list[float]:
+    """16 numbers in [0, 1) (32-bit resolution), a pure function of (seed, split, index)."""
+    digest = hashlib.blake2b(f"demo:{seed}:{_SPLITS[split]}:{index}".encode(), digest_size=4 * _DRAWS).digest()
+    return [v * 2.0**-32 for v in struct.unpack(f"<{_DRAWS}I", digest)]
+
+
+def _pick(u: float, n: int) -> int:
+    """A draw in [0, 1) -> an integer in [0, n)."""
+    return int(u * n)
+
+
+# ---------------------------------------------------------------- drawing
+_NOISE_WINDOWS = 1 << 16  # noise offsets to draw from
+_NOISE_SEED = 0x5EED
+_NOISE_STD = 5.0  # clipped at 3 std, so no pixel needs clipping to [0, 255] (see render)
+_RADII = 16  # radius levels
+_SUBPIXEL = 4  # the centre is placed in steps of 1 / _SUBPIXEL px
+
 
 @functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates, each (size, size) float32 in pixels."""
-    coords = np.arange(size, dtype=np.float32) + 0.5
-    return np.meshgrid(coords, coords, indexing="xy")
+def _canvas(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only arrays shared by all images of one size (and by reader threads): the plane
+    float32 (size*size, 3) of rows [x - size/2, y - size/2, 1] at pixel centres, and a noise
+    bank float32 (_NOISE_WINDOWS + size*size*3,) ~ N(0, 5^2) clipped at +-15."""
+    coords = np.arange(size, dtype=np.float32) + 0.5 - size / 2
+    xs, ys = np.meshgrid(coords, coords, indexing="xy")
+    plane = np.stack([xs.ravel(), ys.ravel(), np.ones(size * size, np.float32)], axis=1)
+    bank = np.random.default_rng(_NOISE_SEED).normal(0.0, _NOISE_STD, _NOISE_WINDOWS + size * size * 3)
+    bank = np.clip(bank, -3 * _NOISE_STD, 3 * _NOISE_STD).astype(np.float32)
+    for a in (plane, bank):
+        a.flags.writeable = False
+    return plane, bank
 
 
 def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray, r: float, angle: float) -> np.ndarray:
-    """Boolean (size, size) mask of shape ``shape`` of radius ``r`` px; dx, dy are offsets (px)."""
+    """Boolean mask of shape ``shape`` of radius ``r`` px; dx, dy are pixel offsets from its centre
+    (px), broadcast against each other (a row and a column give an (h, w) mask)."""
     if shape == 0:  # circle
         return dx * dx + dy * dy <= r * r
     if shape == 1:  # axis-aligned square
@@ -126,27 +164,52 @@ def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray, r: float, angle: flo
     return np.hypot(dx, dy) <= r * (0.45 + 0.55 * sector**1.5)
 
 
-def render(size: int, color: int, shape: int, position: int, rng: np.random.Generator) -> np.ndarray:
-    """Draws one image: uint8 (size, size, 3). Jitter (place, radius, hue, background) from ``rng``."""
-    xs, ys = _grid(size)
-    # background: a low-saturation grey with a linear gradient and pixel noise
-    base = rng.uniform(60.0, 190.0) + rng.uniform(-14.0, 14.0, size=3)
-    gx, gy = rng.uniform(-30.0, 30.0, size=2) / size
-    img = base + ((xs - size / 2) * gx + (ys - size / 2) * gy)[..., None]
-    img = img + rng.normal(0.0, 5.0, size=(size, size, 3))
-    # the object
+def _radius(size: int, level: int) -> float:
+    """Radius (px) of radius level ``level`` in [0, _RADII): 0.15 to 0.21 of the side."""
+    return (0.15 + 0.06 * (level + 0.5) / _RADII) * size
+
+
+@functools.lru_cache(maxsize=16384)
+def _placed_mask(size: int, shape: int, level: int, sub_x: int, sub_y: int) -> tuple[int, int, np.ndarray]:
+    """(top, left, mask bool (h, w, 1)): the shape's pixels (centres inside it) for a centre at
+    (ix + sub_x / _SUBPIXEL, iy + sub_y / _SUBPIXEL) px, as rows iy + top ... and columns ix + left ...
+    of the image (ix, iy integers). Cached: the few thousand masks of one size are drawn once."""
+    r = _radius(size, level)
+    half = int(1.1 * r) + 2  # every shape lies within 1.06 r of its centre (the triangle's base corners)
+    offsets = np.arange(-half, half + 1, dtype=np.float32) + 0.5  # pixel centres, relative to (ix, iy)
+    mask = _shape_mask(shape, offsets - sub_x / _SUBPIXEL, (offsets - sub_y / _SUBPIXEL)[:, None], r, -np.pi / 2)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1, None]
+    mask.flags.writeable = False
+    return int(rows[0]) - half, int(cols[0]) - half, mask
+
+
+def render(size: int, color: int, shape: int, position: int, u) -> np.ndarray:
+    """Draws one image: uint8 (size, size, 3). ``u``: RENDER_DRAWS numbers in [0, 1) that jitter it:
+    u[0] grey level, u[1:4] its tint, u[4:6] gradient, u[6:8] place, u[8] radius, u[9:12] hue,
+    u[12] noise."""
+    plane, bank = _canvas(size)
+    # background: a low-saturation grey (46..204 a channel) with a linear gradient (under 30 from
+    # the centre; one (s*s, 3) @ (3, 3) product) and pixel noise (|n| <= 15; the window of the shared
+    # bank that starts at a drawn offset): always within 1..249, so nothing is clipped
+    level = 60.0 + 130.0 * u[0]
+    gx, gy = (60.0 * u[4] - 30.0) / size, (60.0 * u[5] - 30.0) / size
+    coef = np.array([gx, gx, gx, gy, gy, gy] + [level + 28.0 * t - 14.0 for t in u[1:4]], np.float32)
+    img = plane @ coef.reshape(3, 3)
+    start = _pick(u[12], _NOISE_WINDOWS)
+    img += bank[start : start + size * size * 3].reshape(size * size, 3)
+    img = img.astype(np.uint8).reshape(size, size, 3)
+    # the object: a cached mask for its shape, radius level and sub-pixel centre, placed at the
+    # centre's whole pixel (the centre stays within 0.22..0.78 of the side and the radius under
+    # 0.21 of it, so the mask always lies inside the image)
     fx, fy = POSITIONS[_POSITION_NAMES[position]]
-    cx = (fx + rng.uniform(-0.05, 0.05)) * size
-    cy = (fy + rng.uniform(-0.05, 0.05)) * size
-    r = rng.uniform(0.15, 0.21) * size
-    mask = _shape_mask(shape, xs - cx, ys - cy, r, angle=-np.pi / 2)
-    rgb = np.asarray(COLORS[_COLOR_NAMES[color]], np.float64) + rng.uniform(-15.0, 15.0, size=3)
-    img = np.where(mask[..., None], rgb, img)
-    return np.clip(img, 0.0, 255.0).astype(np.uint8)
-
-
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SPLITS[split], index])
+    qx = round((fx + 0.1 * u[6] - 0.05) * size * _SUBPIXEL)
+    qy = round((fy + 0.1 * u[7] - 0.05) * size * _SUBPIXEL)
+    top, left, mask = _placed_mask(size, shape, _pick(u[8], _RADII), qx % _SUBPIXEL, qy % _SUBPIXEL)
+    y0, x0 = qy // _SUBPIXEL + top, qx // _SUBPIXEL + left
+    rgb = [min(int(c + 30.0 * t - 15.0), 255) for c, t in zip(COLORS[_COLOR_NAMES[color]], u[9:12])]  # c >= 35
+    np.copyto(img[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.array(rgb, np.uint8), where=mask)
+    return img
 
 
 def _caption(template: str, color: int, shape: int, position: int) -> str:
@@ -172,25 +235,25 @@ class DemoSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_train:
             raise IndexError(f"demo: index {index} out of range [0, {self.num_train})")
-        rng = _rng(self.seed, "train", index)
-        color, shape = TRAIN_COMBOS[rng.integers(len(TRAIN_COMBOS))]
-        position = int(rng.integers(len(POSITIONS)))
-        template = _CAPTIONS[rng.integers(len(_CAPTIONS))]
-        image = render(self.image_size, color, shape, position, rng)
+        u = _draws(self.seed, "train", index)
+        color, shape = TRAIN_COMBOS[_pick(u[0], len(TRAIN_COMBOS))]
+        position = _pick(u[1], len(POSITIONS))
+        template = _CAPTIONS[_pick(u[2], len(_CAPTIONS))]
+        image = render(self.image_size, color, shape, position, u[3:])
         return {"image": image, "text": _caption(template, color, shape, position), "where": f"demo[{index}]"}
 
 
 def _eval_draw(split: str, i: int, seed: int):
-    """(colour, shape, position, caption, rng) of held-out image i; rendering continues with rng."""
-    rng = _rng(seed, split, i)
+    """(colour, shape, position, caption, draws for ``render``) of held-out image i."""
+    u = _draws(seed, split, i)
     combos = UNSEEN_COMBOS if split == "zeroshot_unseen" else TRAIN_COMBOS
     if split == "retrieval":
-        color, shape = combos[rng.integers(len(combos))]
+        color, shape = combos[_pick(u[0], len(combos))]
     else:
         color, shape = combos[i % len(combos)]
-    position = int(rng.integers(len(POSITIONS)))
-    template = _FULL_CAPTIONS[rng.integers(len(_FULL_CAPTIONS))]
-    return color, shape, position, _caption(template, color, shape, position), rng
+    position = _pick(u[1], len(POSITIONS))
+    template = _FULL_CAPTIONS[_pick(u[2], len(_FULL_CAPTIONS))]
+    return color, shape, position, _caption(template, color, shape, position), u[3:]
 
 
 class EvalImages:
@@ -205,8 +268,8 @@ class EvalImages:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < self.count:
             raise IndexError(f"demo {self.split}: index {i} out of range [0, {self.count})")
-        color, shape, position, _, rng = _eval_draw(self.split, i, self.seed)
-        return render(self.image_size, color, shape, position, rng)
+        color, shape, position, _, u = _eval_draw(self.split, i, self.seed)
+        return render(self.image_size, color, shape, position, u)
 
 
 def eval_attributes(split: str, count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -216,7 +279,7 @@ def eval_attributes(split: str, count: int, seed: int = 0) -> tuple[np.ndarray, 
 
 
 def eval_images(split: str, *, image_size: int, count: int, seed: int = 0):
-    """Held-out images of one eval split (fresh rng streams, disjoint from training).
+    """Held-out images of one eval split (their own random streams, disjoint from training).
 
     split: "zeroshot" (cycles over TRAIN_COMBOS), "zeroshot_unseen" (cycles over UNSEEN_COMBOS)
     or "retrieval" (random TRAIN_COMBOS, random position).
