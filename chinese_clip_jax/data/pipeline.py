@@ -11,7 +11,7 @@ messages (e.g. "train_imgs.tsv:17"); a source that cannot even read a record ret
   2. shuffles it with ``seed`` (grain folds the epoch into the seed: each epoch reshuffled,
      deterministically) and repeats forever;
   3. decodes each record to a uint8 (s, s, 3) image (centre crop, squash, or cn_clip's random
-     resized crop drawn from an rng grain derives from (seed, position)), ``CHUNK`` consecutive
+     resized crop drawn from an rng grain derives from (seed, chunk position)), ``CHUNK`` consecutive
      records at a time, in grain's reader threads or, with ``worker_count``, in grain worker
      processes; an undecodable record becomes a marker, never an exception;
   4. in :class:`TrainIterator`, skips and counts markers (logged), gathers ``b`` good samples and
@@ -184,17 +184,27 @@ class ImageDecoder:
         return np.asarray(image), default_normalize_table()
 
 
-class _Decode(grain.transforms.RandomMap):
-    """grain map: raw record -> {"pixel_values": uint8 (s, s, 3), "text": str, "bad": ""}, or for
-    an undecodable record zeros, "" and "bad": "where: why" (never raises; one structure, so
-    ``_collate`` stacks records into chunks)."""
+class _DecodeChunk(grain.transforms.RandomMap):
+    """grain map: CHUNK source indices -> one chunk (``_collate``) of their decoded records.
 
-    def __init__(self, image_size: int, crop: str = "center", jpeg_draft: bool = False):
+    Reading and decoding a whole chunk in one grain element keeps grain's per-element work
+    (shuffle lookup, stats, rng) off each record; random crops draw, record after record, from
+    the rng grain derives from (seed, chunk position), so they are resumable."""
+
+    def __init__(self, source: Sequence, image_size: int, crop: str = "center", jpeg_draft: bool = False):
+        self._source = source
         self._image = ImageDecoder(image_size, crop, jpeg_draft, uint8=True)
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        where = record.get("where", "?") if isinstance(record, dict) else "?"
+    def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
+        return _collate([self._record(int(i), rng) for i in indices])
+
+    def _record(self, index: int, rng: np.random.Generator) -> dict:
+        """-> {"pixel_values": uint8 (s, s, 3), "text": str, "bad": ""}, or for an undecodable
+        record zeros, "" and "bad": "where: why" (never raises)."""
+        where = f"record {index}"
         try:
+            record = self._source[index]
+            where = record.get("where", where)
             if record.get("error"):
                 raise ValueError(record["error"])
             text = record["text"]
@@ -209,13 +219,11 @@ class _Decode(grain.transforms.RandomMap):
                 "bad": f"{where}: {type(e).__name__}: {e}",
             }
 
-    def __call__(self, record: dict) -> dict:  # deterministic crops need no rng
-        return self.random_map(record, None)
-
 
 def _collate(records: Sequence[dict]) -> dict:
-    """Decoded records -> one chunk {"pixel_values": uint8 (n, s, s, 3), "text": [n], "bad": [n]}:
-    what crosses from grain's threads or worker processes (one message per CHUNK records)."""
+    """Decoded records (``_DecodeChunk._record``) -> one chunk {"pixel_values": uint8 (n, s, s, 3),
+    "text": [n], "bad": [n]}: what crosses from grain's threads or worker processes (one message
+    per CHUNK records)."""
     return {
         "pixel_values": np.stack([r["pixel_values"] for r in records]),
         "text": [r["text"] for r in records],
@@ -300,18 +308,17 @@ class TrainIterator:
         while len(texts) < self.batch_size:
             if self._chunk is None or self._used == len(self._chunk["bad"]):
                 self._next_chunk()
-            chunk = self._chunk
-            while self._used < len(chunk["bad"]) and len(texts) < self.batch_size:
-                i, self._used = self._used, self._used + 1
-                if chunk["bad"][i]:
-                    self._skip(chunk["bad"][i])
-                    continue
+            chunk, bad = self._chunk, self._chunk["bad"]
+            stop = min(len(bad), self._used + self.batch_size - len(texts))
+            first_bad = next((i for i in range(self._used, stop) if bad[i]), stop)
+            if first_bad > self._used:  # good rows used..first_bad
+                texts += chunk["text"][self._used : first_bad]
+                runs.append((chunk["pixel_values"], self._used, first_bad))
                 self._bad_in_a_row = 0
-                texts.append(chunk["text"][i])
-                if runs and runs[-1][0] is chunk["pixel_values"] and runs[-1][2] == i:
-                    runs[-1] = (runs[-1][0], runs[-1][1], i + 1)
-                else:
-                    runs.append((chunk["pixel_values"], i, i + 1))
+            self._used = first_bad
+            if first_bad < stop:
+                self._skip(bad[first_bad])
+                self._used += 1
         self._yielded += len(texts)
         batch = self._encode_text(texts)
         pixels = np.empty((len(texts),) + runs[0][0].shape[1:], runs[0][0].dtype)
@@ -422,11 +429,11 @@ def build_train_iterator(
     start, end = shard_range(len(source), shard)
     if end - start < 1:
         raise ValueError(f"{name}: {len(source)} records cannot feed {shard.shard_count} processes")
-    ds = grain.MapDataset.source(source)[start:end]
-    ds = ds.shuffle(seed=seed).repeat(None).random_map(_Decode(image_size, crop, jpeg_draft), seed=seed)
-    # chunks of consecutive records: the record order, and so every batch, is the same for any
-    # number of threads or workers (worker i decodes chunks i, i + n, ...)
-    ds = ds.batch(CHUNK, batch_fn=_collate)
+    # chunks of CHUNK consecutive positions of the shuffled index stream: the record order, and
+    # so every batch, is the same for any number of threads or workers (worker i decodes chunks
+    # i, i + n, ...)
+    ds = grain.MapDataset.range(start, end).shuffle(seed=seed).repeat(None).batch(CHUNK)
+    ds = ds.random_map(_DecodeChunk(source, image_size, crop, jpeg_draft), seed=seed)
     chunks = lambda records: max(1, -(-records // CHUNK))  # noqa: E731
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=chunks(prefetch_buffer_size))
     ds = ds.to_iter_dataset(read)
