@@ -4,8 +4,6 @@ behind, or loads with parity to transformers."""
 
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 
@@ -38,18 +36,21 @@ def hf_dir(tmp_path_factory):
 
 
 def run_cli(module, *args, limit_bytes=None):
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit if limit_bytes else None,
-    )
+    """``python -m module args``; with limit_bytes, under a file-size limit the child sets itself
+    (writes past it fail with EFBIG), not a preexec_fn: forking this multithreaded (jax) process
+    to run Python before exec can deadlock."""
+    if limit_bytes:
+        launch = (
+            "import resource, runpy, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
+            f"sys.argv = [{module!r}] + sys.argv[1:]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+        )
+        argv = [sys.executable, "-c", launch, *map(str, args)]
+    else:
+        argv = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(result) -> str:

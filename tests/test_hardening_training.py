@@ -6,9 +6,7 @@ import glob
 import json
 import logging
 import os
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -241,16 +239,14 @@ def test_rerun_with_another_model_size_names_the_mismatch(finished_run, tmp_path
 
 
 def test_disk_full_removes_temporaries_and_says_so(tmp_path):
-    code = (
+    code = (  # the child limits itself (no preexec_fn: forking this jax process to run Python can deadlock)
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))\n"  # < one checkpoint's largest file
         "from _train_run import tiny_train_config\n"
         "from chinese_clip_jax.training.loop import train\n"
         f"train(tiny_train_config(8), {str(tmp_path)!r}, progress=False)\n"
     )
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # < one checkpoint's largest file
-
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
@@ -258,7 +254,6 @@ def test_disk_full_removes_temporaries_and_says_so(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=limit,
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
