@@ -28,6 +28,18 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _iterator(source, batch_size, seed=2, **kw):
+    return build_train_iterator(
+        source,
+        batch_size=batch_size,
+        seed=seed,
+        image_size=S,
+        context_length=52,
+        shard=grain.sharding.ShardOptions(0, 1),
+        **kw,
+    )
+
+
 def _index_of_rows(batch, source):
     """Maps each batch row back to its source index by its pixels (demo images are distinct)."""
     table = {ImageDecoder(S, uint8=True)(source[i]["image"]).tobytes(): i for i in range(len(source))}
@@ -129,15 +141,7 @@ def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
     source = good[:3] + bad[:1] + good[3:] + bad[1:]
 
     def make():
-        return build_train_iterator(
-            source,
-            batch_size=3,
-            seed=0,
-            image_size=S,
-            context_length=52,
-            shard=grain.sharding.ShardOptions(0, 1),
-            num_threads=1,
-        )
+        return _iterator(source, 3, seed=0, num_threads=1)
 
     it = make()
     with caplog.at_level("WARNING"):
@@ -155,15 +159,7 @@ def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
 
 def test_all_bad_source_raises_instead_of_spinning():
     source = [{"image": b"junk", "text": "坏", "where": f"s:{i}"} for i in range(3)]
-    it = build_train_iterator(
-        source,
-        batch_size=2,
-        seed=0,
-        image_size=S,
-        context_length=52,
-        shard=grain.sharding.ShardOptions(0, 1),
-        num_threads=1,
-    )
+    it = _iterator(source, 2, seed=0, num_threads=1)
     with pytest.raises(RuntimeError, match="could not be decoded"):
         next(it)
 
@@ -501,18 +497,6 @@ def _mixed_source(n=45, bad=(3, 31, 32, 40)):
         else {"image": rng.integers(0, 256, (S, S, 3), dtype=np.uint8), "text": f"第{i}张", "where": f"s:{i}"}
         for i in range(n)
     ]
-
-
-def _iterator(source, batch_size, seed=2, **kw):
-    return build_train_iterator(
-        source,
-        batch_size=batch_size,
-        seed=seed,
-        image_size=S,
-        context_length=52,
-        shard=grain.sharding.ShardOptions(0, 1),
-        **kw,
-    )
 
 
 def test_batches_follow_the_shuffled_record_order_across_chunks():

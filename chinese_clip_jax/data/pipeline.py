@@ -321,12 +321,7 @@ class TrainIterator:
                 self._used += 1
         self._yielded += len(texts)
         batch = self._encode_text(texts)
-        pixels = np.empty((len(texts),) + runs[0][0].shape[1:], runs[0][0].dtype)
-        row = 0
-        for array, lo, hi in runs:
-            pixels[row : row + hi - lo] = array[lo:hi]
-            row += hi - lo
-        batch["pixel_values"] = pixels
+        batch["pixel_values"] = np.concatenate([pixels[lo:hi] for pixels, lo, hi in runs])
         return batch
 
     def _skip(self, why: str) -> None:
@@ -434,7 +429,10 @@ def build_train_iterator(
     # i, i + n, ...)
     ds = grain.MapDataset.range(start, end).shuffle(seed=seed).repeat(None).batch(CHUNK)
     ds = ds.random_map(_DecodeChunk(source, image_size, crop, jpeg_draft), seed=seed)
-    chunks = lambda records: max(1, -(-records // CHUNK))  # noqa: E731
+
+    def chunks(records: int) -> int:  # buffer sizes count records; grain buffers whole chunks
+        return max(1, -(-records // CHUNK))
+
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=chunks(prefetch_buffer_size))
     ds = ds.to_iter_dataset(read)
     if worker_count:
