@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.config import PRESETS
+from chinese_clip_jax.modeling.config import PRESETS
 
 
 def compile_seconds(cfg, scan_layers, batch, dtype):

@@ -124,7 +124,7 @@ def demo_table(args) -> None:
     import jax
 
     from chinese_clip_jax.training.loop import train
-    from train.configs import demo
+    from chinese_clip_jax.training.recipes import demo
 
     c = demo.get_config()
     # the source alone (draw + render + caption), CPU time in this thread: what the pipeline adds

@@ -28,7 +28,7 @@ script ends within its time budget.
 ``bench/torch_peer.py`` in a subprocess (before this process touches the device, so each
 framework has the whole device memory; its own ``--peer-budget-s``), then prints, per program,
 ours / peer-eager and ours / peer-compile throughput ratios. ``--xla-flags SET`` applies a set
-of ``chinese_clip_jax.xla_flags`` before the backend starts. ``--json F`` writes all rows.
+of ``chinese_clip_jax.training.xla_flags`` before the backend starts. ``--json F`` writes all rows.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.modeling.layers import REMAT_POLICIES  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from chinese_clip_jax.training.recipes.base import get_config as base_config  # noqa: E402
 from chinese_clip_jax.training.step import RNG_IMPLS  # noqa: E402
-from train.configs.base import get_config as base_config  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched by substring of device_kind (first match).
 PEAK_TFLOPS = (
@@ -110,7 +110,7 @@ def parse_args(argv=None):
         help="PyTorch peer: auto = when torch with CUDA is importable",
     )
     p.add_argument("--peer-budget-s", type=float, default=240.0, help="the peer's own --budget-s")
-    p.add_argument("--xla-flags", default="none", help="a chinese_clip_jax.xla_flags set (none, tuned)")
+    p.add_argument("--xla-flags", default="none", help="a chinese_clip_jax.training.xla_flags set (none, tuned)")
     p.add_argument("--json", default="", help="also write all rows (ours and the peer's) to this file")
     p.add_argument("--smoke", action="store_true", help="tiny config, tiny batches, one step (CPU smoke test)")
     args = p.parse_args(argv)
@@ -336,7 +336,7 @@ def fmt_row(r: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    from chinese_clip_jax import xla_flags
+    from chinese_clip_jax.training import xla_flags
 
     added = xla_flags.apply(args.xla_flags)  # before the backend starts (the peer runs first: it inherits them)
     if args.smoke:

@@ -13,7 +13,7 @@
 #   profile    bench/profile_step.py: the 25 costliest device ops of the base step, by category
 #   precision  fp32 parity with transformers per precision option (None, "highest")
 #   layout     base train step unrolled (scanned is in `device`): compile s and ms/step
-#   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/xla_flags.py)
+#   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
 # Each part writes $OUT/<part>.txt (its table) and $OUT/<part>.err; $OUT/summary.txt lists
 # start, end, status and seconds of each part.

@@ -34,7 +34,7 @@ from device import SIZES, fmt_row, host_batch, peak_flops, run_size, smoke_confi
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
-from train.configs.base import get_config as base_config  # noqa: E402
+from chinese_clip_jax.training.recipes.base import get_config as base_config  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from train.configs.base import get_config as base_config
+from chinese_clip_jax.training.recipes.base import get_config as base_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -171,14 +171,14 @@ def parse_args(argv=None):
     p.add_argument("--remat", default="none")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--logdir", default="", help="trace directory, kept (default: a new temporary one)")
-    p.add_argument("--xla-flags", default="none", help="a chinese_clip_jax.xla_flags set")
+    p.add_argument("--xla-flags", default="none", help="a chinese_clip_jax.training.xla_flags set")
     p.add_argument("--smoke", action="store_true", help="tiny config, batch 2, 2 steps (CPU)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from chinese_clip_jax import xla_flags
+    from chinese_clip_jax.training import xla_flags
 
     xla_flags.apply(args.xla_flags)
     import jax
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     from device import SIZES, batch_sizes, host_batch, smoke_config
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax import sharding as shd
+    from chinese_clip_jax.inference import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     if args.smoke:

@@ -1,7 +1,7 @@
 """Chinese-CLIP in JAX/Flax: models, checkpoint conversion, inference and sharded training.
 
 Names are imported on first use (PEP 562 module ``__getattr__``), so ``import chinese_clip_jax``
-is cheap and a light submodule (``chinese_clip_jax.export``'s loader) imports neither flax nor
+is cheap and a light submodule (``chinese_clip_jax.export``, the serving loader) imports neither flax nor
 the model code.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> submodule that defines it
-    "ChineseCLIPConfig": "config",
-    "ChineseCLIPResNetConfig": "config",
-    "ChineseCLIPTextConfig": "config",
-    "ChineseCLIPVisionConfig": "config",
+    "ChineseCLIPConfig": "modeling.config",
+    "ChineseCLIPResNetConfig": "modeling.config",
+    "ChineseCLIPTextConfig": "modeling.config",
+    "ChineseCLIPVisionConfig": "modeling.config",
     "ChineseCLIPModel": "modeling",
     "ChineseCLIPOutput": "modeling",
     "ChineseCLIPTextModel": "modeling",
@@ -31,10 +31,15 @@ _LAZY = {  # public name -> submodule that defines it
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:  # static tools see the real imports
-    from .config import ChineseCLIPConfig, ChineseCLIPResNetConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
     from .conversion import CheckpointError, from_pretrained, save_pretrained
     from .inference import ChineseCLIP
     from .modeling import ChineseCLIPModel, ChineseCLIPOutput, ChineseCLIPTextModel, ChineseCLIPVisionModel
+    from .modeling.config import (
+        ChineseCLIPConfig,
+        ChineseCLIPResNetConfig,
+        ChineseCLIPTextConfig,
+        ChineseCLIPVisionConfig,
+    )
     from .processing import ChineseCLIPProcessor
 
 

@@ -16,7 +16,7 @@ import time
 
 
 def tiny_train_config(total_steps: int = 8, **overrides):
-    from train.configs import base
+    from chinese_clip_jax.training.recipes import base
 
     c = base.get_config()
     c.total_steps = total_steps

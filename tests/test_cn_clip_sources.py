@@ -20,7 +20,7 @@ from test_tfds_data import _decoded, _read_back, _write_cn_clip
 
 from chinese_clip_jax.data import build as build_mod
 from chinese_clip_jax.data import cn_clip, default_data_config, train_iterator
-from chinese_clip_jax.paths import as_path, copy_tree
+from chinese_clip_jax.io import as_path, copy_tree
 
 pytest.importorskip("lmdb")
 pytest.importorskip("cn_clip")
@@ -187,7 +187,7 @@ def test_gs_root_reads_equal_to_local_for_training_and_build(cn_clip_src, tmp_pa
 
 
 def test_remote_byte_ranges_are_exact_requests(tmp_path, fake_gcs, monkeypatch):
-    from chinese_clip_jax.paths import RangeReader
+    from chinese_clip_jax.io import RangeReader
 
     data = bytes(range(256)) * 40
     (tmp_path / "blob").write_bytes(data)

@@ -25,7 +25,7 @@ def cn_clip_spec(name):
 
 
 def test_presets_are_the_published_architecture_table():
-    from chinese_clip_jax.config import PRESET_ARCHS, TEXT_ARCHS, VISION_ARCHS, from_cn_clip_arch
+    from chinese_clip_jax.modeling.config import PRESET_ARCHS, TEXT_ARCHS, VISION_ARCHS, from_cn_clip_arch
 
     assert set(PRESET_ARCHS) == set(CN_CLIP_ARCH) | {"chinese-clip-rn50"}
     for name, (vision, text) in CN_CLIP_ARCH.items():
@@ -39,7 +39,7 @@ def test_presets_are_the_published_architecture_table():
 @pytest.mark.parametrize("vision", ["ViT-B-32", "RN50"])
 @pytest.mark.parametrize("text", ["RBT3-chinese", "RoBERTa-wwm-ext-base-chinese"])
 def test_table_rows_match_cn_clip_files(vision, text):
-    from chinese_clip_jax.config import from_cn_clip_arch
+    from chinese_clip_jax.modeling.config import from_cn_clip_arch
 
     cfg = from_cn_clip_arch(f"{vision}@{text}")
     v, t, spec, tspec = cfg.vision_config, cfg.text_config, cn_clip_spec(vision), cn_clip_spec(text)

@@ -564,7 +564,7 @@ def test_uint8_batches_normalised_on_device_equal_the_processor():
     pixels the host decoder (transformers' processor, pinned above) gives."""
     import jax
 
-    from chinese_clip_jax.encoding import model_pixels
+    from chinese_clip_jax.inference.encoding import model_pixels
 
     rng = np.random.default_rng(3)
     source = [{"image": _png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), "text": "图", "where": "p"}] * 3

@@ -1,4 +1,4 @@
-"""`python -m chinese_clip_jax.evaluate` against transformers' PyTorch model, cn_clip's own scoring
+"""`python -m chinese_clip_jax.evaluation.cli` against transformers' PyTorch model, cn_clip's own scoring
 code and hand-computed metrics, on tiny datasets made here (image folder, TFDS, cn_clip TSV/LMDB)."""
 
 import base64
@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 from _train_helpers import tiny_config
 
-from chinese_clip_jax import evaluate
+from chinese_clip_jax.evaluation import cli as evaluate
 from chinese_clip_jax.processing import ASSETS_DIR, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 torch = pytest.importorskip("torch")
@@ -405,7 +405,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(cn_clip_split, tmp_path,
 # would also carry the RSS of the (large) pytest process this one was forked from, across exec.
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
-    from chinese_clip_jax import evaluate
+    from chinese_clip_jax.evaluation import cli as evaluate
     code = evaluate.main(sys.argv[1:])
     with open("/proc/self/status") as f:
         hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from chinese_clip_jax.metrics import load_retrieval_jsonl, retrieval_metrics, zero_shot_accuracy
+from chinese_clip_jax.evaluation.metrics import load_retrieval_jsonl, retrieval_metrics, zero_shot_accuracy
 
 
 def _onehot(idx, dim):
@@ -145,7 +145,7 @@ def test_exact_duplicates_score_identically_and_the_lower_index_wins(block_size)
     float32 matrix products score such copies 1-2 ulp apart here (scoring every block directly
     misranks 7 of these 200 queries at block_size 7, 4 at 64); every copy must tie its original,
     so the lower index ranks first, as cn_clip's stable sort does."""
-    from chinese_clip_jax.metrics import topk_indices
+    from chinese_clip_jax.evaluation.metrics import topk_indices
 
     n, d = 394, 768
     rng = np.random.default_rng(1)
@@ -167,10 +167,16 @@ def test_exact_duplicates_score_identically_and_the_lower_index_wins(block_size)
         )
 
 
-def test_former_module_names_still_import():
-    from chinese_clip_jax import evaluation, metrics
-    from chinese_clip_jax.training import evaluate, evaluator
+def test_evaluation_package_exports_the_metric_functions():
+    from chinese_clip_jax import evaluation
+    from chinese_clip_jax.evaluation.metrics import (
+        load_retrieval_jsonl,
+        retrieval_metrics,
+        topk_indices,
+        zero_shot_accuracy,
+    )
 
-    assert evaluation.retrieval_metrics is metrics.retrieval_metrics
-    assert evaluation.zero_shot_accuracy is metrics.zero_shot_accuracy
-    assert evaluate.Evaluator is evaluator.Evaluator
+    assert evaluation.retrieval_metrics is retrieval_metrics
+    assert evaluation.zero_shot_accuracy is zero_shot_accuracy
+    assert evaluation.topk_indices is topk_indices
+    assert evaluation.load_retrieval_jsonl is load_retrieval_jsonl

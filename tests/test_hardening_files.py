@@ -274,7 +274,7 @@ def test_disk_full_convert_removes_its_temporaries(hf_dir, tmp_path):
 
 
 def test_hub_ids_and_mistyped_local_paths(tmp_path, monkeypatch):
-    from chinese_clip_jax.hub import is_hub_id
+    from chinese_clip_jax.io import is_hub_id
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "build").mkdir()
@@ -306,8 +306,8 @@ def test_cn_clip_jsonl_with_a_bom_and_a_surrogate(tmp_path):
 
 
 def test_extreme_aspect_ratio_resizes_only_the_crop_window(monkeypatch):
-    import chinese_clip_jax.image_processing as image_processing
     import chinese_clip_jax.processing as processing
+    import chinese_clip_jax.processing.image as image_processing
 
     requested = []
     resize = PIL.Image.Image.resize

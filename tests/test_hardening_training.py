@@ -16,9 +16,9 @@ from _train_run import make_iterator, tiny_train_config
 
 from chinese_clip_jax.training.checkpoint import Checkpointer, CheckpointUnreadableError, abstract_like
 from chinese_clip_jax.training.loop import train
+from chinese_clip_jax.training.recipes import base, demo
 from chinese_clip_jax.training.validate import ConfigError, validate_config
 from chinese_clip_jax.training.workdir import WorkdirLock, WorkdirLockedError
-from train.configs import base, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -162,11 +162,11 @@ def _corrupt(step_dir, how):
 
 
 def _restore_target(config):
-    from chinese_clip_jax import sharding as shd
+    from chinese_clip_jax.inference import sharding as shd
     from chinese_clip_jax.modeling import ChineseCLIPModel
-    from chinese_clip_jax.training.loop import build_model_config
     from chinese_clip_jax.training.optim import make_optimizer
     from chinese_clip_jax.training.state import create_train_state
+    from chinese_clip_jax.training.validate import build_model_config
 
     model = ChineseCLIPModel(build_model_config(config.model), scan_layers=True, remat="dots")
     tx, _ = make_optimizer(config.optimizer, config.total_steps)

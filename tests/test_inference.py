@@ -112,9 +112,9 @@ def test_zero_shot_equals_model_logits(tiny, processor, clip):
 
 def test_bucket_sizes():
     assert bucket_sizes(64) == (1, 4, 16, 64)
-    assert bucket_sizes(8, num_devices=8) == (8,)
-    assert bucket_sizes(100, num_devices=8) == (8, 32, 104)
-    assert all(b % 8 == 0 for b in bucket_sizes(1000, num_devices=8))
+    assert bucket_sizes(8, 8) == (8,)
+    assert bucket_sizes(100, 8) == (8, 32, 104)
+    assert all(b % 8 == 0 for b in bucket_sizes(1000, 8))
 
 
 def test_compilations_are_bounded(tiny, processor):

@@ -14,12 +14,12 @@ from _train_run import make_iterator, tiny_train_config
 from safetensors.numpy import load_file
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.conversion.write import save_flax
-from chinese_clip_jax.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training import create_train_state, make_optimizer
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like
 from chinese_clip_jax.training.loop import train
+from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
 
 def _init(model, batch):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chinese_clip_jax.losses import (
+from chinese_clip_jax.training.losses import (
     MAX_LOGIT_SCALE,
     clamp_logit_scale,
     contrastive_loss,

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.config import PRESETS
+from chinese_clip_jax.modeling.config import PRESETS
 
 FEATURE_ATOL = 1e-4
 LOGITS_ATOL = 1e-3

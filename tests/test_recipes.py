@@ -168,7 +168,7 @@ def test_epochs_give_total_steps_from_the_train_split_and_a_resume_keeps_them(ti
         shard_records = 6  # a fresh run would get ceil(3 * 6 / 5) = 4 steps
 
     caplog.clear()
-    from chinese_clip_jax.paths import as_path
+    from chinese_clip_jax.io import as_path
 
     per_epoch = _epoch_config(tiny_copy)
     per_epoch.eval_every = -1  # the recipe's: once per epoch
@@ -185,8 +185,8 @@ def test_epochs_give_total_steps_from_the_train_split_and_a_resume_keeps_them(ti
 
 
 def test_per_epoch_intervals_need_epochs():
+    from chinese_clip_jax.training.recipes import base
     from chinese_clip_jax.training.validate import ConfigError, validate_config
-    from train.configs import base
 
     c = base.get_config()
     c.eval_every = -1

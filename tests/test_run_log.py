@@ -11,7 +11,7 @@ import pytest
 from _train_run import HookedIterator, tiny_train_config
 
 from chinese_clip_jax.data import train_iterator
-from chinese_clip_jax.paths import as_path
+from chinese_clip_jax.io import as_path
 from chinese_clip_jax.training import loop
 from chinese_clip_jax.training.checkpoint import Checkpointer
 from chinese_clip_jax.training.run_log import RunLog

@@ -300,7 +300,7 @@ def test_normalize_pixels_is_bit_equal_to_transformers():
 
 def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
     from chinese_clip_jax.data.webdataset import TarSource
-    from chinese_clip_jax.paths import as_path, copy_tree
+    from chinese_clip_jax.io import as_path, copy_tree
 
     good, _ = _write_webdataset(tmp_path, n_shards=2, per_shard=2, corrupt=False)
     for name in ("a0.tar", "b1.tar"):

@@ -18,10 +18,10 @@ from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config
 from _train_run import make_iterator, tiny_train_config
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax import sharding as shd
-from chinese_clip_jax.losses import SIGLIP_INIT_LOGIT_BIAS
+from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training import create_train_state, decay_mask, make_optimizer, make_schedule, make_train_step
 from chinese_clip_jax.training.loop import train
+from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS
 from chinese_clip_jax.training.step import make_grad_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,7 +160,7 @@ def test_init_from_a_converted_checkpoint(reference_run, tmp_path):
     rel, key_abs = max_rel_err(after, exported)
     assert rel == 0.0 and key_abs == 0.0
     with pytest.raises(ValueError, match="init_from"):
-        from train.configs import finetune
+        from chinese_clip_jax.training.recipes import finetune
 
         train(finetune.get_config(), str(tmp_path / "none"), progress=False)
 
@@ -259,7 +259,7 @@ def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
 
 
 def test_short_demo_run_lands_far_above_chance(tmp_path):
-    from train.configs import demo
+    from chinese_clip_jax.training.recipes import demo
 
     config = demo.get_config()
     config.total_steps = 150

@@ -12,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..config import ChineseCLIPConfig
 from ..modeling import ChineseCLIPModel
+from ..modeling.config import ChineseCLIPConfig
 from . import mapping
 from .sources import CheckpointError, TensorSource
 

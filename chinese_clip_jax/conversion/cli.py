@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
     from chinese_clip_jax.conversion import mapping
-    from chinese_clip_jax.paths import as_path, copy_tree, is_local
+    from chinese_clip_jax.io import as_path, copy_tree, is_local
 
     start = time.perf_counter()
     try:  # gs://... SRC / OUT (epath): a bad scheme or a missing backend fails here, first
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         try:
             src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
             if os.path.isdir(src):  # its image settings are copied: a bad file fails before any work
-                from chinese_clip_jax.image_settings import read_image_settings
+                from chinese_clip_jax.processing.image_settings import read_image_settings
 
                 read_image_settings(src)
             cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from ..config import ChineseCLIPConfig
+from ..modeling.config import ChineseCLIPConfig
 from . import mapping
 
 _VIT_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ChineseCLIPConfig
-from ..hub import resolve_local_or_hub
+from ..io import resolve_local_or_hub
 from ..modeling import ChineseCLIPModel
+from ..modeling.config import ChineseCLIPConfig
 from ..modeling.layers import resolve_scan_layers
 from . import mapping
 from .check import check_params, check_source_names, expected_hf_shapes

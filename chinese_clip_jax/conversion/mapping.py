@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import TEXT_ARCHS, VISION_ARCHS, ChineseCLIPConfig, ChineseCLIPResNetConfig, from_cn_clip_arch
+from ..modeling.config import TEXT_ARCHS, VISION_ARCHS, ChineseCLIPConfig, ChineseCLIPResNetConfig, from_cn_clip_arch
 from .sources import CheckpointError
 
 
@@ -301,7 +301,7 @@ parse_cn_clip_arch = from_cn_clip_arch  # "ViT-B-16@RoBERTa-wwm-ext-base-chinese
 def _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads, inter, embed_dim):
     """A cn_clip-style ViT + RoBERTa config from sizes read off a checkpoint's tensors, built by the
     same helpers as the published-sizes table (``config.VISION_ARCHS`` / ``TEXT_ARCHS``)."""
-    from ..config import _roberta, _vit
+    from ..modeling.config import _roberta, _vit
 
     return ChineseCLIPConfig(
         text_config=_roberta(hidden, t_layers, t_heads, inter),
@@ -374,7 +374,7 @@ def _text_from_shapes(shapes: Mapping[str, tuple], names) -> tuple[int, int, int
 
 def _infer_cn_clip_resnet(shapes: Mapping[str, tuple]) -> ChineseCLIPConfig:
     """A ModifiedResNet + RoBERTa config from shapes: blocks per stage, stem width, pooled grid."""
-    from ..config import ChineseCLIPTextConfig
+    from ..modeling.config import ChineseCLIPTextConfig
 
     need = [
         "visual.conv3.weight",

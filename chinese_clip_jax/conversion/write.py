@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ChineseCLIPConfig, parse_dtype
+from ..modeling.config import ChineseCLIPConfig, parse_dtype
 from . import mapping
 from .check import check_params
 
@@ -120,7 +120,7 @@ def copy_processor_files(path: str, cfg: ChineseCLIPConfig, source_dir: str | No
             shutil.copyfile(src, os.path.join(path, name))
     if not any(os.path.exists(os.path.join(path, n)) for n in ("vocab.txt", "tokenizer.json")):
         shutil.copyfile(os.path.join(ASSETS, "vocab.txt"), os.path.join(path, "vocab.txt"))
-    from ..image_settings import ImageSettings, read_image_settings
+    from ..processing.image_settings import ImageSettings, read_image_settings
 
     if read_image_settings(path) is None:
         settings = ImageSettings.at_resolution(cfg.vision_config.image_size)
@@ -154,7 +154,7 @@ def save_flax(
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, np_dtype), params)  # no copy if already so
     os.makedirs(path, exist_ok=True)
     # At most ~1 GB in flight and no OCDBT write buffer: peak memory stays near the size of the params.
-    from ..failures import first_line, is_disk_full, quiet_orbax_failures
+    from ..io import first_line, is_disk_full, quiet_orbax_failures
 
     try:
         with (

@@ -60,7 +60,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
 def check_config(data_cfg) -> None:
     """Cheap checks of ``data_cfg`` before anything is built: the source name, the crops, the
     worker count and the schemes (and backends) of the chosen source's paths."""
-    from ..paths import as_path
+    from ..io import as_path
     from .pipeline import EVAL_CROPS, TRAIN_CROPS
 
     if data_cfg.name not in SOURCES:

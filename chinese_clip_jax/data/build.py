@@ -146,7 +146,7 @@ def build(
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
     from tensorflow_datasets.core import splits as splits_lib
 
-    from ..paths import as_path
+    from ..io import as_path
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")

@@ -35,7 +35,7 @@ import threading
 
 from etils import epath
 
-from ..paths import RangeReader, as_path, local_copy
+from ..io import RangeReader, as_path, local_copy
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]

@@ -36,20 +36,13 @@ import grain
 import numpy as np
 import PIL.Image
 
-from chinese_clip_jax.image_processing import apply_normalize_table, default_normalize_table
-from chinese_clip_jax.processing import (
-    ChineseCLIPProcessor,
-    ImageSettings,
-    normalize_pixels,
-)
+from ..processing import ChineseCLIPProcessor, ImageSettings, apply_normalize_table, default_normalize_table
 
 __all__ = [
     "TrainIterator",
     "build_train_iterator",
-    "normalize_pixels",
     "ImageDecoder",
     "CachingTokenizer",
-    "TextEncoder",
     "LazyImages",
     "check_image",
     "TRAIN_CROPS",
@@ -254,9 +247,6 @@ class CachingTokenizer:
         ids = np.stack([self._cache[t][0] for t in texts]).astype(np.int32)
         mask = np.stack([self._cache[t][1] for t in texts]).astype(np.int32)
         return {"input_ids": ids, "attention_mask": mask}
-
-
-TextEncoder = CachingTokenizer  # the former name (kept for existing imports)
 
 
 class TrainIterator:

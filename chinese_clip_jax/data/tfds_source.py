@@ -28,7 +28,7 @@ def open_builder(c):
     """The ``tfds`` builder ``c`` names (checked before anything is read)."""
     import tensorflow_datasets as tfds
 
-    from ..paths import as_path
+    from ..io import as_path
 
     if c.builder_dir and c.name:
         raise ValueError("data.tfds: set builder_dir or name (+ data_dir), not both")

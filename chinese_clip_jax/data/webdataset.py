@@ -24,7 +24,7 @@ import tarfile
 
 import numpy as np
 
-from ..paths import RangeReader
+from ..io import RangeReader
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
@@ -86,7 +86,7 @@ def expand_braces(pattern: str) -> list[str]:
 def expand_shards(spec: str) -> list[str]:
     """ "a.tar,dir/*.tar,s/{000..002}.tar,{x,y}.tar" -> existing shard paths, in order
     (globs sorted per pattern; local or any epath scheme; errors name the missing one)."""
-    from ..paths import as_path, is_local
+    from ..io import as_path, is_local
 
     paths = []
     for pattern in _split_top_level(str(spec)):
@@ -168,7 +168,7 @@ class TarSource:
             logger.warning("webdataset: skipping %s: %s", where, why)
 
     def _index_tar(self, path: str) -> dict[str, dict[str, tuple[int, int]]]:
-        from ..paths import as_path
+        from ..io import as_path
 
         members: dict[str, dict[str, tuple[int, int]]] = {}
         try:

@@ -3,7 +3,7 @@ the layer stack (unrolled or ``nn.scan``-ed, optionally rematerialised).
 
 Logical axis names used for params: ``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``,
 ``layers`` (the stacked axis under ``scan_layers``); for activations: ``batch``, ``seq``,
-``act_embed``. ``chinese_clip_jax.sharding`` maps them onto the mesh.
+``act_embed``. ``chinese_clip_jax.inference.sharding`` maps them onto the mesh.
 """
 
 from __future__ import annotations
@@ -232,9 +232,6 @@ class ConfiguredModule(nn.Module):
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
         super().__post_init__()
-
-
-ModelOptions = ConfiguredModule  # the former name (kept for existing imports)
 
 
 # What each layer keeps for the backward pass under remat; the rest is recomputed.

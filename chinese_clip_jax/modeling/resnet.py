@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..config import ChineseCLIPResNetConfig
+from .config import ChineseCLIPResNetConfig
 from .layers import ConfiguredModule, Dense, head_major_attention, partitioned
 from .vision import VisionOutput
 

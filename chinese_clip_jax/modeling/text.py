@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ..config import ChineseCLIPTextConfig
+from .config import ChineseCLIPTextConfig
 from .layers import (
     MLP,
     Attention,

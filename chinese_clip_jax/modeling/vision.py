@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ..config import ChineseCLIPVisionConfig
+from .config import ChineseCLIPVisionConfig
 from .layers import MLP, Attention, ConfiguredModule, LayerStack, constrain, layer_norm, matmul_precision, partitioned
 from .position import resize_position_embedding
 

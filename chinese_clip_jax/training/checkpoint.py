@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ..failures import first_line, quiet_orbax_failures
+from ..io import first_line, quiet_orbax_failures
 from .state import TrainState
 
 __all__ = [
@@ -114,7 +114,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int = 3, async_save: bool = True):
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
-        from ..paths import as_path
+        from ..io import as_path
 
         self.directory = as_path(directory, what="checkpoint directory")  # local or gs://...
         self.every = int(every)

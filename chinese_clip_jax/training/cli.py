@@ -1,7 +1,10 @@
 """The trainer's command line, a thin layer over ``chinese_clip_jax.training.loop.train``.
 
-    python -m train --config train/configs/demo.py --workdir build/demo [--config.KEY=VALUE ...]
-    ccj-train --config train/configs/demo.py --workdir build/demo      (the same, installed)
+    ccj-train --config recipe:demo --workdir build/demo [--config.KEY=VALUE ...]   (installed)
+    python -m train --config train/configs/demo.py --workdir build/demo           (from a checkout)
+
+``recipe:NAME`` names a recipe shipped in ``chinese_clip_jax/training/recipes`` (the same files
+as a checkout's ``train/configs``); any other ``--config`` is a Python file with ``get_config()``.
 
 Multi-host: every process runs the same command; ``jax.distributed.initialize`` reads the
 cluster environment (TPU pods, SLURM, ...) or ``--config.distributed.coordinator_address=host:port
@@ -48,8 +51,8 @@ def _parse_flags(argv):
     except flags.Error as e:
         _fail(str(e).splitlines()[0])
     except Exception as e:  # noqa: BLE001 - config_flags' override errors (AttributeError, TypeError...)
+        from chinese_clip_jax.training.recipes import base
         from chinese_clip_jax.training.validate import known_keys, unknown_key_error
-        from train.configs import base
 
         known = known_keys(base.get_config())
         for arg in argv[1:]:
@@ -67,15 +70,15 @@ def main(argv) -> None:
     logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
     config = _CONFIG.value
     from chinese_clip_jax.training.checkpoint import CheckpointUnreadableError
+    from chinese_clip_jax.training.recipes import base
     from chinese_clip_jax.training.validate import validate_config
     from chinese_clip_jax.training.workdir import WorkdirLockedError
-    from train.configs import base
 
     try:
         validate_config(config, reference=base.get_config())  # before anything is built
     except ValueError as e:
         _fail(str(e))
-    from chinese_clip_jax import xla_flags
+    from chinese_clip_jax.training import xla_flags
 
     xla_flags.apply(config.xla_gpu_flags)  # before any backend starts
     _maybe_initialize_distributed(config.distributed)
@@ -97,8 +100,25 @@ def main(argv) -> None:
         sys.exit(0)
 
 
+def _resolve_recipes(argv: list[str]) -> list[str]:
+    """``--config recipe:NAME`` (a recipe shipped in the package) -> that file's path."""
+    from chinese_clip_jax.training import recipes
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        try:
+            if arg.startswith("--config=") and not arg.startswith("--config.="):
+                out[i] = "--config=" + recipes.resolve(arg[len("--config=") :])
+            elif arg == "--config" and i + 1 < len(out):
+                out[i + 1] = recipes.resolve(out[i + 1])
+        except ValueError as e:
+            _fail(str(e))
+    return out
+
+
 def run() -> None:
     """Entry point of ``python -m train`` and the ``ccj-train`` script."""
+    sys.argv = _resolve_recipes(sys.argv)
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -1,5 +1,5 @@
 """Evaluation during training: streams the eval sets through ``encoding.Encoder`` with the
-(sharded) params and scores them with ``chinese_clip_jax.metrics`` (zero-shot accuracy,
+(sharded) params and scores them with ``chinese_clip_jax.evaluation.metrics`` (zero-shot accuracy,
 retrieval recall).
 
 An eval set holds its images as ``images``: a random-access sequence of raw images (uint8
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from .. import metrics as M
-from ..encoding import Encoder
+from ..evaluation import metrics as M
+from ..inference.encoding import Encoder
 
 __all__ = ["Evaluator"]
 

@@ -28,39 +28,25 @@ import time
 import jax
 import numpy as np
 
-from .. import sharding as shd
-from ..config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig, parse_dtype
-from ..failures import first_line, is_disk_full, silence_orbax_after_failure
-from ..losses import SIGLIP_INIT_LOGIT_BIAS
+from ..inference import sharding as shd
+from ..io import first_line, is_disk_full, silence_orbax_after_failure
 from ..modeling import ChineseCLIPModel
+from ..modeling.config import ChineseCLIPConfig, parse_dtype
 from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
 from .evaluator import Evaluator
+from .losses import SIGLIP_INIT_LOGIT_BIAS
 from .optim import make_optimizer
 from .run_length import resolve_run_length
 from .run_log import RunLog
 from .state import create_train_state
 from .step import BATCH_KEYS, make_train_step
-from .validate import validate_config
+from .validate import build_model_config, validate_config
 from .workdir import WorkdirLock, check_model_config
 
-__all__ = ["train", "build_model_config", "TrainResult"]
+__all__ = ["train", "TrainResult"]
 
 logger = logging.getLogger(__name__)
-
-
-def build_model_config(model_cfg) -> ChineseCLIPConfig:
-    """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes;
-    ``model.image_size`` (when set) replaces the image tower's resolution."""
-    if model_cfg.preset:
-        cfg = ChineseCLIPConfig.preset(model_cfg.preset)
-    else:
-        text = ChineseCLIPTextConfig(**dict(model_cfg.text))
-        vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
-        cfg = ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=model_cfg.projection_dim)
-    if model_cfg.image_size:
-        cfg = cfg.replace(vision_config=cfg.vision_config.replace(image_size=int(model_cfg.image_size)))
-    return cfg
 
 
 class _Preemption:
@@ -112,20 +98,19 @@ class TrainResult(dict):
 
 
 def _load_init(config, dtype, scan_layers):
-    import chinese_clip_jax as ccj
-
-    from ..paths import as_path, copy_tree, is_local
+    from ..conversion import from_pretrained
+    from ..io import as_path, copy_tree, is_local
 
     src, image_size = config.init_from, config.model.image_size or None
     if is_local(src):  # a local path or a hub id
-        model, params = ccj.from_pretrained(src, dtype=dtype, scan_layers=scan_layers, image_size=image_size)
+        model, params = from_pretrained(src, dtype=dtype, scan_layers=scan_layers, image_size=image_size)
         return model.config, params
     import tempfile
 
     remote = as_path(src, what="init_from")
     with tempfile.TemporaryDirectory(prefix="ccj-init-") as tmp:  # a gs:// checkpoint, copied once
         local = copy_tree(remote, as_path(tmp) / remote.name)
-        model, params = ccj.from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers, image_size=image_size)
+        model, params = from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers, image_size=image_size)
     return model.config, params
 
 
@@ -135,7 +120,7 @@ def train(config, workdir: str, *, data_iter=None, eval_sets=None, progress: boo
     ``data_iter`` / ``eval_sets`` replace ``chinese_clip_jax.data``'s (tests); a replacement
     iterator must yield this process's numpy batches and have ``get_state`` / ``set_state``.
     """
-    from ..paths import as_path
+    from ..io import as_path
 
     t_start = time.time()
     validate_config(config)  # every value, before anything is built
@@ -410,7 +395,7 @@ def _export_hf(model_config, params, path: str) -> str:
     """Writes the final params in the HF layout (``save_pretrained``; a ResNet model: our Flax format
     in a sibling ``flax`` directory), from process 0."""
     from .. import conversion
-    from ..paths import as_path, copy_tree, is_local
+    from ..io import as_path, copy_tree, is_local
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..paths import as_path
+from ..io import as_path
 
 __all__ = ["format_report", "print_report", "metric_labels"]
 

@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from ..paths import is_local
+from ..io import is_local
 
 __all__ = ["RunLog", "METRICS_FILE", "TENSORBOARD_DIR"]
 

@@ -17,8 +17,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .. import sharding as shd
-from ..losses import SIGLIP_INIT_LOGIT_SCALE
+from ..inference import sharding as shd
+from .losses import SIGLIP_INIT_LOGIT_SCALE
 
 __all__ = ["TrainState", "create_train_state", "example_inputs"]
 

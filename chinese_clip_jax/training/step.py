@@ -26,9 +26,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .. import sharding as shd
-from ..encoding import image_embeddings, text_embeddings
-from ..losses import clamp_logit_scale, contrastive_loss
+from ..inference import sharding as shd
+from ..inference.encoding import image_embeddings, text_embeddings
+from .losses import clamp_logit_scale, contrastive_loss
 from .optim import is_frozen
 from .state import TrainState
 

@@ -14,6 +14,8 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+from ..modeling.config import ChineseCLIPConfig, ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+
 __all__ = ["ConfigError", "validate_config", "unknown_key_error", "known_keys", "flat_keys"]
 
 
@@ -36,7 +38,7 @@ def flat_keys(config, prefix: str = "") -> list[str]:
 def known_keys(reference) -> set[str]:
     """Dotted keys of ``reference``, plus every tower field under ``model.text`` / ``model.vision``
     (the config classes take them all)."""
-    from ..config import ChineseCLIPTextConfig, ChineseCLIPVisionConfig
+    from ..modeling.config import ChineseCLIPTextConfig, ChineseCLIPVisionConfig
 
     known = set(flat_keys(reference))
     known |= {f"model.text.{k}" for k in ChineseCLIPTextConfig._field_names()}
@@ -98,8 +100,8 @@ def validate_config(config, reference=None) -> None:
         for key in flat_keys(config):
             if key not in known and not any(key.startswith(k + ".") for k in known):
                 raise unknown_key_error(key, known)
-    from ..config import DTYPES
     from ..data import SOURCES
+    from ..modeling.config import DTYPES
     from ..modeling.layers import REMAT_POLICIES
     from .optim import FROZEN_PREFIXES
 
@@ -136,8 +138,8 @@ def validate_config(config, reference=None) -> None:
     )
     _choice(config, "model.attention_impl", ("", None, "xla", "cudnn"))
     _choice(config, "model.scan_layers", (True, False, "auto", "true", "false"))
-    from ..xla_flags import GPU_FLAG_SETS
     from .step import RNG_IMPLS
+    from .xla_flags import GPU_FLAG_SETS
 
     _choice(config, "rng_impl", RNG_IMPLS)
     _choice(config, "xla_gpu_flags", tuple(GPU_FLAG_SETS))
@@ -170,10 +172,22 @@ def validate_config(config, reference=None) -> None:
             ".pt file or a `python -m convert` output)"
         )
     if not config.init_from:
-        from .loop import build_model_config
-
         try:
             build_model_config(config.model)
         except (TypeError, ValueError) as e:
             text = str(e).replace("text_config", "model.text").replace("vision_config", "model.vision")
             raise ConfigError(f"config.{text}" if text.startswith("model.") else f"config.model: {text}") from None
+
+
+def build_model_config(model_cfg) -> ChineseCLIPConfig:
+    """``model.preset`` (a published architecture) or ``model.text`` / ``model.vision`` sizes;
+    ``model.image_size`` (when set) replaces the image tower's resolution."""
+    if model_cfg.preset:
+        cfg = ChineseCLIPConfig.preset(model_cfg.preset)
+    else:
+        text = ChineseCLIPTextConfig(**dict(model_cfg.text))
+        vision = ChineseCLIPVisionConfig(**dict(model_cfg.vision))
+        cfg = ChineseCLIPConfig.from_text_vision_configs(text, vision, projection_dim=model_cfg.projection_dim)
+    if model_cfg.image_size:
+        cfg = cfg.replace(vision_config=cfg.vision_config.replace(image_size=int(model_cfg.image_size)))
+    return cfg

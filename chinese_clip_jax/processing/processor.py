@@ -19,32 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from .image_processing import (  # noqa: F401 - re-exported: the processor's public names
-    ImageInput,
-    ImageLoadError,
-    ImagePreprocessor,
-    apply_normalize_table,
-    normalize_pixels,
-    to_rgb,
-)
-from .image_settings import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, read_image_settings
+from .image import ImagePreprocessor
+from .image_settings import ImageSettings, read_image_settings
 
-__all__ = [
-    "ChineseCLIPProcessor",
-    "ImagePreprocessor",
-    "ImageSettings",
-    "ImageLoadError",
-    "to_rgb",
-    "normalize_pixels",
-    "OPENAI_CLIP_MEAN",
-    "OPENAI_CLIP_STD",
-    "DEFAULT_CONTEXT_LENGTH",
-]
+__all__ = ["ChineseCLIPProcessor", "DEFAULT_CONTEXT_LENGTH", "ASSETS_DIR"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 52
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
@@ -97,7 +80,7 @@ class ChineseCLIPProcessor:
         preprocessor_config.json); a missing file falls back, with a warning, to the bundled vocab
         or to transformers' default image settings. kwargs go to __init__.
         """
-        from .hub import resolve_local_or_hub
+        from ..io import resolve_local_or_hub
 
         directory = Path(resolve_local_or_hub(src, allow_patterns=["*.json", "*.txt"]))
         if not directory.is_dir():

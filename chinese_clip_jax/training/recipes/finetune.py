@@ -14,7 +14,7 @@ webdataset shards). For a real model on accelerators, e.g. ``--config.dtype=bflo
 more memory for one more forward pass).
 """
 
-from train.configs import base
+from chinese_clip_jax.training.recipes import base
 
 
 def get_config():

@@ -372,7 +372,7 @@ class ChineseCLIPConfig(_ConfigBase):
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike) -> ChineseCLIPConfig:
         """Reads ``config.json`` from a directory, a file path or a hub id (when online)."""
-        from .hub import resolve_local_or_hub
+        from ..io import resolve_local_or_hub
 
         src = resolve_local_or_hub(src, allow_patterns=["config.json"])
         if os.path.isdir(src):

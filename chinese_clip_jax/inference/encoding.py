@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..modeling import l2_normalize
+from ..processing.image import default_normalize_table
 from . import sharding as shd
-from .image_processing import default_normalize_table
-from .modeling import l2_normalize
 
 __all__ = [
     "text_embeddings",

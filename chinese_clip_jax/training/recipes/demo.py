@@ -4,7 +4,7 @@
     python -m train --config train/configs/demo.py --workdir build/demo
 """
 
-from train.configs import base
+from chinese_clip_jax.training.recipes import base
 
 
 def get_config():

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Dropout's random-bit generator: "threefry" | "rbg" | "unsafe_rbg" (docs/accelerators.md);
     # resume is exact with each. threefry until the device bench says another is faster.
     c.rng_impl = "threefry"
-    c.xla_gpu_flags = "none"  # a set of chinese_clip_jax.xla_flags.GPU_FLAG_SETS: "none" | "tuned"
+    c.xla_gpu_flags = "none"  # a set of chinese_clip_jax.training.xla_flags.GPU_FLAG_SETS: "none" | "tuned"
 
     c.log_every = 10
     c.eval_every = 0  # 0 = no evaluation; -1 = once per epoch (with epochs)

@@ -1,16 +1,16 @@
 """Zero-shot classification and text-image retrieval benchmarks from the command line.
 
-    python -m chinese_clip_jax.evaluate zeroshot --model SRC --dataset folder:PATH [--split test]
+    python -m chinese_clip_jax.evaluation.cli zeroshot --model SRC --dataset folder:PATH [--split test]
         [--labels FILE|cn_clip:NAME] [--templates FILE|cn_clip:NAME] [--resize-mode {crop,squash}]
         [--batch-size N] [--output results.json]
-    python -m chinese_clip_jax.evaluate retrieval --model SRC --data DIR [--split valid]
+    python -m chinese_clip_jax.evaluation.cli retrieval --model SRC --data DIR [--split valid]
         [--resize-mode {squash,crop}] [--batch-size N] [--output results.json]
         [--predictions FILE] [--features-dir DIR]
 
-SRC: anything ``ccj.from_pretrained`` reads. Datasets: see ``chinese_clip_jax.data.eval_datasets``.
+SRC: anything ``ccj.from_pretrained`` reads. Datasets: see ``chinese_clip_jax.evaluation.sets``.
 Images are read, decoded, embedded and dropped batch by batch (host memory bounded whatever the
 split size), on every local device. The results are printed and written as JSON; the metrics
-are those of ``chinese_clip_jax.metrics`` (fractions in [0, 1]). A bad input (a missing file,
+are those of ``chinese_clip_jax.evaluation.metrics`` (fractions in [0, 1]). A bad input (a missing file,
 a label count that does not match the classes, a template without ``{}``) is a one-line error
 naming the file, exit status 2, raised before the model is loaded.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .data.eval_datasets import DatasetError, open_classification, open_retrieval
+from .sets import DatasetError, open_classification, open_retrieval
 
 __all__ = ["main", "run_zeroshot", "run_retrieval", "read_labels", "read_templates", "UsageError"]
 
@@ -91,7 +91,7 @@ def read_templates(spec: str | None) -> tuple[list[str], str]:
     from .templates import CHINESE_TEMPLATES
 
     if spec is None:
-        return list(CHINESE_TEMPLATES), "chinese_clip_jax.templates.CHINESE_TEMPLATES"
+        return list(CHINESE_TEMPLATES), "chinese_clip_jax.processing.templates.CHINESE_TEMPLATES"
     if spec.startswith(CN_CLIP_PREFIX):
         _, sets = _cn_clip_sets()
         name = spec[len(CN_CLIP_PREFIX) :]
@@ -114,7 +114,7 @@ def read_templates(spec: str | None) -> tuple[list[str], str]:
 def _load_model(src: str, resize_mode: str, dtype: str, batch_size: int):
     import jax.numpy as jnp
 
-    from .inference import ChineseCLIP
+    from ..inference import ChineseCLIP
 
     return ChineseCLIP.from_pretrained(
         src,
@@ -242,7 +242,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m chinese_clip_jax.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m chinese_clip_jax.evaluation.cli", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="task", required=True)
 
     def common(sp, default_split, default_resize):
@@ -278,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    from .conversion import CheckpointError
-    from .processing import ImageLoadError
+    from ..conversion import CheckpointError
+    from ..processing import ImageLoadError
 
     try:
         result = run_zeroshot(args) if args.task == "zeroshot" else run_retrieval(args)

@@ -8,7 +8,7 @@ Paper: everything as stage 1 (AdamW b2 0.98, eps 1e-6, weight decay 1e-3, global
 writes ``WORKDIR/hf`` at the end of stage 1).
 """
 
-from train.configs import pretrain_stage1
+from chinese_clip_jax.training.recipes import pretrain_stage1
 
 
 def get_config():

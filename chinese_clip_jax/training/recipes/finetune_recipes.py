@@ -14,7 +14,7 @@ logged and recorded for resumes (``chinese_clip_jax/training/run_length.py``). T
 number of steps instead: ``--config.epochs=0 --config.total_steps=N``.
 """
 
-from train.configs import base
+from chinese_clip_jax.training.recipes import base
 
 # name: (global batch, lr, warmup steps, epochs, remat)
 RECIPES = {

@@ -20,18 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from ..modeling import ChineseCLIPModel
+from ..processing import ChineseCLIPProcessor, ImageSettings
+from ..processing.templates import CHINESE_TEMPLATES, fill
 from . import encoding
 from . import sharding as shd
-from .encoding import PROGRESS_MIN_BATCHES  # noqa: F401 - re-exported (was defined here)
-from .modeling import ChineseCLIPModel
-from .processing import ChineseCLIPProcessor, ImageSettings
-from .templates import CHINESE_TEMPLATES, fill
-
-
-def bucket_sizes(batch_size: int, num_devices: int = 1) -> tuple[int, ...]:
-    """The padded batch sizes used (``encoding.bucket_sizes``): batch_size, its quarters, ...
-    down to num_devices (ascending), each a multiple of num_devices."""
-    return encoding.bucket_sizes(batch_size, num_devices)
 
 
 class ChineseCLIP:
@@ -104,7 +97,7 @@ class ChineseCLIP:
         processor then makes images of that size). kwargs go to __init__ (devices,
         text_batch_size, image_batch_size).
         """
-        from .conversion import from_pretrained as load
+        from ..conversion import from_pretrained as load
 
         model, params = load(
             src,
@@ -197,8 +190,8 @@ class ChineseCLIP:
 
 def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:
     """The checkpoint's own processor when its directory (or hub repo) has the files."""
-    from .hub import is_hub_id
-    from .image_settings import read_image_settings
+    from ..io import is_hub_id
+    from ..processing.image_settings import read_image_settings
 
     default = ImageSettings.at_resolution(resolution)
     path = os.fspath(src)

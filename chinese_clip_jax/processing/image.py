@@ -11,7 +11,7 @@ Images are decoded and resized with PIL and normalized with numpy, step for step
 `resize_mode="squash"` instead reproduces cn_clip's evaluation transform: bicubic resize of the
 image as given to r x r (no crop), then `convert("RGB")`, `/ 255` and normalize (mean/std from
 the settings; r x r = the processor's output size). The settings' schema is
-``chinese_clip_jax.image_settings``; ``normalize_pixels`` is the one normalisation the data
+``chinese_clip_jax.processing.image_settings``; ``normalize_pixels`` is the one normalisation the data
 pipeline uses too.
 """
 

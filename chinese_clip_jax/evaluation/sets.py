@@ -209,7 +209,7 @@ def _int_id(x):
 
 
 def _cn_clip_tsv(root: Path, split: str) -> RetrievalSet:
-    from .cn_clip import TsvImages
+    from ..data.cn_clip import TsvImages
 
     for f in (root / f"{split}_imgs.tsv", root / f"{split}_texts.jsonl"):
         if not f.is_file():
@@ -227,7 +227,7 @@ def _cn_clip_tsv(root: Path, split: str) -> RetrievalSet:
 
 
 def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
-    from .cn_clip import LmdbImages, _read_lmdb_pairs
+    from ..data.cn_clip import LmdbImages, _read_lmdb_pairs
 
     for f in (directory / "imgs", directory / "pairs"):
         if not f.exists():
@@ -244,7 +244,7 @@ def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
 
 
 def _with_texts(images, ids, texts_path: Path, layout: str, source: str) -> RetrievalSet:
-    from .cn_clip import read_texts
+    from ..data.cn_clip import read_texts
 
     skipped = [0]
     captions = [(text_id, text, image_ids) for text_id, text, image_ids, _ in read_texts(texts_path, skipped)]

@@ -6,7 +6,7 @@
         --config.init_from=CHECKPOINT --config.data.tfds.builder_dir=build/flickr30k_cn-tfds
 """
 
-from train.configs.finetune_recipes import recipe
+from chinese_clip_jax.training.recipes.finetune_recipes import recipe
 
 
 def get_config():

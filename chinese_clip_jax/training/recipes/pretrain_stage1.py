@@ -12,7 +12,7 @@ two towers (anything ``ccj.from_pretrained`` reads; its config.json fixes the ar
 it from the train split once opened (ceil(E x pairs / batch_size)).
 """
 
-from train.configs import base
+from chinese_clip_jax.training.recipes import base
 
 
 def get_config():
