@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from ..io import atomic_output
 from ..modeling.config import ChineseCLIPConfig
 from . import mapping
 
@@ -70,7 +71,6 @@ def save_cn_clip(path: str | os.PathLike, cfg: ChineseCLIPConfig, params: dict) 
             if name.endswith(".running_var"):
                 state["module." + name[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"epoch": 0, "step": 0, "name": "chinese_clip_jax", "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        torch.save({"epoch": 0, "step": 0, "name": "chinese_clip_jax", "state_dict": state}, f)
     return path

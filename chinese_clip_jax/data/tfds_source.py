@@ -19,14 +19,25 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["TfdsSource", "open_builder", "eval_sets"]
+__all__ = ["TfdsSource", "import_tfds", "open_builder", "eval_sets"]
 
 logger = logging.getLogger(__name__)
 
 
+def import_tfds():
+    """``tensorflow_datasets``, or an ImportError naming the extra that installs it."""
+    try:
+        import tensorflow_datasets
+    except ImportError as e:
+        raise ImportError(
+            f"TFDS / ArrayRecord data needs the [tfds] extra: pip install 'chinese-clip-jax[tfds]' ({e})"
+        ) from None
+    return tensorflow_datasets
+
+
 def open_builder(c):
     """The ``tfds`` builder ``c`` names (checked before anything is read)."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     from ..io import as_path
 
@@ -48,7 +59,7 @@ def open_builder(c):
 
 def _check_keys(builder, c) -> bool:
     """Validates image_key / text_key; returns whether the image feature is an encoded Image."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     feats = builder.info.features
     for key, what in ((c.image_key, "image_key"), (c.text_key, "text_key")):
@@ -72,7 +83,7 @@ class TfdsSource:
         self._open()
 
     def _open(self):
-        import tensorflow_datasets as tfds
+        tfds = import_tfds()
 
         builder = open_builder(self._c)
         skip = _check_keys(builder, self._c)

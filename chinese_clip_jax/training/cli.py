@@ -90,7 +90,7 @@ def main(argv) -> None:
 
     try:
         result = train(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, WorkdirLockedError, CheckpointUnreadableError) as e:
+    except (ValueError, FileNotFoundError, ImportError, WorkdirLockedError, CheckpointUnreadableError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)  # known-bad input: one line, status 2
     except OSError as e:  # disk full: the loop has removed its temporaries and says so
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, status=1)

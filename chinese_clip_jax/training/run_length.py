@@ -24,6 +24,7 @@ import math
 import jax
 import numpy as np
 
+from ..io import atomic_write
 from .validate import ConfigError
 
 __all__ = ["resolve_run_length", "RUN_LENGTH_FILE"]
@@ -81,9 +82,7 @@ def _resolve_on_process0(config, records: int, workdir, resuming: bool) -> tuple
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(rec, indent=1))
     return steps_per_epoch, total
 
 

@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from ..io import is_local
+from ..io import atomic_write, is_local
 
 __all__ = ["RunLog", "METRICS_FILE", "TENSORBOARD_DIR"]
 
@@ -87,9 +87,7 @@ class RunLog:
 
     def _write_kept(self, lines: list[str]) -> None:
         """Replaces the local metrics file with ``lines`` (temporary file, then rename)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(lines))
 
     def _add(self, event) -> None:
         if not event.wall_time:
