@@ -28,8 +28,9 @@ Failures: ``first_line(e)`` is the one-line form of an exception every command p
 ``is_disk_full(e)``: ENOSPC / EFBIG / EDQUOT anywhere in an exception chain (Orbax and
 tensorstore wrap them in ValueErrors). ``quiet_orbax_failures()``: while an Orbax save or restore
 that may fail runs, its own logging of the failure (absl ERROR lines with tracebacks, asyncio
-"Task exception was never retrieved", late callbacks onto a closed event loop) is held back, so
-the caller's one-line error is what the user sees.
+"Task exception was never retrieved", late callbacks onto a closed event loop, the failed read
+coroutines of a damaged checkpoint collected later) is held back, so the caller's one-line error
+is what the user sees.
 """
 
 from __future__ import annotations
@@ -308,11 +309,17 @@ def is_disk_full(e: BaseException | None) -> bool:
 _LATE_NOISE = ("Event loop is closed", "sys.meta_path is None")
 
 
+def _orbax_coroutine(obj) -> bool:
+    """An Orbax / TensorStore coroutine, whose failure (already reported by the caller) Python
+    would print as "Exception ignored in: <coroutine ...>" when it is garbage collected."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and any(part in code.co_filename for part in ("orbax", "tensorstore"))
+
+
 def _closed_loop_filter(previous):
     def hook(u):
-        if not (
-            isinstance(u.exc_value, (RuntimeError, ImportError)) and any(t in str(u.exc_value) for t in _LATE_NOISE)
-        ):
+        late = isinstance(u.exc_value, (RuntimeError, ImportError)) and any(t in str(u.exc_value) for t in _LATE_NOISE)
+        if not (late or _orbax_coroutine(u.object)):
             previous(u)
 
     hook._ccj_filter = True
