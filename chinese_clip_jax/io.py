@@ -25,6 +25,8 @@ local directory is a local path. ``resolve_local_or_hub(src)`` returns a local p
 hub ids (the one download function); a local path that does not exist raises "no such local path".
 
 Failures: ``first_line(e)`` is the one-line form of an exception every command prints;
+``decode_failure(where, data, e, encoding, retry)`` the one line for text in another encoding
+than expected (naming the place, the byte, a GBK guess and the option to retry with);
 ``is_disk_full(e)``: ENOSPC / EFBIG / EDQUOT anywhere in an exception chain (Orbax and
 tensorstore wrap them in ValueErrors). ``quiet_orbax_failures()``: while an Orbax save or restore
 that may fail runs, its own logging of the failure (absl ERROR lines with tracebacks, asyncio
@@ -56,6 +58,7 @@ __all__ = [
     "atomic_output",
     "atomic_write",
     "copy_tree",
+    "decode_failure",
     "first_line",
     "hub_snapshot",
     "is_disk_full",
@@ -292,6 +295,26 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (at most ``limit`` characters)."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
+def decode_failure(where: str, data: bytes, error: UnicodeDecodeError, encoding: str, retry: str | None) -> str:
+    """One line for text that is not in ``encoding``: where (``file:line``, ``shard:key``), the first
+    bad byte, and, when the bytes read as GBK (GB18030, what Chinese Windows tools write), that
+    guess; ``retry`` is the option that names the encoding (e.g. ``--encoding``), None where there is
+    none (then: convert the file to UTF-8)."""
+    bad = data[error.start : error.start + 1]
+    try:
+        data.decode("gb18030")
+        guess = "gbk"
+    except UnicodeDecodeError:
+        guess = None
+    text = f"{where}: not valid {encoding} text (byte 0x{bad.hex()} at offset {error.start})"
+    if retry:
+        return text + (
+            f"; it reads as GBK: rerun with {retry} gbk" if guess else f"; rerun with {retry} <its encoding>"
+        )
+    source = "GBK" if guess else "<its encoding>"
+    return text + f"; convert the file to UTF-8 (e.g. iconv -f {source} -t UTF-8)"
 
 
 def is_disk_full(e: BaseException | None) -> bool:
