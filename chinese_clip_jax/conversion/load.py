@@ -154,8 +154,8 @@ def from_pretrained(
         if not cfg.is_resnet and image_size % v.patch_size:
             low = max(v.patch_size, image_size // v.patch_size * v.patch_size)
             raise ValueError(
-                f"image_size={image_size} is not a multiple of the model's patch size {v.patch_size} "
-                f"(e.g. {low} or {low + v.patch_size})"
+                f"image_size={image_size} is not a multiple of patch_size {v.patch_size} (the model's; "
+                f"e.g. {low} or {low + v.patch_size})"
             )
         params, cfg = at_resolution(params, cfg, image_size)
     scan_layers = resolve_scan_layers(scan_layers)
