@@ -59,17 +59,22 @@ class ExportedCLIP:
                 f"{directory} is not an export directory: no {META_FILE} "
                 "(write one with `python -m convert SRC OUT --export`)"
             )
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, this loader reads {FORMAT!r}")
-        self.context_length = int(self.meta["context_length"])
-        self.image_size = int(self.meta["image_size"])
-        self.projection_dim = int(self.meta["projection_dim"])
+        self.meta = _read_meta(meta_path)
+        self.context_length = self.meta["context_length"]
+        self.image_size = self.meta["image_size"]
+        self.projection_dim = self.meta["projection_dim"]
         self.platforms = tuple(self.meta["platforms"])
-        self.params = {k: jnp.asarray(v) for k, v in load_file(os.path.join(directory, PARAMS_FILE)).items()}
+        params_path = os.path.join(directory, PARAMS_FILE)
+        if not os.path.isfile(params_path):
+            raise FileNotFoundError(f"missing export artefact {params_path}{_REWRITE}")
+        try:
+            self.params = {k: jnp.asarray(v) for k, v in load_file(params_path).items()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{params_path}: not a readable safetensors file ({_first_line(e)}){_REWRITE}") from None
         self._text = _deserialize(os.path.join(directory, TEXT_FILE))
         self._image = _deserialize(os.path.join(directory, IMAGE_FILE))
+        for name, exp in ((TEXT_FILE, self._text), (IMAGE_FILE, self._image)):
+            _check_params(self.params, exp, params_path, os.path.join(directory, name))
         self._text_fn = jax.jit(self._text.call)
         self._image_fn = jax.jit(self._image.call)
 
@@ -94,11 +99,66 @@ class ExportedCLIP:
         return self._image_fn(self.params, px)
 
 
+_REWRITE = "; the export is damaged or incomplete: write it again with `python -m convert SRC NEW_OUT --export`"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _read_meta(path: str) -> dict:
+    """export.json -> its dict, every field this loader uses checked (one-line errors naming the file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({_first_line(e)}){_REWRITE}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(meta).__name__}{_REWRITE}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, this loader reads {FORMAT!r}")
+    for key in ("context_length", "image_size", "projection_dim"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{path}: {key} must be an int >= 1, got {v!r}{_REWRITE}")
+    platforms = meta.get("platforms")
+    if not isinstance(platforms, list) or not platforms or not all(isinstance(p, str) for p in platforms):
+        raise ValueError(f"{path}: platforms must be a non-empty list of names, got {platforms!r}{_REWRITE}")
+    return meta
+
+
 def _deserialize(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing export artefact {path}")
+        raise FileNotFoundError(f"missing export artefact {path}{_REWRITE}")
     with open(path, "rb") as f:
-        return jax.export.deserialize(bytearray(f.read()))
+        data = f.read()
+    try:
+        return jax.export.deserialize(bytearray(data))
+    except Exception as e:  # noqa: BLE001 - flatbuffers / StableHLO errors of a truncated or foreign file
+        raise ValueError(f"{path}: not a readable jax.export artefact ({_first_line(e)}){_REWRITE}") from None
+
+
+def _check_params(params: dict, exported, params_path: str, path: str) -> None:
+    """The params file holds exactly the arrays (names, shapes) the artefact takes as its first input."""
+    try:
+        (want, *_), _ = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+    except Exception:  # noqa: BLE001 - an artefact of another layout: nothing to compare against
+        return
+    if not isinstance(want, dict):
+        return
+    missing = sorted(set(want) - set(params))
+    extra = sorted(set(params) - set(want))
+    wrong = [k for k in sorted(set(want) & set(params)) if tuple(want[k].shape) != tuple(params[k].shape)]
+    if missing or extra or wrong:
+        what = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"{wrong[0]!r} has shape {tuple(params[wrong[0]].shape)}, {tuple(want[wrong[0]].shape)} expected"
+        )
+        raise ValueError(f"{params_path} does not hold the params {os.path.basename(path)} takes: {what}{_REWRITE}")
 
 
 def load_exported(directory: str | os.PathLike) -> ExportedCLIP:

@@ -25,11 +25,14 @@ local directory is a local path. ``resolve_local_or_hub(src)`` returns a local p
 hub ids (the one download function); a local path that does not exist raises "no such local path".
 
 Failures: ``first_line(e)`` is the one-line form of an exception every command prints;
+``decode_failure(where, data, e, encoding, retry)`` the one line for text in another encoding
+than expected (naming the place, the byte, a GBK guess and the option to retry with);
 ``is_disk_full(e)``: ENOSPC / EFBIG / EDQUOT anywhere in an exception chain (Orbax and
 tensorstore wrap them in ValueErrors). ``quiet_orbax_failures()``: while an Orbax save or restore
 that may fail runs, its own logging of the failure (absl ERROR lines with tracebacks, asyncio
-"Task exception was never retrieved", late callbacks onto a closed event loop) is held back, so
-the caller's one-line error is what the user sees.
+"Task exception was never retrieved", late callbacks onto a closed event loop, the failed read
+coroutines of a damaged checkpoint collected later) is held back, so the caller's one-line error
+is what the user sees.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = [
     "atomic_output",
     "atomic_write",
     "copy_tree",
+    "decode_failure",
     "first_line",
     "hub_snapshot",
     "is_disk_full",
@@ -293,6 +297,26 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
+def decode_failure(where: str, data: bytes, error: UnicodeDecodeError, encoding: str, retry: str | None) -> str:
+    """One line for text that is not in ``encoding``: where (``file:line``, ``shard:key``), the first
+    bad byte, and, when the bytes read as GBK (GB18030, what Chinese Windows tools write), that
+    guess; ``retry`` is the option that names the encoding (e.g. ``--encoding``), None where there is
+    none (then: convert the file to UTF-8)."""
+    bad = data[error.start : error.start + 1]
+    try:
+        data.decode("gb18030")
+        guess = "gbk"
+    except UnicodeDecodeError:
+        guess = None
+    text = f"{where}: not valid {encoding} text (byte 0x{bad.hex()} at offset {error.start})"
+    if retry:
+        return text + (
+            f"; it reads as GBK: rerun with {retry} gbk" if guess else f"; rerun with {retry} <its encoding>"
+        )
+    source = "GBK" if guess else "<its encoding>"
+    return text + f"; convert the file to UTF-8 (e.g. iconv -f {source} -t UTF-8)"
+
+
 def is_disk_full(e: BaseException | None) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -308,11 +332,17 @@ def is_disk_full(e: BaseException | None) -> bool:
 _LATE_NOISE = ("Event loop is closed", "sys.meta_path is None")
 
 
+def _orbax_coroutine(obj) -> bool:
+    """An Orbax / TensorStore coroutine, whose failure (already reported by the caller) Python
+    would print as "Exception ignored in: <coroutine ...>" when it is garbage collected."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and any(part in code.co_filename for part in ("orbax", "tensorstore"))
+
+
 def _closed_loop_filter(previous):
     def hook(u):
-        if not (
-            isinstance(u.exc_value, (RuntimeError, ImportError)) and any(t in str(u.exc_value) for t in _LATE_NOISE)
-        ):
+        late = isinstance(u.exc_value, (RuntimeError, ImportError)) and any(t in str(u.exc_value) for t in _LATE_NOISE)
+        if not (late or _orbax_coroutine(u.object)):
             previous(u)
 
     hook._ccj_filter = True

@@ -145,10 +145,18 @@ def from_pretrained(
     ``image_size``: a ViT's resolution to run at (e.g. 336 for a 224 checkpoint); its position
     embeddings are resized once, as cn_clip's ``resize_pos_embed`` (``modeling.position.at_resolution``).
     """
+    check_image_size(image_size)  # before any loading
     cfg, params, _, _ = load_params(src, arch)
-    if image_size:
+    if image_size is not None:
         from ..modeling.position import at_resolution
 
+        v = cfg.vision_config
+        if not cfg.is_resnet and image_size % v.patch_size:
+            low = max(v.patch_size, image_size // v.patch_size * v.patch_size)
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of patch_size {v.patch_size} (the model's; "
+                f"e.g. {low} or {low + v.patch_size})"
+            )
         params, cfg = at_resolution(params, cfg, image_size)
     scan_layers = resolve_scan_layers(scan_layers)
     params = mapping.stack_layers(params) if scan_layers else mapping.unstack_layers(params)
@@ -165,13 +173,66 @@ def from_pretrained(
     return model, params
 
 
+def check_image_size(image_size) -> None:
+    """``image_size`` of ``from_pretrained``: None (the checkpoint's) or an int >= 1 (pixels);
+    anything else raises a ValueError naming the value. (Whether the model supports that size,
+    a multiple of its patch size, is checked once the checkpoint's config is known.)"""
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(
+            f"image_size must be an int >= 1 (pixels) or None for the checkpoint's own size, got {image_size!r}"
+        )
+
+
 def load_flax_params(path: str) -> dict:
+    """The Orbax params of a ``python -m convert`` directory. A damaged one (a truncated or zeroed
+    array file, missing metadata) raises one CheckpointError naming the file TensorStore could not
+    read, Orbax's own tracebacks held back."""
     import orbax.checkpoint as ocp
+
+    from ..io import quiet_orbax_failures
 
     target = os.path.join(os.path.abspath(path), FLAX_PARAMS_DIR)
     try:
-        with ocp.StandardCheckpointer() as ckpt:
+        with quiet_orbax_failures(), ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(target)
     except Exception as e:
-        raise CheckpointError(f"cannot restore the Orbax params in {target}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"cannot restore the Orbax params in {target}: {_restore_failure(e, target)}; the directory is damaged: "
+            "convert the original checkpoint again (python -m convert SRC NEW_OUT)"
+        ) from None
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def _restore_failure(e: BaseException, target: str) -> str:
+    """The useful line of an Orbax restore failure: TensorStore's reason, which names the file
+    (``Error reading local file ".../0.0": Truncated Zstd-compressed stream``), rather than Orbax's
+    wrapper whose first line names only an array index; for a JSON error, the metadata file that
+    does not parse."""
+    import json
+    import re
+
+    if isinstance(e, ValueError) and type(e).__name__ == "JSONDecodeError":
+        for root, _, files in os.walk(target):
+            for name in sorted(files):
+                if name.startswith("_") or name.endswith((".json", ".zarray")) or root.endswith("array_metadatas"):
+                    path = os.path.join(root, name)
+                    try:
+                        with open(path, "rb") as f:
+                            json.loads(f.read())
+                    except (ValueError, OSError) as bad:
+                        return f"{path} is not valid JSON ({type(bad).__name__}: {bad})"
+
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for x in reversed(chain):  # the innermost error that names a file
+        text = str(x).strip().splitlines()[0] if str(x).strip() else ""
+        if '"/' in text or "'/" in text or "file" in text.lower():
+            return text[:400]
+    paths = re.findall(r"'path': '([^']+)'", str(chain[0]))
+    head = str(chain[0]).strip().splitlines()[0][:200] if str(chain[0]).strip() else type(chain[0]).__name__
+    return f"{head} ({paths[0]})" if paths else head

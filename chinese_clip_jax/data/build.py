@@ -1,7 +1,7 @@
 """Builds a TFDS dataset directory (ArrayRecord shards) from a cn_clip or webdataset split.
 
     python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset} --split NAME [--num-shards N]
-        [--cn-clip-format {tsv,lmdb}]
+        [--cn-clip-format {tsv,lmdb}] [--encoding utf-8|gbk|...]
 
 SRC (local or ``gs://...``): for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` +
 ``{split}_texts.jsonl`` or cn_clip's LMDB build ``lmdb/{split}/{imgs,pairs}`` (SRC may also be
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import io
 import json
 import logging
@@ -62,10 +63,8 @@ def features():
     )
 
 
-def _cn_clip_records(src, split: str, cn_clip_format: str, skipped: list) -> Iterator[dict]:
-    from .cn_clip import open_split
-
-    _, images, captions = open_split(src, split, cn_clip_format, skipped, choose_with="--cn-clip-format")
+def _cn_clip_records(images, captions) -> Iterator[dict]:
+    """(image, caption) records of an opened cn_clip split (``cn_clip.open_split``)."""
     try:
         for text_id, text, image_ids, where in captions:
             for image_id in map(str, image_ids):
@@ -85,10 +84,10 @@ def _cn_clip_records(src, split: str, cn_clip_format: str, skipped: list) -> Ite
         images.close()  # and a remote LMDB split's local copy
 
 
-def _webdataset_records(src, skipped: list) -> Iterator[dict]:
+def _webdataset_records(src, skipped: list, encoding: str) -> Iterator[dict]:
     from .webdataset import TarSource
 
-    source = TarSource(src)
+    source = TarSource(src, encoding=encoding, retry="--encoding")
     skipped[0] += source.skipped_at_index
     for i in range(len(source)):
         record = source[i]
@@ -127,6 +126,39 @@ def _init_worker():
     _FEATURES = features()
 
 
+def _existing_dataset(out_path, split: str):
+    """The DatasetInfo of a dataset this command built in OUT (None for a new OUT). OUT holding
+    something else (a file, another TFDS dataset, an unreadable dataset_info.json) or already
+    holding ``split`` raises a one-line error: nothing there is touched."""
+    import tensorflow_datasets as tfds
+
+    from ..io import first_line
+
+    if out_path.exists() and not out_path.is_dir():
+        raise FileExistsError(f"OUT: {out_path} is a file, not a directory; choose another OUT")
+    info_file = out_path / "dataset_info.json"
+    if not info_file.exists():
+        return None
+    try:
+        existing = tfds.builder_from_directory(os.fspath(out_path)).info
+    except Exception as e:  # noqa: BLE001 - tfds raises many types for a damaged or foreign file
+        raise ValueError(
+            f"OUT: {info_file} is not a TFDS dataset_info.json this command can add to ({first_line(e)}); "
+            "choose another OUT"
+        ) from None
+    ours = {k: type(v).__name__ for k, v in features().items()}
+    theirs = {k: type(v).__name__ for k, v in existing.features.items()} if existing.features else {}
+    if existing.name != DATASET_NAME or theirs != ours:
+        raise FileExistsError(
+            f"OUT: {out_path} holds another TFDS dataset ({existing.name!r} {existing.version}, splits "
+            f"{sorted(existing.splits.keys())}, features {sorted(theirs)}), not one built by this command; "
+            "choose another OUT"
+        )
+    if split in existing.splits:
+        raise FileExistsError(f"OUT: {out_path} already holds split {split!r}; choose another OUT or split")
+    return existing
+
+
 def build(
     src: str,
     out: str,
@@ -137,11 +169,14 @@ def build(
     workers: int = 1,
     progress: bool = True,
     cn_clip_format: str | None = None,
+    encoding: str = "utf-8",
 ) -> dict:
     """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
     {"split", "written", "skipped", "shards", "out"}. ``cn_clip_format`` ("tsv", "lmdb"; None:
-    the one SRC holds) applies to ``fmt="cn_clip"`` only."""
-    import tensorflow_datasets as tfds
+    the one SRC holds) applies to ``fmt="cn_clip"`` only. ``encoding``: of the caption files
+    (cn_clip's JSONL, webdataset .txt/.json members), e.g. "gbk"; a JSONL line not in it stops the
+    build before any work, naming the file and line; a webdataset caption not in it is skipped
+    and counted, naming the member."""
     from array_record.python.array_record_module import ArrayRecordWriter
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
     from tensorflow_datasets.core import splits as splits_lib
@@ -154,9 +189,14 @@ def build(
         raise ValueError(f"--num-shards and --workers must be >= 1, got {num_shards}, {workers}")
     if not split or not split.replace("_", "").isalnum():
         raise ValueError(f"--split must be a name like 'train' (letters, digits, _), got {split!r}")
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise ValueError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, gbk, gb18030, big5)") from None
     out_path = as_path(out, what="OUT")
     if cn_clip_format is not None and fmt != "cn_clip":
         raise ValueError(f"--cn-clip-format applies to --format cn_clip only, not {fmt!r}")
+    existing = _existing_dataset(out_path, split)  # before any work: OUT must be ours or new
     if fmt == "cn_clip":
         from .cn_clip import find_split
 
@@ -165,17 +205,24 @@ def build(
             cn_clip_format, _ = find_split(src_path, split, cn_clip_format, choose_with="--cn-clip-format")
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"SRC: {e}") from None
-    existing = None
-    if (out_path / "dataset_info.json").exists():
-        existing = tfds.builder_from_directory(os.fspath(out_path)).info
-        if split in existing.splits:
-            raise FileExistsError(f"OUT: {out_path} already holds split {split!r}; choose another OUT or split")
 
     skipped = [0]
     if fmt == "cn_clip":
-        records = _cn_clip_records(src_path, split, cn_clip_format, skipped)
+        from .cn_clip import open_split
+
+        # opened here, before any work: captions in another encoding stop the build naming file and line
+        _, images, captions = open_split(
+            src_path,
+            split,
+            cn_clip_format,
+            skipped,
+            choose_with="--cn-clip-format",
+            encoding=encoding,
+            retry="--encoding",
+        )
+        records = _cn_clip_records(images, captions)
     else:
-        records = _webdataset_records(src, skipped)
+        records = _webdataset_records(src, skipped, encoding)
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
         template = naming.ShardedFileTemplate(
@@ -261,6 +308,11 @@ def main(argv=None) -> int:
         help="cn_clip layout: SPLIT_imgs.tsv + SPLIT_texts.jsonl, or lmdb/SPLIT (default: the one SRC holds)",
     )
     ap.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="text encoding of the caption files (cn_clip JSONL, webdataset .txt/.json), e.g. gbk (default utf-8)",
+    )
+    ap.add_argument(
         "--workers",
         type=int,
         default=max(1, min(8, os.cpu_count() or 1)),
@@ -278,6 +330,7 @@ def main(argv=None) -> int:
             num_shards=args.num_shards,
             workers=args.workers,
             cn_clip_format=args.cn_clip_format,
+            encoding=args.encoding,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

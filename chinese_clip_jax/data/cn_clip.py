@@ -27,6 +27,7 @@ eval; "" = none), ``eval_max_texts`` (at most this many eval captions).
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -35,7 +36,7 @@ import threading
 
 from etils import epath
 
-from ..io import RangeReader, as_path, local_copy
+from ..io import RangeReader, as_path, decode_failure, local_copy
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
@@ -159,17 +160,27 @@ class LmdbImages:
         return bytes(value).decode("ascii", "replace"), f"{self.origin}:{image_id}"
 
 
-def read_texts(path, skipped: list):
-    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl`` (local or remote)."""
+def read_texts(path, skipped: list, *, encoding: str = "utf-8", retry: str | None = None):
+    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl`` (local or remote).
+
+    ``encoding``: the file's text encoding. A line that is not in it raises a ValueError naming the
+    file, the line and the byte (``io.decode_failure``; ``retry``: the option naming the encoding):
+    a file in another encoding is the wrong input, not bad records to skip one by one.
+    """
     path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cn_clip: caption file {path} does not exist")
     # -sig: a UTF-8 BOM (Windows editors) is not a record's text
-    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
+    first = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    with path.open("rb") as f:
+        for line_no, data in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = data.decode(first if line_no == 1 else encoding)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"cn_clip: {decode_failure(where, data, e, encoding, retry)}") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 obj = json.loads(line)
                 ids = obj["image_ids"]
@@ -258,16 +269,26 @@ def find_split(root: epath.Path, split: str, fmt: str | None = None, *, choose_w
     return "lmdb", lmdb_dir
 
 
-def open_split(root, split: str, fmt: str | None, skipped: list, *, choose_with: str = "data.cn_clip.format"):
+def open_split(
+    root,
+    split: str,
+    fmt: str | None,
+    skipped: list,
+    *,
+    choose_with: str = "data.cn_clip.format",
+    encoding: str = "utf-8",
+    retry: str | None = None,
+):
     """(format, images, captions) of ``split`` under ``root`` (local or remote; ``fmt`` as in
     ``find_split``). images: ``TsvImages`` or ``LmdbImages`` (a remote LMDB split is copied to a
     temp dir first; ``images.close()`` removes it); captions: [(text_id, text, image_ids, where)],
     the LMDB pairs grouped back into captions in file order. Index-time problems go to ``skipped``.
+    ``encoding`` / ``retry``: of the JSONL captions, as ``read_texts``.
     """
     fmt, directory = find_split(as_path(root), split, fmt, choose_with=choose_with)
     if fmt == "tsv":
-        images = TsvImages(directory / f"{split}_imgs.tsv", skipped)
-        return fmt, images, list(read_texts(directory / f"{split}_texts.jsonl", skipped))
+        captions = list(read_texts(directory / f"{split}_texts.jsonl", skipped, encoding=encoding, retry=retry))
+        return fmt, TsvImages(directory / f"{split}_imgs.tsv", skipped), captions
     local, keep = local_copy(directory, what=f"cn_clip LMDB split {split!r}")
     images = LmdbImages(local / "imgs", keep=keep, origin=directory / "imgs")
     grouped: dict = {}

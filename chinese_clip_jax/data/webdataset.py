@@ -24,7 +24,7 @@ import tarfile
 
 import numpy as np
 
-from ..io import RangeReader
+from ..io import RangeReader, decode_failure
 from .pipeline import CachingTokenizer, LazyImages, check_image
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
@@ -124,7 +124,16 @@ class TarSource:
     samples. The index is one packed ``INDEX_DTYPE`` row (29 bytes) per sample.
     """
 
-    def __init__(self, shards: str, caption_keys: str = "txt,json", shard=None, progress: bool = True):
+    def __init__(
+        self,
+        shards: str,
+        caption_keys: str = "txt,json",
+        shard=None,
+        progress: bool = True,
+        encoding: str = "utf-8",
+        retry: str | None = None,
+    ):
+        self.encoding, self._retry = encoding, retry  # of the caption members; retry: the option naming it
         paths = expand_shards(shards)
         self.is_process_shard = shard is not None and shard.shard_count > 1 and len(paths) >= shard.shard_count
         if self.is_process_shard:
@@ -213,8 +222,12 @@ class TarSource:
             block = self._read(shard, offset - tarfile.BLOCKSIZE, size + tarfile.BLOCKSIZE)
             where = f"{self.paths[shard]}:{self._key_of(block[: tarfile.BLOCKSIZE], offset)}"
             image = block[tarfile.BLOCKSIZE :]
-            raw = self._read(shard, int(row["caption_offset"]), int(row["caption_size"])).decode("utf-8")
+            data = self._read(shard, int(row["caption_offset"]), int(row["caption_size"]))
             kind = self.caption_keys[int(row["kind"])]
+            try:
+                raw = data.decode(self.encoding)
+            except UnicodeDecodeError as e:
+                return {"error": decode_failure(f"{where}.{kind}", data, e, self.encoding, self._retry), "where": where}
             text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}

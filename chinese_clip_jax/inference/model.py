@@ -11,6 +11,7 @@ over a ``sharding.make_mesh`` mesh of the given local devices, params replicated
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -98,7 +99,14 @@ class ChineseCLIP:
         text_batch_size, image_batch_size).
         """
         from ..conversion import from_pretrained as load
+        from ..conversion.load import check_image_size
+        from ..modeling.config import ChineseCLIPConfig
 
+        check_image_size(image_size)
+        if processor is None and os.path.isfile(os.path.join(os.fspath(src), "config.json")):
+            # a local checkpoint directory: its processor is checked against the model before the weights load
+            r = image_size or ChineseCLIPConfig.from_pretrained(src).vision_config.image_size
+            processor = _processor_for(src, r, resize_mode, asked_size=image_size is not None)
         model, params = load(
             src,
             dtype,
@@ -109,13 +117,8 @@ class ChineseCLIP:
             precision=precision,
         )
         if processor is None:
-            processor = _processor_for(src, model.config.vision_config.image_size, resize_mode)
-            if processor.image_size != (model.config.vision_config.image_size,) * 2:  # image_size changed it
-                processor = ChineseCLIPProcessor(
-                    processor.tokenizer,
-                    ImageSettings.at_resolution(model.config.vision_config.image_size),
-                    resize_mode=resize_mode,
-                )
+            r = model.config.vision_config.image_size
+            processor = _processor_for(src, r, resize_mode, asked_size=image_size is not None)
         return cls(model, params, processor, **kwargs)
 
     @property
@@ -188,10 +191,16 @@ class ChineseCLIP:
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcessor:
-    """The checkpoint's own processor when its directory (or hub repo) has the files."""
+def _processor_for(src, resolution: int, resize_mode: str, asked_size: bool = False) -> ChineseCLIPProcessor:
+    """The checkpoint's own processor when its directory (or hub repo) has the files.
+
+    Saved image settings that make images of another size than the model takes are refused, as
+    transformers' model refuses them (unless ``interpolate_pos_encoding``): naming the file and
+    both sizes. With ``asked_size`` (the caller passed ``image_size``) they follow the model: the
+    file's settings (normalization, resampling) with resize and crop at ``resolution``.
+    """
     from ..io import is_hub_id
-    from ..processing.image_settings import read_image_settings
+    from ..processing.image_settings import image_settings_file, read_image_settings
 
     default = ImageSettings.at_resolution(resolution)
     path = os.fspath(src)
@@ -201,4 +210,19 @@ def _processor_for(src, resolution: int, resize_mode: str) -> ChineseCLIPProcess
     kwargs = {}
     if os.path.isdir(directory) and read_image_settings(directory) is None:
         kwargs["image_settings"] = default
-    return ChineseCLIPProcessor.from_pretrained(directory, resize_mode=resize_mode, **kwargs)
+    processor = ChineseCLIPProcessor.from_pretrained(directory, resize_mode=resize_mode, **kwargs)
+    if processor.image_size == (resolution, resolution):
+        return processor
+    settings = processor.image_processor.settings
+    if asked_size:
+        square = {"height": resolution, "width": resolution}
+        size = square if "height" in settings.size else {"shortest_edge": resolution}
+        settings = dataclasses.replace(settings, size=size, crop_size=square)
+        return ChineseCLIPProcessor(processor.tokenizer, settings, resize_mode=resize_mode)
+    name = (image_settings_file(directory) if os.path.isdir(directory) else None) or f"{src} (its image settings)"
+    h, w = processor.image_size
+    hint = f"pass image_size={h} to run the model at {h} px (position embeddings interpolated), or " if h == w else ""
+    raise ValueError(
+        f"{name}: the processor makes {h}x{w} images but the model takes {resolution}x{resolution} "
+        f"(config.json image_size); {hint}pass processor= one of crop size {resolution}"
+    )

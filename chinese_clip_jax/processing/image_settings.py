@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ImageSettings",
     "read_image_settings",
+    "image_settings_file",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "PROCESSOR_CONFIG",
@@ -159,23 +160,32 @@ def _read_json(path: str):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_image_settings(directory: str | os.PathLike) -> ImageSettings | None:
-    """The image settings saved in a checkpoint directory, as transformers 5 finds them
-    (``processor_config.json``'s ``image_processor``, else ``preprocessor_config.json``);
-    None where neither is there. A bad file raises a ValueError naming it and the key."""
-    directory = os.fspath(directory)
-    candidates = []
+def _find_image_settings(directory: str) -> tuple[str, Any] | None:
     path = os.path.join(directory, PROCESSOR_CONFIG)
     if os.path.isfile(path):
         d = _read_json(path)
         if isinstance(d, dict) and d.get("image_processor") is not None:
-            candidates.append((path, d["image_processor"]))
+            return path, d["image_processor"]
     path = os.path.join(directory, PREPROCESSOR_CONFIG)
-    if not candidates and os.path.isfile(path):
-        candidates.append((path, _read_json(path)))
-    if not candidates:
+    if os.path.isfile(path):
+        return path, _read_json(path)
+    return None
+
+
+def image_settings_file(directory: str | os.PathLike) -> str | None:
+    """The file ``read_image_settings(directory)`` reads its settings from; None where none is there."""
+    found = _find_image_settings(os.fspath(directory))
+    return found[0] if found else None
+
+
+def read_image_settings(directory: str | os.PathLike) -> ImageSettings | None:
+    """The image settings saved in a checkpoint directory, as transformers 5 finds them
+    (``processor_config.json``'s ``image_processor``, else ``preprocessor_config.json``);
+    None where neither is there. A bad file raises a ValueError naming it and the key."""
+    found = _find_image_settings(os.fspath(directory))
+    if found is None:
         return None
-    path, d = candidates[0]
+    path, d = found
     try:
         return ImageSettings.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -78,6 +78,12 @@ def main(argv) -> None:
         validate_config(config, reference=base.get_config())  # before anything is built
     except ValueError as e:
         _fail(str(e))
+    from chinese_clip_jax.io import as_path
+
+    try:  # a gs:// workdir without gcsfs, or a scheme epath does not serve: before jax starts
+        as_path(_WORKDIR.value, what="--workdir")
+    except (ValueError, ImportError) as e:
+        _fail(str(e))
     from chinese_clip_jax.training import xla_flags
 
     xla_flags.apply(config.xla_gpu_flags)  # before any backend starts

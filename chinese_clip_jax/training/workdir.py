@@ -2,9 +2,11 @@
 
 * ``WorkdirLock``: ``DIR/lock.json`` (host, pid, start time) written by process 0 through
   ``etils.epath`` (so ``gs://`` workdirs lock too). A second run on the same workdir fails at
-  once naming the holder; a lock whose holder is gone (same host, pid no longer running) is
-  taken over with a warning. A lock held by another host is never taken over automatically:
-  the message says which file to delete once that run is known to be dead.
+  once naming the holder; a lock whose holder is gone (same host, and the pid no longer running,
+  reused by a process started after the lock was written, or our own pid in a lock this process
+  did not write: a restarted container hands out the old pids again) is taken over with a
+  warning. A lock held by another host is never taken over automatically: the message says which
+  file to delete once that run is known to be dead.
 * ``check_model_config``: ``DIR/model_config.json`` records the architecture the checkpoints hold;
   a rerun with another one fails naming the keys that differ, before any restore.
 """
@@ -31,6 +33,9 @@ class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir; the message names it (host, pid)."""
 
 
+_HELD: dict[str, dict] = {}  # lock path -> the record this process wrote there (the locks it holds)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -39,6 +44,40 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state is field 3
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _stale_reason(holder: dict, path: str, me: dict) -> str | None:
+    """Why the lock ``holder`` (read from ``path``) is stale, or None while its run may be alive.
+
+    Stale: a torn file; on this host, a pid that no longer runs, our own pid in a lock this process
+    did not write (a restarted container reuses pids, so the new run can be given the old run's
+    pid), or a pid whose process started after the lock was written (the pid was reused).
+    """
+    if not holder:
+        return "unreadable lock file"
+    if holder["host"] != me["host"]:
+        return None
+    pid = int(holder["pid"])
+    if pid == me["pid"]:
+        return None if _HELD.get(path) == holder else f"pid {pid} on {holder['host']}, now this run's own pid"
+    if not _pid_alive(pid):
+        return f"pid {pid} on {holder['host']}"
+    started, began = holder.get("started"), _process_start_time(pid)
+    if isinstance(started, (int, float)) and began is not None and began > started + 1.0:
+        return f"pid {pid} on {holder['host']}, now reused by a process started after the lock was written"
+    return None
 
 
 class WorkdirLock:
@@ -79,22 +118,19 @@ class WorkdirLock:
         for _ in range(3):
             if self._create():
                 self._held = True
+                _HELD[str(self.path)] = self.me
                 return self
             holder = self._read()
             if holder is None:
                 continue  # released meanwhile: try again
-            stale = holder == {} or (holder["host"] == self.me["host"] and not _pid_alive(int(holder["pid"])))
-            if not stale:
+            stale = _stale_reason(holder, str(self.path), self.me)
+            if stale is None:
                 raise WorkdirLockedError(
                     f"workdir {self.path.parent} is in use by the run with pid {holder['pid']} on host "
                     f"{holder['host']!r} (lock {self.path}); wait for it, stop it, or use another --workdir"
                     + ("" if holder["host"] == self.me["host"] else "; if that run is dead, delete the lock file")
                 )
-            logger.warning(
-                "taking over the stale lock %s of a run that is gone (%s)",
-                self.path,
-                f"pid {holder['pid']} on {holder['host']}" if holder else "unreadable lock file",
-            )
+            logger.warning("taking over the stale lock %s of a run that is gone (%s)", self.path, stale)
             self.path.unlink(missing_ok=True)
         raise WorkdirLockedError(f"could not take the lock {self.path}: another run keeps taking it")
 
@@ -102,6 +138,8 @@ class WorkdirLock:
         if self._held:
             if self._read() == self.me:
                 self.path.unlink(missing_ok=True)
+            if _HELD.get(str(self.path)) == self.me:
+                del _HELD[str(self.path)]
             self._held = False
 
     def __enter__(self):
