@@ -9,11 +9,12 @@ without flax, this library's model code or the training stack.
     image = enc.image(pixel_values)              # (B, 3, R, R) float32 -> (B, D) float32
 
 ``OUT`` holds ``text_features.jaxexport`` and ``image_features.jaxexport`` (batch dimension
-symbolic, lowered for each platform asked), ``params.safetensors`` (the params are an input of
-both functions, not constants inside them: a huge model exceeds what one serialized module may
-hold), ``export.json`` (shapes, platforms) and the processor files (``vocab.txt``,
-``preprocessor_config.json``). Outputs are ``get_text_features`` / ``get_image_features``:
-unnormalized projections, as the model's methods of those names.
+symbolic, lowered for each platform asked; the loader compiles once per batch size it meets),
+``params.safetensors`` (the params are an input of both functions, not constants inside them:
+a huge model exceeds what one serialized module may hold), ``export.json`` (shapes,
+platforms) and the processor files (``vocab.txt``, ``preprocessor_config.json``). Outputs
+are ``get_text_features`` / ``get_image_features``: unnormalized projections, as the
+model's methods of those names.
 
 This module imports only jax, numpy and safetensors (``save_exported`` imports the model code
 when called); ``chinese_clip_jax/__init__`` loads its own names lazily, so importing
@@ -45,8 +46,12 @@ class ExportedCLIP:
     """The deserialized encoders and their params (placed on the default device once).
 
     ``text(input_ids, attention_mask)`` and ``image(pixel_values)`` take numpy or jax arrays of
-    any batch size and return (batch, projection_dim) float32 jax arrays. Each distinct batch
-    size compiles once (the artefact itself is shape-polymorphic in the batch).
+    any batch size and return (batch, projection_dim) float32 jax arrays.
+
+    Compilation: the serialized artefact is shape-polymorphic in the batch (one file serves
+    every batch size, nothing is re-exported), but XLA compiles for static shapes, so each
+    distinct batch size compiles once, on first use, in this process. To bound the compiles, pad
+    batches to a few sizes (``chinese_clip_jax.inference.encoding.pad_to_bucket``) and keep ``out[:n]``.
     """
 
     def __init__(self, directory: str | os.PathLike):
