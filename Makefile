@@ -15,7 +15,7 @@ define install_into
 	$(if $(3),$(1)/bin/pip install $(PIP_FLAGS) --no-deps cn-clip==1.6.0)
 endef
 
-.PHONY: test test-fast lint install demo bench
+.PHONY: test test-fast lint install demo bench api
 test:
 	rm -rf build/venv-test
 	$(call install_into,build/venv-test,[test],torch)
@@ -30,6 +30,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+# The API reference (pdoc, from the docstrings) into build/api; fails on a broken cross-reference.
+api: install
+	$(VENV)/bin/python docs/build_api.py build/api
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -48,7 +48,7 @@ def main():
     import numpy as np
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax.export import save_exported
+    from chinese_clip_jax.conversion.export import save_exported
 
     cfg = ccj.ChineseCLIPConfig.preset(args.preset)
     r = cfg.vision_config.image_size

@@ -21,7 +21,7 @@ BATCHES = (1, 3, 17)
 
 LOADER = """
 import sys, numpy as np
-from chinese_clip_jax.export import load_exported
+    from chinese_clip_jax.export import load_exported
 enc = load_exported(sys.argv[1])
 data = np.load(sys.argv[2])
 out = {}
@@ -100,7 +100,8 @@ def test_cli_export_loads_without_flax_and_matches(tmp_path, save_hf_model):
 def test_export_function_resnet_cpu_only(tmp_path):
     from test_resnet import RESNET
 
-    from chinese_clip_jax.export import load_exported, save_exported
+    from chinese_clip_jax.conversion.export import save_exported
+    from chinese_clip_jax.export import load_exported
 
     cfg = tiny_config(**RESNET)
     params = random_params(cfg)

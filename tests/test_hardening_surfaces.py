@@ -146,7 +146,7 @@ def test_truncated_orbax_metadata_is_named(flax_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def export_dir(flax_dir, tmp_path_factory):
-    from chinese_clip_jax.export import save_exported
+    from chinese_clip_jax.conversion.export import save_exported
 
     cfg, params, _, _ = ccj.conversion.load_params(flax_dir)
     return save_exported(tmp_path_factory.mktemp("export") / "e", cfg, params, platforms=("cpu",))

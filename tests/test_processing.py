@@ -276,3 +276,132 @@ def test_pt_tensors_with_images_and_ragged_errors(proc, hf_tokenizer):
         proc(text=TEXTS[:3], padding=False)
     with pytest.raises(ValueError, match="padding must be"):
         proc(text=TEXTS[:3], padding="left")
+
+
+@pytest.fixture(scope="module")
+def short_tokenizer():
+    """The bundled vocab with a model_max_length (a saved checkpoint's tokenizer_config has one)."""
+    return BertTokenizer.from_pretrained(str(ASSETS_DIR), model_max_length=24)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(padding="max_length"), dict(truncation=True, max_length=8), dict(max_length=8), dict(truncation=True)],
+    ids=["max-no-length", "trunc8-nopad", "length-only", "trunc-only"],
+)
+def test_any_hf_keyword_means_transformers_semantics(short_tokenizer, kwargs):
+    ours = ChineseCLIPProcessor(short_tokenizer)
+    ref_proc = transformers.ChineseCLIPProcessor(
+        image_processor=ChineseCLIPImageProcessorPil(), tokenizer=short_tokenizer
+    )
+    texts = TEXTS[:4] if kwargs.get("truncation") or kwargs.get("max_length") else TEXTS[:2]
+    ref = ref_proc(text=texts, return_tensors=None, **kwargs)
+    got = ours(text=texts, return_tensors=None, **kwargs)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        rows = got[key].tolist() if isinstance(got[key], np.ndarray) else got[key]
+        assert rows == [list(r) for r in ref[key]], key
+    if kwargs == dict(padding="max_length"):  # the tokenizer's model_max_length, not the context length 52
+        assert {len(r) for r in ref["input_ids"]} == {24}
+
+
+def test_no_keyword_keeps_fixed_context_length(short_tokenizer):
+    out = ChineseCLIPProcessor(short_tokenizer)(text=TEXTS)
+    assert out["input_ids"].shape == (len(TEXTS), 52)
+
+
+def test_decode_equals_transformers(proc, hf_tokenizer):
+    ref_proc = transformers.ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessorPil(), tokenizer=hf_tokenizer)
+    ids = proc(text=TEXTS)["input_ids"]
+    assert proc.batch_decode(ids) == ref_proc.batch_decode(ids)
+    assert proc.batch_decode(ids, skip_special_tokens=True) == ref_proc.batch_decode(ids, skip_special_tokens=True)
+    assert proc.decode(ids[2]) == ref_proc.decode(ids[2])
+    assert proc.batch_decode(ids.tolist()) == ref_proc.batch_decode(ids.tolist())
+
+
+def test_torch_uint8_chw_tensors_equal_transformers(proc):
+    """transformers' test_call_pytorch feeds uint8 (3, H, W) torch tensors."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((30, 40), (300, 200))]
+    ref = ChineseCLIPImageProcessorPil()(images, return_tensors="np")["pixel_values"]
+    _assert_close_pixels(proc(images=images)["pixel_values"], ref)
+    _assert_close_pixels(proc(images=images[0])["pixel_values"], ref[:1])
+
+
+def test_from_pretrained_takes_resolution_from_config_json(tmp_path, hf_tokenizer):
+    """A transformers-saved folder with no preprocessor config: the model's resolution, not 224."""
+    cfg = transformers.ChineseCLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+        ),
+        projection_dim=16,
+    )
+    cfg.save_pretrained(tmp_path)
+    hf_tokenizer.save_pretrained(tmp_path)
+    ours = ChineseCLIPProcessor.from_pretrained(tmp_path)
+    assert ours.image_size == (32, 32)
+    ref = ChineseCLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image = _rng_image(50, 70)
+    _assert_close_pixels(ours(images=[image])["pixel_values"], ref([image], return_tensors="np")["pixel_values"])
+    (tmp_path / "config.json").write_text('{"vision_config": {"image_size": "big"}}')
+    with pytest.raises(ValueError, match="vision_config.image_size"):
+        ChineseCLIPProcessor.from_pretrained(tmp_path)
+
+
+LIGHT_SCRIPT = r"""
+import json, sys
+import numpy as np, PIL.Image
+
+# 1. the image path: numpy + PIL only
+from chinese_clip_jax.processing.image import ImagePreprocessor, apply_normalize_table, normalize_pixels
+from chinese_clip_jax.processing.image_settings import ImageSettings
+
+image = PIL.Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+image.save(sys.argv[2])
+pre = ImagePreprocessor(ImageSettings.at_resolution(32), num_threads=1)
+pixels = pre([image, sys.argv[2], np.asarray(image)])
+small = pre.resized_batch([image, sys.argv[2]])
+assert pixels.shape == (3, 3, 32, 32) and small.dtype == np.uint8 and small.shape == (2, 32, 32, 3)
+assert (apply_normalize_table(small, pre.table) == pixels[:2]).all()
+assert (normalize_pixels(small) == pixels[:2]).all()  # default mean/std
+heavy = sorted(m for m in ("jax", "flax", "transformers", "torch", "tokenizers") if m in sys.modules)
+assert not heavy, heavy
+
+# 2. the processor: tokenizer (bundled, and a saved checkpoint's) without torch
+from chinese_clip_jax.processing import ChineseCLIPProcessor
+
+for proc in (ChineseCLIPProcessor(), ChineseCLIPProcessor.from_pretrained(sys.argv[1])):
+    out = proc(text=["一只猫", "皮卡丘"], images=[image])
+    assert out["input_ids"].shape == (2, 52) and out["pixel_values"].shape[:2] == (1, 3)
+torch_like = ("torch.", "transformers.models.auto.modeling")
+torch_modules = sorted(m for m in sys.modules if m == "torch" or m.startswith(torch_like))
+assert not torch_modules, torch_modules[:5]
+assert "jax" not in sys.modules
+print(json.dumps(out["input_ids"][:, :6].tolist()))
+"""
+
+
+def test_light_paths_import_no_torch(tmp_path, hf_tokenizer):
+    """Worker-side preprocessing: the image path needs numpy + PIL only, the processor no torch."""
+    import os
+    import subprocess
+    import sys
+
+    hf_tokenizer.save_pretrained(tmp_path)  # tokenizer_config.json + vocab.txt, as a checkpoint has
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, "-c", LIGHT_SCRIPT, str(tmp_path), str(tmp_path / "x.png")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    want = hf_tokenizer(["一只猫", "皮卡丘"], padding="max_length", max_length=52, truncation=True)["input_ids"]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [row[:6] for row in want]

@@ -33,7 +33,7 @@ def _output_names(args) -> tuple[str, ...]:
     from chinese_clip_jax import conversion
 
     if args.export:
-        from chinese_clip_jax.export import output_names as export_names
+        from chinese_clip_jax.conversion.export import output_names as export_names
 
         return export_names()
     if args.to == "pt":
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             cfg, params, kind, directory = conversion.load_params(src, arch=args.arch)
             params = mapping.stack_layers(params) if args.scan_layers else mapping.unstack_layers(params)
             if args.export:
-                from chinese_clip_jax.export import save_exported
+                from chinese_clip_jax.conversion.export import save_exported
 
                 save_exported(
                     out, cfg, params, platforms=platforms, context_length=args.context_length, processor_from=directory

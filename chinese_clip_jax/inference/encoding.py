@@ -6,8 +6,11 @@
     classes = enc.class_embeddings(labels, templates, tokenize)  # prompt ensemble, (C, D)
 
 ``text_embeddings`` / ``image_embeddings`` are the pure functions (the train step calls them
-with dropout); ``Encoder`` jits them with the batch axis sharded over the mesh's ("data",
-"fsdp") axes and the params as the mesh's rules shard them (replicated on a data-only mesh).
+with dropout); ``text_fn`` / ``image_fn`` jit them for a model, as pure functions of
+``(params, inputs)`` to drop into your own JAX code; ``pad_to_bucket`` pads a batch to a fixed
+size (and says how many rows are real); ``cast_params`` halves the params' memory.
+``Encoder`` jits them with the batch axis sharded over the mesh's ("data", "fsdp") axes and
+the params as the mesh's rules shard them (replicated on a data-only mesh).
 Every process passes the same full host batch; embeddings come back to every process.
 
 Batches are padded (by repeating the last row) to one of a few fixed sizes, ``batch_size`` and
@@ -33,8 +36,12 @@ from . import sharding as shd
 __all__ = [
     "text_embeddings",
     "image_embeddings",
+    "text_fn",
+    "image_fn",
     "model_pixels",
+    "cast_params",
     "bucket_sizes",
+    "pad_to_bucket",
     "ensemble",
     "Encoder",
     "PROGRESS_MIN_BATCHES",
@@ -59,24 +66,81 @@ def text_embeddings(
     return l2_normalize(feats)
 
 
-def model_pixels(pixel_values) -> jax.Array:
-    """uint8 (N, H, W, 3) images (the training pipeline's batches) -> float32 (N, 3, H, W) model
-    input, rescaled and normalized on the device through ``normalize_pixels``' own table (a
-    lookup: bit-equal to the host); float pixel values pass through unchanged."""
-    if pixel_values.dtype != jnp.uint8:
+def model_pixels(pixel_values, table=None) -> jax.Array:
+    """uint8 images, (N, H, W, 3) (the training pipeline's batches) or (N, 3, H, W) -> float32
+    (N, 3, H, W) model input, rescaled and normalized on the device through a (3, 256) lookup
+    table: ``table`` (e.g. ``ImagePreprocessor(settings).table`` for a checkpoint's own mean/std)
+    or by default ``normalize_pixels``' (transformers' default settings; bit-equal to the host).
+    A trailing axis of 3 means NHWC. Float pixel values pass through unchanged; other integer
+    dtypes are refused."""
+    if not hasattr(pixel_values, "dtype"):
+        pixel_values = np.asarray(pixel_values)
+    if jnp.issubdtype(pixel_values.dtype, jnp.floating):
         return pixel_values
-    if pixel_values.ndim != 4 or pixel_values.shape[-1] != 3:
-        raise ValueError(f"uint8 images must be (N, H, W, 3), got {pixel_values.shape}")
-    table = jnp.asarray(default_normalize_table())
-    return jnp.stack([table[c][pixel_values[..., c]] for c in range(3)], axis=1)
+    pixel_values = jnp.asarray(pixel_values)
+    if pixel_values.dtype != jnp.uint8:
+        raise TypeError(f"integer pixels must be uint8 (0..255), got {pixel_values.dtype.name}")
+    if pixel_values.ndim != 4 or 3 not in (pixel_values.shape[1], pixel_values.shape[-1]):
+        raise ValueError(f"uint8 images must be (N, H, W, 3) or (N, 3, H, W), got {pixel_values.shape}")
+    channel_axis = 3 if pixel_values.shape[-1] == 3 else 1
+    table = jnp.asarray(default_normalize_table() if table is None else table, jnp.float32)
+    if table.shape != (3, 256):
+        raise ValueError(f"table must be (3, 256) (channel, grey level), got {table.shape}")
+    channels = [jnp.take(pixel_values, c, axis=channel_axis) for c in range(3)]
+    return jnp.stack([table[c][x] for c, x in enumerate(channels)], axis=1)
 
 
-def image_embeddings(model, params, pixel_values, *, deterministic=True) -> jax.Array:
-    """(N, 3, H, W) float pixel values, or uint8 (N, H, W, 3) images (``model_pixels``) -> (N, D)
-    float32 L2-normalized image embeddings (pure)."""
+def image_embeddings(model, params, pixel_values, *, deterministic=True, rng=None) -> jax.Array:
+    """(N, 3, H, W) float pixel values, or uint8 images (``model_pixels``) -> (N, D) float32
+    L2-normalized image embeddings (pure). rng: the dropout key when ``deterministic=False``."""
     pixel_values = model_pixels(pixel_values)
-    feats = model.apply({"params": params}, pixel_values, deterministic=deterministic, method="get_image_features")
+    feats = model.apply(
+        {"params": params},
+        pixel_values,
+        deterministic=deterministic,
+        rngs=None if rng is None else {"dropout": rng},
+        method="get_image_features",
+    )
     return l2_normalize(feats)
+
+
+def text_fn(model) -> Callable[..., jax.Array]:
+    """``jax.jit`` of ``text_embeddings`` for ``model``: ``fn(params, input_ids, attention_mask,
+    token_type_ids=None) -> (N, D)`` float32, L2-normalized. Pure in params: pass sharded params
+    (``sharding.shard_params``) and sharded inputs and it runs sharded; each new input shape
+    compiles once (``pad_to_bucket`` keeps the shapes few)."""
+
+    def fn(params, input_ids, attention_mask, token_type_ids=None):
+        return text_embeddings(model, params, input_ids, attention_mask, token_type_ids)
+
+    return jax.jit(fn)
+
+
+def image_fn(model) -> Callable[..., jax.Array]:
+    """``jax.jit`` of ``image_embeddings`` for ``model``: ``fn(params, pixel_values) -> (N, D)``
+    float32, L2-normalized; pixel_values float NCHW, or uint8 NHWC/NCHW (``model_pixels``)."""
+
+    def fn(params, pixel_values):
+        return image_embeddings(model, params, pixel_values)
+
+    return jax.jit(fn)
+
+
+def cast_params(params, dtype=jnp.bfloat16):
+    """Every floating param of two or more dimensions (kernels, embeddings) cast to ``dtype``;
+    scalars (``logit_scale``, ``logit_bias``) and vectors (biases, LayerNorm) stay as they are.
+    For inference memory: bf16 halves it; the model's LayerNorm statistics, softmax and logits
+    still run in fp32. Training keeps fp32 params (the optimizer updates them)."""
+
+    def cast(x):
+        x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2:
+            return x.astype(dtype)
+        return x
+
+    import flax.linen as nn
+
+    return jax.tree.map(cast, nn.unbox(params))
 
 
 def bucket_sizes(batch_size: int, num_shards: int = 1) -> tuple[int, ...]:
@@ -106,6 +170,27 @@ def ensemble(prompt_embeds: np.ndarray, counts: Sequence[int]) -> np.ndarray:
         out.append(m / np.linalg.norm(m))
         i += n
     return np.stack(out).astype(np.float32)
+
+
+def pad_to_bucket(batch, buckets: Sequence[int]):
+    """Pads a batch to the smallest of ``buckets`` that holds it, by repeating its last row
+    (padding rows are valid inputs, so no NaN can come from them); returns ``(padded, n)``, n
+    the number of real rows: keep ``out[:n]``. ``batch``: an array or a pytree (dict, tuple) of
+    arrays sharing their leading axis. ``buckets``: e.g. ``bucket_sizes(64, num_devices)``: a
+    jitted function then compiles at most ``len(buckets)`` times, whatever the batch sizes."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("pad_to_bucket needs at least one array")
+    sizes = {len(x) for x in leaves}
+    if len(sizes) > 1:
+        raise ValueError(f"the arrays of the batch have different leading sizes {sorted(sizes)}")
+    (n,) = sizes
+    if n == 0:
+        raise ValueError("cannot pad an empty batch (no row to repeat)")
+    fits = [b for b in sorted(buckets) if b >= n]
+    if not fits:
+        raise ValueError(f"a batch of {n} rows is larger than the largest bucket {max(buckets)}; split it first")
+    return jax.tree.map(lambda x: _pad_rows(np.asarray(x), fits[0]), batch), n
 
 
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:

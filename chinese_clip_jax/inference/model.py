@@ -35,6 +35,11 @@ class ChineseCLIP:
     ChineseCLIPProcessor whose image size matches the model (default: transformers' settings at
     the model's resolution). devices: the local devices to shard the batch over (default: all
     local devices). text_batch_size / image_batch_size: defaults of encode_text / encode_image.
+
+    Batches are padded to ``bucket_sizes(batch_size)`` rows (as ``encoding.pad_to_bucket`` pads), so each
+    tower compiles at most once per bucket; ``trace_counts`` ({"text": n, "image": m}) counts
+    the traces (= compilations) so far. ``model`` and ``params`` are the Flax module and its
+    params on the devices: jit your own functions of them (docs/jax.md).
     """
 
     def __init__(

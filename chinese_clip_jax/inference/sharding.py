@@ -52,6 +52,8 @@ __all__ = [
     "logical_shardings",
     "param_shardings",
     "sharded_init",
+    "model_shardings",
+    "shard_params",
     "batch_sharding",
     "replicated",
     "shard_batch",
@@ -156,6 +158,47 @@ def sharded_init(model: nn.Module, mesh: Mesh, rng: jax.Array, *init_args, rules
     with use_mesh_and_rules(mesh, rules):
         params = jax.jit(init, out_shardings=shardings)(rng)
     return params, shardings
+
+
+def _example_inputs(model: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract one-row inputs of a joint model (text + image), from its config alone."""
+    cfg = model.config
+    v = cfg.vision_config
+    ids = jax.ShapeDtypeStruct((1, min(8, cfg.text_config.max_position_embeddings)), np.int32)
+    pixels = jax.ShapeDtypeStruct((1, v.num_channels, v.image_size, v.image_size), np.float32)
+    return ids, pixels
+
+
+def model_shardings(model: nn.Module, mesh: Mesh, rules=RULES) -> Any:
+    """Shardings of a ``ChineseCLIPModel``'s params on ``mesh`` from the model alone (its config
+    and the params' logical axis names; nothing allocated, no example inputs needed)."""
+    ids, pixels = _example_inputs(model)
+    abstract = jax.eval_shape(lambda i, p: model.init(jax.random.key(0), i, p)["params"], ids, pixels)
+    return logical_shardings(abstract, mesh, rules)
+
+
+def shard_params(model: nn.Module, params: Any, mesh: Mesh, rules=RULES) -> Any:
+    """Places loaded params (boxed or not; e.g. from ``ccj.from_pretrained``) on ``mesh`` as the
+    rules table shards them (``model_shardings``): on a data-only mesh they are replicated, with
+    fsdp / tensor axes each device holds only its slices. Returns the unboxed, placed params.
+
+    Jit functions of them as usual; run them inside ``use_mesh_and_rules(mesh)`` so the model's
+    activation constraints resolve against the mesh (outside it, they are no-ops and XLA
+    chooses the activation layout itself: same values).
+    """
+    shardings = model_shardings(model, mesh, rules)
+    params = nn.unbox(params)
+    if jax.tree.structure(shardings) != jax.tree.structure(params):
+        diff = sorted(_key_paths(shardings) ^ _key_paths(params))
+        raise ValueError(
+            f"params do not match the model's param tree (first difference: {diff[0] if diff else 'leaf order'}); "
+            "were they loaded for this config and scan_layers setting?"
+        )
+    return jax.device_put(params, shardings)
+
+
+def _key_paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .inputs import check_pixels, check_token_ids
 from .layers import ConfiguredModule, Dense, matmul_precision, partitioned
 from .resnet import ResNetTower
 from .text import TextOutput, TextTower
@@ -97,7 +98,11 @@ class ChineseCLIPModel(ConfiguredModule):
     def get_text_features(
         self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, deterministic: bool = True
     ) -> jax.Array:
-        """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32."""
+        """(batch, seq) token ids -> (batch, projection_dim) unnormalized projection of [CLS], fp32.
+
+        Ids outside [0, vocab_size) are refused when concrete, clamped inside jit (``modeling.inputs``).
+        """
+        input_ids = check_token_ids(input_ids, self.config.text_config.vocab_size)
         with matmul_precision(self.precision):
             hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
             return self.text_projection(hidden[:, 0]).astype(jnp.float32)
@@ -114,11 +119,14 @@ class ChineseCLIPModel(ConfiguredModule):
     def get_image_features(
         self, pixel_values, deterministic: bool = True, interpolate_pos_encoding: bool = False
     ) -> jax.Array:
-        """NCHW pixel values -> (batch, projection_dim) unnormalized projection, fp32.
+        """NCHW float pixel values (normalized, as the processor makes them) -> (batch,
+        projection_dim) unnormalized projection, fp32. Integer pixels are refused
+        (``encoding.model_pixels`` converts uint8 images).
 
         ``interpolate_pos_encoding``: a ViT takes other image sizes (multiples of its patch), its
         position grid resized bicubically as in transformers.
         """
+        pixel_values = check_pixels(pixel_values)
         with matmul_precision(self.precision):
             return self._vision(pixel_values, deterministic, interpolate_pos_encoding)[1].astype(jnp.float32)
 
@@ -132,7 +140,11 @@ class ChineseCLIPModel(ConfiguredModule):
         deterministic: bool = True,
         interpolate_pos_encoding: bool = False,
     ) -> ChineseCLIPOutput:
-        """Both towers and the logits ``exp(logit_scale) * cos`` (``+ logit_bias`` when the model has one)."""
+        """Both towers and the logits ``exp(logit_scale) * cos`` (``+ logit_bias`` when the model has one).
+
+        Inputs as ``get_text_features`` / ``get_image_features`` take them (same checks)."""
+        input_ids = check_token_ids(input_ids, self.config.text_config.vocab_size)
+        pixel_values = check_pixels(pixel_values)
         with matmul_precision(self.precision):
             hidden = self.text_model(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
             vision, image_features = self._vision(pixel_values, deterministic, interpolate_pos_encoding)

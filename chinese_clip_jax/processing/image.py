@@ -71,6 +71,14 @@ def _normalize_table(scale: float | None, mean, std, torch_style: bool = False) 
     return table.astype(np.float32)
 
 
+def _from_torch(x):
+    """A torch tensor (e.g. transformers' uint8 (3, H, W) test images) -> numpy; anything else as is.
+    Recognised by its type's module, so torch is never imported here."""
+    if type(x).__module__.startswith("torch") and hasattr(x, "numpy"):
+        return x.detach().cpu().numpy()
+    return x
+
+
 def _image_name(image, index: int) -> str:
     if isinstance(image, (str, os.PathLike)):
         return f"image {index} ({os.fspath(image)!r})"
@@ -153,7 +161,9 @@ class ImagePreprocessor:
         """images: one image or a list -> (N, 3, H, W) float32.
 
         Raises ImageLoadError naming the image (its position, counted from start_index).
+        torch tensors are read as the numpy arrays they hold (uint8, HWC or CHW).
         """
+        images = _from_torch(images)
         if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
             isinstance(images, np.ndarray) and images.ndim in (2, 3)
         ):
@@ -186,6 +196,17 @@ class ImagePreprocessor:
         except Exception as e:  # noqa: BLE001 - reported with the image's name
             raise ImageLoadError(f"cannot read {_image_name(image, index)}: {type(e).__name__}: {e}") from e
 
+    def resized_batch(self, images: Sequence[ImageInput], start_index: int = 0) -> np.ndarray:
+        """Images -> uint8 (N, H, W, 3), resized and cropped: the light worker-side half of
+        ``__call__`` (numpy + PIL only; 4x smaller than float pixels). Finish on the host with
+        ``apply_normalize_table(batch, self.table)`` or on the device with
+        ``encoding.model_pixels`` (default settings)."""
+        arrays = [self.resized(im, i) for i, im in enumerate(images, start_index)]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"images came out with different sizes {sorted(shapes)}; set a crop_size")
+        return np.stack(arrays)
+
     @property
     def table(self) -> np.ndarray:
         """(3, 256) float32: normalized value of grey level v in channel c for these settings."""
@@ -193,6 +214,7 @@ class ImagePreprocessor:
 
     @staticmethod
     def _load(image: ImageInput, convert: bool) -> PIL.Image.Image:
+        image = _from_torch(image)
         if isinstance(image, (str, os.PathLike)):
             img = _open_path(image)
             # transformers' load_image: plain convert("RGB") for files (alpha is dropped, not composited)

@@ -5,12 +5,17 @@ Text goes through transformers' BERT tokenizer (the real 21128-token Chinese voc
 (PIL decode and resize, numpy normalisation, step for step as `ChineseCLIPImageProcessor`), with
 the settings of ``image_settings.ImageSettings``.
 
-No torch is needed. Outputs: `input_ids`, `attention_mask`, `token_type_ids` (int32, (N, L),
-L = 52 by default) and `pixel_values` (float32, NCHW).
+No torch is needed, and none is imported: the tokenizer is transformers' ``BertTokenizer``,
+built without ``AutoTokenizer`` (whose import loads torch) unless a checkpoint names another
+tokenizer class. The image path (``ImagePreprocessor``, ``ImageSettings``, ``normalize_pixels``)
+needs numpy and PIL only, so grain / tf.data workers can import it cheaply. Outputs:
+`input_ids`, `attention_mask`, `token_type_ids` (int32, (N, L), L = 52 by default) and
+`pixel_values` (float32, NCHW).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -39,15 +44,46 @@ def _is_encodable(text: str) -> bool:
         return False
 
 
+_BERT_CLASSES = (None, "BertTokenizer", "BertTokenizerFast")
+
+
 def _load_tokenizer(directory):
-    from transformers import AutoTokenizer, BertTokenizer
+    """The directory's tokenizer: ``BertTokenizer`` (Chinese-CLIP's) unless its tokenizer_config.json
+    names another class, which then goes through ``AutoTokenizer`` (that import loads torch)."""
+    from transformers import BertTokenizer
 
     directory = Path(directory)
-    if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
+    config = directory / "tokenizer_config.json"
+    tokenizer_class = None
+    if config.exists():
+        try:
+            tokenizer_class = json.loads(config.read_text(encoding="utf-8-sig")).get("tokenizer_class")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{config} is not a valid JSON object: {e}") from None
+    if tokenizer_class not in _BERT_CLASSES:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(directory))
     # A bare vocab.txt: BertTokenizer(vocab_file=...) would silently build a 5-token vocab in
-    # transformers 5, from_pretrained(dir) reads the file.
+    # transformers 5, from_pretrained(dir) reads the file (and tokenizer.json / the config if there).
     return BertTokenizer.from_pretrained(str(directory))
+
+
+def _resolution_from_config(directory: Path) -> int | None:
+    """vision_config.image_size of the directory's config.json (the model's input size), if any."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    r = d.get("vision_config", {}).get("image_size") if isinstance(d, dict) else None
+    if r is None:
+        return None
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{path}: vision_config.image_size must be an int >= 1, got {r!r}")
+    return r
 
 
 class ChineseCLIPProcessor:
@@ -77,8 +113,10 @@ class ChineseCLIPProcessor:
 
         Reads the tokenizer files (tokenizer_config.json / tokenizer.json / vocab.txt) and the
         image settings (processor_config.json as transformers 5 writes it, or
-        preprocessor_config.json); a missing file falls back, with a warning, to the bundled vocab
-        or to transformers' default image settings. kwargs go to __init__.
+        preprocessor_config.json). Without tokenizer files: the bundled vocab (with a warning).
+        Without image settings: transformers' defaults at the resolution of the model's
+        config.json (``vision_config.image_size``, as ``ChineseCLIP.from_pretrained`` on the same
+        folder uses), else at 224 px (with a warning). kwargs go to __init__.
         """
         from ..io import resolve_local_or_hub
 
@@ -93,10 +131,15 @@ class ChineseCLIPProcessor:
         if "image_settings" not in kwargs:
             kwargs["image_settings"] = read_image_settings(directory)
             if kwargs["image_settings"] is None:
-                logger.warning(
-                    "no processor_config.json or preprocessor_config.json in %s: using transformers' defaults",
-                    directory,
-                )
+                r = _resolution_from_config(directory)
+                if r is not None:
+                    kwargs["image_settings"] = ImageSettings.at_resolution(r)
+                else:
+                    logger.warning(
+                        "no processor_config.json, preprocessor_config.json or config.json in %s: "
+                        "using transformers' default image settings (224 px)",
+                        directory,
+                    )
         return cls(tokenizer=tokenizer, **kwargs)
 
     @property
@@ -114,13 +157,20 @@ class ChineseCLIPProcessor:
     ) -> dict[str, np.ndarray | list]:
         """texts -> {"input_ids", "attention_mask", "token_type_ids"}, int32 (N, L).
 
-        With no ``padding``: padded and truncated to context_length (52 unless given) with
-        [CLS] ... [SEP], as transformers with ``padding="max_length", max_length=52,
-        truncation=True``. An explicit ``padding`` (True / "longest", "max_length", False /
-        "do_not_pad") means transformers' own semantics: ``truncation`` defaults to False,
-        ``context_length`` is the ``max_length`` (unset: the context length for "max_length",
-        else the tokenizer's ``model_max_length``). Rows of different lengths come back as lists.
+        With neither ``padding`` nor ``truncation``: padded and truncated to context_length (52
+        unless given) with [CLS] ... [SEP], as transformers with ``padding="max_length",
+        max_length=52, truncation=True``. With either: transformers' own semantics, with
+        ``context_length`` as its ``max_length`` (None: the tokenizer's ``model_max_length``).
+        Rows of different lengths come back as lists.
         """
+        if padding is None and truncation is None:  # the fixed-length default
+            length = self.context_length if context_length is None else int(context_length)
+            return self._encode(texts, padding="max_length", truncation=True, max_length=length)
+        return self._encode(texts, padding=padding, truncation=truncation, max_length=context_length)
+
+    def _encode(self, texts, **kwargs) -> dict[str, np.ndarray | list]:
+        """The tokenizer's own call with the given padding / truncation / max_length (None: not
+        passed, so transformers' defaults apply)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -133,35 +183,34 @@ class ChineseCLIPProcessor:
                 f"text {bad[0]} ({texts[bad[0]]!r}) is not valid Unicode (a lone surrogate); "
                 "texts must be encodable as UTF-8"
             )
-        if padding is None:  # the fixed-length default
-            padding, truncation = "max_length", True if truncation is None else truncation
-        if truncation is None:  # transformers' default once padding is explicit
-            truncation = False
-        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+        padding, truncation = kwargs.get("padding"), kwargs.get("truncation")
+        if padding not in (None, True, False, "longest", "max_length", "do_not_pad"):
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+        if truncation not in (None, True, False, "longest_first", "only_first", "do_not_truncate"):
             raise ValueError(f"truncation must be True, False or 'longest_first', got {truncation!r}")
-        # max_length defaults to the context length only for fixed-length padding; otherwise, as in
-        # transformers, truncation stops at the tokenizer's model_max_length.
-        length = self.context_length if context_length is None and padding == "max_length" else context_length
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if "max_length" in kwargs:
+            kwargs["max_length"] = int(kwargs["max_length"])
         if not texts:
-            z = np.zeros((0, length or 0), np.int32)
+            z = np.zeros((0, kwargs.get("max_length", 0) if padding == "max_length" else 0), np.int32)
             return {"input_ids": z, "attention_mask": z.copy(), "token_type_ids": z.copy()}
-        enc = self.tokenizer(
-            texts,
-            padding=padding,
-            max_length=None if length is None else int(length),
-            truncation=truncation,
-            return_token_type_ids=True,
-            return_attention_mask=True,
-        )
+        enc = self.tokenizer(texts, return_token_type_ids=True, return_attention_mask=True, **kwargs)
         keys = ("input_ids", "attention_mask", "token_type_ids")
         if len({len(row) for row in enc["input_ids"]}) > 1:
             return {k: [list(row) for row in enc[k]] for k in keys}
         return {k: np.asarray(enc[k], np.int32) for k in keys}
 
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """Token id rows -> texts: the tokenizer's ``batch_decode`` (numpy / jax arrays accepted),
+        as transformers' processor forwards it."""
+        return self.tokenizer.batch_decode(_as_id_lists(sequences), **kwargs)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        """One row of token ids -> text: the tokenizer's ``decode``."""
+        return self.tokenizer.decode(_as_id_lists(token_ids), **kwargs)
+
     def preprocess_images(self, images, start_index: int = 0) -> np.ndarray:
-        """images (PIL / uint8 array / path, or a list) -> pixel_values (N, 3, H, W) float32.
+        """images (PIL / uint8 array or torch tensor / path, or a list) -> pixel_values (N, 3, H, W) float32.
 
         start_index: position of the first image in the caller's list, for error messages.
         """
@@ -178,8 +227,10 @@ class ChineseCLIPProcessor:
     ) -> dict[str, Any]:
         """Either or both of text and images -> dict of arrays, as transformers' processor.
 
-        padding / truncation / max_length: as transformers' (see ``tokenize``); without padding,
-        a fixed length of 52 (or max_length) with truncation, so jitted shapes stay fixed.
+        With none of padding / truncation / max_length: a fixed length of 52 (the context length)
+        with truncation, so jitted shapes stay fixed. With any of them: exactly transformers'
+        semantics (e.g. ``padding="max_length"`` alone pads to the tokenizer's
+        ``model_max_length``; ``truncation=True, max_length=8`` truncates without padding).
         return_tensors: "np" (and None), "jax", or "pt" (torch tensors, int64 ids as
         transformers; needs torch).
         """
@@ -189,7 +240,10 @@ class ChineseCLIPProcessor:
             raise ValueError(f"return_tensors must be 'np', 'jax' or 'pt', got {return_tensors!r}")
         out: dict[str, Any] = {}
         if text is not None:
-            out.update(self.tokenize(text, max_length, padding=padding, truncation=truncation))
+            if padding is None and truncation is None and max_length is None:
+                out.update(self.tokenize(text))
+            else:
+                out.update(self._encode(text, padding=padding, truncation=truncation, max_length=max_length))
             if return_tensors is not None and isinstance(out["input_ids"], list):
                 raise ValueError(
                     f"padding={padding!r} left rows of different lengths, which return_tensors="
@@ -208,3 +262,12 @@ class ChineseCLIPProcessor:
                 raise ImportError("return_tensors='pt' needs torch (pip install 'chinese-clip-jax[torch]')") from None
             out = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in out.items()}
         return out
+
+
+def _as_id_lists(ids):
+    """numpy / jax / torch arrays of token ids -> (nested) Python ints; lists pass through."""
+    if hasattr(ids, "tolist") and not isinstance(ids, list):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)):
+        return [_as_id_lists(x) if hasattr(x, "tolist") else x for x in ids]
+    return ids
