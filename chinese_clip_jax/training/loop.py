@@ -214,6 +214,12 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             f"batch_size {config.batch_size} must be divisible by data x fsdp ({n_batch_shards}) x "
             f"accum_steps ({config.accum_steps})"
         )
+    per_device = config.batch_size // n_batch_shards
+    if config.loss_impl == "ring" and config.loss_chunk and per_device % config.loss_chunk:
+        raise ValueError(
+            f"config.loss_chunk = {config.loss_chunk}: must divide the per-device batch {per_device} "
+            f"(batch_size {config.batch_size} / data x fsdp {n_batch_shards})"
+        )
     if data_iter is None:
         from .. import data
 
@@ -265,6 +271,8 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         accum_steps=config.accum_steps,
         freeze=freeze,
         rng_impl=config.rng_impl,
+        loss_impl=config.loss_impl,
+        loss_chunk=config.loss_chunk,
     )
     log = RunLog(workdir, start)
     preempt = _Preemption()

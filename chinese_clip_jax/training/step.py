@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from ..inference import sharding as shd
 from ..inference.encoding import image_embeddings, text_embeddings
-from .losses import clamp_logit_scale, contrastive_loss
+from .chunked_losses import sharded_contrastive_loss
+from .losses import clamp_logit_scale
 from .optim import is_frozen
 from .state import TrainState
 
@@ -86,12 +87,16 @@ def make_grad_fn(
     freeze: str | None = None,
     deterministic: bool = False,
     rng_impl: str = "threefry",
+    loss_impl: str = "gather",
+    loss_chunk: int = 0,
 ) -> Callable:
     """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
     With ``accum_steps > 1`` it runs the GradCache recipe of the module docstring; the result
     equals the ``accum_steps=1`` gradient up to float summation order (dropout aside: the
     micro-batches draw their own masks). Frozen towers get zero gradients (stop_gradient).
+    ``loss_impl`` / ``loss_chunk``: how the loss is computed (``chunked_losses.sharded_contrastive_loss``:
+    "gather" or "ring", the ring's column slice); same value and gradients.
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -99,7 +104,16 @@ def make_grad_fn(
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
     def loss_of(params, text, image):
-        return contrastive_loss(loss, text, image, params["logit_scale"], params.get("logit_bias"))
+        return sharded_contrastive_loss(
+            loss,
+            text,
+            image,
+            params["logit_scale"],
+            params.get("logit_bias"),
+            impl=loss_impl,
+            mesh=mesh,
+            chunk=loss_chunk,
+        )
 
     def stop_frozen(params):
         return {k: jax.lax.stop_gradient(v) if is_frozen(k, freeze) else v for k, v in params.items()}
@@ -132,8 +146,8 @@ def make_grad_fn(
         _, (text, image) = jax.lax.scan(embed_one, None, (micro, ks))  # (K, B/K, D) each
         d = text.shape[-1]
 
-        def loss_from_embeds(p_loss, text, image):
-            return loss_of(p_loss, text.reshape(b, d), image.reshape(b, d))
+        def loss_from_embeds(p_loss, text, image):  # (K, B/K, D) -> (B, D) in batch order: rows stay on their device
+            return loss_of(p_loss, text.swapaxes(0, 1).reshape(b, d), image.swapaxes(0, 1).reshape(b, d))
 
         p_loss = {k: params[k] for k in LOSS_PARAMS if k in params}
         loss_value, (g_loss, g_text, g_image) = jax.value_and_grad(loss_from_embeds, argnums=(0, 1, 2))(
@@ -170,6 +184,8 @@ def make_train_step(
     freeze: str | None = None,
     deterministic: bool = False,
     rng_impl: str = "threefry",
+    loss_impl: str = "gather",
+    loss_chunk: int = 0,
 ):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
@@ -178,10 +194,19 @@ def make_train_step(
     pipeline's; normalised here, on the device: ``encoding.model_pixels``) or float32 (B, 3, H, W).
     ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
     ``rng_impl``: the dropout bit generator (``RNG_IMPLS``; see ``dropout_key``).
+    ``loss_impl`` / ``loss_chunk``: see ``make_grad_fn``.
     Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
     """
     grad_fn = make_grad_fn(
-        model, mesh, loss=loss, accum_steps=accum_steps, freeze=freeze, deterministic=deterministic, rng_impl=rng_impl
+        model,
+        mesh,
+        loss=loss,
+        accum_steps=accum_steps,
+        freeze=freeze,
+        deterministic=deterministic,
+        rng_impl=rng_impl,
+        loss_impl=loss_impl,
+        loss_chunk=loss_chunk,
     )
 
     def step_fn(state: TrainState, batch):

@@ -4,7 +4,7 @@
 value and what is allowed: keys missing from ``reference`` (``train/configs/base.py``'s
 ``get_config()``; misspellings get the close matches), non-positive counts (``eval_every`` /
 ``checkpoint_every`` may be -1, once per epoch, with ``epochs`` set), unknown choices
-(``dtype``, ``loss``, ``freeze``, ``model.remat``, ``data.name``, ``data.cn_clip.format``, ...)
+(``dtype``, ``loss``, ``loss_impl``, ``freeze``, ``model.remat``, ``data.name``, ``data.cn_clip.format``, ...)
 and model sizes the config classes refuse.
 """
 
@@ -117,6 +117,10 @@ def validate_config(config, reference=None) -> None:
     _int_at_least(config, "seed", 0)
     _choice(config, "dtype", DTYPES)
     _choice(config, "loss", ("softmax", "sigmoid"))
+    from .chunked_losses import LOSS_IMPLS
+
+    _choice(config, "loss_impl", LOSS_IMPLS)
+    _int_at_least(config, "loss_chunk", 0)
     _choice(config, "freeze", [k for k in FROZEN_PREFIXES if k is not None])
     for key in ("data", "fsdp", "tensor"):
         v = config.mesh[key]

@@ -19,6 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 256  # GLOBAL batch (all processes, all micro-batches)
     c.accum_steps = 1  # micro-batches per step; the gradient is still the full-batch one (GradCache)
     c.loss = "softmax"  # "softmax" (CLIP InfoNCE) | "sigmoid" (SigLIP, learnable bias)
+    # How the loss is computed (same value and gradients): "gather" (each device's local_B x global_B
+    # logits of the all-gathered batch) | "ring" (image rows passed round the batch devices, logits
+    # held one local_B x loss_chunk slice at a time: memory flat in the global batch). docs/performance.md.
+    c.loss_impl = "gather"
+    c.loss_chunk = 0  # ring only: column slice of a ring block, dividing batch_size / (data x fsdp); 0 = all of it
     c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params and loss stay fp32
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)

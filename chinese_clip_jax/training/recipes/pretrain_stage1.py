@@ -10,6 +10,12 @@ then cosine, global batch 32768, 224 px, random resized crop. INIT is a checkpoi
 two towers (anything ``ccj.from_pretrained`` reads; its config.json fixes the architecture).
 ``total_steps`` depends on how much data you have: set it, or ``--config.epochs=E`` to derive
 it from the train split once opened (ceil(E x pairs / batch_size)).
+
+The loss: the default ``loss_impl="gather"`` holds each device's (local_B, 32768) logits, about
+20 bytes x local_B x 32768 of temporaries (InfoNCE; 16 for sigmoid): 320 MiB at 512 rows per
+device, small beside the towers. Switch to ``--config.loss_impl=ring`` (same loss and gradients,
+the loss's memory flat in the global batch) when that share matters: a larger global batch, or a
+per-device batch raised until memory is tight (docs/performance.md, "Contrastive loss memory").
 """
 
 from chinese_clip_jax.training.recipes import base

@@ -5,7 +5,7 @@
 
 Paper: everything as stage 1 (AdamW b2 0.98, eps 1e-6, weight decay 1e-3, global batch 32768,
 224 px) but nothing frozen and lr 2e-5. ``init_from`` is stage 1's export (``export_hf``
-writes ``WORKDIR/hf`` at the end of stage 1).
+writes ``WORKDIR/hf`` at the end of stage 1). When to switch to ``loss_impl="ring"``: as stage 1.
 """
 
 from chinese_clip_jax.training.recipes import pretrain_stage1
