@@ -21,7 +21,7 @@ BATCHES = (1, 3, 17)
 
 LOADER = """
 import sys, numpy as np
-    from chinese_clip_jax.export import load_exported
+from chinese_clip_jax.export import load_exported
 enc = load_exported(sys.argv[1])
 data = np.load(sys.argv[2])
 out = {}
