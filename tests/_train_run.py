@@ -1,6 +1,7 @@
 """Runs ``train()`` on a tiny model and the demo data, optionally disturbing it.
 
     python tests/_train_run.py WORKDIR TOTAL_STEPS [--kill9-after-checkpoint N --at-batch B] [--tfds-dir DIR]
+        [--files-table TABLE] [--checkpoint-every N]
 
 With ``--kill9-after-checkpoint N --at-batch B`` the process SIGKILLs itself when fetching
 batch B, after checkpoint N is complete on disk (so the kill lands between checkpoints).
@@ -97,6 +98,8 @@ def main():
     ap.add_argument("--kill9-after-checkpoint", type=int, default=0)
     ap.add_argument("--at-batch", type=int, default=0)
     ap.add_argument("--tfds-dir", default="", help="train on this TFDS directory instead of the demo set")
+    ap.add_argument("--files-table", default="", help="train on this table of image paths + captions (data.files)")
+    ap.add_argument("--checkpoint-every", type=int, default=0)
     args = ap.parse_args()
     from chinese_clip_jax.training.loop import train
 
@@ -104,6 +107,11 @@ def main():
     if args.tfds_dir:
         config.data.name = "tfds"
         config.data.tfds.builder_dir = args.tfds_dir
+    if args.files_table:
+        config.data.name = "files"
+        config.data.files.table = args.files_table
+    if args.checkpoint_every:
+        config.checkpoint_every = args.checkpoint_every
 
     def hook(index, batch):
         if args.kill9_after_checkpoint and index == args.at_batch:

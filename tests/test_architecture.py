@@ -23,6 +23,7 @@ PKG = "chinese_clip_jax"
 LAYERS = {
     "io": 0,
     "export": 0,  # the serving loader: jax + numpy + safetensors only
+    "console": 0,  # library noise, progress bars
     "modeling": 1,
     "processing": 1,
     "conversion": 2,
@@ -85,6 +86,8 @@ def _imports(module: str) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
+            if target == PKG and [a.name for a in node.names] == ["__version__"]:
+                continue  # the version string: no module is run for it
             submodules = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES}
             found.update(submodules)  # `from pkg import submodule` needs the submodule only
             if len(submodules) < len(node.names):

@@ -337,7 +337,7 @@ def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monke
         train(tiny_train_config(), "gs://bucket/run")  # no gcsfs here: named before anything
     cfg = tiny_train_config(**{"data.name": "tfds"})
     cfg.data.tfds.builder_dir = str(tmp_path / "no-such-dir")
-    with pytest.raises(FileNotFoundError, match="no dataset_info.json there"):
+    with pytest.raises(ValueError, match="no dataset_info.json there"):  # ConfigError: one line, before work
         train(cfg, str(tmp_path / "run"))
     cfg = tiny_train_config(**{"data.name": "webdataset"})
     cfg.data.webdataset.shards = "http://host/{0..3}.tar"

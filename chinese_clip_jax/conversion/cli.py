@@ -6,7 +6,9 @@ the ``ccj-convert`` script).
 SRC: a HF checkpoint dir, a hub id (online), a cn_clip .pt file, or a dir written by this command.
 --to flax (default) writes an Orbax checkpoint (OUT/params) + config.json + vocab.txt;
 --to hf writes config.json + model.safetensors + vocab.txt that transformers loads (ViT models;
-a ResNet (RN50) model has no HF layout and is refused);
+a ResNet (RN50) model has no HF layout and is refused), and a model card (README.md: source,
+command, parity measured against transformers at conversion, architecture, licence) unless
+OUT already holds a README.md (kept as it is);
 --to pt writes OUT/cn_clip.pt in cn_clip's own checkpoint layout (cn_clip and this tool read it).
 --export writes the serving export instead (chinese_clip_jax.export): OUT/text_features.jaxexport,
 OUT/image_features.jaxexport, OUT/params.safetensors and the processor files, for --platforms.
@@ -59,6 +61,29 @@ def _remove_outputs(out: str, names: tuple[str, ...], out_existed: bool) -> None
             os.rmdir(out)
 
 
+def _write_card(args, out, remote_out, cfg, params, kind, directory, argv) -> bool:
+    """The model card of a --to hf conversion (``conversion.card``); False when OUT holds one already."""
+    import shlex
+
+    from chinese_clip_jax.conversion import card
+
+    if (remote_out / card.CARD_NAME).exists() if remote_out else os.path.lexists(os.path.join(out, card.CARD_NAME)):
+        return False
+    if args.skip_parity:
+        parity = "not measured (converted with --skip-parity)"
+    else:
+        try:
+            parity = card.measure_parity(out, cfg, params)
+        except Exception as e:  # noqa: BLE001 - the weights are written; the card says why parity is missing
+            parity = f"not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = "ccj-convert " + " ".join(shlex.quote(w) for w in words)
+    text = card.model_card(
+        cfg, src=args.src, kind=kind, command=command, parity=parity, dtype=args.dtype, source_dir=directory
+    )
+    return card.write_model_card(out, text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF dir, hub id, cn_clip .pt file, or a dir written by this command")
@@ -88,7 +113,13 @@ def main(argv=None) -> int:
         help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)",
     )
     parser.add_argument("--context-length", type=int, default=52, help="--export: fixed text length (default 52)")
+    parser.add_argument(
+        "--skip-parity", action="store_true", help="--to hf: do not measure parity against transformers for the card"
+    )
     args = parser.parse_args(argv)
+    from chinese_clip_jax.console import quiet_libraries
+
+    quiet_libraries()
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu", "rocm")]
     if args.export and (bad or not platforms):
@@ -148,6 +179,8 @@ def main(argv=None) -> int:
             else:
                 save = conversion.save_pretrained if args.to == "hf" else conversion.save_flax
                 save(out, cfg, params, dtype=args.dtype, processor_from=directory)
+                if args.to == "hf":
+                    card_written = _write_card(args, out, remote_out, cfg, params, kind, directory, argv)
             if remote_out:
                 copy_tree(as_path(out), remote_out)
         except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
@@ -155,6 +188,8 @@ def main(argv=None) -> int:
                 _remove_outputs(args.out, names, out_existed)
             print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
             return 2
+    if args.to == "hf" and not args.export:
+        print(f"model card: {'README.md written' if card_written else 'an existing README.md kept as it is'}")
     n_params = sum(x.size for x in mapping.flatten(params).values())
     target = f"export ({','.join(platforms)})" if args.export else args.to
     print(

@@ -1,4 +1,4 @@
-"""Training and evaluation data: the demo set, the cn_clip layout and webdataset shards, via grain.
+"""Training and evaluation data via grain, from the sources of ``registry`` (``data.name``).
 
     it = train_iterator(cfg.data, global_batch_size=256, seed=0, image_size=32)
     batch = next(it)   # {"input_ids", "attention_mask": int32 (b, 52), "pixel_values": uint8 (b, 32, 32, 3)}
@@ -7,29 +7,28 @@
 
 ``b = global_batch_size // jax.process_count()``; each process reads only its own shard.
 ``data_cfg`` (see :func:`default_data_config`): ``name`` in {"demo", "cn_clip", "webdataset",
-"tfds"}, ``num_threads`` / ``prefetch_buffer_size`` (grain ReadOptions), ``worker_count`` /
+"tfds", "files"}, ``num_threads`` / ``prefetch_buffer_size`` (grain ReadOptions), ``worker_count`` /
 ``worker_buffer_size`` (grain worker processes decoding images; 0 = threads only),
 ``train_crop`` ("center", "random_resized", "squash") / ``eval_crop`` ("center", "squash"), and
 one sub-config per source, ``data.demo``, ``data.cn_clip``, ``data.webdataset``, ``data.tfds``,
-whose keys each module's docstring lists.
+``data.files``, whose keys each module's docstring lists.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from . import demo
+from . import registry
 from .pipeline import TrainIterator, build_train_iterator
 
 __all__ = ["train_iterator", "eval_sets", "default_data_config", "check_config", "TrainIterator", "SOURCES"]
 
-SOURCES = ("demo", "cn_clip", "webdataset", "tfds")
+SOURCES = registry.names()
 
 
 def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
     """Data config with every source's defaults; ``name`` picks the one used."""
-    if name not in SOURCES:
-        raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
+    registry.get(name)
     return ml_collections.ConfigDict(
         {
             "name": name,
@@ -40,55 +39,36 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
             "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
             "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)
-            "demo": {"demo_seed": 0, "num_train": 100_000, "eval_per_class": 20, "num_retrieval": 200},
-            "cn_clip": {"root": "", "format": "tsv", "split": "train", "eval_split": "valid", "eval_max_texts": 1000},
-            "webdataset": {"shards": "", "eval_shards": "", "caption_keys": "txt,json", "eval_max_samples": 1000},
-            "tfds": {
-                "builder_dir": "",
-                "name": "",
-                "data_dir": "",
-                "split": "train",
-                "eval_split": "",
-                "eval_max_samples": 1000,
-                "image_key": "image",
-                "text_key": "text",
-            },
+            **{n: dict(source.defaults) for n, source in registry.sources().items()},
         }
     )
 
 
 def check_config(data_cfg) -> None:
     """Cheap checks of ``data_cfg`` before anything is built: the source name, the crops, the
-    worker count and the schemes (and backends) of the chosen source's paths."""
+    worker count, the schemes (and backends) of the chosen source's paths and the source's own
+    checks (``registry.Source.check``). Raises a one-line ValueError (ImportError for a missing
+    backend)."""
     from ..io import as_path
     from .pipeline import EVAL_CROPS, TRAIN_CROPS
 
-    if data_cfg.name not in SOURCES:
-        raise ValueError(f"data.name must be one of {SOURCES}, got {data_cfg.name!r}")
+    source = registry.get(data_cfg.name)
     if data_cfg.train_crop not in TRAIN_CROPS:
         raise ValueError(f"data.train_crop must be one of {TRAIN_CROPS}, got {data_cfg.train_crop!r}")
     if data_cfg.eval_crop not in EVAL_CROPS:
         raise ValueError(f"data.eval_crop must be one of {EVAL_CROPS}, got {data_cfg.eval_crop!r}")
     if data_cfg.worker_count < 0:
         raise ValueError(f"data.worker_count must be >= 0, got {data_cfg.worker_count}")
-    paths = {"cn_clip": ("root",), "tfds": ("builder_dir", "data_dir"), "webdataset": ("shards", "eval_shards")}
     sub = data_cfg.get(data_cfg.name)
-    for key in paths.get(data_cfg.name, ()):
+    for key in source.path_keys:
         for part in str(sub[key]).split(",") if key.endswith("shards") else [sub[key]]:
             if part.strip():
                 as_path(part.strip(), what=f"data.{data_cfg.name}.{key}")
-    if data_cfg.name == "tfds":  # dataset_info.json only: the builder, the feature keys, the splits
-        from .tfds_source import _check_keys, open_builder
-
-        builder = open_builder(sub)
-        _check_keys(builder, sub)
-        for key in ("split", "eval_split"):
-            name = str(sub[key]).split("[")[0]
-            if name and name not in builder.info.splits:
-                raise ValueError(
-                    f"data.tfds.{key} {sub[key]!r} is not a split of {builder.info.full_name} "
-                    f"(splits: {sorted(builder.info.splits.keys())})"
-                )
+    if source.check is not None:
+        try:
+            source.check(sub)
+        except (FileNotFoundError, KeyError) as e:  # one line, as the other config errors
+            raise ValueError(e.args[0] if e.args else str(e)) from None
 
 
 def _process_shard(process_index, process_count):
@@ -100,26 +80,6 @@ def _process_shard(process_index, process_count):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return grain.sharding.ShardOptions(shard_index=int(process_index), shard_count=int(process_count))
-
-
-def _train_source(data_cfg, image_size: int, shard=None):
-    name = data_cfg.name
-    if name == "demo":
-        c = data_cfg.demo
-        return demo.DemoSource(image_size=image_size, num_train=c.num_train, seed=c.demo_seed)
-    if name == "cn_clip":
-        from . import cn_clip
-
-        return cn_clip.open_source(data_cfg.cn_clip, split=data_cfg.cn_clip.split)
-    if name == "webdataset":
-        from . import webdataset
-
-        return webdataset.TarSource(data_cfg.webdataset.shards, data_cfg.webdataset.caption_keys, shard=shard)
-    if name == "tfds":
-        from .tfds_source import TfdsSource
-
-        return TfdsSource(data_cfg.tfds, data_cfg.tfds.split)
-    raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
 
 
 def train_iterator(
@@ -145,7 +105,8 @@ def train_iterator(
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the process count {shard_count}"
         )
-    source = _train_source(data_cfg, image_size, shard)
+    name = data_cfg.name
+    source = registry.get(name).open_train(data_cfg.get(name), image_size=image_size, shard=shard)
     if getattr(source, "is_process_shard", False):  # indexed only this process's part already
         shard = grain.sharding.ShardOptions(0, 1)
     return build_train_iterator(
@@ -170,22 +131,8 @@ def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:
     random-access sequence of raw images that the evaluator decodes batch by batch).
 
     demo: see ``demo.eval_sets`` ("zeroshot", "zeroshot_unseen", "retrieval").
-    cn_clip / webdataset: "retrieval" only, from the eval split / eval shards ({} if none given):
+    the others: "retrieval" only, from the eval split / shards / table ({} if none given):
     {"images", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}.
     """
     name = data_cfg.name
-    if name == "demo":
-        return demo.eval_sets(data_cfg.demo, image_size=image_size, context_length=context_length)
-    if name == "cn_clip":
-        from . import cn_clip
-
-        return cn_clip.eval_sets(data_cfg.cn_clip, image_size=image_size, context_length=context_length)
-    if name == "webdataset":
-        from . import webdataset
-
-        return webdataset.eval_sets(data_cfg.webdataset, image_size=image_size, context_length=context_length)
-    if name == "tfds":
-        from . import tfds_source
-
-        return tfds_source.eval_sets(data_cfg.tfds, image_size=image_size, context_length=context_length)
-    raise ValueError(f"data.name must be one of {SOURCES}, got {name!r}")
+    return registry.get(name).eval_sets(data_cfg.get(name), image_size=image_size, context_length=context_length)

@@ -1,14 +1,17 @@
-"""Builds a TFDS dataset directory (ArrayRecord shards) from a cn_clip or webdataset split.
+"""Builds a TFDS dataset directory (ArrayRecord shards) from a cn_clip split, webdataset shards or a files table.
 
-    python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset} --split NAME [--num-shards N]
-        [--cn-clip-format {tsv,lmdb}] [--encoding utf-8|gbk|...]
+    python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset,files} --split NAME [--num-shards N]
+        [--cn-clip-format {tsv,lmdb}] [--image-key K --caption-key K] [--encoding utf-8|gbk|...]
 
 SRC (local or ``gs://...``): for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` +
 ``{split}_texts.jsonl`` or cn_clip's LMDB build ``lmdb/{split}/{imgs,pairs}`` (SRC may also be
 that ``lmdb`` directory), read by ``data.cn_clip``'s own readers: the layout present is used,
 ``--cn-clip-format`` picks one where SRC holds both, and SRC with neither is refused (exit 2)
 before anything is written; a remote LMDB split is copied to a local temp dir once. For
-``webdataset``, shard paths/globs/braces (as ``data.webdataset.shards``). OUT (local or
+``webdataset``, shard paths/globs/braces (as ``data.webdataset.shards``). For ``files``, a table
+(``.csv``/``.tsv``/``.jsonl``) of image paths and captions (as ``data.files.table``; columns
+``--image-key`` / ``--caption-key``), checked (columns, a sample of paths) before anything is
+written. The formats are the sources of ``data.registry`` that can be built. OUT (local or
 ``gs://...``) receives ``dataset_info.json``, ``features.json`` and
 ``ccj-{split}.array_record-0000i-of-0000n``; ``tfds.builder_from_directory(OUT)`` reads it and
 ``--config.data.name=tfds --config.data.tfds.builder_dir=OUT`` trains on it. Several splits go
@@ -40,18 +43,20 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+
+from . import registry
+from .tfds_source import import_tfds
 
 __all__ = ["build", "features", "DATASET_NAME"]
 
 logger = logging.getLogger(__name__)
 DATASET_NAME = "ccj"
-FORMATS = ("cn_clip", "webdataset")
+FORMATS = registry.build_formats()
 
 
 def features():
     """The FeaturesDict of a built dataset: image (encoded bytes), text, image_id, text_id."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     return tfds.features.FeaturesDict(
         {
@@ -61,38 +66,6 @@ def features():
             "text_id": tfds.features.Text(),
         }
     )
-
-
-def _cn_clip_records(images, captions) -> Iterator[dict]:
-    """(image, caption) records of an opened cn_clip split (``cn_clip.open_split``)."""
-    try:
-        for text_id, text, image_ids, where in captions:
-            for image_id in map(str, image_ids):
-                try:
-                    b64, img_where = images[image_id]
-                except KeyError as e:  # "image id 7 not in SRC/..."
-                    yield {"error": e.args[0], "where": where}
-                    continue
-                yield {
-                    "image": b64,
-                    "text": text,
-                    "image_id": image_id,
-                    "text_id": str(text_id),
-                    "where": f"{where} / {img_where}",
-                }
-    finally:
-        images.close()  # and a remote LMDB split's local copy
-
-
-def _webdataset_records(src, skipped: list, encoding: str) -> Iterator[dict]:
-    from .webdataset import TarSource
-
-    source = TarSource(src, encoding=encoding, retry="--encoding")
-    skipped[0] += source.skipped_at_index
-    for i in range(len(source)):
-        record = source[i]
-        key = source.key(i)
-        yield {**record, "image_id": key, "text_id": key}
 
 
 def _check(record: dict) -> tuple[bytes | None, str]:
@@ -130,7 +103,7 @@ def _existing_dataset(out_path, split: str):
     """The DatasetInfo of a dataset this command built in OUT (None for a new OUT). OUT holding
     something else (a file, another TFDS dataset, an unreadable dataset_info.json) or already
     holding ``split`` raises a one-line error: nothing there is touched."""
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     from ..io import first_line
 
@@ -168,15 +141,17 @@ def build(
     num_shards: int = 1,
     workers: int = 1,
     progress: bool = True,
-    cn_clip_format: str | None = None,
     encoding: str = "utf-8",
+    **options,
 ) -> dict:
     """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
-    {"split", "written", "skipped", "shards", "out"}. ``cn_clip_format`` ("tsv", "lmdb"; None:
-    the one SRC holds) applies to ``fmt="cn_clip"`` only. ``encoding``: of the caption files
-    (cn_clip's JSONL, webdataset .txt/.json members), e.g. "gbk"; a JSONL line not in it stops the
-    build before any work, naming the file and line; a webdataset caption not in it is skipped
-    and counted, naming the member."""
+    {"split", "written", "skipped", "shards", "out"}. ``options`` are the format's own
+    (``registry.Source.build_options``): ``cn_clip_format`` ("tsv", "lmdb"; None: the one SRC
+    holds) for cn_clip, ``image_key`` / ``caption_key`` for files; None means the default.
+    ``encoding``: of the caption files (cn_clip's JSONL, webdataset .txt/.json members), e.g.
+    "gbk"; a JSONL line not in it stops the build before any work, naming the file and line; a
+    webdataset caption not in it is skipped and counted, naming the member."""
+    import_tfds()  # the [tfds] extra, or one line naming it
     from array_record.python.array_record_module import ArrayRecordWriter
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
     from tensorflow_datasets.core import splits as splits_lib
@@ -185,6 +160,7 @@ def build(
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    source = registry.get(fmt, what="--format")
     if num_shards < 1 or workers < 1:
         raise ValueError(f"--num-shards and --workers must be >= 1, got {num_shards}, {workers}")
     if not split or not split.replace("_", "").isalnum():
@@ -194,35 +170,22 @@ def build(
     except (LookupError, TypeError):
         raise ValueError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, gbk, gb18030, big5)") from None
     out_path = as_path(out, what="OUT")
-    if cn_clip_format is not None and fmt != "cn_clip":
-        raise ValueError(f"--cn-clip-format applies to --format cn_clip only, not {fmt!r}")
+    for key, value in options.items():
+        if value is not None and key not in source.build_options:
+            flag = "--" + key.replace("_", "-")
+            owners = [n for n, s in registry.sources().items() if key in s.build_options]
+            raise ValueError(f"{flag} applies to --format {' / '.join(owners) or '(none)'} only, not {fmt!r}")
+    options = {k: v for k, v in options.items() if v is not None}
     existing = _existing_dataset(out_path, split)  # before any work: OUT must be ours or new
-    if fmt == "cn_clip":
-        from .cn_clip import find_split
-
-        src_path = as_path(src, what="SRC")
+    if source.build_check is not None:
         try:
-            cn_clip_format, _ = find_split(src_path, split, cn_clip_format, choose_with="--cn-clip-format")
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"SRC: {e}") from None
+            options = source.build_check(src, split, options)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise (ValueError if isinstance(e, KeyError) else type(e))(f"SRC: {e.args[0] if e.args else e}") from None
 
     skipped = [0]
-    if fmt == "cn_clip":
-        from .cn_clip import open_split
-
-        # opened here, before any work: captions in another encoding stop the build naming file and line
-        _, images, captions = open_split(
-            src_path,
-            split,
-            cn_clip_format,
-            skipped,
-            choose_with="--cn-clip-format",
-            encoding=encoding,
-            retry="--encoding",
-        )
-        records = _cn_clip_records(images, captions)
-    else:
-        records = _webdataset_records(src, skipped, encoding)
+    # opened here, before any work: captions in another encoding stop the build naming file and line
+    records = source.build_records(src, split, skipped, {**options, "encoding": encoding})
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
         template = naming.ShardedFileTemplate(
@@ -233,9 +196,9 @@ def build(
         lengths = [0] * num_shards
         bar = None
         if progress:
-            from tqdm import tqdm
+            from ..console import progress_bar
 
-            bar = tqdm(desc=f"build {split}", unit="pair", dynamic_ncols=True, mininterval=1.0)
+            bar = progress_bar(desc=f"build {split}", unit="pair", dynamic_ncols=True, mininterval=1.0)
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker) if workers > 1 else None
         _init_worker()
         try:
@@ -273,7 +236,7 @@ def build(
             num_bytes += os.path.getsize(p)
             with open(p, "rb") as f_in, (out_path / p.name).open("wb") as f_out:
                 shutil.copyfileobj(f_in, f_out, 16 << 20)
-    source = f"cn_clip ({cn_clip_format})" if fmt == "cn_clip" else fmt
+    origin = f"cn_clip ({options['cn_clip_format']})" if fmt == "cn_clip" else fmt
     out_template = naming.ShardedFileTemplate(
         data_dir=out_path, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
     )
@@ -286,7 +249,7 @@ def build(
             name=DATASET_NAME, version="1.0.0", data_dir=os.fspath(out_path), module_name=""
         ),
         features=features(),
-        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {source} {src}",
+        description=f"Chinese-CLIP image-text pairs built by chinese_clip_jax.data.build from {origin} {src}",
     )
     info.set_splits(splits_lib.SplitDict(splits))
     info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
@@ -296,7 +259,11 @@ def build(
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="cn_clip dataset directory (TSV or LMDB), or webdataset shards (paths, globs, braces)")
+    ap.add_argument(
+        "src",
+        help="cn_clip dataset directory (TSV or LMDB), webdataset shards (paths, globs, braces), "
+        "or a files table (.csv/.tsv/.jsonl of image paths and captions)",
+    )
     ap.add_argument("out", help="TFDS dataset directory to write (local or gs://...)")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--split", required=True, help="split name, e.g. train / valid / test")
@@ -307,6 +274,8 @@ def main(argv=None) -> int:
         default=None,
         help="cn_clip layout: SPLIT_imgs.tsv + SPLIT_texts.jsonl, or lmdb/SPLIT (default: the one SRC holds)",
     )
+    ap.add_argument("--image-key", default=None, help="files: the table's image column (default: image)")
+    ap.add_argument("--caption-key", default=None, help="files: the table's caption column (default: caption)")
     ap.add_argument(
         "--encoding",
         default="utf-8",
@@ -319,6 +288,9 @@ def main(argv=None) -> int:
         help="processes decoding images to check them",
     )
     args = ap.parse_args(argv)
+    from ..console import quiet_libraries
+
+    quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)  # e.g. "copying a remote LMDB split"
     try:
@@ -331,6 +303,8 @@ def main(argv=None) -> int:
             workers=args.workers,
             cn_clip_format=args.cn_clip_format,
             encoding=args.encoding,
+            image_key=args.image_key,
+            caption_key=args.caption_key,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,6 +38,7 @@ from etils import epath
 
 from ..io import RangeReader, as_path, decode_failure, local_copy
 from .pipeline import CachingTokenizer, LazyImages, check_image
+from .registry import Source
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
 
@@ -362,3 +363,69 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             "text_to_images": positives,
         }
     }
+
+
+def _open_train(c, *, image_size: int, shard=None) -> PairSource:
+    del image_size, shard  # the pipeline decodes and takes this process's part
+    return open_source(c, split=c.split)
+
+
+def _build_check(src, split: str, options: dict) -> dict:
+    """The layout of ``split`` under SRC (``options["cn_clip_format"]``: "tsv", "lmdb" or None)."""
+    fmt, _ = find_split(as_path(src, what="SRC"), split, options.get("cn_clip_format"), choose_with="--cn-clip-format")
+    return {**options, "cn_clip_format": fmt}
+
+
+def _build_records(src, split: str, skipped: list, options: dict):
+    """Opens the split now (captions in another encoding fail here, before any work) and returns
+    its records."""
+    _, images, captions = open_split(
+        as_path(src),
+        split,
+        options.get("cn_clip_format"),
+        skipped,
+        choose_with="--cn-clip-format",
+        encoding=options.get("encoding", "utf-8"),
+        retry="--encoding",
+    )
+    return _records(images, captions)
+
+
+def _records(images, captions):
+    try:
+        for text_id, text, image_ids, where in captions:
+            for image_id in map(str, image_ids):
+                try:
+                    b64, img_where = images[image_id]
+                except KeyError as e:  # "image id 7 not in SRC/..."
+                    yield {"error": e.args[0], "where": where}
+                    continue
+                yield {
+                    "image": b64,
+                    "text": text,
+                    "image_id": image_id,
+                    "text_id": str(text_id),
+                    "where": f"{where} / {img_where}",
+                }
+    finally:
+        images.close()  # and a remote LMDB split's local copy
+
+
+DEFAULTS = {
+    "root": "",  # the dataset directory ({split}_imgs.tsv + {split}_texts.jsonl, or lmdb/{split}); local or gs://
+    "format": "tsv",  # "tsv" | "lmdb" (cn_clip's LMDB build; needs the lmdb package)
+    "split": "train",  # training split
+    "eval_split": "valid",  # retrieval eval split ("" = none)
+    "eval_max_texts": 1000,  # at most this many eval captions
+}
+
+SOURCE = Source(
+    name="cn_clip",
+    defaults=DEFAULTS,
+    open_train=_open_train,
+    eval_sets=eval_sets,
+    path_keys=("root",),
+    build_records=_build_records,
+    build_check=_build_check,
+    build_options={"cn_clip_format": "cn_clip layout: tsv or lmdb (default: the one SRC holds)"},
+)

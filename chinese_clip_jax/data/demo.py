@@ -27,6 +27,8 @@ import struct
 
 import numpy as np
 
+from .registry import Source
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -377,3 +379,18 @@ def write_eval_datasets(
                 json.dumps({"text_id": t, "text": text, "image_ids": [1000 + j for j in pos]}, ensure_ascii=False)
                 + "\n"
             )
+
+
+def _open_train(c, *, image_size: int, shard=None) -> DemoSource:
+    del shard  # the pipeline takes this process's part of the index space
+    return DemoSource(image_size=image_size, num_train=c.num_train, seed=c.demo_seed)
+
+
+DEFAULTS = {
+    "demo_seed": 0,  # seed of the image content (independent of the shuffling seed)
+    "num_train": 100_000,  # images per training epoch (each drawn on demand)
+    "eval_per_class": 20,  # held-out images per class for the zero-shot sets
+    "num_retrieval": 200,  # held-out image-caption pairs for the retrieval set
+}
+
+SOURCE = Source(name="demo", defaults=DEFAULTS, open_train=_open_train, eval_sets=eval_sets)

@@ -17,9 +17,12 @@ uint8 array is used as is.
 
 from __future__ import annotations
 
+import difflib
 import logging
 
-__all__ = ["TfdsSource", "import_tfds", "open_builder", "eval_sets"]
+from .registry import Source
+
+__all__ = ["TfdsSource", "import_tfds", "open_builder", "builder_by_name", "eval_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,32 @@ def open_builder(c):
         return tfds.builder_from_directory(str(path))
     if c.name:
         data_dir = str(as_path(c.data_dir, what="data.tfds.data_dir")) if c.data_dir else None
-        return tfds.builder(c.name, data_dir=data_dir)
+        return builder_by_name(c.name, data_dir, what="data.tfds.name")
     raise ValueError("data.tfds: set data.tfds.builder_dir (a built directory) or data.tfds.name")
+
+
+def builder_by_name(name: str, data_dir: str | None, *, what: str = "data.tfds.name"):
+    """``tfds.builder(name, data_dir=data_dir)``, prepared. One-line errors: a name tfds does not
+    know lists the close matches; a registered dataset not prepared under ``data_dir`` names the
+    command that prepares it."""
+    tfds = import_tfds()
+
+    where = data_dir or "~/tensorflow_datasets"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        base = name.split(":")[0].split("/")[0]
+        close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"{what} {name!r}: no such TFDS dataset{hint}") from None
+    if not builder.is_prepared():
+        flag = f" --data_dir {data_dir}" if data_dir else ""
+        raise FileNotFoundError(
+            f"{what} {name!r}: the dataset is registered but not prepared under {where}; prepare it with "
+            f"`tfds build {name}{flag}` (or builder.download_and_prepare()), or build your own pairs with "
+            f"python -m chinese_clip_jax.data.build"
+        )
+    return builder
 
 
 def _check_keys(builder, c) -> bool:
@@ -168,3 +195,42 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             "text_to_images": positives,
         }
     }
+
+
+def _check(c) -> None:
+    """dataset_info.json only: the builder, the feature keys, the splits."""
+    builder = open_builder(c)
+    _check_keys(builder, c)
+    for key in ("split", "eval_split"):
+        name = str(c[key]).split("[")[0]
+        if name and name not in builder.info.splits:
+            raise ValueError(
+                f"data.tfds.{key} {c[key]!r} is not a split of {builder.info.full_name} "
+                f"(splits: {sorted(builder.info.splits.keys())})"
+            )
+
+
+def _open_train(c, *, image_size: int, shard=None) -> TfdsSource:
+    del image_size, shard  # the pipeline decodes and takes this process's part
+    return TfdsSource(c, c.split)
+
+
+DEFAULTS = {
+    "builder_dir": "",  # a TFDS dataset directory (e.g. written by data.build); local or gs://
+    "name": "",  # or a prepared TFDS dataset by name ("my_pairs", "my_pairs:1.0.0") under data_dir
+    "data_dir": "",  # TFDS data directory for name ("" = ~/tensorflow_datasets)
+    "split": "train",  # training split (any TFDS split string, e.g. "train[:90%]")
+    "eval_split": "",  # retrieval eval split ("" = none)
+    "eval_max_samples": 1000,  # at most this many eval pairs
+    "image_key": "image",  # image feature name
+    "text_key": "text",  # caption feature name
+}
+
+SOURCE = Source(
+    name="tfds",
+    defaults=DEFAULTS,
+    open_train=_open_train,
+    eval_sets=eval_sets,
+    path_keys=("builder_dir", "data_dir"),
+    check=_check,
+)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..io import RangeReader, decode_failure
 from .pipeline import CachingTokenizer, LazyImages, check_image
+from .registry import Source
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
@@ -144,9 +145,9 @@ class TarSource:
         parts = []
         bar = None
         if progress and len(paths) > 1:
-            from tqdm import tqdm
+            from ..console import progress_bar
 
-            bar = tqdm(total=len(paths), desc="index webdataset", unit="shard", leave=False, mininterval=2.0)
+            bar = progress_bar(total=len(paths), desc="index webdataset", unit="shard", leave=False)
         for shard_no, path in enumerate(paths):
             rows = []
             for key, members in self._index_tar(path).items():
@@ -270,3 +271,35 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
             "text_to_images": [by_text[t] for t in texts],
         }
     }
+
+
+def _open_train(c, *, image_size: int, shard=None) -> TarSource:
+    del image_size  # the pipeline decodes
+    return TarSource(c.shards, c.caption_keys, shard=shard)
+
+
+def _build_records(src, split: str, skipped: list, options: dict):
+    del split  # the shards given are the split
+    source = TarSource(src, encoding=options.get("encoding", "utf-8"), retry="--encoding")
+    skipped[0] += source.skipped_at_index
+    for i in range(len(source)):
+        record = source[i]
+        key = source.key(i)
+        yield {**record, "image_id": key, "text_id": key}
+
+
+DEFAULTS = {
+    "shards": "",  # tar shards: comma-separated paths, globs, braces ("/data/{00000..00099}.tar"); local or gs://
+    "eval_shards": "",  # the same, for retrieval eval ("" = none)
+    "caption_keys": "txt,json",  # caption member, first present: txt (its text) or json (its "caption")
+    "eval_max_samples": 1000,  # at most this many eval samples
+}
+
+SOURCE = Source(
+    name="webdataset",
+    defaults=DEFAULTS,
+    open_train=_open_train,
+    eval_sets=eval_sets,
+    path_keys=("shards", "eval_shards"),
+    build_records=_build_records,
+)

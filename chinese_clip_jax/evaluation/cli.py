@@ -266,7 +266,11 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--templates", help="prompt templates, one per line with one {}, or cn_clip:NAME")
     r = sub.add_parser("retrieval", help="text-image retrieval recall (cn_clip's protocol)")
     common(r, "valid", "squash")
-    r.add_argument("--data", required=True, help="cn_clip layout directory (TSV+JSONL or LMDB) or a TFDS dir")
+    r.add_argument(
+        "--data",
+        required=True,
+        help="cn_clip layout directory (TSV+JSONL or LMDB), a TFDS dir, or a .csv/.tsv/.jsonl table (image, caption)",
+    )
     r.add_argument("--predictions", help="write top-10 images per text as cn_clip's prediction JSONL")
     r.add_argument("--features-dir", help="write text/image features and ids as .npy")
     return p
@@ -275,6 +279,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
+    from ..console import quiet_libraries
+
+    quiet_libraries()
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ Retrieval (``open_retrieval(path, split)``; the ONE place the layout of a direct
   the split in file (TSV) or key (LMDB) order, as cn_clip's feature extraction reads them.
   A TFDS directory (``dataset_info.json``, or ``{split}``/``*/`` holding one) whose features
   include an image, ``text``, ``image_id`` and ``text_id`` (one record per pair).
+  A table of image paths and captions (a path ending in .csv, .tsv or .jsonl, columns "image"
+  and "caption"; ``data.files``): the table is the split.
 
 Images stay on disk: ``images[i]`` reads one encoded image (bytes or a path),
 so a split of any size costs only its ids and captions in memory.
@@ -124,8 +126,12 @@ def _tfds_builder(kind: str, name: str, data_dir: str | None):
         if not (Path(name) / "dataset_info.json").is_file():
             raise DatasetError(f"{name} is not a TFDS dataset directory (no dataset_info.json)")
         return tfds.builder_from_directory(name)
-    try:
-        return tfds.builder(name, data_dir=data_dir)
+    from ..data.tfds_source import builder_by_name
+
+    try:  # a wrong name lists the close matches; an unprepared one names the command that prepares it
+        return builder_by_name(name, data_dir, what="--dataset tfds:NAME")
+    except (ValueError, FileNotFoundError) as e:
+        raise DatasetError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - tfds raises many kinds; the first line says why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DatasetError(f"tfds:{name} under {data_dir or '~/tensorflow_datasets'}: {first}") from e
@@ -174,6 +180,10 @@ def _tfds_classification(builder, split: str, spec: str) -> ClassificationSet:
 
 def open_retrieval(path: str | os.PathLike, split: str = "valid") -> RetrievalSet:
     """Detects the layout of ``path`` (see the module docstring) and opens ``split``."""
+    from ..data.files import TABLE_SUFFIXES, open_retrieval_table
+
+    if str(path).lower().endswith(TABLE_SUFFIXES):  # a files table: it is the split
+        return open_retrieval_table(path)
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"no such directory {root}")

@@ -352,9 +352,9 @@ class Encoder:
         show = len(starts) >= PROGRESS_MIN_BATCHES if progress is None else progress
         bar = None
         if show and jax.process_index() == 0:
-            from tqdm.auto import tqdm
+            from ..console import progress_bar
 
-            bar = tqdm(total=n, unit=unit.split()[-1], desc=f"encoding {n} {unit}", dynamic_ncols=True)
+            bar = progress_bar(total=n, unit=unit.split()[-1], desc=f"encoding {n} {unit}", dynamic_ncols=True)
         out = np.empty((n, self.dim), np.float32)
         pending = None  # (device array, start, stop): read after the next batch is dispatched
         try:

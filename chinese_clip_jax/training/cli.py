@@ -14,6 +14,7 @@ cluster environment (TPU pods, SLURM, ...) or ``--config.distributed.coordinator
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -43,9 +44,50 @@ def _fail(message: str, status: int = 2):
     sys.exit(status)
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
+def _first_sentence(doc: str | None, limit: int = 96) -> str:
+    text = " ".join((doc or "").strip().split("\n\n")[0].replace("``", "").split())
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def print_help() -> None:
+    """``ccj-train --help``: the recipes and the config keys of the trainer's base config."""
+    import importlib
+    import pkgutil
+
+    from chinese_clip_jax import data
+    from chinese_clip_jax.data import registry
+    from chinese_clip_jax.training import recipes as shipped
+    from chinese_clip_jax.training.cli_help import help_text, key_comments
+    from chinese_clip_jax.training.recipes import base
+
+    recipes = {}
+    for module in pkgutil.iter_modules(shipped.__path__):
+        recipe = importlib.import_module(f"{shipped.__name__}.{module.name}")
+        if module.name != "base" and hasattr(recipe, "get_config"):
+            recipes[module.name] = _first_sentence(recipe.__doc__)
+    sources = [(base.get_config, ""), (data.default_data_config, "data.")]
+    sources += [(_module_of(s.open_train), f"data.{n}.") for n, s in registry.sources().items()]
+    comments = key_comments(*sources)
+    comments["data.name"] = f"the source, one of {', '.join(registry.names())}; its keys are data.NAME.*"
+    prog = "ccj-train" if os.path.basename(sys.argv[0]) == "ccj-train" else "python -m train"
+    sys.stdout.write(help_text(base.get_config(), recipes, comments, prog=prog))
+
+
+def _module_of(function):
+    """The module that defines ``function`` (where a source's DEFAULTS are written)."""
+    return sys.modules[function.__module__]
+
+
 def _parse_flags(argv):
     """absl flag parsing, with an unknown ``--config.KEY`` (or a bad override) reported in one
-    line with the close matches instead of a traceback."""
+    line with the close matches instead of a traceback; ``--help`` prints :func:`print_help`."""
+    if any(arg in _HELP_FLAGS for arg in argv[1:]):
+        print_help()
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -68,6 +110,7 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)
     logging.getLogger().setLevel(logging.WARNING)  # Orbax's per-save INFO lines (absl's handler)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # library internals (console.quiet_libraries)
     config = _CONFIG.value
     from chinese_clip_jax.training.checkpoint import CheckpointUnreadableError
     from chinese_clip_jax.training.recipes import base
@@ -124,6 +167,9 @@ def _resolve_recipes(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Entry point of ``python -m train`` and the ``ccj-train`` script."""
+    from chinese_clip_jax.console import quiet_libraries
+
+    quiet_libraries()
     sys.argv = _resolve_recipes(sys.argv)
     app.run(main, flags_parser=_parse_flags)
 

@@ -428,6 +428,6 @@ def _export_hf(model_config, params, path: str) -> str:
 def _progress(enabled: bool, start: int, total: int):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from ..console import progress_bar
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+    return progress_bar(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
