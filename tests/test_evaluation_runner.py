@@ -295,7 +295,7 @@ def test_a_truncated_a_zero_byte_and_a_missing_image_are_skipped_and_listed(tiny
     out = tmp_path / "r.json"
     out.write_text("old results\n")
     argv = ["zeroshot", "--model", src, "--data", f"folder:{root}", "--templates", str(_templates(tmp_path))]
-    code = cli.main([*argv, "--output", str(out), "--overwrite", "--batch-size", "8"])
+    code = cli.main([*argv, "--output", str(out), "--overwrite", "--batch-size", "8", "--per-class"])
     err = capsys.readouterr().err
     assert code == 0, err
     res = json.loads(out.read_text(encoding="utf-8"))
@@ -304,6 +304,11 @@ def test_a_truncated_a_zero_byte_and_a_missing_image_are_skipped_and_listed(tiny
     assert "truncated" in listed[str(root / "a" / "t.jpg")]
     assert "No such file" in listed[str(root / "c" / "gone.png")]
     assert res["counts"] == {"images": 15, "scored_images": 12, "bad_images": 3, "classes": 3}
+    per_class = res["details"]["per_class"]
+    assert [c["images"] for c in per_class] == [4, 4, 4] and np.sum(res["details"]["confusion"]) == 12
+    recalls = [np.diag(res["details"]["confusion"])[c] / 4 for c in range(3)]
+    assert [c["recall"] for c in per_class] == recalls
+    assert res["metrics"]["mean_per_class_recall"] == pytest.approx(np.mean(recalls))
     # the same as the set without them, run from scratch (the same weights, loaded once here)
     _, _, clip, _ = tiny
     ref = evaluation.zero_shot(clip, f"folder:{clean}", templates=TEMPLATES, batch_size=8, progress=False)
@@ -444,3 +449,21 @@ def test_gbk_files_name_the_file_line_and_encoding_and_read_with_encoding(tmp_pa
     assert evaluation.open_retrieval(split, encoding="gbk").texts == [f"一张图片{t}" for t in range(6)]
     code = cli.main([*zs, "--labels", str(labels), "--encoding", "gbk", "--model", "nowhere"])
     assert code == 2 and "nowhere" in capsys.readouterr().err  # read fine; it got as far as the model
+
+
+def test_module_form_help_has_an_example_per_task_and_bars_stay_out_of_logs():
+    import subprocess
+
+    env = dict(__import__("os").environ)
+    for task in ("zeroshot", "retrieval"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "chinese_clip_jax.evaluation", task, "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 0 and f"ccj-eval {task} --model" in proc.stdout, proc.stderr
+        assert "--data" in proc.stdout and "squash" in proc.stdout
+    # stderr is not a terminal here: no progress bar (no carriage-return redraws in a log)
+    assert evaluation.api._progress(None) is False and evaluation.api._progress(True) is True
