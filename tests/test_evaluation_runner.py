@@ -467,3 +467,19 @@ def test_module_form_help_has_an_example_per_task_and_bars_stay_out_of_logs():
         assert "--data" in proc.stdout and "squash" in proc.stdout
     # stderr is not a terminal here: no progress bar (no carriage-return redraws in a log)
     assert evaluation.api._progress(None) is False and evaluation.api._progress(True) is True
+
+
+def test_the_python_api_example_in_the_docs_runs(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- example: python-api -->\n```python\n(.*?)```", doc, re.S).group(1)
+    assert 10 <= len(code.strip().splitlines()) <= 30
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/evaluation.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    res = json.loads("\n".join(out[1:]))
+    assert res["task"] == "zeroshot_classification" and res["counts"]["images"] == 6
+    assert res["settings"]["resize_mode"] == "squash" and out[0].endswith("squash")
+    assert res["metrics"]["top1"] in {k / 6 for k in range(7)}
