@@ -52,6 +52,12 @@ def default_max_bad(n: int) -> int:
     return max(5, n // 100)
 
 
+def _why(e: BaseException) -> str:
+    """One line: ``first_line`` (type and message), binascii's bare ``Error`` module-qualified."""
+    text = first_line(e)
+    return f"{type(e).__module__}.{text}" if type(e).__name__ == "Error" else text
+
+
 class _Unreadable:
     def __init__(self, reason: str):
         self.reason = reason
@@ -72,7 +78,7 @@ class _Guarded:
         except IndexError:
             raise
         except Exception as e:  # noqa: BLE001 - reported with the image's name
-            return _Unreadable(f"{type(e).__name__}: {first_line(e)}")
+            return _Unreadable(_why(e))
 
 
 def embed_images(
@@ -122,7 +128,7 @@ def embed_images(
                 rows.append(np.asarray(preprocess([x], start + j), np.float32)[0])
             except Exception as e:  # noqa: BLE001
                 rows.append(None)
-                add_bad(start + j, f"{type(e).__name__}: {first_line(e)}")
+                add_bad(start + j, _why(e))
         shape = next((r.shape for r in rows if r is not None), (3, size, size))
         return np.stack([np.zeros(shape, np.float32) if r is None else r for r in rows])
 
