@@ -15,7 +15,6 @@ result object and its JSON) and ``cli`` (``ccj-eval`` / ``python -m chinese_clip
 from .api import retrieval, zero_shot
 from .metrics import (
     RECALL_KS,
-    RetrievalAnnotations,
     confusion_matrix,
     load_retrieval_jsonl,
     mean_per_class_recall,
@@ -43,7 +42,6 @@ __all__ = [
     "read_labels",
     "read_templates",
     "RECALL_KS",
-    "RetrievalAnnotations",
     "load_retrieval_jsonl",
     "retrieval_metrics",
     "zero_shot_accuracy",

@@ -28,12 +28,13 @@ All results are fractions in [0, 1].
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from .sets import RetrievalSet
 
 __all__ = [
     "RECALL_KS",
@@ -43,7 +44,6 @@ __all__ = [
     "per_class_recall",
     "mean_per_class_recall",
     "confusion_matrix",
-    "RetrievalAnnotations",
     "load_retrieval_jsonl",
 ]
 
@@ -253,19 +253,9 @@ def mean_per_class_recall(predicted, labels, num_classes: int) -> float:
     return float(np.nanmean(r))
 
 
-@dataclasses.dataclass
-class RetrievalAnnotations:
-    """A retrieval split: texts[i] (id text_ids[i]) matches images text_to_images[i] (indices
-    into image_ids)."""
-
-    text_ids: list
-    texts: list[str]
-    image_ids: list
-    text_to_images: list[list[int]]
-
-
-def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = None) -> RetrievalAnnotations:
-    """Reads a MUGE / Flickr30K-CN / COCO-CN `*_texts.jsonl` file.
+def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = None) -> RetrievalSet:
+    """Reads a MUGE / Flickr30K-CN / COCO-CN `*_texts.jsonl` file as a ``RetrievalSet`` of
+    annotations only (``images`` is None: the embeddings come from elsewhere).
 
     Each line: {"text_id": int, "text": str, "image_ids": [int, ...]}. image_ids, when given,
     is the image pool in embedding order (e.g. the order of the split's image tsv); otherwise
@@ -292,9 +282,12 @@ def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = N
         if missing:
             raise ValueError(f"text_id {text_id}: image id {missing[0]} is not in the image pool")
         text_to_images.append([index[i] for i in ids])
-    return RetrievalAnnotations(
+    return RetrievalSet(
+        images=None,
+        image_ids=list(image_ids),
         text_ids=[r[0] for r in records],
         texts=[r[1] for r in records],
-        image_ids=list(image_ids),
         text_to_images=text_to_images,
+        layout="jsonl",
+        source=str(path),
     )

@@ -88,12 +88,13 @@ class ClassificationSet:
 
 @dataclasses.dataclass
 class RetrievalSet:
-    """Candidates images[j] (lazy: encoded images, candidate order) with ids image_ids[j]; queries
+    """Candidates images[j] (lazy: encoded images, candidate order; None for annotations only,
+    as ``metrics.load_retrieval_jsonl`` reads them) with ids image_ids[j]; queries
     texts[t] (ids text_ids[t]) whose positives are text_to_images[t] (indices into images).
     ``where(j)``: where image j is stored (e.g. "valid_imgs.tsv:12"), for reports.
     ``skipped``: lines of the set's files that could not be read (reported, not scored)."""
 
-    images: Sequence[Any]
+    images: Sequence[Any] | None
     image_ids: list
     text_ids: list
     texts: list[str]
