@@ -419,7 +419,6 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(cn_clip_split, tmp_path,
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     from chinese_clip_jax.evaluation import cli as evaluate
-from chinese_clip_jax.evaluation import prompts
     code = evaluate.main(sys.argv[1:])
     with open("/proc/self/status") as f:
         hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))

@@ -12,7 +12,9 @@ text whose positives were all skipped is left out of the scores and listed, not 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,17 +120,23 @@ def embed_images(
                 return preprocess(chunk, start)
             except Exception:  # noqa: BLE001 - redone one by one below, each failure reported
                 pass
-        rows: list[np.ndarray | None] = []
-        for j, x in enumerate(chunk):
+
+        def one(j: int):
+            x = chunk[j]
             if isinstance(x, _Unreadable):
-                rows.append(None)
-                add_bad(start + j, x.reason)
-                continue
+                return None, x.reason
             try:
-                rows.append(np.asarray(preprocess([x], start + j), np.float32)[0])
+                return np.asarray(preprocess([x], start + j), np.float32)[0], None
             except Exception as e:  # noqa: BLE001
-                rows.append(None)
-                add_bad(start + j, _why(e))
+                return None, _why(e)
+
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL frees the GIL
+            results = list(pool.map(one, range(len(chunk))))
+        rows: list[np.ndarray | None] = []
+        for j, (row, reason) in enumerate(results):
+            rows.append(row)
+            if reason is not None:
+                add_bad(start + j, reason)
         shape = next((r.shape for r in rows if r is not None), (3, size, size))
         return np.stack([np.zeros(shape, np.float32) if r is None else r for r in rows])
 
