@@ -1,4 +1,4 @@
-"""`python -m chinese_clip_jax.evaluation.cli` against transformers' PyTorch model, cn_clip's own scoring
+"""`ccj-eval` (`chinese_clip_jax.evaluation.cli`) against transformers' PyTorch model, cn_clip's own scoring
 code and hand-computed metrics, on tiny datasets made here (image folder, TFDS, cn_clip TSV/LMDB)."""
 
 import base64
@@ -16,6 +16,7 @@ import pytest
 from _train_helpers import tiny_config
 
 from chinese_clip_jax.evaluation import cli as evaluate
+from chinese_clip_jax.evaluation import prompts
 from chinese_clip_jax.processing import ASSETS_DIR, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 torch = pytest.importorskip("torch")
@@ -133,6 +134,8 @@ def test_zeroshot_on_an_image_folder_equals_torch_by_hand(model, tmp_path, capsy
             str(tmp_path / "templates.txt"),
             "--batch-size",
             "4",
+            "--resize-mode",
+            "crop",
             "--output",
             str(out),
         ],
@@ -143,10 +146,12 @@ def test_zeroshot_on_an_image_folder_equals_torch_by_hand(model, tmp_path, capsy
     assert res == json.loads(stdout)
     # images in sorted file order per class: a/0.png a/1.png a/2.png a/sub/3.png ...
     expected = _zeroshot_by_hand(hf, images, labels, CLASSES, TEMPLATES)
-    assert {k: res[k] for k in ("top1", "top5")} == expected
-    assert (res["num_images"], res["num_classes"], res["split"]) == (12, 3, "test")
+    assert {k: res["metrics"][k] for k in ("top1", "top5")} == expected
+    assert (res["metrics"]["acc1"], res["metrics"]["acc5"]) == (expected["top1"], expected["top5"])
+    assert (res["counts"]["images"], res["counts"]["classes"], res["split"]) == (12, 3, "test")
     assert res["settings"]["resize_mode"] == "crop" and res["settings"]["num_templates"] == 2
-    assert res["model"] == src and res["dataset"] == f"folder:{root}"
+    assert res["model"] == src and res["dataset"] == f"folder:{root}" and res["task"] == "zeroshot_classification"
+    assert res["bad_images"] == [] and res["schema"] == "chinese_clip_jax.evaluation/1"
 
 
 def _make_tfds(data_dir, images, labels):
@@ -200,25 +205,27 @@ def test_zeroshot_on_tfds_equals_torch_by_hand(model, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("\n".join(TEMPLATES), encoding="utf-8")
     for spec, extra in ((f"tfds-dir:{path}", []), ("tfds:tiny_zeroshot", ["--data-dir", str(tmp_path / "tfds")])):
         code, stdout, err = run_cli(
-            ["zeroshot", "--model", src, "--dataset", spec, *extra, "--templates", str(tmp_path / "t.txt")], capsys
+            ["zeroshot", "--model", src, "--data", spec, *extra, "--templates", str(tmp_path / "t.txt")]
+            + ["--resize-mode", "crop"],
+            capsys,
         )
         assert code == 0, err
         res = json.loads(stdout)
-        assert {k: res[k] for k in ("top1", "top5")} == expected, spec
-        assert res["num_classes"] == 3 and res["settings"]["labels"] == "dataset"
+        assert {k: res["metrics"][k] for k in ("top1", "top5")} == expected, spec
+        assert res["counts"]["classes"] == 3 and res["settings"]["labels"] == "dataset"
 
 
 def test_cn_clip_label_and_template_sets_are_read_from_the_package():
     import importlib
 
     imagenet = importlib.import_module("cn_clip.eval.imagenet_zeroshot_templates")
-    labels, _ = evaluate.read_labels("cn_clip:imagenet")
+    labels, _ = prompts.read_labels("cn_clip:imagenet")
     assert labels == list(imagenet.imagenet_classnames) and len(labels) == 1000
-    templates, _ = evaluate.read_templates("cn_clip:openai")
+    templates, _ = prompts.read_templates("cn_clip:openai")
     cvinw = importlib.import_module("cn_clip.eval.cvinw_zeroshot_templates")
     assert [t.replace("{}", "猫") for t in templates] == [f("猫") for f in cvinw.openai_templates]
-    with pytest.raises(evaluate.UsageError, match="cn_clip has no template set 'nope'"):
-        evaluate.read_templates("cn_clip:nope")
+    with pytest.raises(prompts.PromptError, match="cn_clip has no template set 'nope'"):
+        prompts.read_templates("cn_clip:nope")
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -290,12 +297,19 @@ def test_retrieval_on_cn_clip_tsv_equals_torch_by_hand_and_cn_clip_scoring(model
     res = json.loads(out.read_text(encoding="utf-8"))
     expected, txt, img, t2i = _retrieval_by_hand(hf, images, captions)
     for k, v in expected.items():
-        assert res[k] == pytest.approx(v, abs=1e-12), k
-    assert (res["num_texts"], res["num_images"], res["layout"], res["split"]) == (8, 12, "cn_clip-tsv", "valid")
-    assert res["settings"]["resize_mode"] == "squash"
+        assert res["metrics"][k] == pytest.approx(v, abs=1e-12), k
+    assert res["metrics"]["image_retrieval_recall@5"] == res["metrics"]["t2i_R@5"]
+    assert res["metrics"]["text_retrieval_recall@5"] == res["metrics"]["i2t_R@5"]
+    assert (res["counts"]["texts"], res["counts"]["images"], res["details"]["layout"], res["split"]) == (
+        8,
+        12,
+        "cn_clip-tsv",
+        "valid",
+    )
+    assert res["settings"]["resize_mode"] == "squash" and res["task"] == "zeroshot_retrieval"
     # cn_clip's own scorer reads the predictions file and gives our t2i recalls (in percent)
     mean, r1, r5, r10 = compute_score(str(root / "valid_texts.jsonl"), str(pred))
-    assert [r1, r5, r10] == pytest.approx([100 * res[f"t2i_R@{k}"] for k in (1, 5, 10)])
+    assert [r1, r5, r10] == pytest.approx([100 * res["metrics"][f"t2i_R@{k}"] for k in (1, 5, 10)])
     ids = list(images)
     with open(pred) as f:
         rows = [json.loads(line) for line in f]
@@ -334,9 +348,8 @@ def test_retrieval_on_the_lmdb_build_gives_the_same_results(model, cn_clip_split
         code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(data)], capsys)
         assert code == 0, err
         results.append(json.loads(stdout))
-    assert results[1]["layout"] == "cn_clip-lmdb"
-    keys = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["mean_recall", "num_texts", "num_images"]
-    assert {k: results[0][k] for k in keys} == {k: results[1][k] for k in keys}
+    assert results[1]["details"]["layout"] == "cn_clip-lmdb"
+    assert results[0]["metrics"] == results[1]["metrics"] and results[0]["counts"] == results[1]["counts"]
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -449,7 +462,7 @@ def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path, sav
         assert proc.returncode == 0, proc.stderr[-3000:]
         last = json.loads(proc.stdout.strip().splitlines()[-1])
         results = json.loads(proc.stdout[: proc.stdout.rindex("\n{")])
-        assert last["code"] == 0 and results["num_images"] == n
+        assert last["code"] == 0 and results["counts"]["images"] == n
         return last["maxrss_kb"] * 1024
 
     small, large = peak_of(200), peak_of(2000)
@@ -497,7 +510,7 @@ def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_
     )
     assert code == 0, err
     res = json.loads(stdout)
-    assert res["layout"] == "tfds" and res["num_texts"] == len(captions)
+    assert res["details"]["layout"] == "tfds" and res["counts"]["texts"] == len(captions)
     # the same split in cn_clip's layout: the images the pairs name, in the pool order TFDS gave
     pool = np.load(tmp_path / "f" / "image_ids.npy").tolist()
     assert sorted(pool) == sorted({i for c in captions for i in c["image_ids"]})
@@ -509,5 +522,5 @@ def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_
     (tsv / "valid_texts.jsonl").write_text((root / "valid_texts.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     code, stdout, err = run_cli(["retrieval", "--model", src, "--data", str(tsv)], capsys)
     assert code == 0, err
-    keys = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["mean_recall", "num_images"]
-    assert {k: res[k] for k in keys} == {k: json.loads(stdout)[k] for k in keys}
+    assert res["metrics"] == json.loads(stdout)["metrics"]
+    assert res["counts"]["images"] == json.loads(stdout)["counts"]["images"]

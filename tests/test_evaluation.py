@@ -180,3 +180,49 @@ def test_evaluation_package_exports_the_metric_functions():
     assert evaluation.zero_shot_accuracy is zero_shot_accuracy
     assert evaluation.topk_indices is topk_indices
     assert evaluation.load_retrieval_jsonl is load_retrieval_jsonl
+
+
+def test_mean_per_class_recall_hand_computed():
+    """An imbalanced set: class 0 has 4 images (3 right), class 1 one (right), class 2 two (one
+    right), class 3 none. Per-class recall 3/4, 1, 1/2 (class 3: no image, left out); mean 0.75,
+    while top-1 is 5/7."""
+    from chinese_clip_jax.evaluation import confusion_matrix, mean_per_class_recall, per_class_recall
+
+    labels = np.array([0, 0, 0, 0, 1, 2, 2])
+    predicted = np.array([0, 0, 1, 0, 1, 0, 2])
+    r = per_class_recall(predicted, labels, 4)
+    np.testing.assert_array_equal(r[:3], [0.75, 1.0, 0.5])
+    assert np.isnan(r[3])
+    assert mean_per_class_recall(predicted, labels, 4) == 0.75
+    assert confusion_matrix(predicted, labels, 4).tolist() == [[3, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 2\)"):
+        per_class_recall(predicted[:2], np.array([0, 5]), 2)
+
+
+def test_the_runner_reports_per_class_recall_and_top1_from_embeddings():
+    """zero_shot_scores over a stub encoder whose embeddings are one-hot: the hand-computed case above."""
+    from chinese_clip_jax.evaluation.runner import zero_shot_scores
+
+    labels = np.array([0, 0, 0, 0, 1, 2, 2])
+    predicted = np.array([0, 0, 1, 0, 1, 0, 2])
+
+    class Encoder:  # the two calls the runner makes, with one-hot embeddings
+        model = type("M", (), {"config": type("C", (), {"vision_config": type("V", (), {"image_size": 4})})})
+
+        def class_embeddings(self, prompts, tokenize, **_):
+            return np.eye(4, dtype=np.float32)[: len(prompts)]
+
+        def encode_images(self, items, preprocess, **_):
+            preprocess([items[i] for i in range(len(items))], 0)
+            return np.eye(4, dtype=np.float32)[predicted]
+
+    scores = zero_shot_scores(
+        Encoder(),
+        list(range(7)),
+        labels,
+        [["a"], ["b"], ["c"], ["d"]],
+        tokenize=None,
+        preprocess=lambda chunk, start: np.zeros((len(chunk), 3, 4, 4), np.float32),
+    )
+    assert scores.metrics["top1"] == pytest.approx(5 / 7) and scores.metrics["mean_per_class_recall"] == 0.75
+    assert scores.support.tolist() == [4, 1, 2, 0] and scores.bad_images == []

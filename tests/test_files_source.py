@@ -257,16 +257,18 @@ def test_ccj_eval_retrieval_scores_a_jsonl_table_as_its_cn_clip_layout(tmp_path,
         assert evaluate.main(argv) == 0, capsys.readouterr().err
         results[name] = json.loads(out.read_text(encoding="utf-8"))
     files_res, cn_res = results["files"], results["cn"]
-    assert files_res["layout"] == "files" and (files_res["num_texts"], files_res["num_images"]) == (4, 5)
-    metrics = [k for k in cn_res if "R@" in k or k == "mean_recall"]
-    assert metrics and {k: files_res[k] for k in metrics} == {k: cn_res[k] for k in metrics}
+    assert files_res["details"]["layout"] == "files"
+    assert (files_res["counts"]["texts"], files_res["counts"]["images"]) == (4, 5), files_res["counts"]
+    metrics = [k for k in cn_res["metrics"] if "R@" in k or k == "mean_recall"]
+    assert metrics and {k: files_res["metrics"][k] for k in metrics} == {k: cn_res["metrics"][k] for k in metrics}
 
 
 def test_a_new_source_is_one_registry_entry(monkeypatch):
     from chinese_clip_jax.data import eval_sets, registry
+    from chinese_clip_jax.data.source import Source
 
     records = [{"image": np.full((16, 16, 3), i, np.uint8), "text": f"图{i}", "where": f"mine[{i}]"} for i in range(8)]
-    mine = registry.Source(
+    mine = Source(
         name="mine",
         defaults={"count": 8},
         open_train=lambda c, *, image_size, shard: records[: c.count],

@@ -47,7 +47,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
 def check_config(data_cfg) -> None:
     """Cheap checks of ``data_cfg`` before anything is built: the source name, the crops, the
     worker count, the schemes (and backends) of the chosen source's paths and the source's own
-    checks (``registry.Source.check``). Raises a one-line ValueError (ImportError for a missing
+    checks (``source.Source.check``). Raises a one-line ValueError (ImportError for a missing
     backend)."""
     from ..io import as_path
     from .pipeline import EVAL_CROPS, TRAIN_CROPS

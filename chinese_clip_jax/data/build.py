@@ -146,7 +146,7 @@ def build(
 ) -> dict:
     """Writes split ``split`` of ``src`` into the TFDS directory ``out``; returns the summary
     {"split", "written", "skipped", "shards", "out"}. ``options`` are the format's own
-    (``registry.Source.build_options``): ``cn_clip_format`` ("tsv", "lmdb"; None: the one SRC
+    (``source.Source.build_options``): ``cn_clip_format`` ("tsv", "lmdb"; None: the one SRC
     holds) for cn_clip, ``image_key`` / ``caption_key`` for files; None means the default.
     ``encoding``: of the caption files (cn_clip's JSONL, webdataset .txt/.json members), e.g.
     "gbk"; a JSONL line not in it stops the build before any work, naming the file and line; a

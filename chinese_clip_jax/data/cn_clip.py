@@ -38,7 +38,7 @@ from etils import epath
 
 from ..io import RangeReader, as_path, decode_failure, local_copy
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .registry import Source
+from .source import Source
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
 

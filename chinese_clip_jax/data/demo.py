@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 
-from .registry import Source
+from .source import Source
 
 __all__ = [
     "COLORS",

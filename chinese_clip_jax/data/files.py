@@ -18,7 +18,7 @@ Config keys (``data.files.*``): ``table`` (the training table), ``image_key`` / 
 (column names, default "image" / "caption"), ``eval_table`` (a table for retrieval eval during
 training; "" = none), ``eval_max_samples``. ``python -m chinese_clip_jax.data.build TABLE OUT
 --format files`` converts a table to TFDS/ArrayRecord; ``ccj-eval retrieval --data TABLE``
-scores a model on one (:func:`open_retrieval_table`).
+scores a model on one (``evaluation.sets.open_retrieval``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import os
 
 from ..io import as_path, is_local
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .registry import Source
+from .source import Source
 
-__all__ = ["TABLE_SUFFIXES", "Table", "read_table", "FilesSource", "open_retrieval_table", "eval_sets"]
+__all__ = ["TABLE_SUFFIXES", "Table", "read_table", "read_image", "retrieval_lists", "FilesSource", "eval_sets"]
 
 logger = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -129,7 +129,7 @@ def read_table(path, *, image_key: str = "image", caption_key: str = "caption", 
     return table
 
 
-def _read_image(path: str) -> bytes:
+def read_image(path: str) -> bytes:
     if is_local(path):
         with open(path, "rb") as f:
             return f.read()
@@ -153,7 +153,7 @@ class FilesSource:
         image, text, n = self._pairs[index]
         where = f"{self.table_path} row {n}"
         try:
-            return {"image": _read_image(image), "text": text, "where": where}
+            return {"image": read_image(image), "text": text, "where": where}
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
 
@@ -162,7 +162,7 @@ class FilesSource:
         return self._pairs[index]
 
 
-def _retrieval_lists(table: Table, max_samples: int | None = None):
+def retrieval_lists(table: Table, max_samples: int | None = None):
     """(image paths in first-seen order, captions in first-seen order, each caption's image indices)."""
     image_slot: dict[str, int] = {}
     text_slot: dict[str, int] = {}
@@ -182,29 +182,6 @@ def _retrieval_lists(table: Table, max_samples: int | None = None):
     return list(image_slot), list(text_slot), positives
 
 
-def open_retrieval_table(path, *, image_key: str = "image", caption_key: str = "caption"):
-    """A table as ``eval_datasets.RetrievalSet`` (for ``ccj-eval retrieval --data TABLE``): the
-    candidate images are the table's distinct images in first-seen order, the queries its distinct
-    captions; a caption's positives are every image it is paired with. Image ids are the paths as
-    resolved, text ids the caption's position."""
-    from ..evaluation.sets import DatasetError, LazyList, RetrievalSet
-
-    try:
-        table = read_table(path, image_key=image_key, caption_key=caption_key, what="--data")
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise DatasetError(e.args[0] if e.args else str(e)) from None
-    images, texts, positives = _retrieval_lists(table)
-    return RetrievalSet(
-        LazyList(len(images), lambda i: _read_image(images[i])),
-        images,
-        list(range(len(texts))),
-        texts,
-        positives,
-        "files",
-        table.path,
-    )
-
-
 def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_table`` (images that
     PIL cannot identify are dropped with a warning, and captions left with no image)."""
@@ -212,11 +189,11 @@ def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
     if not c.eval_table:
         return {}
     table = read_table(c.eval_table, image_key=c.image_key, caption_key=c.caption_key, what="data.files.eval_table")
-    paths, texts, positives = _retrieval_lists(table, int(c.eval_max_samples))
+    paths, texts, positives = retrieval_lists(table, int(c.eval_max_samples))
     keep = []
     for i, path in enumerate(paths):
         try:
-            check_image(_read_image(path))
+            check_image(read_image(path))
             keep.append(i)
         except Exception as e:  # noqa: BLE001 - a broken eval image is dropped, not fatal
             logger.warning("files: dropping eval image %s: %s: %s", path, type(e).__name__, e)
@@ -243,7 +220,7 @@ class _ImageFiles:
         self.paths = paths
 
     def __getitem__(self, i: int) -> tuple[bytes]:
-        return (_read_image(self.paths[i]),)
+        return (read_image(self.paths[i]),)
 
 
 def _open_train(c, *, image_size: int, shard=None) -> FilesSource:
@@ -285,7 +262,7 @@ def _build_records(src, split: str, skipped: list, options: dict):
             where = f"{table.path} row {n}"
             text_id = f"{n}" if len(captions) == 1 else f"{n}.{k}"
             try:
-                record = {"image": _read_image(image), "text": caption, "where": where}
+                record = {"image": read_image(image), "text": caption, "where": where}
             except Exception as e:  # noqa: BLE001 - skipped and counted by data.build
                 record = {"error": f"{type(e).__name__}: {e}", "where": where}
             yield {**record, "image_id": image_id, "text_id": text_id}

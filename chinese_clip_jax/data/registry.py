@@ -1,6 +1,7 @@
 """Data sources behind one small protocol: ``data.name`` -> a :class:`Source`.
 
-A source is one module of this package that ends with ``SOURCE = Source(...)``: its config
+A source is one module of this package that ends with ``SOURCE = Source(...)``
+(``data.source.Source``, the protocol): its config
 defaults (``data.<name>.*``), how to open its training records and its eval sets, and
 optionally how ``python -m chinese_clip_jax.data.build`` reads it. Adding a source is that
 module plus its name in :func:`sources` (one line); ``data.train_iterator``, ``data.eval_sets``,
@@ -13,40 +14,9 @@ and ``is_process_shard`` attributes.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from .source import Source
 
-__all__ = ["Source", "sources", "get", "names", "build_formats"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One data source.
-
-    name: ``data.name`` (and ``data.build --format``) value.
-    defaults: the ``data.<name>.*`` keys and their defaults.
-    open_train: ``(c, *, image_size, shard) -> records`` for ``c = data.<name>``; ``shard`` is this
-        process's grain ShardOptions (a source may index only its own part: ``is_process_shard``).
-    eval_sets: ``(c, *, image_size, context_length) -> {set name: set}`` ({} when none configured).
-    path_keys: keys of ``c`` holding user paths (comma-separated where the key ends in "shards"),
-        scheme-checked before any work.
-    check: ``(c) -> None``: the source's own cheap checks before any work (one-line errors).
-    build_records: ``(src, split, skipped, options) -> iterator of records`` with ``image_id`` and
-        ``text_id``, for ``data.build``; ``skipped`` is a one-item list counting index-time drops.
-    build_check: ``(src, split, options) -> options``: checks SRC before anything is written.
-    build_options: the ``data.build`` options this source reads (option name -> help).
-    """
-
-    name: str
-    defaults: Mapping[str, Any]
-    open_train: Callable[..., Any]
-    eval_sets: Callable[..., dict]
-    path_keys: tuple[str, ...] = ()
-    check: Callable[[Any], None] | None = None
-    build_records: Callable[..., Iterator[dict]] | None = None
-    build_check: Callable[..., dict] | None = None
-    build_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+__all__ = ["sources", "get", "names", "build_formats"]
 
 
 _REGISTRY: dict[str, Source] | None = None

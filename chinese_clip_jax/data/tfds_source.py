@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 
-from .registry import Source
+from .source import Source
 
 __all__ = ["TfdsSource", "import_tfds", "open_builder", "builder_by_name", "eval_sets"]
 

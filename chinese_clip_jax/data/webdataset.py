@@ -26,7 +26,7 @@ import numpy as np
 
 from ..io import RangeReader, decode_failure
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .registry import Source
+from .source import Source
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 

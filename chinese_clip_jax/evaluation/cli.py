@@ -1,273 +1,85 @@
-"""Zero-shot classification and text-image retrieval benchmarks from the command line.
+"""``ccj-eval`` / ``python -m chinese_clip_jax.evaluation``: a thin command line over
+``evaluation.zero_shot`` and ``evaluation.retrieval``.
 
-    python -m chinese_clip_jax.evaluation.cli zeroshot --model SRC --dataset folder:PATH [--split test]
-        [--labels FILE|cn_clip:NAME] [--templates FILE|cn_clip:NAME] [--resize-mode {crop,squash}]
-        [--batch-size N] [--output results.json]
-    python -m chinese_clip_jax.evaluation.cli retrieval --model SRC --data DIR [--split valid]
-        [--resize-mode {squash,crop}] [--batch-size N] [--output results.json]
-        [--predictions FILE] [--features-dir DIR]
-
-SRC: anything ``ccj.from_pretrained`` reads. Datasets: see ``chinese_clip_jax.evaluation.sets``.
-Images are read, decoded, embedded and dropped batch by batch (host memory bounded whatever the
-split size), on every local device. The results are printed and written as JSON; the metrics
-are those of ``chinese_clip_jax.evaluation.metrics`` (fractions in [0, 1]). A bad input (a missing file,
-a label count that does not match the classes, a template without ``{}``) is a one-line error
-naming the file, exit status 2, raised before the model is loaded.
+A bad input (a missing file, a label count that does not match the classes, duplicate labels, a
+template without ``{}``, text in another encoding, an output that would replace files) is a
+one-line ``error: ...`` naming it, exit status 2, before the model is loaded. The results JSON
+is printed and written atomically to ``--output`` (docs/evaluation.md has its schema).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import numpy as np
+from ..io import atomic_write
+from .api import DEFAULT_RESIZE, RESIZE_MODES, OutputError, check_output, retrieval, zero_shot
+from .prompts import PromptError
+from .runner import TooManyBadImages
+from .sets import DatasetError
 
-from . import metrics
-from .sets import DatasetError, open_classification, open_retrieval
+__all__ = ["main", "build_parser"]
 
-__all__ = ["main", "run_zeroshot", "run_retrieval", "read_labels", "read_templates", "UsageError"]
+EPILOG = """examples:
+  ccj-eval zeroshot --model build/demo/hf --data folder:build/evalsets/folder \\
+      --labels build/evalsets/labels.txt --output zeroshot.json
+  ccj-eval retrieval --model build/demo/hf --data build/evalsets/cn_clip --split valid \\
+      --predictions pred.jsonl --output retrieval.json
 
-CN_CLIP_PREFIX = "cn_clip:"
-RESIZE_MODES = {"crop": "processor", "squash": "squash"}  # our name -> the processor's
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names the file or flag."""
-
-
-# ------------------------------------------------------------------ labels and templates
+Both tasks resize like cn_clip's evaluation (squash: bicubic to the square resolution) unless
+--resize-mode crop. Images that cannot be read are skipped and listed in the results."""
 
 
-def _cn_clip_sets() -> tuple[dict[str, list[str]], dict[str, list]]:
-    """(label sets, template sets) that the installed cn_clip package ships, read at run time."""
-    import importlib
-
-    labels, templates = {}, {}
-    try:
-        cvinw = importlib.import_module("cn_clip.eval.cvinw_zeroshot_templates")
-        imagenet = importlib.import_module("cn_clip.eval.imagenet_zeroshot_templates")
-    except ImportError as e:
-        raise UsageError(f"cn_clip sets need the cn_clip package (pip install --no-deps cn-clip): {e}") from e
-    for name, value in vars(cvinw).items():
-        if name.endswith("_templates") and isinstance(value, list):
-            templates[name[: -len("_templates")]] = value
-    templates["imagenet"] = list(imagenet.openai_imagenet_template)
-    labels["imagenet"] = list(imagenet.imagenet_classnames)
-    return labels, templates
-
-
-def _lines(path: str, flag: str) -> list[tuple[int, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file (or give {CN_CLIP_PREFIX}NAME for a set cn_clip ships)")
-    with open(p, encoding="utf-8") as f:
-        out = [(n, line.rstrip("\r\n").strip()) for n, line in enumerate(f, 1)]
-    out = [(n, s) for n, s in out if s]
-    if not out:
-        raise UsageError(f"{flag} {path}: the file has no non-empty line")
-    return out
-
-
-def read_labels(spec: str) -> tuple[list[str], str]:
-    """--labels: a file (one class name per line, in class order) or cn_clip:NAME -> (names, source)."""
-    if spec.startswith(CN_CLIP_PREFIX):
-        sets, _ = _cn_clip_sets()
-        name = spec[len(CN_CLIP_PREFIX) :]
-        if name not in sets:
-            raise UsageError(f"--labels {spec}: cn_clip has no label set {name!r} (has: {', '.join(sorted(sets))})")
-        return list(sets[name]), spec
-    return [s for _, s in _lines(spec, "--labels")], os.path.abspath(spec)
-
-
-def read_templates(spec: str | None) -> tuple[list[str], str]:
-    """--templates: a file (one template per line, each with one ``{}``) or cn_clip:NAME."""
-    from .templates import CHINESE_TEMPLATES
-
-    if spec is None:
-        return list(CHINESE_TEMPLATES), "chinese_clip_jax.processing.templates.CHINESE_TEMPLATES"
-    if spec.startswith(CN_CLIP_PREFIX):
-        _, sets = _cn_clip_sets()
-        name = spec[len(CN_CLIP_PREFIX) :]
-        if name not in sets:
-            raise UsageError(
-                f"--templates {spec}: cn_clip has no template set {name!r} (has: {', '.join(sorted(sets))})"
-            )
-        return [t("{}") if callable(t) else str(t) for t in sets[name]], spec
-    out = []
-    for n, line in _lines(spec, "--templates"):
-        if line.count("{}") != 1:
-            raise UsageError(f"--templates {spec}:{n}: a template needs exactly one '{{}}', got {line!r}")
-        out.append(line)
-    return out, os.path.abspath(spec)
-
-
-# ------------------------------------------------------------------ running
-
-
-def _load_model(src: str, resize_mode: str, dtype: str, batch_size: int):
-    import jax.numpy as jnp
-
-    from ..inference import ChineseCLIP
-
-    return ChineseCLIP.from_pretrained(
-        src,
-        {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
-        resize_mode=RESIZE_MODES[resize_mode],
-        text_batch_size=batch_size,
-        image_batch_size=batch_size,
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ccj-eval",
+        description="Zero-shot classification and text-image retrieval benchmarks (cn_clip's protocol).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-def _to_pil(item: Any):
-    """An encoded image (bytes) -> PIL image; paths and arrays go to the processor as they are."""
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        import PIL.Image
-
-        return PIL.Image.open(io.BytesIO(bytes(item)))
-    return item
-
-
-def _encode_images(clip, images: Sequence[Any], batch_size: int) -> np.ndarray:
-    def preprocess(chunk, start):
-        return clip.processor.preprocess_images([_to_pil(x) for x in chunk], start)
-
-    return clip.encoder.encode_images(images, preprocess, batch_size=batch_size, progress=True)
-
-
-def run_zeroshot(args) -> dict:
-    ds = open_classification(args.dataset, args.split, args.data_dir)
-    names, labels_source = read_labels(args.labels) if args.labels else (ds.class_names, "dataset")
-    if len(names) != len(ds.class_names):
-        where = args.labels if args.labels else args.dataset
-        raise UsageError(f"--labels {where}: {len(names)} labels for the {len(ds.class_names)} classes of {ds.source}")
-    templates, templates_source = read_templates(args.templates)
-    _check_output(args.output)
-    clip = _load_model(args.model, args.resize_mode, args.dtype, args.batch_size)
-    t0 = time.perf_counter()
-    classes = clip.class_embeddings(names, templates)
-    image_embeds = _encode_images(clip, ds.images, args.batch_size)
-    acc = metrics.zero_shot_accuracy(image_embeds, classes, ds.labels, topk=(1, 5))
-    wall = time.perf_counter() - t0
-    return {
-        "task": "zeroshot",
-        **acc,
-        "num_images": int(len(ds.labels)),
-        "num_classes": len(names),
-        "model": args.model,
-        "dataset": args.dataset,
-        "split": args.split,
-        "settings": {
-            "resize_mode": args.resize_mode,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
-            "labels": labels_source,
-            "templates": templates_source,
-            "num_templates": len(templates),
-            "devices": len(clip.devices),
-        },
-        "wall_s": round(wall, 3),
-        "images_per_s": round(len(ds.labels) / wall, 2),
-    }
-
-
-def run_retrieval(args) -> dict:
-    ds = open_retrieval(args.data, args.split)
-    _check_output(args.output)
-    _check_output(args.predictions)
-    clip = _load_model(args.model, args.resize_mode, args.dtype, args.batch_size)
-    t0 = time.perf_counter()
-    text_embeds = clip.encode_text(ds.texts, progress=True)
-    image_embeds = _encode_images(clip, ds.images, args.batch_size)
-    rec = metrics.retrieval_metrics(text_embeds, image_embeds, ds.text_to_images)
-    wall = time.perf_counter() - t0
-    out = {
-        "task": "retrieval",
-        **rec,
-        "num_texts": len(ds.texts),
-        "num_images": len(ds.image_ids),
-        "model": args.model,
-        "data": args.data,
-        "split": args.split,
-        "layout": ds.layout,
-        "settings": {
-            "resize_mode": args.resize_mode,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
-            "devices": len(clip.devices),
-        },
-        "wall_s": round(wall, 3),
-    }
-    if args.predictions:
-        top = metrics.topk_indices(text_embeds, image_embeds, max(metrics.RECALL_KS))
-        lines = [
-            json.dumps({"text_id": tid, "image_ids": [ds.image_ids[j] for j in row]}, ensure_ascii=False)
-            for tid, row in zip(ds.text_ids, top.tolist())
-        ]
-        _write_atomic(args.predictions, "\n".join(lines) + "\n")
-        out["predictions"] = os.path.abspath(args.predictions)
-    if args.features_dir:
-        d = Path(args.features_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for name, arr in (
-            ("text_features", text_embeds),
-            ("image_features", image_embeds),
-            ("text_ids", np.asarray(ds.text_ids)),
-            ("image_ids", np.asarray(ds.image_ids)),
-        ):
-            np.save(d / f"{name}.npy", arr)
-        out["features_dir"] = str(d.resolve())
-    return out
-
-
-def _check_output(path: str | None) -> None:
-    if path and not Path(path).resolve().parent.is_dir():
-        raise UsageError(f"cannot write {path}: directory {Path(path).resolve().parent} does not exist")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------ command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m chinese_clip_jax.evaluation.cli", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="task", required=True)
 
-    def common(sp, default_split, default_resize):
+    def common(sp, default_split):
         sp.add_argument("--model", required=True, help="anything ccj.from_pretrained reads")
-        sp.add_argument("--split", default=default_split)
+        sp.add_argument("--split", default=default_split, help=f"(default {default_split})")
         sp.add_argument(
             "--resize-mode",
             choices=sorted(RESIZE_MODES),
-            default=default_resize,
-            help="crop: shortest edge + center crop (transformers); squash: cn_clip's eval resize",
+            default=DEFAULT_RESIZE,
+            help="squash: bicubic resize to the square resolution, cn_clip's evaluation (default); "
+            "crop: shortest edge + centre crop, transformers' processor",
         )
         sp.add_argument("--batch-size", type=int, default=64, help="rows per device step (rounded to devices)")
         sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+        sp.add_argument("--max-bad", type=int, help="bad images tolerated before the run fails (default: 1%%, >= 5)")
+        sp.add_argument("--encoding", default="utf-8", help="of the labels, templates and captions files")
         sp.add_argument("--output", help="write the results JSON here (also printed)")
+        sp.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
-    z = sub.add_parser("zeroshot", help="zero-shot classification accuracy")
-    common(z, "test", "crop")
-    z.add_argument("--dataset", required=True, help="folder:PATH, tfds:NAME or tfds-dir:PATH")
+    z = sub.add_parser(
+        "zeroshot",
+        help="zero-shot classification accuracy",
+        epilog="example:\n  ccj-eval zeroshot --model DIR --data folder:images/ --labels labels.txt --output r.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(z, "test")
+    z.add_argument("--data", "--dataset", dest="data", required=True, help="folder:PATH, tfds:NAME or tfds-dir:PATH")
     z.add_argument("--data-dir", help="TFDS data directory for tfds:NAME")
     z.add_argument("--labels", help="class names, one per line in class order, or cn_clip:NAME")
     z.add_argument("--templates", help="prompt templates, one per line with one {}, or cn_clip:NAME")
-    r = sub.add_parser("retrieval", help="text-image retrieval recall (cn_clip's protocol)")
-    common(r, "valid", "squash")
+    z.add_argument("--per-class", action="store_true", help="add per-class recall and the confusion matrix")
+    r = sub.add_parser(
+        "retrieval",
+        help="text-image retrieval recall (cn_clip's protocol)",
+        epilog="example:\n  ccj-eval retrieval --model DIR --data cn_clip_split_dir --split valid --output r.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(r, "valid")
     r.add_argument(
         "--data",
+        "--dataset",
+        dest="data",
         required=True,
         help="cn_clip layout directory (TSV+JSONL or LMDB), a TFDS dir, or a .csv/.tsv/.jsonl table (image, caption)",
     )
@@ -278,25 +90,61 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status (0 ok, 2 bad input)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from ..console import quiet_libraries
 
     quiet_libraries()
-    if args.batch_size < 1:
-        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-        return 2
     from ..conversion import CheckpointError
     from ..processing import ImageLoadError
 
     try:
-        result = run_zeroshot(args) if args.task == "zeroshot" else run_retrieval(args)
-    except (UsageError, DatasetError, CheckpointError, ImageLoadError, FileNotFoundError) as e:
+        if args.batch_size < 1:
+            raise OutputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_bad is not None and args.max_bad < 0:
+            raise OutputError(f"--max-bad must be >= 0, got {args.max_bad}")
+        check_output(args.output, "--output", overwrite=args.overwrite)
+        common = dict(
+            resize=args.resize_mode,
+            batch_size=args.batch_size,
+            split=args.split,
+            max_bad=args.max_bad,
+            encoding=args.encoding,
+            dtype=args.dtype,
+        )
+        if args.task == "zeroshot":
+            result = zero_shot(
+                args.model,
+                args.data,
+                labels=args.labels,
+                templates=args.templates,
+                data_dir=args.data_dir,
+                per_class=args.per_class,
+                **common,
+            )
+        else:
+            result = retrieval(
+                args.model,
+                args.data,
+                predictions=args.predictions,
+                features_dir=args.features_dir,
+                overwrite=args.overwrite,
+                **common,
+            )
+    except (
+        PromptError,
+        DatasetError,
+        OutputError,
+        TooManyBadImages,
+        CheckpointError,
+        ImageLoadError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2, ensure_ascii=False)
+    text = result.to_json()
     print(text)
     if args.output:
-        _write_atomic(args.output, text + "\n")
+        atomic_write(args.output, text + "\n")
     return 0
 
 

@@ -10,6 +10,9 @@ Definitions (cn_clip `eval/evaluation.py`, `evaluation_tr.py`, `zeroshot_evaluat
   from the text annotations, so images without a text are not queries).
 * mean_recall: the mean of the six recalls.
 * zero-shot top-k: the fraction of images whose label is among the k highest-scoring classes.
+* per-class recall of class c: the fraction of c's images whose top-1 class is c; mean per-class
+  recall: its mean over the classes that have at least one image (balanced accuracy, what
+  clip_benchmark reports as ``mean_per_class_recall``; the headline for imbalanced sets).
 
 Scores are dot products of the embeddings as given (pass L2-normalized embeddings for cosine
 similarity). Ties are broken deterministically by index: among equal scores the candidate with
@@ -25,19 +28,22 @@ All results are fractions in [0, 1].
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from .sets import RetrievalSet
+
 __all__ = [
     "RECALL_KS",
     "retrieval_metrics",
     "zero_shot_accuracy",
     "topk_indices",
-    "RetrievalAnnotations",
+    "per_class_recall",
+    "mean_per_class_recall",
+    "confusion_matrix",
     "load_retrieval_jsonl",
 ]
 
@@ -213,19 +219,43 @@ def zero_shot_accuracy(
     return {f"top{k}": float(hit[:, :k].any(axis=1).mean()) for k in ks}
 
 
-@dataclasses.dataclass
-class RetrievalAnnotations:
-    """A retrieval split: texts[i] (id text_ids[i]) matches images text_to_images[i] (indices
-    into image_ids)."""
+def _check_predictions(predicted, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape or predicted.ndim != 1:
+        raise ValueError(f"predicted {predicted.shape} and labels {labels.shape} must be the same (N,) shape")
+    for name, x in (("predicted", predicted), ("labels", labels)):
+        if x.size and (not np.issubdtype(x.dtype, np.integer) or x.min() < 0 or x.max() >= num_classes):
+            raise ValueError(f"{name} must be integers in [0, {num_classes})")
+    return predicted.astype(np.int64), labels.astype(np.int64)
 
-    text_ids: list
-    texts: list[str]
-    image_ids: list
-    text_to_images: list[list[int]]
+
+def confusion_matrix(predicted, labels, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts: [true class, predicted class]."""
+    predicted, labels = _check_predictions(predicted, labels, num_classes)
+    out = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(out, (labels, predicted), 1)
+    return out
 
 
-def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = None) -> RetrievalAnnotations:
-    """Reads a MUGE / Flickr30K-CN / COCO-CN `*_texts.jsonl` file.
+def per_class_recall(predicted, labels, num_classes: int) -> np.ndarray:
+    """(C,) float64: per class, the fraction of its images predicted as it (NaN: no image)."""
+    cm = confusion_matrix(predicted, labels, num_classes)
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def mean_per_class_recall(predicted, labels, num_classes: int) -> float:
+    """Mean of ``per_class_recall`` over the classes with at least one image."""
+    r = per_class_recall(predicted, labels, num_classes)
+    if np.all(np.isnan(r)):
+        raise ValueError("no images")
+    return float(np.nanmean(r))
+
+
+def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = None) -> RetrievalSet:
+    """Reads a MUGE / Flickr30K-CN / COCO-CN `*_texts.jsonl` file as a ``RetrievalSet`` of
+    annotations only (``images`` is None: the embeddings come from elsewhere).
 
     Each line: {"text_id": int, "text": str, "image_ids": [int, ...]}. image_ids, when given,
     is the image pool in embedding order (e.g. the order of the split's image tsv); otherwise
@@ -252,9 +282,12 @@ def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = N
         if missing:
             raise ValueError(f"text_id {text_id}: image id {missing[0]} is not in the image pool")
         text_to_images.append([index[i] for i in ids])
-    return RetrievalAnnotations(
+    return RetrievalSet(
+        images=None,
+        image_ids=list(image_ids),
         text_ids=[r[0] for r in records],
         texts=[r[1] for r in records],
-        image_ids=list(image_ids),
         text_to_images=text_to_images,
+        layout="jsonl",
+        source=str(path),
     )

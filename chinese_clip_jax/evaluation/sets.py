@@ -10,7 +10,7 @@ Classification (``open_classification(spec, split, data_dir)``), spec:
   TFDS sets are read with ``tfds.data_source`` (ArrayRecord, no TensorFlow); the image feature
   and the class-label feature are found by type; label names come from the ClassLabel feature.
 
-Retrieval (``open_retrieval(path, split)``; the ONE place the layout of a directory is detected):
+Retrieval (``open_retrieval(spec, split)``; the ONE place a spec string becomes a RetrievalSet):
   cn_clip's layout: ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or its LMDB build
   (``lmdb/{split}/imgs`` + ``lmdb/{split}/pairs``); the candidate images are every image of
   the split in file (TSV) or key (LMDB) order, as cn_clip's feature extraction reads them.
@@ -20,13 +20,18 @@ Retrieval (``open_retrieval(path, split)``; the ONE place the layout of a direct
   and "caption"; ``data.files``): the table is the split.
 
 Images stay on disk: ``images[i]`` reads one encoded image (bytes or a path),
-so a split of any size costs only its ids and captions in memory.
+so a split of any size costs only its ids and captions in memory. Reading or decoding an image
+can fail (a file gone since the listing, a truncated or zero-byte file, bad base64 on a TSV
+line): the runner skips and reports it, by ``image_name(i)`` (the path, or the image id and its
+TSV line). Caption files are read with ``encoding`` (default UTF-8); a line that does not decode
+is an error naming the file, the line and the encoding.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -41,6 +46,7 @@ __all__ = [
     "RetrievalSet",
     "open_classification",
     "open_retrieval",
+    "read_captions",
     "IMAGE_SUFFIXES",
 ]
 
@@ -69,21 +75,45 @@ class LazyList:
 
 @dataclasses.dataclass
 class ClassificationSet:
-    images: Sequence[Any]  # lazy: paths, encoded bytes or uint8 arrays
+    """images[i] (lazy: paths, encoded bytes or uint8 arrays) has class labels[i], an index into
+    class_names. image_names[i] names it in reports (default: "image i")."""
+
+    images: Sequence[Any]
     labels: np.ndarray  # int (N,)
     class_names: list[str]
     source: str
+    image_names: Sequence[str] | None = None
+
+    def image_name(self, i: int) -> str:
+        return str(self.image_names[i]) if self.image_names is not None else f"image {i}"
 
 
 @dataclasses.dataclass
 class RetrievalSet:
-    images: Sequence[Any]  # lazy: encoded images (bytes or base64 text), candidate order
+    """Candidates images[j] (lazy: encoded images, candidate order; None for annotations only,
+    as ``metrics.load_retrieval_jsonl`` reads them) with ids image_ids[j]; queries
+    texts[t] (ids text_ids[t]) whose positives are text_to_images[t] (indices into images).
+    ``where(j)``: where image j is stored (e.g. "valid_imgs.tsv:12"), for reports.
+    ``skipped``: lines of the set's files that could not be read (reported, not scored)."""
+
+    images: Sequence[Any] | None
     image_ids: list
     text_ids: list
     texts: list[str]
     text_to_images: list[list[int]]
     layout: str
     source: str
+    where: Callable[[int], str] | None = None
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def image_name(self, j: int) -> str:
+        place = ""
+        if self.where is not None:
+            try:
+                place = f" ({self.where(j)})"
+            except Exception:  # noqa: BLE001 - a report must not fail on the place of a bad image
+                place = ""
+        return f"image {self.image_ids[j]}{place}"
 
 
 # ------------------------------------------------------------------ classification
@@ -109,12 +139,14 @@ def _folder(root: Path, split: str) -> ClassificationSet:
         raise DatasetError(f"{root} has no class sub-folders")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # every listed image name, even one whose file is gone (a dangling link): the runner
+        # reports it as a bad image instead of the set silently shrinking
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     if not paths:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under the class folders of {root}")
-    return ClassificationSet(paths, np.asarray(labels, np.int64), classes, f"folder:{root}")
+    return ClassificationSet(paths, np.asarray(labels, np.int64), classes, f"folder:{root}", image_names=paths)
 
 
 def _tfds_builder(kind: str, name: str, data_dir: str | None):
@@ -171,27 +203,57 @@ def _tfds_classification(builder, split: str, spec: str) -> ClassificationSet:
     n = len(source)
     label_values = np.asarray([int(source[i][label_key]) for i in range(n)], np.int64)
     return ClassificationSet(
-        LazyList(n, lambda i: source[i][image_key]), label_values, list(features[label_key].names), spec
+        LazyList(n, lambda i: source[i][image_key]),
+        label_values,
+        list(features[label_key].names),
+        spec,
+        image_names=LazyList(n, lambda i: f"{spec} split {split} record {i}"),
     )
 
 
 # ------------------------------------------------------------------ retrieval
 
 
-def open_retrieval(path: str | os.PathLike, split: str = "valid") -> RetrievalSet:
-    """Detects the layout of ``path`` (see the module docstring) and opens ``split``."""
-    from ..data.files import TABLE_SUFFIXES, open_retrieval_table
+def _files_table(path, *, image_key: str = "image", caption_key: str = "caption") -> RetrievalSet:
+    """A ``data.files`` table as a retrieval set: the candidate images are the table's distinct
+    images in first-seen order, the queries its distinct captions; a caption's positives are every
+    image it is paired with. Image ids are the paths as resolved, text ids the caption's position."""
+    from ..data.files import read_image, read_table, retrieval_lists
 
-    if str(path).lower().endswith(TABLE_SUFFIXES):  # a files table: it is the split
-        return open_retrieval_table(path)
-    root = Path(path)
+    try:
+        table = read_table(path, image_key=image_key, caption_key=caption_key, what="--data")
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise DatasetError(e.args[0] if e.args else str(e)) from None
+    images, texts, positives = retrieval_lists(table)
+    return RetrievalSet(
+        LazyList(len(images), lambda i: read_image(images[i])),
+        images,
+        list(range(len(texts))),
+        texts,
+        positives,
+        "files",
+        table.path,
+        where=lambda j: images[j],
+    )
+
+
+def open_retrieval(spec: str | os.PathLike, split: str = "valid", encoding: str = "utf-8") -> RetrievalSet:
+    """Detects the layout of ``spec`` (a directory or a files table; see the module docstring)
+    and opens ``split``.
+
+    encoding: of the caption file (``{split}_texts.jsonl``)."""
+    from ..data.files import TABLE_SUFFIXES
+
+    if str(spec).lower().endswith(TABLE_SUFFIXES):  # a files table: it is the split
+        return _files_table(spec)
+    root = Path(spec)
     if not root.is_dir():
         raise DatasetError(f"no such directory {root}")
     tfds_dir = _find_tfds_dir(root, split)
     if tfds_dir is not None:
         return _tfds_retrieval(tfds_dir, split)
     if (root / f"{split}_texts.jsonl").exists() or (root / f"{split}_imgs.tsv").exists():
-        return _cn_clip_tsv(root, split)
+        return _cn_clip_tsv(root, split, encoding)
     for candidate in (root / "lmdb" / split, root / split):
         if (candidate / "pairs").exists() or (candidate / "imgs").exists():
             return _cn_clip_lmdb(candidate, split)
@@ -218,21 +280,62 @@ def _int_id(x):
     return int(s) if s.lstrip("-").isdigit() else s
 
 
-def _cn_clip_tsv(root: Path, split: str) -> RetrievalSet:
+def read_captions(path: Path, encoding: str = "utf-8") -> tuple[list[tuple[Any, str, list]], list[str]]:
+    """``{split}_texts.jsonl`` -> ([(text_id, text, image_ids)], ["file:line: why" of skipped lines]).
+
+    A line that is not a caption object is skipped and reported; a line that does not decode in
+    ``encoding`` is an error naming the file, the line and the encoding."""
+    if not path.is_file():
+        raise DatasetError(f"missing split file {path}")
+    captions, skipped = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{path}:{n}: not {encoding} text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1}); "
+                    "give the file's encoding with --encoding, e.g. --encoding gbk"
+                ) from None
+            except LookupError:
+                raise DatasetError(f"--encoding {encoding}: unknown text encoding") from None
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a BOM (Windows editors) is no part of a record
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                ids = obj["image_ids"]
+                if not isinstance(obj["text"], str) or not isinstance(ids, list):
+                    raise TypeError("'text' must be a string and 'image_ids' a list")
+                captions.append((obj["text_id"], obj["text"], ids))
+            except (ValueError, KeyError, TypeError) as e:
+                skipped.append(f"{path}:{n}: not a caption object ({type(e).__name__}: {e})")
+    if skipped:
+        logger.warning("%s: %d unreadable caption lines skipped (first: %s)", path, len(skipped), skipped[0])
+    return captions, skipped
+
+
+def _cn_clip_tsv(root: Path, split: str, encoding: str) -> RetrievalSet:
     from ..data.cn_clip import TsvImages
 
     for f in (root / f"{split}_imgs.tsv", root / f"{split}_texts.jsonl"):
         if not f.is_file():
             raise DatasetError(f"missing split file {f}")
-    skipped = [0]
-    images = TsvImages(root / f"{split}_imgs.tsv", skipped)
+    captions, skipped = read_captions(root / f"{split}_texts.jsonl", encoding)
+    counter = [0]  # the count data.cn_clip readers keep
+    images = TsvImages(root / f"{split}_imgs.tsv", counter)
+    if counter[0]:
+        skipped.append(f"{root / f'{split}_imgs.tsv'}: {counter[0]} lines without 'image_id<TAB>base64'")
     ids = images.ids()
-    return _with_texts(
+    return _retrieval_set(
         LazyList(len(ids), lambda i: _b64(images[ids[i]][0])),
         ids,
-        root / f"{split}_texts.jsonl",
+        captions,
         "cn_clip-tsv",
         str(root),
+        where=lambda i: images[ids[i]][1],
+        skipped=skipped,
     )
 
 
@@ -249,21 +352,16 @@ def _cn_clip_lmdb(directory: Path, split: str) -> RetrievalSet:
         grouped.setdefault((text_id, text), []).append(image_id)
     captions = [(text_id, text, image_ids) for (text_id, text), image_ids in grouped.items()]
     return _retrieval_set(
-        LazyList(len(ids), lambda i: _b64(images[ids[i]][0])), ids, captions, "cn_clip-lmdb", str(directory)
+        LazyList(len(ids), lambda i: _b64(images[ids[i]][0])),
+        ids,
+        captions,
+        "cn_clip-lmdb",
+        str(directory),
+        where=lambda i: f"{directory / 'imgs'} key {ids[i]}",
     )
 
 
-def _with_texts(images, ids, texts_path: Path, layout: str, source: str) -> RetrievalSet:
-    from ..data.cn_clip import read_texts
-
-    skipped = [0]
-    captions = [(text_id, text, image_ids) for text_id, text, image_ids, _ in read_texts(texts_path, skipped)]
-    if skipped[0]:
-        logger.warning("%s: %d unreadable caption lines skipped", texts_path, skipped[0])
-    return _retrieval_set(images, ids, captions, layout, source)
-
-
-def _retrieval_set(images, ids: list[str], captions, layout: str, source: str) -> RetrievalSet:
+def _retrieval_set(images, ids: list[str], captions, layout: str, source: str, **kw) -> RetrievalSet:
     if not ids:
         raise DatasetError(f"{source}: the split has no images")
     if not captions:
@@ -284,6 +382,7 @@ def _retrieval_set(images, ids: list[str], captions, layout: str, source: str) -
         text_to_images,
         layout,
         source,
+        **kw,
     )
 
 
@@ -314,6 +413,7 @@ def _tfds_retrieval(directory: Path, split: str) -> RetrievalSet:
         [(tid, text, iids) for tid, (text, iids) in captions.items()],
         "tfds",
         str(directory),
+        where=lambda i: f"{directory} split {split} record {records[i]}",
     )
 
 

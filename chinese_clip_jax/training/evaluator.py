@@ -1,6 +1,6 @@
-"""Evaluation during training: streams the eval sets through ``encoding.Encoder`` with the
-(sharded) params and scores them with ``chinese_clip_jax.evaluation.metrics`` (zero-shot accuracy,
-retrieval recall).
+"""Evaluation during training: the eval sets go through ``chinese_clip_jax.evaluation.runner``
+(the runner ``ccj-eval`` and ``evaluation.zero_shot`` / ``retrieval`` use), embedded by an
+``encoding.Encoder`` with the (sharded) params; bad images are skipped and logged, never fatal.
 
 An eval set holds its images as ``images``: a random-access sequence of raw images (uint8
 arrays, encoded bytes, base64 strings: what ``data.pipeline.ImageDecoder`` reads), decoded one
@@ -12,13 +12,16 @@ every process, so the same code runs on one device or many hosts.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
 
-from ..evaluation import metrics as M
+from ..evaluation import runner
 from ..inference.encoding import Encoder
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Evaluator"]
 
@@ -30,7 +33,9 @@ class Evaluator:
     "zeroshot_unseen"), ``{set}/t2i_R@k``, ``{set}/i2t_R@k``, ``{set}/mean_recall`` for
     "retrieval". ``chance()`` gives the same keys at chance level. resize_mode: "crop"
     (shortest edge + center crop, as training) or "squash" (cn_clip's evaluation transform).
-    ``predictions[set]``: each zero-shot set's top-1 class per image at the last call.
+    context_length: the tokenizer length of zero-shot prompts (the run's ``context_length``).
+    ``predictions[set]``: each zero-shot set's top-1 class per image at the last call (-1: an
+    image that could not be read). ``bad_images[set]``: the images skipped at the last call.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class Evaluator:
         chunk: int = 256,
         resize_mode: str = "crop",
         progress: bool = False,
+        context_length: int = 52,
     ):
         from ..data.pipeline import ImageDecoder
 
@@ -51,53 +57,81 @@ class Evaluator:
         self.mesh = mesh
         self.progress = progress
         self.encoder = Encoder(model, None, mesh, param_shardings=param_shardings, batch_size=chunk)
+        self.context_length = int(context_length)
         self.predictions: dict[str, np.ndarray] = {}  # zero-shot set -> top-1 class per image, last call
+        self.bad_images: dict[str, list] = {}
         size = model.config.vision_config.image_size
         self._decode = ImageDecoder(size, crop="squash" if resize_mode == "squash" else "center")
 
     def _preprocess(self, chunk, start):
         return np.stack([self._decode(x) for x in chunk])
 
-    def embed_images(self, params, s: dict) -> np.ndarray:
+    def _images(self, s: dict):
+        """(items, preprocess) of a set: raw images decoded here, or ready pixel_values."""
         if "pixel_values" in s:
-            return self.encoder.encode_pixels(s["pixel_values"], params=params, progress=self.progress)
-        return self.encoder.encode_images(s["images"], self._preprocess, params=params, progress=self.progress)
-
-    def embed_texts(self, params, input_ids, attention_mask) -> np.ndarray:
-        return self.encoder.encode_text(input_ids, attention_mask, params=params, progress=self.progress)
-
-    def class_embeddings(self, params, class_texts: list[list[str]], encode) -> np.ndarray:
-        """Mean of each class's normalized prompt embeddings, renormalized: (classes, D)."""
-        return self.encoder.class_embeddings(class_texts, encode, params=params, progress=False)
+            return s["pixel_values"], lambda chunk, start: np.asarray(chunk, np.float32)
+        return s["images"], self._preprocess
 
     def _encode_fn(self, encode):
         if encode is None:
             from ..data.pipeline import CachingTokenizer
 
-            encode = CachingTokenizer()
+            encode = CachingTokenizer(self.context_length)
         return encode
 
-    def zero_shot_scores(self, params, name: str, encode=None) -> np.ndarray:
-        """(images, classes) cosine similarities of zero-shot set ``name``."""
+    def _no_limit(self, s: dict) -> int:
+        return len(self._images(s)[0])  # in training a bad eval image is logged, never fatal
+
+    def zero_shot(self, params, name: str, encode=None) -> runner.ZeroShotScores:
+        """The runner's scores of zero-shot set ``name``."""
         s = self.sets[name]
-        classes = self.class_embeddings(params, s["class_texts"], self._encode_fn(encode))
-        return self.embed_images(params, s) @ classes.T
+        images, preprocess = self._images(s)
+        return runner.zero_shot_scores(
+            self.encoder,
+            images,
+            np.asarray(s["labels"]),
+            s["class_texts"],
+            tokenize=self._encode_fn(encode),
+            preprocess=preprocess,
+            params=params,
+            progress=self.progress,
+            max_bad=self._no_limit(s),
+        )
+
+    def retrieval(self, params, name: str) -> runner.RetrievalScores:
+        """The runner's scores of retrieval set ``name``."""
+        s = self.sets[name]
+        images, preprocess = self._images(s)
+        return runner.retrieval_scores(
+            self.encoder,
+            images,
+            {"input_ids": s["input_ids"], "attention_mask": s["attention_mask"]},
+            s["text_to_images"],
+            preprocess=preprocess,
+            params=params,
+            progress=self.progress,
+            max_bad=self._no_limit(s),
+        )
 
     def __call__(self, params, encode=None) -> dict[str, float]:
         metrics = {}
         for name, s in self.sets.items():
             if "class_texts" in s:
-                encode = self._encode_fn(encode)
-                classes = self.class_embeddings(params, s["class_texts"], encode)
-                images = self.embed_images(params, s)
-                acc = M.zero_shot_accuracy(images, classes, np.asarray(s["labels"]), topk=(1, 5))
-                self.predictions[name] = M.topk_indices(images, classes, 1)[:, 0]
-                metrics.update({f"{name}/{k}": float(v) for k, v in acc.items()})
+                scores = self.zero_shot(params, name, encode)
+                self.predictions[name] = scores.predictions
+                keep = ("top1", "top5")  # the logged names (run log, report, figures)
+                metrics.update({f"{name}/{k}": float(scores.metrics[k]) for k in keep})
             elif "text_to_images" in s:
-                texts = self.embed_texts(params, s["input_ids"], s["attention_mask"])
-                images = self.embed_images(params, s)
-                rec = M.retrieval_metrics(texts, images, s["text_to_images"])
-                metrics.update({f"{name}/{k}": float(v) for k, v in rec.items()})
+                scores = self.retrieval(params, name)
+                metrics.update({f"{name}/{k}": float(v) for k, v in scores.metrics.items()})
+            else:
+                continue
+            self.bad_images[name] = scores.bad_images
+            if scores.bad_images:
+                b = scores.bad_images[0]
+                logger.warning(
+                    "eval set %s: %d images skipped (first: %s: %s)", name, len(scores.bad_images), b.image, b.reason
+                )
         return metrics
 
     def chance(self) -> dict[str, float]:

@@ -166,7 +166,7 @@ def run_figure(
     if zs:
         s, pred = eval_sets[zs[0]], np.asarray(predictions[zs[0]])
         names = _names(s, find_font(13, cjk=True))
-        idx = _spread(len(pred), count)
+        idx = [i for i in _spread(len(pred), count) if pred[i] >= 0]  # -1: an eval image that could not be read
         images = [np.asarray(s["images"][i]) if "images" in s else None for i in idx]
         if all(im is not None for im in images):
             parts.append(

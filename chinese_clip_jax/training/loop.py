@@ -256,6 +256,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 eval_sets,
                 resize_mode=resize_mode,
                 progress=progress and jax.process_index() == 0,
+                context_length=config.context_length,
             )
             if eval_sets
             else None
