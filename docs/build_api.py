@@ -29,6 +29,8 @@ def module_names() -> list[str]:
 
     names = [PACKAGE]
     for info in pkgutil.walk_packages(chinese_clip_jax.__path__, PACKAGE + "."):
+        if info.name.startswith(f"{PACKAGE}.training.recipes."):
+            continue  # the recipe files: config, documented by their package (and ccj-train --help)
         if not info.name.rsplit(".", 1)[-1].startswith("_"):
             names.append(info.name)
     return sorted(names)

@@ -34,12 +34,12 @@ def test_api_reference_builds(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     pages = {p.relative_to(tmp_path / "api").as_posix() for p in (tmp_path / "api").rglob("*.html")}
     for page in (
-        "chinese_clip_jax/encoding.html",
-        "chinese_clip_jax/sharding.html",
+        "chinese_clip_jax/inference/encoding.html",
+        "chinese_clip_jax/inference/sharding.html",
         "chinese_clip_jax/modeling/clip.html",
     ):
         assert page in pages
-    encoding_page = (tmp_path / "api" / "chinese_clip_jax" / "encoding.html").read_text(encoding="utf-8")
+    encoding_page = (tmp_path / "api" / "chinese_clip_jax" / "inference" / "encoding.html").read_text(encoding="utf-8")
     assert "pad_to_bucket" in encoding_page and "text_fn" in encoding_page
 
 
