@@ -291,10 +291,15 @@ def resolve_local_or_hub(src: str | os.PathLike, allow_patterns: list[str] | Non
 _DISK_FULL_TEXT = ("No space left", "File too large", "Disk quota", "os_error_code='27'", "os_error_code='28'")
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message`` (at most ``limit`` characters)."""
+def first_line(e: BaseException, limit: int = 300, *, with_type: bool = True) -> str:
+    """``Type: first line of the message`` (the line at most ``limit`` characters); with
+    ``with_type=False`` the first line alone (the type's name when the message is empty), as the
+    command lines print it after ``error:``."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    if not with_type:
+        return line or type(e).__name__
+    return f"{type(e).__name__}: {line[:limit]}"
 
 
 def decode_failure(where: str, data: bytes, error: UnicodeDecodeError, encoding: str, retry: str | None) -> str:

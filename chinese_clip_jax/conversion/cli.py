@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 
+from chinese_clip_jax.io import first_line
+from chinese_clip_jax.processing import DEFAULT_CONTEXT_LENGTH
+
 PT_NAME = "cn_clip.pt"  # the file --to pt writes inside OUT
 
 
@@ -75,7 +78,7 @@ def _write_card(args, out, remote_out, cfg, params, kind, directory, argv) -> bo
         try:
             parity = card.measure_parity(out, cfg, params)
         except Exception as e:  # noqa: BLE001 - the weights are written; the card says why parity is missing
-            parity = f"not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            parity = f"not measured: {first_line(e)}"
     words = sys.argv[1:] if argv is None else list(argv)
     command = "ccj-convert " + " ".join(shlex.quote(w) for w in words)
     text = card.model_card(
@@ -112,7 +115,12 @@ def main(argv=None) -> int:
         default="cpu,cuda,tpu",
         help="--export: comma list of platforms the artefacts run on (default cpu,cuda,tpu)",
     )
-    parser.add_argument("--context-length", type=int, default=52, help="--export: fixed text length (default 52)")
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=DEFAULT_CONTEXT_LENGTH,
+        help=f"--export: fixed text length (default {DEFAULT_CONTEXT_LENGTH})",
+    )
     parser.add_argument(
         "--skip-parity", action="store_true", help="--to hf: do not measure parity against transformers for the card"
     )
@@ -186,7 +194,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
             if not remote_out:
                 _remove_outputs(args.out, names, out_existed)
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            print(f"error: {first_line(e, with_type=False)}", file=sys.stderr)
             return 2
     if args.to == "hf" and not args.export:
         print(f"model card: {'README.md written' if card_written else 'an existing README.md kept as it is'}")

@@ -22,6 +22,7 @@ import numpy as np
 from ..export import DEFAULT_PLATFORMS, FORMAT, IMAGE_FILE, META_FILE, PARAMS_FILE, TEXT_FILE
 from ..io import atomic_write
 from ..modeling import ChineseCLIPModel
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .check import check_params
 from .mapping import set_path
 from .write import copy_processor_files, write_safetensors
@@ -43,7 +44,7 @@ def save_exported(
     params: Any,
     *,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
-    context_length: int = 52,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
     dtype: Any = jnp.float32,
     processor_from: str | None = None,
 ) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from . import registry
 from .pipeline import TrainIterator, build_train_iterator
 
@@ -88,7 +89,7 @@ def train_iterator(
     global_batch_size: int,
     seed: int,
     image_size: int,
-    context_length: int = 52,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> TrainIterator:
@@ -126,7 +127,7 @@ def train_iterator(
     )
 
 
-def eval_sets(data_cfg, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(data_cfg, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """Named eval sets (the same on every process), images held lazily as ``images`` (a
     random-access sequence of raw images that the evaluator decodes batch by batch).
 

@@ -37,6 +37,7 @@ import threading
 from etils import epath
 
 from ..io import RangeReader, as_path, decode_failure, local_copy
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .source import Source
 
@@ -323,7 +324,7 @@ def open_source(c, split: str) -> PairSource:
     return PairSource(images, pairs, skipped[0])
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """{"retrieval": ...} over the first ``eval_max_texts`` captions of ``eval_split``.
 
     images: a lazy ``LazyImages`` of every image those captions name (decoded batch by batch at

@@ -27,6 +27,7 @@ import struct
 
 import numpy as np
 
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .source import Source
 
 __all__ = [
@@ -293,7 +294,7 @@ def eval_images(split: str, *, image_size: int, count: int, seed: int = 0):
     return np.stack([images[i] for i in range(count)]), attrs, captions
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """The demo's eval sets, images drawn lazily (``EvalImages``).
 
     "zeroshot" / "zeroshot_unseen": {"images", "labels" int32 (n,) indexing "class_names" (all

@@ -30,6 +30,7 @@ import logging
 import os
 
 from ..io import as_path, is_local
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .source import Source
 
@@ -182,7 +183,7 @@ def retrieval_lists(table: Table, max_samples: int | None = None):
     return list(image_slot), list(text_slot), positives
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_table`` (images that
     PIL cannot identify are dropped with a warning, and captions left with no image)."""
     del image_size  # the evaluator decodes

@@ -36,7 +36,13 @@ import grain
 import numpy as np
 import PIL.Image
 
-from ..processing import ChineseCLIPProcessor, ImageSettings, apply_normalize_table, default_normalize_table
+from ..processing import (
+    DEFAULT_CONTEXT_LENGTH,
+    ChineseCLIPProcessor,
+    ImageSettings,
+    apply_normalize_table,
+    default_normalize_table,
+)
 
 __all__ = [
     "TrainIterator",
@@ -230,7 +236,7 @@ class CachingTokenizer:
     Tokenized in the calling thread (tokenizers are not thread-safe), with a bounded cache.
     """
 
-    def __init__(self, context_length: int = 52, cache_size: int = 100_000):
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, cache_size: int = 100_000):
         self.context_length = int(context_length)
         self._processor = ChineseCLIPProcessor(context_length=self.context_length, num_threads=1)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}

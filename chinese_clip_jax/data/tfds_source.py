@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .source import Source
 
 __all__ = ["TfdsSource", "import_tfds", "open_builder", "builder_by_name", "eval_sets"]
@@ -152,7 +153,7 @@ class TfdsSource:
             return {"error": f"{type(e).__name__}: {e}", "where": where}
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_split``; images
     held lazily (``LazyImages``: the evaluator decodes them batch by batch).
 

@@ -25,6 +25,7 @@ import tarfile
 import numpy as np
 
 from ..io import RangeReader, decode_failure
+from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .source import Source
 
@@ -235,7 +236,7 @@ class TarSource:
         return {"image": image, "text": text, "where": where}
 
 
-def eval_sets(c, *, image_size: int, context_length: int = 52) -> dict:
+def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
     """{"retrieval": ...} over the first ``eval_max_samples`` good samples of ``eval_shards``.
 
     text_to_images: each caption's positives are all images with exactly that caption.

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..io import atomic_write
+from ..io import atomic_write, first_line
 from .api import DEFAULT_RESIZE, RESIZE_MODES, OutputError, check_output, retrieval, zero_shot
 from .prompts import PromptError
 from .runner import TooManyBadImages
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImageLoadError,
         FileNotFoundError,
     ) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e, with_type=False)}", file=sys.stderr)
         return 2
     text = result.to_json()
     print(text)

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from ..io import first_line
+
 __all__ = [
     "DatasetError",
     "ClassificationSet",
@@ -165,7 +167,7 @@ def _tfds_builder(kind: str, name: str, data_dir: str | None):
     except (ValueError, FileNotFoundError) as e:
         raise DatasetError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - tfds raises many kinds; the first line says why
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, with_type=False)
         raise DatasetError(f"tfds:{name} under {data_dir or '~/tensorflow_datasets'}: {first}") from e
 
 

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from chinese_clip_jax.io import first_line
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -91,7 +93,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e).splitlines()[0])
+        _fail(first_line(e, with_type=False))
     except Exception as e:  # noqa: BLE001 - config_flags' override errors (AttributeError, TypeError...)
         from chinese_clip_jax.training.recipes import base
         from chinese_clip_jax.training.validate import known_keys, unknown_key_error
@@ -102,7 +104,7 @@ def _parse_flags(argv):
                 key = arg[len("--config.") :].split("=", 1)[0]
                 if key not in known:
                     _fail(str(unknown_key_error(key, known)))
-        _fail(f"cannot apply the config overrides: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _fail(f"cannot apply the config overrides: {first_line(e)}")
 
 
 def main(argv) -> None:
@@ -140,9 +142,9 @@ def main(argv) -> None:
     try:
         result = train(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, ImportError, WorkdirLockedError, CheckpointUnreadableError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)  # known-bad input: one line, status 2
+        _fail(first_line(e, with_type=False))  # known-bad input: one line, status 2
     except OSError as e:  # disk full: the loop has removed its temporaries and says so
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, status=1)
+        _fail(first_line(e, with_type=False), status=1)
     if jax.process_index() == 0:
         print_report(result, config, _WORKDIR.value)
     if result.get("stopped_early"):

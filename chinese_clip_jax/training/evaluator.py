@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from ..evaluation import runner
 from ..inference.encoding import Encoder
+from ..processing import DEFAULT_CONTEXT_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Evaluator:
         chunk: int = 256,
         resize_mode: str = "crop",
         progress: bool = False,
-        context_length: int = 52,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
     ):
         from ..data.pipeline import ImageDecoder
 

@@ -6,6 +6,7 @@ Override any key on the command line: ``--config.optimizer.lr=1e-5 --config.mesh
 import ml_collections
 
 from chinese_clip_jax.data import default_data_config
+from chinese_clip_jax.processing import DEFAULT_CONTEXT_LENGTH
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
     c.require_init_from = False  # True in fine-tuning configs: refuse to start without init_from
-    c.context_length = 52
+    c.context_length = DEFAULT_CONTEXT_LENGTH
     # Dropout's random-bit generator: "threefry" | "rbg" | "unsafe_rbg" (docs/accelerators.md);
     # resume is exact with each. threefry until the device bench says another is faster.
     c.rng_impl = "threefry"

@@ -14,6 +14,7 @@ logged and recorded for resumes (``chinese_clip_jax/training/run_length.py``). T
 number of steps instead: ``--config.epochs=0 --config.total_steps=N``.
 """
 
+from chinese_clip_jax.processing import DEFAULT_CONTEXT_LENGTH
 from chinese_clip_jax.training.recipes import base
 
 # name: (global batch, lr, warmup steps, epochs, remat)
@@ -31,7 +32,7 @@ def recipe(name: str):
     c.require_init_from = True
     c.batch_size = batch
     c.epochs = epochs  # total_steps from the opened train split's size
-    c.context_length = 52
+    c.context_length = DEFAULT_CONTEXT_LENGTH
     c.log_every = 10
     c.eval_every = -1  # once per epoch, as cn_clip's valid-epoch-interval
     c.checkpoint_every = -1  # once per epoch
