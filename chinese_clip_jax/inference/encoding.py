@@ -300,8 +300,9 @@ class Encoder:
     ) -> np.ndarray:
         """Streams ``items`` (any random-access sequence: paths, PIL images, encoded bytes, ...).
 
-        ``preprocess(items[s:e], s)`` -> float32 (e - s, 3, H, W) is called one batch at a time,
-        so only a batch of pixels is ever in host memory. Returns (N, D) float32 numpy.
+        ``preprocess(items[s:e], s)`` -> float32 (e - s, 3, H, W), or uint8 (e - s, H, W, 3)
+        images that the device normalises (``model_pixels``), is called one batch at a time, so
+        only a batch of pixels is ever in host memory. Returns (N, D) float32 numpy.
         """
         p = self._params(params)
 
@@ -311,7 +312,9 @@ class Encoder:
                 if isinstance(items, (list, tuple, np.ndarray))
                 else [items[i] for i in range(start, stop)]
             )
-            pixels = np.asarray(preprocess(chunk, start), np.float32)
+            pixels = np.asarray(preprocess(chunk, start))
+            if pixels.dtype != np.uint8:  # uint8 images stay uint8 up to the device (model_pixels)
+                pixels = pixels.astype(np.float32, copy=False)
             with shd.use_mesh_and_rules(self.mesh):
                 return self._image_fn(p, _place(_pad_rows(pixels, size), self._batch))
 
