@@ -8,7 +8,10 @@ beside the PyTorch peer (transformers' ChineseCLIPModel, ``bench/torch_peer.py``
 
 Random weights (``create_train_state``), params fp32, compute bf16. One row per combination of
 ``--impls`` (attention), ``--layouts`` (scan: ``nn.scan`` over stacked layers, one compiled body;
-unrolled), ``--rng-impls`` (dropout bits) and ``--remat``; per size and combination:
+unrolled), ``--rng-impls`` (dropout bits) and ``--remat``; each defaults to ``auto``, the value the
+trainer resolves on this platform (``chinese_clip_jax.training.defaults``: on a GPU cuDNN
+attention, unrolled, rbg, no remat), so the default row times the step ``ccj-train`` runs and
+``python -m bench.lower`` lowers; per size and combination:
 
 * train: ``make_train_step`` (both towers, symmetric InfoNCE, AdamW, donated state) on a mesh
   over all local devices (data parallel), ``--train-batch`` pairs per device, 52-token texts;
@@ -53,6 +56,7 @@ import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.modeling.layers import REMAT_POLICIES  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from chinese_clip_jax.training.defaults import current_platform, platform_defaults  # noqa: E402
 from chinese_clip_jax.training.recipes.base import get_config as base_config  # noqa: E402
 from chinese_clip_jax.training.step import RNG_IMPLS  # noqa: E402
 
@@ -87,9 +91,9 @@ REMATS = ("none", *REMAT_POLICIES)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="base-patch16,large-patch14", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--impls", default="xla,cudnn", help="attention implementations (comma list)")
-    p.add_argument("--layouts", default="scan", help="layer loops (comma list of scan, unrolled)")
-    p.add_argument("--rng-impls", default="threefry", help="dropout RNG implementations (comma list)")
+    p.add_argument("--impls", default="auto", help="attention implementations (comma list; auto: the trainer's)")
+    p.add_argument("--layouts", default="auto", help="layer loops (comma list of auto, scan, unrolled)")
+    p.add_argument("--rng-impls", default="auto", help="dropout RNG implementations (comma list; auto: the trainer's)")
     p.add_argument("--programs", default="train,image,text", help="comma list of train, image, text")
     p.add_argument("--train-batch", type=int, default=0, help="pairs per device (0: 256 base, 64 large)")
     p.add_argument("--infer-batch", type=int, default=0, help="images/texts per device (0: 512 base, 256 large)")
@@ -98,9 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per device (0: from table)")
     p.add_argument(
         "--remat",
-        default="none",
-        help="remat policies of the train step (comma list of none, dots, "
-        "full; default none: the default batches fit an 80 GB device)",
+        default="auto",
+        help="remat policies of the train step (comma list of auto, none, dots, full; auto: the trainer's)",
     )
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
     p.add_argument(
@@ -115,10 +118,10 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny config, tiny batches, one step (CPU smoke test)")
     args = p.parse_args(argv)
     for flag, value, allowed in (
-        ("--layouts", args.layouts, LAYOUTS),
-        ("--rng-impls", args.rng_impls, RNG_IMPLS),
+        ("--layouts", args.layouts, ("auto", *LAYOUTS)),
+        ("--rng-impls", args.rng_impls, ("auto", *RNG_IMPLS)),
         ("--programs", args.programs, PROGRAMS),
-        ("--remat", args.remat, REMATS),
+        ("--remat", args.remat, ("auto", *REMATS)),
     ):
         bad = [v for v in value.split(",") if v not in allowed]
         if bad:
@@ -351,13 +354,26 @@ def main(argv=None) -> None:
         sizes = {s: ccj.ChineseCLIPConfig.preset(SIZES[s]) for s in args.sizes.split(",")}
     peer_rows, peer_note = run_peer(args)  # first: this process has not touched the device yet
     start = time.perf_counter()  # --budget-s is ours alone
-    impls = [None if i in ("", "default", "none") else i for i in args.impls.split(",")]
+    # "auto": what the trainer runs on this platform (chinese_clip_jax.training.defaults), so the
+    # default row times the step `ccj-train` runs (and `python -m bench.lower` lowers)
+    auto = platform_defaults(current_platform())
+    auto_value = {
+        "impls": auto["attention_impl"],
+        "layouts": "scan" if auto["scan_layers"] else "unrolled",
+        "rng_impls": auto["rng_impl"],
+        "remat": auto["remat"],
+    }
+
+    def choices(flag):
+        return [auto_value[flag] if v == "auto" else v for v in getattr(args, flag).split(",")]
+
+    impls = [None if i in ("", "default", "none", None) else i for i in choices("impls")]
     combos = [
         dict(impl=i, layout=lay, rng_impl=r, remat=m)
         for i in impls
-        for lay in args.layouts.split(",")
-        for r in args.rng_impls.split(",")
-        for m in args.remat.split(",")
+        for lay in choices("layouts")
+        for r in choices("rng_impls")
+        for m in choices("remat")
     ]
     devices = jax.local_devices()
     mesh = shd.make_mesh(devices=devices)

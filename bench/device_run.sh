@@ -8,11 +8,12 @@
 # Parts, most important first, each under `timeout`, skipped when it could not finish inside
 # TOTAL_S (default 600 s: with ~1 min of machine start-up, about 11 of the 15 device minutes):
 #   imports    jax/flax/torch versions, devices, nvidia-smi
-#   device     bench/device.py: base + large, xla + cudnn attention, beside the PyTorch peer (ratios)
-#   rng        base train step with rbg / unsafe_rbg dropout bits (threefry is in `device`)
+#   device     bench/device.py: base + large, the trainer's own step (auto: cudnn, unrolled, rbg, no remat)
+#              and XLA attention, beside the PyTorch peer (ratios)
+#   rng        base train step with threefry / unsafe_rbg dropout bits (rbg, the default, is in `device`)
 #   profile    bench/profile_step.py: the 25 costliest device ops of the base step, by category
 #   precision  fp32 parity with transformers per precision option (None, "highest")
-#   layout     base train step unrolled (scanned is in `device`): compile s and ms/step
+#   layout     base train step scanned, remat none and dots (unrolled is in `device`): compile s, ms/step
 #   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
 # Each part writes $OUT/<part>.txt (its table) and $OUT/<part>.err; $OUT/summary.txt lists
@@ -68,15 +69,15 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 
 B=base-patch16
 [ "$SMOKE" = 1 ] && B=smoke
-part device 400 "$PY" bench/device.py $S $PEAK $PEER --sizes $SIZES --impls xla,cudnn --budget-s 150 --peer-budget-s 120 \
+part device 400 "$PY" bench/device.py $S $PEAK $PEER --sizes $SIZES --impls auto,xla --budget-s 150 --peer-budget-s 120 \
   --json "$OUT/device.json"
-part rng 90 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --impls xla --rng-impls rbg,unsafe_rbg \
+part rng 90 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --rng-impls threefry,unsafe_rbg \
   --peer none --steps 3 --repeats 3
 part profile 80 "$PY" bench/profile_step.py $S --size $B --steps 5 --logdir "${TMPDIR:-/tmp}/ccj_trace"
 part precision 60 "$PY" bench/precision_check.py $S
-part layout 110 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --impls xla --layouts unrolled \
+part layout 110 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --layouts scan --remat auto,dots \
   --peer none --steps 3 --repeats 3
-part flags 60 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --impls xla --xla-flags tuned \
+part flags 60 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --xla-flags tuned \
   --peer none --steps 3 --repeats 3
 if [ "$SMOKE" = 1 ]; then
   part memory 100 "$PY" bench/max_batch.py --smoke --capacity-gib 0.01 --remats none

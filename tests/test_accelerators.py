@@ -93,24 +93,25 @@ def test_cudnn_mask_form_gives_the_boolean_mask_result():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
 
-def test_cudnn_model_passes_lengths_for_text_and_nothing_for_images(monkeypatch):
+def test_cudnn_model_passes_key_lengths_and_pads_the_odd_image_length(monkeypatch):
     """attention_impl="cudnn" on CPU with dot_product_attention redirected to xla: the text tower
-    hands over sequence lengths, the image tower no mask at all, and the features equal the xla model's."""
+    hands over its sequence lengths; the image tower (1 + 4 patches: odd, which cuDNN refuses in
+    training) runs padded to 8 tokens with every image's length 5; the features equal the xla model's."""
+    from chinese_clip_jax.modeling.layers import cudnn_padded_length
+
     cfg = tiny_config()
     calls = []
     real = jax.nn.dot_product_attention
 
     def spy(q, k, v, *args, implementation=None, **kwargs):
-        calls.append((q.shape[1], implementation, sorted(kwargs)))
+        calls.append((q.shape[1], implementation, sorted(kwargs), kwargs.get("key_value_seq_lengths")))
         return real(q, k, v, *args, implementation="xla", **kwargs)
 
-    batch = fake_batches(1, 4, seed=1)[0]
+    batch = fake_batches(1, 4, seed=1, seq=6)[0]  # text length 6, image 5 tokens padded to 8
 
     def run(impl, params):
         model = ccj.ChineseCLIPModel(cfg, attention_impl=impl)
-        return jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"]))(
-            params, batch
-        )
+        return model.apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
 
     params = jax.jit(ccj.ChineseCLIPModel(cfg).init)(jax.random.key(0), batch["input_ids"], batch["pixel_values"])[
         "params"
@@ -119,10 +120,12 @@ def test_cudnn_model_passes_lengths_for_text_and_nothing_for_images(monkeypatch)
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     got = run("cudnn", params)
     text_len, image_len = batch["input_ids"].shape[1], cfg.vision_config.num_patches + 1
-    assert {c[0] for c in calls} == {text_len, image_len}
-    for seq, impl, kwargs in calls:
-        assert impl == "cudnn"
-        assert kwargs == (["key_value_seq_lengths"] if seq == text_len else []), (seq, kwargs)
+    assert image_len == 5 and cudnn_padded_length(image_len) == 8
+    assert {c[0] for c in calls} == {text_len, 8}
+    for seq, impl, kwargs, lengths in calls:
+        assert impl == "cudnn" and kwargs == ["key_value_seq_lengths"], (seq, kwargs)
+        want_lengths = batch["attention_mask"].sum(-1) if seq == text_len else np.full(4, image_len)
+        np.testing.assert_array_equal(np.asarray(lengths), want_lengths)
     for a, b in ((got.text_embeds, want.text_embeds), (got.image_embeds, want.image_embeds)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -204,3 +207,110 @@ def test_xla_gpu_flags_are_set_once_and_never_override_the_user(monkeypatch):
     assert xla_flags.apply("none") == []
     with pytest.raises(ValueError, match="unknown XLA GPU flag set"):
         xla_flags.apply("fastest")
+
+
+@pytest.mark.parametrize("seq", [17, 12], ids=["odd-padded", "even"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-mask"])
+def test_padded_cudnn_arguments_equal_the_plain_xla_attention(seq, masked):
+    """``padded_attention`` (cuDNN's arguments: odd lengths zero-padded to a multiple of 8, the
+    padding masked by key lengths), run by the xla implementation, equals plain XLA attention on
+    the unpadded inputs, forward and gradients, fp32."""
+    from chinese_clip_jax.modeling.layers import cudnn_padded_length, padded_attention
+
+    assert cudnn_padded_length(197) == 200 and cudnn_padded_length(52) == 52 and cudnn_padded_length(17) == 24
+    rng = np.random.default_rng(seq)
+    b, h, d = 3, 4, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, seq, h, d)), jnp.float32) for _ in range(3))
+    mask = None
+    if masked:
+        lengths = np.array([seq, 1, seq // 2])
+        mask = jnp.asarray(np.arange(seq)[None, :] < lengths[:, None])[:, None, None, :]
+    cot = jnp.asarray(rng.standard_normal((b, seq, h, d)), jnp.float32)
+
+    def plain(q, k, v):
+        return (jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla") * cot).sum()
+
+    def padded(q, k, v):
+        return (padded_attention(q, k, v, mask, "xla") * cot).sum()
+
+    np.testing.assert_allclose(
+        np.asarray(padded_attention(q, k, v, mask, "xla")),
+        np.asarray(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for got, want in zip(jax.grad(padded, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_run_defaults_per_platform_and_explicit_values_win():
+    from chinese_clip_jax.training.defaults import platform_defaults, resolve_run_options
+    from chinese_clip_jax.training.recipes import base
+
+    c = base.get_config()
+    assert {p: resolve_run_options(c, p).model_options() for p in ("cpu", "cuda", "tpu")} == {
+        "cpu": dict(attention_impl=None, scan_layers=True, remat="dots"),
+        "cuda": dict(attention_impl="cudnn", scan_layers=False, remat="none"),
+        "tpu": dict(attention_impl="xla", scan_layers=True, remat="dots"),
+    }
+    assert resolve_run_options(c, "cpu").rng_impl == "threefry" and resolve_run_options(c, "tpu").rng_impl == "rbg"
+    assert resolve_run_options(c).platform == "cpu"  # this host
+    c.dtype = "float32"  # cuDNN attention takes fp16/bf16 only: an fp32 run on cuda gets XLA's
+    assert resolve_run_options(c, "cuda").attention_impl == "xla"
+    c.model.update(attention_impl="cudnn", scan_layers="true", remat="false")  # command-line strings
+    c.rng_impl = "unsafe_rbg"
+    o = resolve_run_options(c, "cuda")
+    assert (o.attention_impl, o.scan_layers, o.remat, o.rng_impl, o.dtype) == (
+        "cudnn",
+        True,
+        "none",
+        "unsafe_rbg",
+        "float32",
+    )
+    assert set(o.source.values()) == {"config"}
+    assert "attention_impl = 'cudnn' (set in the config)" in o.describe()
+    with pytest.raises(ValueError, match="platform must be one of"):
+        platform_defaults("metal")
+
+
+def test_run_options_are_printed_once_and_written_to_the_workdir(tmp_path, capsys):
+    import json
+
+    from chinese_clip_jax.io import as_path
+    from chinese_clip_jax.training.defaults import resolve_run_options
+    from chinese_clip_jax.training.loop import _record_run_options
+    from chinese_clip_jax.training.recipes import base
+
+    options = resolve_run_options(base.get_config(), "tpu")
+    _record_run_options(as_path(str(tmp_path)), options)
+    printed = capsys.readouterr().out
+    assert printed.startswith("run options for tpu") and "rng_impl = 'rbg' (auto)" in printed
+    saved = json.loads((tmp_path / "run_options.json").read_text())
+    assert saved["remat"] == "dots" and saved["source"]["dtype"] == "auto" and saved["platform"] == "tpu"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_text_embedding_gradients_have_no_scatter_into_small_tables():
+    """bf16 compute: the only scatter in the text tower's gradient is the word table's, in fp32;
+    token types (one-hot matmul) and default positions (a slice) have none. Explicit position ids
+    (a gather) give the same features as the default range."""
+    cfg = tiny_config(dropout=0.0)
+    b = fake_batches(1, 2)[0]
+    model = ccj.ChineseCLIPModel(cfg, dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(0), b["input_ids"], b["pixel_values"])["params"]
+
+    def loss(p):
+        return model.apply({"params": p}, b["input_ids"], b["attention_mask"], method="get_text_features").sum()
+
+    lines = jax.jit(jax.grad(loss)).lower(params).as_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if "stablehlo.scatter" in line]
+    assert len(starts) == 1, [lines[i] for i in starts]
+    signature = next(line for line in lines[starts[0] :] if "}) : (" in line)  # the op's type, after its region
+    assert f"-> tensor<{cfg.text_config.vocab_size}x{cfg.text_config.hidden_size}xf32>" in signature, signature
+
+    fp32 = ccj.ChineseCLIPModel(cfg)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    default = fp32.apply({"params": params}, ids, mask, method="get_text_features")
+    explicit = fp32.apply({"params": params}, ids, mask, position_ids=positions, method="get_text_features")
+    np.testing.assert_allclose(np.asarray(default), np.asarray(explicit), rtol=1e-6, atol=1e-6)

@@ -40,7 +40,7 @@ def _set(config, dotted, value):
         ("optimizer.warmup_steps", -10, "config.optimizer.warmup_steps = -10: must be an int >= 0"),
         ("model.vision.num_attention_heads", 0, "config.model.vision.num_attention_heads must be an int >= 1, got 0"),
         ("data.name", "tfdss", "config.data.name = 'tfdss': must be one of 'demo', 'cn_clip'"),
-        ("dtype", "fp16", "config.dtype = 'fp16': must be one of 'float32', 'bfloat16', 'float16'"),
+        ("dtype", "fp16", "config.dtype = 'fp16': must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
         ("optimizer.learning_rate", 1e-3, "unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"),
         ("foo", 1, "unknown config key 'foo'"),
     ],

@@ -152,7 +152,7 @@ def test_finetuning_keeps_batchnorm_statistics(tmp_path):
     params = random_params(cfg)
     ccj.conversion.save_flax(tmp_path / "init", cfg, params)
     config = tiny_train_config(2, init_from=str(tmp_path / "init"), export_hf=True)
-    config.model.update(scan_layers=False, remat="none")
+    config.model.update(scan_layers="false", remat="none")
     config.batch_size = 8
     result = train(config, str(tmp_path / "ft"), progress=False)  # demo data at the model's 32 px
     assert result["export_dir"].endswith("flax")

@@ -113,7 +113,7 @@ def test_finetune_l14_shaped_model_at_new_resolution(tmp_path, save_hf_model):
 
     save_hf_model(tiny_config(**VIT, patch_size=14, image_size=28), tmp_path / "src")
     config = tiny_train_config(2, init_from=str(tmp_path / "src"), export_hf=True)
-    config.model.update(image_size=42, scan_layers=False, remat="none")
+    config.model.update(image_size=42, scan_layers="false", remat="none")
     config.optimizer.lr = 0.0  # the exported params must be exactly the resized ones
     config.batch_size = 8
     result = train(config, str(tmp_path / "ft"), progress=False)

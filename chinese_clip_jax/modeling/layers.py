@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -44,6 +45,15 @@ def constrain(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def compute_copy(param: jax.Array, dtype: Dtype, axes: Sequence[str | None]) -> jax.Array:
+    """``param`` in the compute ``dtype``, cast where it lives: the copy keeps the param's logical
+    sharding (``axes``), so under FSDP the all-gather that feeds the matmul moves ``dtype``
+    (bf16: half the bytes of gathering fp32 and casting after). A no-op cast for fp32."""
+    if param.dtype == dtype:
+        return param
+    return nn.with_logical_constraint(param.astype(dtype), tuple(axes))
+
+
 class Dense(nn.Module):
     """``x @ kernel + bias`` over the last ``len(in_axes)`` dims of x; kernel axes named.
 
@@ -62,14 +72,15 @@ class Dense(nn.Module):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         n_in = len(self.in_axes)
         in_shape = x.shape[-n_in:]
+        axes = self.in_axes + self.out_axes
         kernel = self.param(
             "kernel",
-            partitioned(nn.initializers.normal(self.std), self.in_axes + self.out_axes),
+            partitioned(nn.initializers.normal(self.std), axes),
             in_shape + features,
             jnp.float32,
         )
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), compute_copy(kernel, self.dtype, axes), (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.out_axes), features, jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -106,6 +117,39 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
+# cuDNN's fused attention (jax 0.10.2) refuses an odd sequence length in training ("Unsupported
+# sequence length Q 197, KV 197": its bias check fires on the zero-size bias placeholder), so an
+# odd length (the ViT's 1 + patches) is padded to a multiple of this and the padding masked.
+CUDNN_SEQ_MULTIPLE = 8
+
+
+def cudnn_padded_length(seq: int) -> int:
+    """The length cuDNN attention runs ``seq`` tokens at: ``seq`` if even, else the next multiple of
+    ``CUDNN_SEQ_MULTIPLE`` (197 -> 200)."""
+    return seq if seq % 2 == 0 else -(-seq // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str):
+    """``jax.nn.dot_product_attention`` in the form cuDNN's kernel takes, for any length.
+
+    q, k, v: (batch, seq, heads, head_dim); mask: bool (batch, 1, 1, seq) key-padding mask of
+    right-padded sequences, or None. The mask becomes ``key_value_seq_lengths``; an odd ``seq`` is
+    zero-padded to ``cudnn_padded_length(seq)``, the padded keys masked by those lengths and the
+    padded queries' rows dropped from the output. ``implementation`` is "cudnn" in the model;
+    "xla" runs the same arguments on any backend (the tests compare it with the plain form).
+    """
+    b, seq = q.shape[:2]
+    padded = cudnn_padded_length(seq)
+    kwargs = attention_mask_kwargs(mask, "cudnn")
+    if padded != seq:
+        if not kwargs:
+            kwargs = {"key_value_seq_lengths": jnp.full((b,), seq, jnp.int32)}
+        widths = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    y = jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+    return y[:, :seq]
+
+
 def attention_mask_kwargs(mask: jax.Array | None, implementation: str | None) -> dict:
     """The key-padding mask as ``jax.nn.dot_product_attention`` keyword arguments.
 
@@ -129,8 +173,9 @@ class Attention(nn.Module):
     Params: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed).
     ``mask``: bool (batch, 1, 1, seq) with True for keys that may be attended, or None.
     ``implementation``: "xla" or "cudnn" go through ``jax.nn.dot_product_attention`` with that
-    implementation (the mask in the form each takes, ``attention_mask_kwargs``); None uses it
-    too (JAX picks) except on the CPU backend, where the faster ``head_major_attention`` runs.
+    implementation (the mask in the form each takes, ``attention_mask_kwargs``; cudnn with odd
+    lengths padded, ``padded_attention``); None uses it too (JAX picks) except on the CPU
+    backend, where the faster ``head_major_attention`` runs.
     """
 
     num_heads: int
@@ -155,6 +200,8 @@ class Attention(nn.Module):
         q, k, v = proj("query"), proj("key"), proj("value")
         if self.implementation is None and jax.default_backend() == "cpu":
             y = head_major_attention(q, k, v, mask)
+        elif self.implementation == "cudnn":
+            y = padded_attention(q, k, v, mask, "cudnn")
         else:
             y = jax.nn.dot_product_attention(
                 q, k, v, implementation=self.implementation, **attention_mask_kwargs(mask, self.implementation)
@@ -234,13 +281,40 @@ class ConfiguredModule(nn.Module):
         super().__post_init__()
 
 
-# What each layer keeps for the backward pass under remat; the rest is recomputed.
+DROPOUT_MASK = "dropout_mask"  # the checkpoint name of ``Dropout``'s keep mask
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` (same rng stream, same bits) whose keep mask is named ``DROPOUT_MASK``, so the
+    remat policies save it: the backward pass reuses the mask instead of drawing the random bits
+    again (one bool per element kept, against a full-size RNG expansion per dropout per layer)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.rate == 0.0 or deterministic:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=x.shape)
+        keep = checkpoint_name(keep, DROPOUT_MASK)
+        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+_save_dropout_masks = jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK)
+
+# What each layer keeps for the backward pass under remat; the rest is recomputed. Both keep the
+# dropout masks (``Dropout``): recomputing them would draw every random bit twice.
 REMAT_POLICIES: dict[str, Callable] = {
     # the outputs of the projections (q, k, v, attention out, fc1, fc2): attention scores,
     # softmax, LayerNorm and activations are recomputed (a few % more FLOPs).
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save_dropout_masks
+    ),
     # nothing but the layer's input: the whole layer runs again (one more forward pass).
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "full": _save_dropout_masks,
 }
 
 

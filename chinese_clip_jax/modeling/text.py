@@ -16,6 +16,7 @@ from .layers import (
     Attention,
     ConfiguredModule,
     Dense,
+    Dropout,
     LayerStack,
     constrain,
     layer_norm,
@@ -33,23 +34,46 @@ class TextOutput:
 
 
 class TextEmbeddings(nn.Module):
+    """word + token type + position embeddings, LayerNorm, dropout.
+
+    Params as transformers' (``word_embeddings`` / ``token_type_embeddings`` /
+    ``position_embeddings``, each an ``embedding`` table). Written so that no gradient is a
+    scatter into a small table: the word rows are gathered from the fp32 table and cast after
+    (their gradient is accumulated in fp32), token types are a 0/1-weighted sum of the
+    ``type_vocab_size`` broadcast rows (gradient: a reduction), and the default positions
+    (``position_ids`` None: 0..seq-1) are a slice of the position table (gradient: a pad);
+    explicit ``position_ids`` are gathered.
+    """
+
     config: ChineseCLIPTextConfig
     dtype: Dtype = jnp.float32
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, position_ids):
+    def __call__(self, input_ids, token_type_ids, position_ids=None):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
 
-        def embed(name, num, axes):
-            return nn.Embed(num, cfg.hidden_size, dtype=self.dtype, embedding_init=partitioned(init, axes), name=name)
+        def table(name, num, axes):
+            return nn.Embed(
+                num, cfg.hidden_size, dtype=jnp.float32, embedding_init=partitioned(init, axes), name=name
+            ).embedding
 
-        x = embed("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)
-        x = x + embed("token_type_embeddings", cfg.type_vocab_size, (None, "embed"))(token_type_ids)
-        x = x + embed("position_embeddings", cfg.max_position_embeddings, (None, "embed"))(position_ids)
+        words = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))
+        types = table("token_type_embeddings", cfg.type_vocab_size, (None, "embed"))
+        positions = table("position_embeddings", cfg.max_position_embeddings, (None, "embed"))
+        x = jnp.take(words, input_ids, axis=0).astype(self.dtype)
+        # token types: a sum of broadcast rows selected by 0/1 weights (type_vocab_size is 2): exact in
+        # any precision, and the table's gradient is a reduction, not a scatter into one row
+        one_hot = jax.nn.one_hot(token_type_ids, cfg.type_vocab_size, dtype=self.dtype)[..., None]
+        types = types.astype(self.dtype)
+        x = x + sum(one_hot[..., i, :] * types[i] for i in range(cfg.type_vocab_size))
+        if position_ids is None:
+            x = x + positions[: input_ids.shape[1]].astype(self.dtype)
+        else:
+            x = x + jnp.take(positions, position_ids, axis=0).astype(self.dtype)
         x = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm")(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, self.deterministic)
 
 
 class TextLayer(nn.Module):
@@ -68,7 +92,7 @@ class TextLayer(nn.Module):
     def __call__(self, x, mask):
         cfg = self.config
         std = cfg.initializer_range
-        drop = nn.Dropout(cfg.hidden_dropout_prob)
+        drop = Dropout(cfg.hidden_dropout_prob)
         h = Attention(
             cfg.num_attention_heads,
             cfg.head_dim,
@@ -106,8 +130,6 @@ class TextTower(ConfiguredModule):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if position_ids is None:
-            position_ids = jnp.arange(seq_len)[None, :]
         x = TextEmbeddings(cfg, self.dtype, deterministic, name="embeddings")(input_ids, token_type_ids, position_ids)
         x = constrain(x)
         layer_kwargs = dict(

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..inference import sharding as shd
 from ..io import first_line, is_disk_full, silence_orbax_after_failure
 from ..modeling import ChineseCLIPModel
 from ..modeling.config import ChineseCLIPConfig, parse_dtype
-from ..modeling.layers import resolve_scan_layers
 from .checkpoint import Checkpointer, abstract_like
+from .defaults import resolve_run_options
 from .evaluator import Evaluator
 from .losses import SIGLIP_INIT_LOGIT_BIAS
 from .optim import make_optimizer
@@ -54,7 +54,8 @@ class _Preemption:
 
     One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption sync
     point (``multihost_utils.reached_preemption_sync_point``: the coordination service's
-    notifier catches SIGTERM on any host and agrees on a step), with no per-step collective.
+    notifier catches SIGTERM on any host and agrees on a step), with no per-step collective;
+    without that service, an all-gather of the flag at log and checkpoint steps only.
     """
 
     def __init__(self):
@@ -67,13 +68,18 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self, step: int) -> bool:
+    def should_stop(self, step: int, agree: bool = True) -> bool:
+        """Whether to stop after ``step``. ``agree``: a step where every process may exchange a flag
+        (the loop passes its log and checkpoint steps); several processes without the preemption
+        service agree by one all-gather there only, so a stop is seen at the next such step."""
         if self._sync_point:
             from jax.experimental import multihost_utils
 
             return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() == 1:
             return self.requested
+        if not agree:
+            return False
         from jax.experimental import multihost_utils  # no preemption service: agree by all-gather
 
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
@@ -181,13 +187,23 @@ def _architecture(model_config: ChineseCLIPConfig) -> dict:
     return keep(d)
 
 
+def _record_run_options(workdir, options) -> None:
+    """Prints the resolved run options once and writes them to DIR/run_options.json (process 0)."""
+    if jax.process_index() != 0:
+        return
+    print(options.describe(), flush=True)
+    logger.info("%s", options.describe())
+    path = workdir / "run_options.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(options.to_json())
+    tmp.replace(path)
+
+
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
-    dtype = parse_dtype(config.dtype)
-    model_opts = dict(
-        attention_impl=config.model.attention_impl or None,
-        scan_layers=resolve_scan_layers(config.model.scan_layers),
-        remat=config.model.remat,
-    )
+    options = resolve_run_options(config)  # "auto" keys -> this platform's choice (training/defaults.py)
+    _record_run_options(workdir, options)
+    dtype = parse_dtype(options.dtype)
+    model_opts = options.model_options()
     init_params = None
     if config.init_from:
         model_config, init_params = _load_init(config, dtype, model_opts["scan_layers"])
@@ -271,7 +287,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         loss=config.loss,
         accum_steps=config.accum_steps,
         freeze=freeze,
-        rng_impl=config.rng_impl,
+        rng_impl=options.rng_impl,
         loss_impl=config.loss_impl,
         loss_chunk=config.loss_chunk,
     )
@@ -300,24 +316,23 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         run_eval(0)
     timed_steps, timed_s, window_s, window_n = 0, 0.0, 0.0, 0
     step = start
-    # The host reads a step's metrics one step late (after dispatching the next one), so it loads
-    # and places batch s+1 while the device runs step s; at log, eval, checkpoint and stop steps
-    # it catches up first, so nothing is logged, evaluated or saved before its loss is checked.
-    pending: list[tuple[int, dict]] = []  # (step, metrics) dispatched, not read yet
+    # No host sync on ordinary steps: the step of the first non-finite loss is kept on the device
+    # (``_watch_nonfinite``, dispatched after each step) and read, with the metrics, only at log,
+    # eval, checkpoint and stop steps, so nothing is logged, evaluated or saved before every loss
+    # up to it is checked, and the host can queue steps ahead of the device in between.
+    first_nonfinite = jax.device_put(np.int32(-1), shd.replicated(mesh))
     last_loss = float("nan")
 
-    def read_pending(keep: int) -> None:
+    def check_finite(metrics) -> None:
         nonlocal last_loss
-        while len(pending) > keep:
-            s, m = pending.pop(0)
-            loss = float(m["loss"])  # waits for step s
-            if not math.isfinite(loss):
-                ckpt.wait()
-                raise FloatingPointError(
-                    f"non-finite loss {loss} at step {s} (the update from step {s - 1}); stopping. "
-                    f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
-                )
-            last_loss = loss
+        bad, loss = jax.device_get((first_nonfinite, metrics["loss"]))  # waits for the last step
+        if bad >= 0:
+            ckpt.wait()
+            raise FloatingPointError(
+                f"non-finite loss at step {bad} (the update from step {bad - 1}); stopping. "
+                f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+            )
+        last_loss = float(loss)
 
     try:
         while step < config.total_steps:
@@ -327,12 +342,13 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             with shd.use_mesh_and_rules(mesh):
                 state, metrics = step_fn(state, batch)
             step += 1
-            pending.append((step, metrics))
+            first_nonfinite = _watch_nonfinite(first_nonfinite, metrics["loss"], np.int32(step))
             log_now = step % config.log_every == 0 or step == config.total_steps
             eval_now = evaluator is not None and (step % config.eval_every == 0 or step == config.total_steps)
-            stop_now = preempt.should_stop(step)
-            sync = log_now or eval_now or stop_now or ckpt.should_save(step)  # log_now: also the last step
-            read_pending(0 if sync else 1)
+            save_now = ckpt.should_save(step)
+            stop_now = preempt.should_stop(step, agree=log_now or save_now)
+            if log_now or eval_now or stop_now or save_now:  # log_now: also the last step
+                check_finite(metrics)
             dt = time.perf_counter() - t0
             if step > start + 1:  # the first step compiles
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
@@ -342,13 +358,14 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}", refresh=False)
             if log_now:
+                read = jax.device_get({k: metrics[k] for k in ("lr", "logit_scale", "grad_norm")})
                 log.write(
                     step,
                     {
                         "train/loss": last_loss,
-                        "train/lr": float(metrics["lr"]),
-                        "train/logit_scale": float(metrics["logit_scale"]),
-                        "train/grad_norm": float(metrics["grad_norm"]),
+                        "train/lr": float(read["lr"]),
+                        "train/logit_scale": float(read["logit_scale"]),
+                        "train/grad_norm": float(read["grad_norm"]),
                         "train/samples_per_sec": sps,
                         **{f"data/{k}": v for k, v in getattr(data_iter, "stats", {}).items()},
                     },
@@ -381,6 +398,12 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         samples_per_sec=config.batch_size * timed_steps / timed_s if timed_s else float("nan"),
     )
     return result
+
+
+@jax.jit
+def _watch_nonfinite(first: jax.Array, loss: jax.Array, step: jax.Array) -> jax.Array:
+    """``first`` (int32, -1 while every loss was finite) -> the first step whose loss is not finite."""
+    return jnp.where((first < 0) & ~jnp.isfinite(loss), step, first)
 
 
 def _write_figure(workdir, config, evaluator, log, step: int) -> str | None:

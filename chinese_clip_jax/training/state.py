@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ..inference import sharding as shd
 from .losses import SIGLIP_INIT_LOGIT_SCALE
 
-__all__ = ["TrainState", "create_train_state", "example_inputs"]
+__all__ = ["TrainState", "create_train_state", "abstract_train_state", "example_inputs"]
 
 
 @struct.dataclass
@@ -107,6 +107,32 @@ def create_train_state(
     )
     shardings = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
     return state, shardings
+
+
+def abstract_train_state(model, tx, mesh: Mesh) -> TrainState:
+    """The ``TrainState`` that ``create_train_state`` would build, as ``jax.ShapeDtypeStruct`` s with
+    their shardings, computed without allocating anything (to trace or lower the train step of a
+    model too big for this host)."""
+    import flax.linen as nn
+
+    ids, pixels = example_inputs(model)
+    boxed = jax.eval_shape(lambda i, x: model.init(jax.random.key(0), i, x)["params"], ids, pixels)
+    p_shard = dict(shd.logical_shardings(boxed, mesh))
+    shapes = dict(nn.unbox(boxed))
+    params = {
+        k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), shapes[k], p_shard[k])
+        for k in shapes
+    }
+    abstract_opt = jax.eval_shape(tx.init, params)
+    o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, o_shard)
+    rep = NamedSharding(mesh, P())
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+    )
 
 
 def _check_same_tree(params: dict, expected: dict) -> None:

@@ -115,7 +115,7 @@ def validate_config(config, reference=None) -> None:
             _int_at_least(config, key, low)
     _int_at_least(config, "context_length", 2)
     _int_at_least(config, "seed", 0)
-    _choice(config, "dtype", DTYPES)
+    _choice(config, "dtype", ("auto", *DTYPES))
     _choice(config, "loss", ("softmax", "sigmoid"))
     from .chunked_losses import LOSS_IMPLS
 
@@ -134,18 +134,25 @@ def validate_config(config, reference=None) -> None:
         _check(isinstance(v, (int, float)) and 0 <= v < 1, key, v, "a number in [0, 1)")
     _number_at_least(config, "optimizer.eps", 0.0, strict=True)
     remat = config.model.remat
+    lowered = remat.lower() if isinstance(remat, str) else remat  # "True" / "False" from a command line
     _check(
-        remat in (True, False, "", "none", "true", "false") or remat in REMAT_POLICIES,
+        lowered in (True, False, "", "auto", "none", "true", "false") or remat in REMAT_POLICIES,
         "model.remat",
         remat,
-        "one of 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES),
+        "one of 'auto', 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES),
     )
-    _choice(config, "model.attention_impl", ("", None, "xla", "cudnn"))
-    _choice(config, "model.scan_layers", (True, False, "auto", "true", "false"))
+    _choice(config, "model.attention_impl", ("auto", "", None, "xla", "cudnn"))
+    scan = config.model.scan_layers
+    _check(
+        scan in (True, False) or (isinstance(scan, str) and scan.lower() in ("auto", "true", "false")),
+        "model.scan_layers",
+        scan,
+        "one of 'auto', True, False",
+    )
     from .step import RNG_IMPLS
     from .xla_flags import GPU_FLAG_SETS
 
-    _choice(config, "rng_impl", RNG_IMPLS)
+    _choice(config, "rng_impl", ("auto", *RNG_IMPLS))
     _choice(config, "xla_gpu_flags", tuple(GPU_FLAG_SETS))
     _choice(config, "data.name", SOURCES)
     if config.data.name == "cn_clip":

@@ -4,6 +4,7 @@ Override any key on the command line: ``--config.optimizer.lr=1e-5 --config.mesh
 """
 
 import ml_collections
+from ml_collections.config_dict import FieldReference
 
 from chinese_clip_jax.data import default_data_config
 from chinese_clip_jax.processing import DEFAULT_CONTEXT_LENGTH
@@ -25,14 +26,17 @@ def get_config() -> ml_collections.ConfigDict:
     # held one local_B x loss_chunk slice at a time: memory flat in the global batch). docs/performance.md.
     c.loss_impl = "gather"
     c.loss_chunk = 0  # ring only: column slice of a ring block, dividing batch_size / (data x fsdp); 0 = all of it
-    c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params and loss stay fp32
+    # compute dtype: "auto" (float32 on CPU, bfloat16 on GPU/TPU) | "float32" | "bfloat16"; params and loss stay fp32
+    c.dtype = "auto"
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
     c.require_init_from = False  # True in fine-tuning configs: refuse to start without init_from
     c.context_length = DEFAULT_CONTEXT_LENGTH
-    # Dropout's random-bit generator: "threefry" | "rbg" | "unsafe_rbg" (docs/accelerators.md);
-    # resume is exact with each. threefry until the device bench says another is faster.
-    c.rng_impl = "threefry"
+    # Dropout's random-bit generator: "auto" | "threefry" | "rbg" | "unsafe_rbg"; resume is exact
+    # with each. "auto": the platform's (chinese_clip_jax/training/defaults.py: threefry on CPU, rbg
+    # on GPU/TPU; docs/accelerators.md). Every "auto" is printed at start-up and written to
+    # DIR/run_options.json.
+    c.rng_impl = "auto"
     c.xla_gpu_flags = "none"  # a set of chinese_clip_jax.training.xla_flags.GPU_FLAG_SETS: "none" | "tuned"
 
     c.log_every = 10
@@ -81,11 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
                 "image_size": 224,
                 "patch_size": 16,
             },
-            "attention_impl": "",  # "" (jax default) | "xla" | "cudnn"
-            # One compiled layer body per tower, and remat keeping only the projections' outputs for
-            # the backward pass: the lowest memory at no loss of speed (README, performance notes).
-            "scan_layers": True,  # True | False | "auto" (unrolled on GPU, scanned elsewhere)
-            "remat": "dots",  # "dots" | "full" (recompute whole layers) | "none"
+            # "auto" below: the platform's choice (chinese_clip_jax/training/defaults.py). CPU: head-major
+            # XLA attention, scanned layers, remat "dots" (the lowest memory at no loss of speed);
+            # GPU: cuDNN attention, unrolled layers, no remat; TPU: XLA attention, scanned, "dots".
+            # Untyped fields (a recipe may assign True / False / None as well as a string):
+            "attention_impl": FieldReference("auto", field_type=object),  # "auto" | "xla" | "cudnn" ("" = auto)
+            "scan_layers": FieldReference("auto", field_type=object),  # "auto" | True | False
+            "remat": FieldReference("auto", field_type=object),  # "auto" | "dots" | "full" (whole layers) | "none"
         }
     )
 

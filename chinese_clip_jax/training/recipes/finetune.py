@@ -9,9 +9,10 @@ learning rate (cn_clip's fine-tuning recipe: lr 5e-5, warmup, weight decay 0.001
 b2 0.98, eps 1e-6). For the paper's stage 1 (LiT, image tower frozen) add
 ``--config.freeze=image``; stage 2 starts from a stage-1 export with everything trainable.
 For your own data set ``--config.data.name=cn_clip --config.data.cn_clip.root=DIR`` (or
-webdataset shards). For a real model on accelerators, e.g. ``--config.dtype=bfloat16
---config.batch_size=1024 --config.mesh.fsdp=8`` (``model.remat`` is "dots" by default; "full" saves
-more memory for one more forward pass).
+webdataset shards). For a real model on accelerators, e.g. ``--config.batch_size=1024
+--config.mesh.fsdp=8`` (dtype, attention, layer loop and ``model.remat`` follow the platform by
+default, chinese_clip_jax/training/defaults.py; ``--config.model.remat=full`` saves the most
+memory for one more forward pass).
 """
 
 from chinese_clip_jax.training.recipes import base
