@@ -8,8 +8,8 @@
 Writes the StableHLO text of exactly the step ``ccj-train CONFIG`` runs on that platform: the
 same model (``model.*``; random weights), the same run options (``training.defaults``: dtype,
 attention, scan/unroll, remat, dropout RNG, resolved for ``--platform``, not for this host), the
-same optimizer, loss, accumulation and freezing, ``make_train_step`` itself. No device of that
-platform is needed: ``jax.jit(...).trace(...).lower(lowering_platforms=...)``. Nothing is
+same optimizer, loss (and its implementation), accumulation and freezing: the step is built by
+``training.step.train_step_for``, as the trainer builds it. No device of that platform is needed: ``jax.jit(...).trace(...).lower(lowering_platforms=...)``. Nothing is
 allocated (the state is abstract), so base and large lower on a laptop in seconds.
 
 Printed summary (``summarize``): fused-attention calls (cuDNN ``__cudnn$fmha*`` forward and
@@ -146,7 +146,7 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
     from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS
     from chinese_clip_jax.training.optim import make_optimizer
     from chinese_clip_jax.training.state import abstract_train_state
-    from chinese_clip_jax.training.step import make_train_step
+    from chinese_clip_jax.training.step import train_step_for
     from chinese_clip_jax.training.validate import validate_config
 
     validate_config(config)
@@ -170,17 +170,7 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
     state = abstract_train_state(model, tx, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        shardings,
-        loss=config.loss,
-        accum_steps=config.accum_steps,
-        freeze=freeze,
-        rng_impl=options.rng_impl,
-    )
+    step = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze)
     v = model_config.vision_config
     bs = shd.batch_sharding(mesh)
     batch = {  # what the data pipeline gives: uint8 NHWC images, int32 token ids

@@ -40,7 +40,7 @@ from .optim import make_optimizer
 from .run_length import resolve_run_length
 from .run_log import RunLog
 from .state import create_train_state
-from .step import BATCH_KEYS, make_train_step
+from .step import BATCH_KEYS, train_step_for
 from .validate import build_model_config, validate_config
 from .workdir import WorkdirLock, check_model_config
 
@@ -278,19 +278,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             else None
         )
 
-    step_fn = make_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        shardings,
-        loss=config.loss,
-        accum_steps=config.accum_steps,
-        freeze=freeze,
-        rng_impl=options.rng_impl,
-        loss_impl=config.loss_impl,
-        loss_chunk=config.loss_chunk,
-    )
+    step_fn = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze)
     log = RunLog(workdir, start)
     preempt = _Preemption()
     result = TrainResult(

@@ -33,7 +33,15 @@ from .losses import clamp_logit_scale
 from .optim import is_frozen
 from .state import TrainState
 
-__all__ = ["make_embed_fn", "make_grad_fn", "make_train_step", "dropout_key", "BATCH_KEYS", "RNG_IMPLS"]
+__all__ = [
+    "make_embed_fn",
+    "make_grad_fn",
+    "make_train_step",
+    "train_step_for",
+    "dropout_key",
+    "BATCH_KEYS",
+    "RNG_IMPLS",
+]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
 LOSS_PARAMS = ("logit_scale", "logit_bias")  # the params the loss reads directly (not through the towers)
@@ -233,4 +241,23 @@ def make_train_step(
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,
+    )
+
+
+def train_step_for(config, options, model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, freeze=None):
+    """The train step ``ccj-train`` runs for a trainer ``config`` whose "auto" keys ``options``
+    resolved (``training.defaults.resolve_run_options``): the one place the loop and
+    ``python -m bench.lower`` build it, so the lowered step is the trained one."""
+    return make_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        state_shardings,
+        loss=config.loss,
+        accum_steps=config.accum_steps,
+        freeze=freeze,
+        rng_impl=options.rng_impl,
+        loss_impl=config.loss_impl,
+        loss_chunk=config.loss_chunk,
     )
