@@ -9,7 +9,8 @@ Writes the StableHLO text of exactly the step ``ccj-train CONFIG`` runs on that 
 same model (``model.*``; random weights), the same run options (``training.defaults``: dtype,
 attention, scan/unroll, remat, dropout RNG, resolved for ``--platform``, not for this host), the
 same optimizer, loss (and its implementation), accumulation and freezing: the step is built by
-``training.step.train_step_for``, as the trainer builds it. No device of that platform is needed: ``jax.jit(...).trace(...).lower(lowering_platforms=...)``. Nothing is
+``training.step.train_step_for``, as the trainer builds it. No device of that platform is
+needed: ``jax.jit(...).trace(...).lower(lowering_platforms=...)``. Nothing is
 allocated (the state is abstract), so base and large lower on a laptop in seconds.
 
 Printed summary (``summarize``): fused-attention calls (cuDNN ``__cudnn$fmha*`` forward and
