@@ -31,8 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .io import first_line
-
 __all__ = ["DEFAULT_PLATFORMS", "ExportedCLIP", "load_exported"]
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -76,7 +74,7 @@ class ExportedCLIP:
         try:
             self.params = {k: jnp.asarray(v) for k, v in load_file(params_path).items()}
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"{params_path}: not a readable safetensors file ({first_line(e)}){_REWRITE}") from None
+            raise ValueError(f"{params_path}: not a readable safetensors file ({_first_line(e)}){_REWRITE}") from None
         self._text = _deserialize(os.path.join(directory, TEXT_FILE))
         self._image = _deserialize(os.path.join(directory, IMAGE_FILE))
         for name, exp in ((TEXT_FILE, self._text), (IMAGE_FILE, self._image)):
@@ -105,6 +103,12 @@ class ExportedCLIP:
         return self._image_fn(self.params, px)
 
 
+def _first_line(e: BaseException) -> str:
+    """``Type: first line`` (as ``io.first_line``; this module imports nothing else of the package)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 _REWRITE = "; the export is damaged or incomplete: write it again with `python -m convert SRC NEW_OUT --export`"
 
 
@@ -114,7 +118,7 @@ def _read_meta(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({first_line(e)}){_REWRITE}") from None
+        raise ValueError(f"{path}: not valid JSON ({_first_line(e)}){_REWRITE}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: must hold a JSON object, got {type(meta).__name__}{_REWRITE}")
     if meta.get("format") != FORMAT:
@@ -137,7 +141,7 @@ def _deserialize(path: str):
     try:
         return jax.export.deserialize(bytearray(data))
     except Exception as e:  # noqa: BLE001 - flatbuffers / StableHLO errors of a truncated or foreign file
-        raise ValueError(f"{path}: not a readable jax.export artefact ({first_line(e)}){_REWRITE}") from None
+        raise ValueError(f"{path}: not a readable jax.export artefact ({_first_line(e)}){_REWRITE}") from None
 
 
 def _check_params(params: dict, exported, params_path: str, path: str) -> None:

@@ -22,7 +22,7 @@ PKG = "chinese_clip_jax"
 # docs/architecture.md draws the same order.
 LAYERS = {
     "io": 0,
-    "export": 1,  # the serving loader: jax + numpy + safetensors (+ io) only
+    "export": 0,  # the serving loader: jax + numpy + safetensors only (tests/test_export.py)
     "console": 0,  # library noise, progress bars
     "modeling": 1,
     "processing": 1,
