@@ -21,7 +21,10 @@ import sys
 
 CHILD = """
 import json, sys, tempfile
-from chinese_clip_jax.training.recipes import demo
+try:
+    from chinese_clip_jax.training.recipes import demo
+except ImportError:  # a tree from before the recipes moved into the package
+    from train.configs import demo
 from chinese_clip_jax.training.loop import train
 c = demo.get_config()
 c.total_steps, c.eval_every, c.export_hf, c.checkpoint_every = {steps}, 0, False, 10**6
