@@ -154,6 +154,23 @@ class ZeroShotScores:
     confusion: np.ndarray  # (C, C) [true, predicted] counts over the read images
 
 
+def _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad):
+    """``embed_images`` plus the mask of the images that were read (False where one was skipped)."""
+    embeds, bad = embed_images(
+        encoder,
+        images,
+        preprocess,
+        name_of=name_of,
+        params=params,
+        batch_size=batch_size,
+        progress=progress,
+        max_bad=max_bad,
+    )
+    ok = np.ones(len(images), bool)
+    ok[[b.index for b in bad]] = False
+    return embeds, bad, ok
+
+
 def zero_shot_scores(
     encoder,
     images: Sequence[Any],
@@ -175,18 +192,7 @@ def zero_shot_scores(
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     classes = encoder.class_embeddings(class_prompts, tokenize, params=params, batch_size=batch_size, progress=False)
-    embeds, bad = embed_images(
-        encoder,
-        images,
-        preprocess,
-        name_of=name_of,
-        params=params,
-        batch_size=batch_size,
-        progress=progress,
-        max_bad=max_bad,
-    )
-    ok = np.ones(len(labels), bool)
-    ok[[b.index for b in bad]] = False
+    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad)
     if not ok.any():
         raise TooManyBadImages(
             f"none of the {len(labels)} images could be read; first: {bad[0].image}: {bad[0].reason}"
@@ -243,18 +249,7 @@ def retrieval_scores(
     )
     if len(text_to_images) != len(texts):
         raise ValueError(f"text_to_images has {len(text_to_images)} entries for {len(texts)} texts")
-    embeds, bad = embed_images(
-        encoder,
-        images,
-        preprocess,
-        name_of=name_of,
-        params=params,
-        batch_size=batch_size,
-        progress=progress,
-        max_bad=max_bad,
-    )
-    ok = np.ones(len(images), bool)
-    ok[[b.index for b in bad]] = False
+    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad)
     new_index = np.cumsum(ok) - 1  # set index -> index among the read images
     scored, positives, orphaned = [], [], []
     for t, pos in enumerate(text_to_images):
