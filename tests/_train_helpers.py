@@ -7,6 +7,8 @@ The single home of these builders: test modules import it directly (pytest puts 
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 import numpy as np
 
@@ -89,6 +91,14 @@ def random_params(cfg: ccj.ChineseCLIPConfig, seed: int = 0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@functools.cache
+def data_mesh():
+    """A mesh with every device on the data axis (the tests' single-host layout), made once."""
+    from chinese_clip_jax.inference import sharding as shd
+
+    return shd.make_mesh(-1, 1, 1)
+
+
 def opt_config(**kw) -> ml_collections.ConfigDict:
     d = dict(lr=1e-2, warmup_steps=1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6, grad_clip=0.0, end_lr_factor=0.0)
     d.update(kw)
@@ -127,3 +137,21 @@ def max_rel_err(a, b) -> tuple[float, float]:
         else:
             rel = max(rel, float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)))
     return rel, key_abs
+
+
+# Sizes shared by several test files.
+# The conversion tests' ViT: 2 text layers, 3 vision layers (95 conversion rows), the bundled vocabulary.
+CONVERSION_SIZES = dict(
+    vocab_size=21128,
+    hidden=32,
+    vision_hidden=48,
+    vision_layers=3,
+    max_positions=64,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+# A tiny RN50-style model (stage depths 1, 2, 1, 1) with dropout in the text tower.
+RESNET_SIZES = dict(vocab_size=21128, layers=1, dropout=0.1, attention_dropout=0.1, image_size=32, resnet=(1, 2, 1, 1))
+# A one-layer ViT at 32 px with the bundled vocabulary (the ``small_hf_dir`` fixture's model).
+SMALL_SIZES = dict(vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8, projection_dim=16)

@@ -42,7 +42,7 @@ def blocks(path: str) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def _env():
+def _docs_env():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
@@ -86,7 +86,7 @@ def test_readme_examples_run(tmp_path):
     path = tmp_path / "readme_examples.py"
     path.write_text(prelude + "\n".join(script), encoding="utf-8")
     r = subprocess.run(
-        [sys.executable, str(path)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900
+        [sys.executable, str(path)], cwd=tmp_path, env=_docs_env(), capture_output=True, text=True, timeout=900
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 

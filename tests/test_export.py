@@ -10,12 +10,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _train_helpers import random_params, tiny_config
-from test_conversion import SIZES, run_cli
+from _makers import REPO
+from _makers import run_convert as run_cli
+from _train_helpers import CONVERSION_SIZES as SIZES
+from _train_helpers import RESNET_SIZES, random_params, tiny_config
 
 import chinese_clip_jax as ccj
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCHES = (1, 3, 17)
 
@@ -36,7 +36,7 @@ print("platforms", enc.platforms)
 """
 
 
-def inputs(cfg, n=17, seq=52, seed=0):
+def export_inputs(cfg, n=17, seq=52, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(106, 21128, (n, seq)).astype(np.int32)
     lengths = rng.integers(3, seq, n)
@@ -48,7 +48,7 @@ def inputs(cfg, n=17, seq=52, seed=0):
 def check_in_fresh_process(out, model, params, tmp_path):
     with open(os.path.join(out, "export.json")) as f:
         seq = json.load(f)["context_length"]
-    ids, mask, px = inputs(model.config, seq=seq)
+    ids, mask, px = export_inputs(model.config, seq=seq)
     np.savez(tmp_path / "in.npz", ids=ids, mask=mask, px=px)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     r = subprocess.run(
@@ -98,12 +98,11 @@ def test_cli_export_loads_without_flax_and_matches(tmp_path, save_hf_model):
 
 
 def test_export_function_resnet_cpu_only(tmp_path):
-    from test_resnet import RESNET
 
     from chinese_clip_jax.conversion.export import save_exported
     from chinese_clip_jax.export import load_exported
 
-    cfg = tiny_config(**RESNET)
+    cfg = tiny_config(**RESNET_SIZES)
     params = random_params(cfg)
     save_exported(tmp_path / "rn", cfg, params, platforms=("cpu",), context_length=16)
     enc = load_exported(tmp_path / "rn")
