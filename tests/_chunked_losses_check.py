@@ -18,7 +18,7 @@ from functools import partial  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
+from _train_helpers import fake_batches, max_rel_err, mesh_for, opt_config, tiny_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax.inference import sharding as shd  # noqa: E402
@@ -29,10 +29,6 @@ from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
 
 MESHES = [((8, 1, 1), 2), ((2, 2, 2), 0), ((1, 4, 2), 2)]  # (mesh, ring chunk)
 KINDS = {"softmax": (MAX_LOGIT_SCALE, 0.0), "sigmoid": (math.log(10.0), SIGLIP_INIT_LOGIT_BIAS)}  # (scale, bias)
-
-
-def mesh_for(shape):
-    return shd.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
 
 
 def uneven_embeds(n_dev, per_dev=4, d=16, seed=0):

@@ -11,7 +11,7 @@ import json  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
+from _train_helpers import fake_batches, max_rel_err, mesh_for, opt_config, tiny_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax.inference import sharding as shd  # noqa: E402
@@ -19,11 +19,6 @@ from chinese_clip_jax.training import create_train_state, make_optimizer, make_t
 from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
-
-
-def mesh_for(shape):
-    devices = jax.devices()[: int(np.prod(shape))]
-    return shd.make_mesh(*shape, devices=devices)
 
 
 def main():

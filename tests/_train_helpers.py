@@ -99,6 +99,15 @@ def data_mesh():
     return shd.make_mesh(-1, 1, 1)
 
 
+def mesh_for(shape):
+    """A (data, fsdp, tensor) mesh of ``shape`` on the first prod(shape) devices."""
+    import jax
+
+    from chinese_clip_jax.inference import sharding as shd
+
+    return shd.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+
+
 def opt_config(**kw) -> ml_collections.ConfigDict:
     d = dict(lr=1e-2, warmup_steps=1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6, grad_clip=0.0, end_lr_factor=0.0)
     d.update(kw)
@@ -154,4 +163,6 @@ CONVERSION_SIZES = dict(
 # A tiny RN50-style model (stage depths 1, 2, 1, 1) with dropout in the text tower.
 RESNET_SIZES = dict(vocab_size=21128, layers=1, dropout=0.1, attention_dropout=0.1, image_size=32, resnet=(1, 2, 1, 1))
 # A one-layer ViT at 32 px with the bundled vocabulary (the ``small_hf_dir`` fixture's model).
-SMALL_SIZES = dict(vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8, projection_dim=16)
+SMALL_SIZES = dict(
+    vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8, projection_dim=16
+)

@@ -40,7 +40,6 @@ def hf_dir(tmp_path_factory, save_hf_model):
     return cfg, path, save_hf_model(cfg, path)
 
 
-
 def test_save_pretrained_loads_cleanly_in_transformers(hf_dir, tmp_path):
     cfg, path, ref_model = hf_dir
     model, params = ccj.from_pretrained(path, scan_layers=True)  # write from the scanned layout
@@ -100,7 +99,6 @@ def test_bfloat16_storage_loads_close(hf_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- cn_clip .pt
-
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +342,6 @@ def test_sharded_safetensors_index_loads(hf_dir, tmp_path):
     os.remove(tmp_path / shards[0])  # a shard listed in the index but gone: named
     with pytest.raises(CheckpointError, match=f"shard listed in .*index.json does not exist: .*{shards[0]}"):
         ccj.from_pretrained(tmp_path)
-
-
 
 
 @pytest.mark.parametrize("value", [0, -32, 32.0, True, "64"])

@@ -243,5 +243,3 @@ def test_hub_ids_and_mistyped_local_paths(tmp_path, monkeypatch):
         assert not is_hub_id(local), local
         with pytest.raises(FileNotFoundError, match=f"no such local path: {local}"):
             ccj.ChineseCLIPConfig.from_pretrained(local)
-
-

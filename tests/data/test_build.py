@@ -29,7 +29,9 @@ def _cn_clip_gbk(root):
 
     root.mkdir()
     (root / "train_imgs.tsv").write_text(
-        "".join(f"{i}\t{base64.urlsafe_b64encode(jpeg(i, 20, 24, quality=75)).decode()}\n" for i in range(len(CAPTIONS)))
+        "".join(
+            f"{i}\t{base64.urlsafe_b64encode(jpeg(i, 20, 24, quality=75)).decode()}\n" for i in range(len(CAPTIONS))
+        )
     )
     lines = [
         json.dumps({"text_id": i, "text": t, "image_ids": [i]}, ensure_ascii=False) for i, t in enumerate(CAPTIONS)

@@ -122,7 +122,6 @@ def test_get_state_set_state_resumes_exactly():
         resumed.set_state({"next_index": 3})
 
 
-
 def test_undecodable_samples_are_skipped_counted_and_survive_resume(caplog):
     rng = np.random.default_rng(0)
     good = [
@@ -236,7 +235,6 @@ def test_demo_eval_sets():
 # ---------------------------------------------------------------- file sources
 
 
-
 def _epoch_rows(it, n_batches):
     """(input_ids bytes, pixel bytes) of every row in n_batches batches."""
     rows = []
@@ -343,7 +341,6 @@ def test_cn_clip_lmdb_build_gives_the_same_samples(cn_clip_dir):
     assert sorted(_epoch_rows(it, 1)) == _expected_rows(good)
     # bad base64 (99) and the missing image (1234) are both skipped when read
     assert it.stats["skipped"] == 2
-
 
 
 def test_webdataset_shards_skip_bad_jpeg_and_count(tmp_path, caplog):

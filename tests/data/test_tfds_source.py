@@ -23,9 +23,6 @@ from chinese_clip_jax.data.pipeline import ImageDecoder, random_resized_box
 S = 24
 
 
-
-
-
 def _write_webdataset(root, n_shards=4, per_shard=3, corrupt=True):
     """n_shards tars named a0.tar, b1.tar, ... with per_shard samples each (+ one broken JPEG in
     shard 0). Returns ({key: (text, jpeg)}, spec with a brace alternation)."""
@@ -43,7 +40,6 @@ def _write_webdataset(root, n_shards=4, per_shard=3, corrupt=True):
         write_tar(root / name, members)
         names.append(name[:-4])
     return good, str(root / ("{" + ",".join(names) + "}.tar"))
-
 
 
 def test_cn_clip_tsv_builds_a_tfds_dir_read_back_equal(tmp_path, capsys):
@@ -314,7 +310,6 @@ def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monke
 
 
 # ---------------------------------------------------------------- kill -9 on the TFDS source
-
 
 
 def test_cli_run_on_tfds_resumes_exactly_after_kill9(tfds_dir, tmp_path):

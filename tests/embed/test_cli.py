@@ -234,7 +234,6 @@ def test_two_hosts_each_embed_their_shards_into_the_same_files(corpus, whole, tm
     assert _digests(out) == _digests(whole)
 
 
-
 def _pixels(data) -> np.ndarray:
     import base64
     import io

@@ -34,8 +34,6 @@ def model(tmp_path_factory, save_hf_model):
     return str(d), save_hf_model(tiny_config(**SIZES), d)
 
 
-
-
 def torch_text(hf, texts):
     tok = transformers.BertTokenizer.from_pretrained(str(ASSETS_DIR))
     enc = tok(texts, padding="max_length", max_length=52, truncation=True, return_tensors="pt")

@@ -42,8 +42,6 @@ def saved_tiny(tmp_path_factory):
     return cfg, params, clip, str(d)
 
 
-
-
 def _folder(root, rng, per_class=4):
     """root/<class>/<i>.png with mixed aspect ratios (crop and squash then differ)."""
     for c, name in enumerate(["a", "b", "c"]):

@@ -53,7 +53,6 @@ def images(n, seed=0):
     return [PIL.Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
 
 
-
 def test_encode_text_equals_raw_model(tiny, processor, clip):
     _, model, params = tiny
     enc = processor(text=TEXTS)

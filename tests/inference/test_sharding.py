@@ -5,7 +5,6 @@ CPU devices: 3 AdamW steps (fp32) on meshes (data, fsdp, tensor) = (8,1,1), (2,2
 against one device, and GradCache accumulation on the (2,2,2) mesh.
 """
 
-
 import jax
 import pytest
 from _makers import run_script
@@ -33,7 +32,6 @@ def test_fit_spec_replicates_indivisible_dims():
     assert shd._fit_spec(P("fsdp", "tensor"), (4, 6), mesh) == P("fsdp", "tensor")
     assert shd._fit_spec(P("fsdp", "tensor"), (4, 4), mesh) == P("fsdp", None)  # 4 % 3 != 0
     assert shd._fit_spec(P(("data", "fsdp")), (6,), mesh) == P("data")  # 6 % 4 != 0, 6 % 2 == 0
-
 
 
 @pytest.fixture(scope="module")

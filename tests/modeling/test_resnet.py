@@ -126,7 +126,6 @@ def test_rn50_cli_flax_and_back_and_hf_refused(rn50, tmp_path):
 # --------------------------------------------------------------------------- training
 
 
-
 def test_resnet_config_round_trips_and_validates(tmp_path):
     cfg = tiny_config(**RESNET_SIZES)
     d = json.loads(json.dumps(cfg.to_dict()))

@@ -1,21 +1,19 @@
 """ChineseCLIPProcessor against transformers' ChineseCLIPProcessor (PIL backend) as reference."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 
 transformers = pytest.importorskip("transformers")
-import os
-import subprocess
-import sys
-
-import torch
-import transformers
+import torch  # noqa: E402
 from transformers import BertTokenizer, ChineseCLIPImageProcessorPil  # noqa: E402
 
-import chinese_clip_jax as ccj
+import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax.processing import (  # noqa: E402
     ASSETS_DIR,
     ChineseCLIPProcessor,

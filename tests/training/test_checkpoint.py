@@ -20,7 +20,6 @@ from chinese_clip_jax.training.validate import ConfigError
 # --------------------------------------------------------------------------- reruns and checkpoints
 
 
-
 @pytest.fixture(scope="module")
 def finished_run(trained_workdir):
     return trained_workdir

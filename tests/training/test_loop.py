@@ -123,7 +123,6 @@ def test_weight_decay_mask_and_schedule():
 # ----------------------------------------------------------------------------- the loop
 
 
-
 @pytest.fixture(scope="module")
 def reference_run(trained_workdir):
     return {
