@@ -2,10 +2,16 @@
 # from the pinned versions (requirements.lock). torch==2.13.0 is installed first: it is the CPU build,
 # any other version would pull gigabytes of CUDA wheels. For day-to-day work, `make install` keeps one
 # venv (.venv) and only reinstalls when pyproject.toml or requirements.lock change; `make test-fast`
-# runs the suite in it without the full-size (slow) tests; `make lint` is ruff, as CI runs it.
+# runs the suite in it without the tests marked slow; `make lint` is ruff, as CI runs it.
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist, one test file per worker at a time:
+# module fixtures stay shared); PYTEST_WORKERS=0 runs it in this process. PYTEST_FLAGS adds options
+# (.ci/run passes --durations=15).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PIP_FLAGS ?= -q --disable-pip-version-check
 VENV ?= .venv
+PYTEST_WORKERS ?= 2
+PYTEST_FLAGS ?=
+PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_FLAGS)
 
 # $(1): venv dir; $(2): extras ("[test]" or ""); $(3): "torch" to install the CPU torch and cn_clip
 define install_into
@@ -21,7 +27,7 @@ test:
 	$(call install_into,build/venv-test,[test],torch)
 	build/venv-test/bin/ruff check .
 	build/venv-test/bin/ruff format --check .
-	build/venv-test/bin/python -m pytest -q tests
+	build/venv-test/bin/python $(PYTEST) tests
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -29,7 +35,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python $(PYTEST) -m "not slow" tests
 
 # The API reference (pdoc, from the docstrings) into build/api; fails on a broken cross-reference.
 api: install

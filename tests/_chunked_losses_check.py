@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 simulated CPU devices (see test_chunked_losses.py).
+"""Run in a subprocess with 8 simulated CPU devices (see tests/training/test_chunked_losses.py).
 
 Prints one JSON object: for each mesh, loss kind and chunk, the relative error of the ring
 loss and of its gradients (text, image, logit_scale, logit_bias) against the all-gather

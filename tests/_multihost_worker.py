@@ -1,4 +1,4 @@
-"""One process of the two-process test (test_multihost.py): jax.distributed on CPU, 2 devices
+"""One process of the two-process test (tests/training/test_multihost.py): jax.distributed on CPU, 2 devices
 per process, 3 train steps on a (data=4) mesh. Each process feeds only its half of every global
 batch; process 0 prints the losses and the params. With NUM_PROCESSES=1 it runs the same
 steps alone on 4 devices (the reference)."""

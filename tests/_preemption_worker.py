@@ -1,4 +1,4 @@
-"""One of two processes (test_multihost.py): the train loop's preemption check on a 2-process
+"""One of two processes (tests/training/test_multihost.py): the train loop's preemption check on a 2-process
 jax.distributed CPU cluster; the test SIGTERMs process 1 only, and both must stop at one step."""
 
 import os

@@ -5,7 +5,7 @@
 
 With ``--kill9-after-checkpoint N --at-batch B`` the process SIGKILLs itself when fetching
 batch B, after checkpoint N is complete on disk (so the kill lands between checkpoints).
-Also imported by test_training.py for ``tiny_train_config`` and ``HookedIterator``.
+Also imported by tests/training/test_loop.py for ``tiny_train_config`` and ``HookedIterator``.
 """
 
 from __future__ import annotations

@@ -392,7 +392,7 @@ class ChineseCLIPConfig(_ConfigBase):
 
 # --------------------------------------------------------------------------- published sizes
 # The one table of published architectures, under cn_clip's names (its model_configs/*.json;
-# tests/test_config.py checks every row against those files). Presets and cn_clip ``--arch``
+# tests/modeling/test_config.py checks every row against those files). Presets and cn_clip ``--arch``
 # strings ("ViT-B-16@RoBERTa-wwm-ext-base-chinese") are both read from it.
 
 

@@ -52,7 +52,7 @@ def forward(model, params, ids, mask, pixels):
 @pytest.fixture(
     scope="module",
     params=[
-        pytest.param(n, marks=pytest.mark.slow)  # RN50: tests/test_resnet.py
+        pytest.param(n, marks=pytest.mark.slow)  # RN50: tests/modeling/test_resnet.py
         for n, c in PRESETS.items()
         if not c.is_resnet
     ],
