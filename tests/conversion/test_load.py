@@ -77,7 +77,7 @@ def test_cli_round_trip_hf_flax_hf_is_bitwise(hf_dir, tmp_path, scan):
         "preprocessor_config.json",
         "vocab.txt",
     ]
-    r2 = run_cli(tmp_path / "flax", tmp_path / "hf2", "--to", "hf")
+    r2 = run_cli(tmp_path / "flax", tmp_path / "hf2", "--to", "hf", "--skip-parity")
     assert r2.returncode == 0, r2.stderr
     original = load_file(str(path / "model.safetensors"))
     back = load_file(str(tmp_path / "hf2" / "model.safetensors"))
@@ -146,7 +146,7 @@ def test_cn_clip_pt_matches_cn_clip_model(cn_clip_checkpoint, arch):
 
 def test_cn_clip_to_hf_export_loads_in_transformers(cn_clip_checkpoint, tmp_path):
     ref, path = cn_clip_checkpoint
-    result = run_cli(path, tmp_path / "hf", "--to", "hf")
+    result = run_cli(path, tmp_path / "hf", "--to", "hf", "--skip-parity")
     assert result.returncode == 0, result.stderr
     hf, info = transformers.ChineseCLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -303,7 +303,7 @@ def test_written_preprocessor_config_matches_model_resolution(hf_dir, tmp_path):
 
 def test_bfloat16_hf_export_reads_back_in_torch(hf_dir, tmp_path):
     cfg, path, ref_model = hf_dir
-    assert run_cli(path, tmp_path / "hf16", "--to", "hf", "--dtype", "bfloat16").returncode == 0
+    assert run_cli(path, tmp_path / "hf16", "--to", "hf", "--dtype", "bfloat16", "--skip-parity").returncode == 0
     from safetensors.torch import load_file as torch_load_file
 
     back = torch_load_file(str(tmp_path / "hf16" / "model.safetensors"))

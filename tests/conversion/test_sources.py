@@ -76,7 +76,7 @@ def test_transformers5_processor_files_are_read(tf5_dir):
 
 
 def test_convert_carries_transformers5_processor_files(tf5_dir, tmp_path):
-    assert run_cli("convert", tf5_dir, tmp_path / "out", "--to", "hf").returncode == 0
+    assert run_cli("convert", tf5_dir, tmp_path / "out", "--to", "hf", "--skip-parity").returncode == 0
     out = tmp_path / "out"
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (tf5_dir / name).read_bytes()

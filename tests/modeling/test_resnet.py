@@ -117,7 +117,7 @@ def test_rn50_cli_flax_and_back_and_hf_refused(rn50, tmp_path):
     for k, v in b.items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(a[k], v), k
-    r = run_cli(tmp_path / "flax", tmp_path / "hf", "--to", "hf")
+    r = run_cli(tmp_path / "flax", tmp_path / "hf", "--to", "hf", "--skip-parity")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "transformers has no ResNet (RN50)" in r.stderr
     assert not (tmp_path / "hf").exists()
