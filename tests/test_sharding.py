@@ -14,7 +14,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -38,6 +38,7 @@ import PIL.Image
 
 from ..processing import (
     DEFAULT_CONTEXT_LENGTH,
+    EVAL_TRANSFORMS,
     ChineseCLIPProcessor,
     ImageSettings,
     apply_normalize_table,
@@ -60,7 +61,7 @@ _LOG_FIRST = 10  # log every skipped sample up to this many, then every _LOG_EVE
 _LOG_EVERY = 100
 
 TRAIN_CROPS = ("center", "random_resized", "squash")  # data.train_crop
-EVAL_CROPS = ("center", "squash")  # data.eval_crop (the evaluator's resize modes "crop", "squash")
+EVAL_CROPS = EVAL_TRANSFORMS  # data.eval_crop: processing.eval_transform's names
 RANDOM_RESIZED_SCALE = (0.9, 1.0)  # cn_clip's training augmentation (timm, bicubic)
 RANDOM_RESIZED_RATIO = (3 / 4, 4 / 3)
 # Records decoded per grain element: one message per CHUNK records crosses from the reader
@@ -155,7 +156,7 @@ class ImageDecoder:
         self._processor = ChineseCLIPProcessor(
             image_settings=ImageSettings.at_resolution(self.image_size),
             num_threads=1,
-            resize_mode="squash" if crop == "squash" else "processor",
+            resize_mode="squash" if crop == "squash" else "center",  # random_resized crops its own
         ).image_processor
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> np.ndarray:

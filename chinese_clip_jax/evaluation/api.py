@@ -9,7 +9,8 @@
 or a spec string (``sets.open_classification`` / ``sets.open_retrieval``). Every input is
 checked (set, labels, templates, output paths) before the model is loaded. ``resize``: "squash"
 (default: cn_clip's evaluation transform, a bicubic resize to the square resolution, as its
-published numbers) or "crop" (transformers' processor: shortest edge, then centre crop).
+published numbers) or "center" (transformers' processor: shortest edge, then centre crop; the
+earlier name "crop" is accepted): ``processing.eval_transform``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_output, atomic_write
+from ..processing import eval_transform
 from ..processing.templates import fill
 from . import metrics as M
 from .prompts import PromptError, read_labels, read_templates
@@ -35,7 +37,7 @@ from .sets import ClassificationSet, RetrievalSet, open_classification, open_ret
 
 __all__ = ["zero_shot", "retrieval", "RESIZE_MODES", "OutputError", "check_output"]
 
-RESIZE_MODES = {"squash": "squash", "crop": "processor"}  # our name -> the image processor's
+RESIZE_MODES = ("squash", "center", "crop")  # processing.eval_transform's names; "crop" = "center" (earlier)
 DEFAULT_RESIZE = "squash"
 
 
@@ -65,10 +67,7 @@ def check_output(path, flag: str, *, overwrite: bool = False, directory: bool = 
 
 
 def _resize(resize: str | None) -> str:
-    resize = DEFAULT_RESIZE if resize is None else resize
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {resize!r}")
-    return resize
+    return eval_transform(DEFAULT_RESIZE if resize is None else resize, what="resize")
 
 
 def _model(model, dtype: str):
@@ -99,7 +98,7 @@ def _preprocess(clip, resize: str):
     """(items, start) -> float32 pixels with the model's own image settings in ``resize`` mode."""
     from ..processing.image import ImagePreprocessor
 
-    pre = ImagePreprocessor(clip.processor.image_processor.settings, RESIZE_MODES[resize])
+    pre = ImagePreprocessor(clip.processor.image_processor.settings, resize)
     return lambda chunk, start: pre([_to_pil(x) for x in chunk], start)
 
 

@@ -28,7 +28,7 @@ EPILOG = """examples:
       --predictions pred.jsonl --output retrieval.json
 
 Both tasks resize like cn_clip's evaluation (squash: bicubic to the square resolution) unless
---resize-mode crop. Images that cannot be read are skipped and listed in the results."""
+--resize-mode center. Images that cannot be read are skipped and listed in the results."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=sorted(RESIZE_MODES),
             default=DEFAULT_RESIZE,
             help="squash: bicubic resize to the square resolution, cn_clip's evaluation (default); "
-            "crop: shortest edge + centre crop, transformers' processor",
+            "center: shortest edge + centre crop, transformers' processor (crop: its earlier name)",
         )
         sp.add_argument("--batch-size", type=int, default=64, help="rows per device step (rounded to devices)")
         sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
