@@ -179,7 +179,7 @@ def build(
     existing = _existing_dataset(out_path, split)  # before any work: OUT must be ours or new
     if source.build_check is not None:
         try:
-            options = source.build_check(src, split, options)
+            options = source.build_check(src, split, {**options, "encoding": encoding})
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise (ValueError if isinstance(e, KeyError) else type(e))(f"SRC: {e.args[0] if e.args else e}") from None
 

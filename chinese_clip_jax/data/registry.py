@@ -14,12 +14,13 @@ and ``is_process_shard`` attributes.
 
 from __future__ import annotations
 
-from .source import Source
+from .source import Offers, Source
 
-__all__ = ["sources", "get", "names", "build_formats"]
+__all__ = ["sources", "get", "names", "build_formats", "offers"]
 
 
 _REGISTRY: dict[str, Source] | None = None
+_OFFERS: dict[str, Offers] | None = None
 
 
 def sources() -> dict[str, Source]:
@@ -47,3 +48,14 @@ def get(name: str, *, what: str = "data.name") -> Source:
 def build_formats() -> tuple[str, ...]:
     """Sources ``data.build --format`` can read."""
     return tuple(n for n, s in sources().items() if s.build_records is not None)
+
+
+def offers(kind: str) -> Offers:
+    """What spec kind ``kind`` offers (``source.Offers``), from the modules that read it."""
+    global _OFFERS
+    if _OFFERS is None:
+        from . import cn_clip_sets, demo, files, folder, tfds_sets, webdataset
+
+        modules = (folder, files, cn_clip_sets, tfds_sets, webdataset, demo)
+        _OFFERS = {o.kind: o for m in modules for o in m.OFFERS}  # the spec kinds
+    return _OFFERS.get(kind) or Offers(kind)

@@ -27,7 +27,8 @@ import numpy as np
 from ..io import RangeReader, decode_failure
 from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .source import Source
+from .sets import DatasetError, ImageCorpus
+from .source import Offers, Source
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
@@ -304,3 +305,33 @@ SOURCE = Source(
     path_keys=("shards", "eval_shards"),
     build_records=_build_records,
 )
+
+
+class _Images:
+    """Webdataset samples as an image corpus: {"id": "shard:key", "image": bytes} (or "error")."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.source[i]
+        out = {"id": record.get("where", f"record {i}")}
+        if record.get("error"):
+            out["error"] = record["error"]
+        else:
+            out["image"] = record["image"]
+        return out
+
+
+def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
+    try:
+        source = TarSource(spec.location, encoding=encoding, retry="--encoding")
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(f"{spec}: {str(e).splitlines()[0]}") from e
+    return ImageCorpus(_Images(source), f"webdataset:{spec.location}")
+
+
+OFFERS = (Offers("webdataset", images=_images, training=lambda spec: ("webdataset", {"shards": spec.location})),)

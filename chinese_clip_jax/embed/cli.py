@@ -24,7 +24,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .corpus import CorpusError, open_images, read_texts
+from ..data.readers import open_images, read_texts
+from ..data.sets import DatasetError
 from .runner import DTYPES, EmbedOptions, embed_images, embed_texts
 from .store import PLAN_KEYS, EmbedError, Store
 
@@ -39,9 +40,11 @@ def _embed_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--images",
-        help="folder:PATH, list:FILE, cn_clip:ROOT[@SPLIT], webdataset:SHARDS, tfds-dir:PATH[@SPLIT], a path",
+        help="a data-set spec (docs/data.md): folder:PATH, list:FILE, files:TABLE, cn_clip:ROOT[@SPLIT], "
+        "webdataset:SHARDS, tfds:NAME[@SPLIT], tfds-dir:PATH[@SPLIT], or a path (split default: train)",
     )
     src.add_argument("--texts", help="a .jsonl of {text_id, text} or a text file, one text per line")
+    p.add_argument("--encoding", default="utf-8", help="of --texts, a list: file or a table (default utf-8)")
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--index", action="store_true", help="build a faiss index over the embeddings")
     p.add_argument("--index-kind", choices=("flat", "hnsw"), default="flat", help="flat: exact; hnsw: approximate")
@@ -114,7 +117,10 @@ def _embed(argv: Sequence[str]) -> int:
     kind = "images" if args.images else "texts"
     try:
         options.check()
-        corpus = open_images(args.images) if args.images else read_texts(args.texts)
+        if args.images:
+            corpus = open_images(args.images, encoding=args.encoding)
+        else:
+            corpus = read_texts(args.texts, encoding=args.encoding)
         store = Store(args.out, kind)
         known = {
             "kind": kind,
@@ -129,7 +135,7 @@ def _embed(argv: Sequence[str]) -> int:
             from .index import _faiss
 
             _faiss()
-    except (CorpusError, EmbedError, ValueError, ImportError) as e:
+    except (DatasetError, EmbedError, ValueError, ImportError) as e:
         return _fail(e)
     _initialize_distributed(args)
     import jax

@@ -6,7 +6,7 @@
 
 ``model``: a loaded ``ChineseCLIP``, a ``(ChineseCLIPModel, params)`` pair, or anything
 ``ccj.from_pretrained`` reads. ``dataset`` / ``data``: a ``ClassificationSet`` / ``RetrievalSet``
-or a spec string (``sets.open_classification`` / ``sets.open_retrieval``). Every input is
+or a data-set spec (``data.spec``'s grammar, opened by ``data.readers``). Every input is
 checked (set, labels, templates, output paths) before the model is loaded. ``resize``: "squash"
 (default: cn_clip's evaluation transform, a bicubic resize to the square resolution, as its
 published numbers) or "center" (transformers' processor: shortest edge, then centre crop; the
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data.readers import open_classification, open_retrieval
+from ..data.sets import ClassificationSet, RetrievalSet
 from ..io import atomic_output, atomic_write
 from ..processing import eval_transform
 from ..processing.templates import fill
@@ -33,7 +35,6 @@ from . import metrics as M
 from .prompts import PromptError, read_labels, read_templates
 from .results import TASKS, EvaluationResult, versions
 from .runner import retrieval_scores, zero_shot_scores
-from .sets import ClassificationSet, RetrievalSet, open_classification, open_retrieval
 
 __all__ = ["zero_shot", "retrieval", "RESIZE_MODES", "OutputError", "check_output"]
 

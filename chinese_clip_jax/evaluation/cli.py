@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..data.sets import DatasetError
 from ..io import atomic_write, first_line
 from .api import DEFAULT_RESIZE, RESIZE_MODES, OutputError, check_output, retrieval, zero_shot
 from .prompts import PromptError
 from .runner import TooManyBadImages
-from .sets import DatasetError
 
 __all__ = ["main", "build_parser"]
 

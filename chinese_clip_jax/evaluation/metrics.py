@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .sets import RetrievalSet
+from ..data.sets import RetrievalSet
 
 __all__ = [
     "RECALL_KS",
