@@ -157,6 +157,7 @@ def train_iterator(
         crop=data_cfg.train_crop,
         jpeg_draft=data_cfg.jpeg_draft,
         name=f"data[{data_cfg.name}]",
+        max_bad=data_cfg.get("max_bad", -1),
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..processing import (
     apply_normalize_table,
     default_normalize_table,
 )
+from .bad_records import TooManyBadRecords, max_bad_limit, too_many
 
 __all__ = [
     "TrainIterator",
@@ -278,6 +280,7 @@ class TrainIterator:
         skipped_at_index: int = 0,
         shard_size: int | None = None,
         name: str = "data",
+        max_bad: int | None = None,
     ):
         self._samples = samples
         self._shard_size = shard_size
@@ -288,6 +291,10 @@ class TrainIterator:
         self._yielded = 0
         self._skipped_at_index = int(skipped_at_index)
         self._bad_in_a_row = 0
+        # the bad-record cap (data.bad_records) counts distinct records: epochs repeat them
+        self._max_bad = max_bad_limit(max_bad, shard_size or 0)
+        self._distinct_bad: set[str] = set()
+        self.first_bad = ""  # the first skipped sample this iterator met ("where: why")
         self._chunk: dict | None = None  # the chunk being consumed, its grain state, records used
         self._chunk_state: Any = None
         self._used = 0
@@ -323,11 +330,22 @@ class TrainIterator:
 
     def _skip(self, why: str) -> None:
         self._skipped += 1
+        self.first_bad = self.first_bad or why
         self._bad_in_a_row += 1
         if self._shard_size is not None and self._bad_in_a_row >= max(self._shard_size, 1):
             raise RuntimeError(
                 f"{self._name}: a whole epoch ({self._bad_in_a_row} samples) in a row could not be decoded; last: {why}"
             )
+        if len(self._distinct_bad) <= self._max_bad:
+            self._distinct_bad.add(re.sub(r" at 0x[0-9a-f]+", "", why))  # one record, however it failed
+            if len(self._distinct_bad) > self._max_bad:
+                first = min(self._distinct_bad)
+                raise TooManyBadRecords(
+                    f"{self._name}: "
+                    + too_many(
+                        len(self._distinct_bad), self._shard_size or 0, self._max_bad, first, flag="data.max_bad"
+                    )
+                )
         if self._skipped <= _LOG_FIRST or self._skipped % _LOG_EVERY == 0:
             logger.warning("%s: skipped undecodable sample %s (%d skipped so far)", self._name, why, self._skipped)
 
@@ -407,6 +425,7 @@ def build_train_iterator(
     crop: str = "center",
     jpeg_draft: bool = False,
     name: str = "data",
+    max_bad: int | None = None,
 ) -> TrainIterator:
     """The pipeline above over ``source`` for one process; ``batch_size`` is host-local.
 
@@ -448,4 +467,5 @@ def build_train_iterator(
         skipped_at_index=getattr(source, "skipped_at_index", 0),
         shard_size=end - start,
         name=name,
+        max_bad=max_bad,
     )

@@ -131,7 +131,7 @@ def zero_shot(
     labels: class names in class order (a list, a file, ``cn_clip:NAME``; default the set's
     names); templates: prompts with one ``{}`` (a list, a file, ``cn_clip:NAME``; default
     ``CHINESE_TEMPLATES``). per_class: add per-class recall, support and the confusion matrix to
-    ``details``. max_bad: bad images tolerated (default ``runner.default_max_bad``).
+    ``details``. max_bad: bad images tolerated (default ``data.bad_records.default_max_bad``).
     """
     resize = _resize(resize)
     if batch_size < 1:

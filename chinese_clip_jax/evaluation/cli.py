@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..data.bad_records import skipped_line
 from ..data.sets import DatasetError
 from ..io import atomic_write, first_line
 from .api import DEFAULT_RESIZE, RESIZE_MODES, OutputError, check_output, retrieval, zero_shot
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--batch-size", type=int, default=64, help="rows per device step (rounded to devices)")
         sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-        sp.add_argument("--max-bad", type=int, help="bad images tolerated before the run fails (default: 1%%, >= 5)")
+        sp.add_argument(
+            "--max-bad", type=int, help="unreadable images tolerated before the run fails (default: 1%%, >= 5)"
+        )
         sp.add_argument("--encoding", default="utf-8", help="of the labels, templates and captions files")
         sp.add_argument("--output", help="write the results JSON here (also printed)")
         sp.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -145,6 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.output:
         atomic_write(args.output, text + "\n")
+    if result.bad_images:  # the one line beside the list in the results (data.bad_records)
+        b = result.bad_images[0]
+        listed = f"{args.output} (bad_images)" if args.output else "the results' bad_images"
+        n = result.counts.get("images", "?")
+        print(
+            skipped_line(len(result.bad_images), n, f"{b.image}: {b.reason}", what="images", listed=listed),
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 
 import jax
@@ -370,6 +371,14 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             bar.close()
         ckpt.close()
         log.close()
+    stats = getattr(data_iter, "stats", {})
+    if stats.get("skipped") and jax.process_index() == 0:  # the one line of data.bad_records
+        from ..data.bad_records import skipped_line
+
+        read = stats["skipped"] + stats.get("samples", 0)
+        first = getattr(data_iter, "first_bad", "") or "see the log"
+        line = skipped_line(stats["skipped"], read, first, what="training samples", listed="the log")
+        print(line, file=sys.stderr, flush=True)
     if config.export_hf and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(
