@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, default_split):
         sp.add_argument("--model", required=True, help="anything ccj.from_pretrained reads")
-        sp.add_argument("--split", default=default_split, help=f"(default {default_split})")
+        sp.add_argument("--split", default=default_split, help=f"for a spec without @SPLIT (default {default_split})")
         sp.add_argument(
             "--resize-mode",
             choices=sorted(RESIZE_MODES),
@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common(z, "test")
-    z.add_argument("--data", "--dataset", dest="data", required=True, help="folder:PATH, tfds:NAME or tfds-dir:PATH")
+    z.add_argument(
+        "--data",
+        "--dataset",
+        dest="data",
+        required=True,
+        help="a data-set spec (docs/data.md) with classes: folder:PATH, tfds:NAME[@SPLIT], tfds-dir:PATH[@SPLIT]",
+    )
     z.add_argument("--data-dir", help="TFDS data directory for tfds:NAME")
     z.add_argument("--labels", help="class names, one per line in class order, or cn_clip:NAME")
     z.add_argument("--templates", help="prompt templates, one per line with one {}, or cn_clip:NAME")
@@ -84,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         dest="data",
         required=True,
-        help="cn_clip layout directory (TSV+JSONL or LMDB), a TFDS dir, or a .csv/.tsv/.jsonl table (image, caption)",
+        help="a data-set spec (docs/data.md) with captions: cn_clip:ROOT[@SPLIT], files:TABLE, "
+        "tfds-dir:PATH[@SPLIT], tfds:NAME[@SPLIT], or a cn_clip / TFDS directory or a .csv/.tsv/.jsonl table",
     )
     r.add_argument("--predictions", help="write top-10 images per text as cn_clip's prediction JSONL")
     r.add_argument("--features-dir", help="write text/image features and ids as .npy")
