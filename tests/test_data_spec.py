@@ -93,12 +93,27 @@ def test_a_tfds_directory_gives_the_same_ids_everywhere(one_set, capsys):
 
     root, _ = one_set
     out = root / "tfds"
-    assert build.main([str(root / "pairs.csv"), str(out), "--format", "files", "--split", "valid"]) == 0
+    # data.build takes the spec too: files:TABLE gives the format, --split names the split written
+    assert build.main([f"files:{root / 'pairs.csv'}", str(out), "--split", "valid", "--workers", "1"]) == 0
     capsys.readouterr()
     for spec in (f"tfds-dir:{out}@valid", f"tfds-dir:{out}", str(out)):
         evaluated, embedded, trained = _ids_everywhere(spec)
         # data.build writes the table's pairs in row order; image ids are the table's relative paths
         assert evaluated == embedded == trained == ["imgs/d.png", "imgs/b.png", "imgs/c.png", "imgs/a.png"], spec
+
+
+def test_data_build_takes_a_cn_clip_spec_and_keeps_its_records(one_set, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from chinese_clip_jax.data import build
+
+    root, expected = one_set
+    out = root / "built"
+    assert build.main([f"cn_clip:{root / 'cn'}@valid", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    ds = tfds.builder_from_directory(str(out)).as_data_source("valid")
+    assert [ds[i]["image_id"].decode() for i in range(len(ds))] == expected["cn_clip"]
+    assert build.main([f"folder:{root / 'imgs'}", str(root / "o2")]) == 2
+    assert "a folder spec cannot be built" in capsys.readouterr().err
 
 
 def test_an_image_folder_gives_the_same_images_to_zero_shot_and_embedding(tmp_path):
