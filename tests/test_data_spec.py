@@ -318,8 +318,37 @@ def test_evaluation_and_embedding_skip_name_and_cap_the_same_records(with_bad):
 
 
 def test_dataset_errors_are_one_line(tmp_path):
-    with pytest.raises(DatasetError, match=r"^folder:.*: no such directory") as e:
+    with pytest.raises(DatasetError, match=r"^--images folder:.*: no such directory") as e:
         open_images(f"folder:{tmp_path / 'none'}")
     assert "\n" not in str(e.value)
     with pytest.raises(DatasetError, match=r"no split 'test' under"):
         open_images(f"cn_clip:{tmp_path}@test")
+
+
+# ---------------------------------------------------------------- the ground floor: gs:// staging
+
+
+def test_staging_a_remote_source_and_output(tmp_path, fake_gcs):
+    """io.staged_input / staged_output: the one way a gs:// checkpoint is read (init_from, convert's
+    SRC) and a gs:// directory written (the trainer's HF export): a local copy, removed after;
+    the output copied only when the block succeeds."""
+    from chinese_clip_jax.io import as_path, staged_input, staged_output
+
+    (as_path("gs://bucket/ckpt") / "sub").mkdir(parents=True, exist_ok=True)
+    as_path("gs://bucket/ckpt/config.json").write_text("{}")
+    as_path("gs://bucket/ckpt/sub/w.bin").write_bytes(b"123")
+    with staged_input("gs://bucket/ckpt", what="init_from") as local:
+        assert "://" not in str(local) and (local / "sub" / "w.bin").read_bytes() == b"123"
+    assert not local.exists()
+    local_dir = tmp_path / "here"
+    with staged_input(str(local_dir)) as same:
+        assert str(same) == str(local_dir)  # a local path is used in place
+    with staged_output("gs://bucket/out", what="export") as out:
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"ok")
+    assert as_path("gs://bucket/out/model.safetensors").read_bytes() == b"ok"
+    with pytest.raises(RuntimeError), staged_output("gs://bucket/failed") as out:
+        out.mkdir(parents=True)
+        (out / "half").write_bytes(b"x")
+        raise RuntimeError("the writer failed")
+    assert not as_path("gs://bucket/failed").exists()

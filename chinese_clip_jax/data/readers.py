@@ -71,8 +71,9 @@ def open_images(spec, split: str | None = "train", encoding: str = "utf-8", *, w
     spec, reader = _reader(spec, "images", "image corpus", split, what)
     try:
         return reader(spec, encoding=encoding)
-    except TextDecodeError as e:
-        raise DatasetError(str(e)) from None
+    except (TextDecodeError, DatasetError) as e:  # named as ccj-embed names it: "--images SPEC: ..."
+        text = str(e)
+        raise DatasetError(text if text.startswith(what) else f"{what} {text}") from None
 
 
 def training_keys(spec, split: str | None = "train", *, what: str = "data.spec") -> tuple[str, dict]:

@@ -16,7 +16,7 @@
 
 Short forms (what users already type): a path ending in ``.csv``, ``.tsv`` or ``.jsonl`` is
 ``files:``, one ending in ``.txt`` is ``list:``, and a bare directory is read by what it holds:
-cn_clip's layout (``*_imgs.tsv``, ``*_texts.jsonl`` or ``lmdb/``) is ``cn_clip:``, a TFDS
+cn_clip's layout (``*_imgs.tsv``, ``*_texts.jsonl``, ``lmdb/`` or ``SPLIT/pairs``) is ``cn_clip:``, a TFDS
 directory (``dataset_info.json`` in it, or one or two levels down) is ``tfds-dir:``, anything
 else ``folder:``. A spec without ``@SPLIT`` takes the split the command defaults to (its
 ``--split``: ``valid`` for retrieval, ``test`` for zero-shot, ``train`` for embedding and
@@ -113,7 +113,9 @@ def _short_form(spec: Spec, what: str) -> Spec:
             f"a table ends in {', '.join(TABLE_SUFFIXES)}, an image list in .txt)"
         )
     names = [p.name for p in path.iterdir()]
-    if any(n.endswith(("_imgs.tsv", "_texts.jsonl")) for n in names) or "lmdb" in names:
+    # ROOT may be cn_clip's lmdb/ folder itself (a few split folders; an image folder is not probed)
+    lmdb_splits = len(names) <= 16 and any((path / n / "pairs").exists() for n in names)
+    if any(n.endswith(("_imgs.tsv", "_texts.jsonl")) for n in names) or "lmdb" in names or lmdb_splits:
         return Spec("cn_clip", location, None, spec.text)
     if "dataset_info.json" in names or _tfds_below(path):
         return Spec("tfds-dir", location, None, spec.text)
