@@ -199,6 +199,17 @@ def test_ccj_train_takes_a_spec_as_data_name_and_its_keys(one_set):
     cfg.spec = f"folder:{root / 'imgs'}"
     with pytest.raises(SpecError, match=r"data.spec folder:.*offers no training pairs"):
         apply_spec(cfg)
+    # what ccj-train runs first: --config.data.spec=... is expanded before the other checks
+    from chinese_clip_jax.training.recipes import base
+    from chinese_clip_jax.training.validate import ConfigError, validate_config
+
+    config = base.get_config()
+    config.data.spec = f"files:{root / 'pairs.csv'}"
+    validate_config(config, reference=base.get_config())
+    assert config.data.name == "files" and config.data.files.table == str(root / "pairs.csv")
+    config.data.spec = "files:/nowhere/pairs.csv"
+    with pytest.raises(ConfigError, match=r"^data.files.table '/nowhere/pairs.csv' does not exist"):
+        validate_config(config)
 
 
 # ---------------------------------------------------------------- one text-decoding path
