@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from ..io import as_path, decode_failure
 
-__all__ = ["TextDecodeError", "check_encoding", "decoded_lines", "read_text"]
+__all__ = ["TextDecodeError", "check_encoding", "decoded_lines", "read_text", "decode_bytes"]
 
 DEFAULT_ENCODING = "utf-8"
 
@@ -67,3 +67,12 @@ def read_text(
     """The whole file as text (``decoded_lines`` joined with "\\n"): a table's CSV reader needs it
     whole, and a bad byte is still named by its line."""
     return "".join(line + "\n" for _, line in decoded_lines(path, encoding=encoding, what=what, retry=retry))
+
+
+def decode_bytes(data: bytes, *, where: str, encoding: str = DEFAULT_ENCODING, retry: str | None = "--encoding") -> str:
+    """One text held whole in bytes (a webdataset caption member), decoded as a file's first line:
+    a UTF-8 BOM dropped; a one-line TextDecodeError naming ``where`` (e.g. ``shard.tar:key.txt``)."""
+    try:
+        return data.decode(_first_line_codec(encoding))
+    except UnicodeDecodeError as e:
+        raise TextDecodeError(decode_failure(where, data, e, encoding, retry)) from None

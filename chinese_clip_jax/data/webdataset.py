@@ -24,11 +24,12 @@ import tarfile
 
 import numpy as np
 
-from ..io import RangeReader, decode_failure
+from ..io import RangeReader
 from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .sets import DatasetError, ImageCorpus
 from .source import Offers, Source
+from .text import TextDecodeError, decode_bytes
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
@@ -228,9 +229,9 @@ class TarSource:
             data = self._read(shard, int(row["caption_offset"]), int(row["caption_size"]))
             kind = self.caption_keys[int(row["kind"])]
             try:
-                raw = data.decode(self.encoding)
-            except UnicodeDecodeError as e:
-                return {"error": decode_failure(f"{where}.{kind}", data, e, self.encoding, self._retry), "where": where}
+                raw = decode_bytes(data, where=f"{where}.{kind}", encoding=self.encoding, retry=self._retry)
+            except TextDecodeError as e:
+                return {"error": str(e), "where": where}
             text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
