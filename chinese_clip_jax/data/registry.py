@@ -7,6 +7,11 @@ optionally how ``python -m chinese_clip_jax.data.build`` reads it. Adding a sour
 module plus its name in :func:`sources` (one line); ``data.train_iterator``, ``data.eval_sets``,
 ``data.check_config``, ``default_data_config`` and ``data.build --format`` all read the registry.
 
+Spec kinds (``spec.KINDS``) map to what they offer (``offers(kind)``, a ``source.Offers``: a
+retrieval split, a classification set, an image corpus, training pairs), declared by the same
+modules as ``OFFERS`` (``folder`` for ``folder:`` and ``list:``, ``cn_clip_sets``, ``tfds_sets``,
+``files``, ``webdataset``, ``demo``); ``readers`` opens a spec through it.
+
 Training records are what ``pipeline.build_train_iterator`` takes: a random-access sequence of
 ``{"image", "text", "where"}`` (or ``{"error", "where"}``), optionally with ``skipped_at_index``
 and ``is_process_shard`` attributes.
