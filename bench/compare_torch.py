@@ -153,7 +153,7 @@ def jax_train_setup(model, train_inputs: dict, init_params=None):
     None: random init (seed 0). Call ``step`` inside ``sharding.use_mesh_and_rules(mesh)``."""
     import jax
 
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     mesh = shd.make_mesh(devices=jax.devices()[:1])
@@ -186,7 +186,7 @@ class JaxPrograms:
         import jax
         import jax.numpy as jnp
 
-        from chinese_clip_jax.inference import sharding as shd
+        from chinese_clip_jax import sharding as shd
 
         model, params = self.model, self.params
         if name == "image":

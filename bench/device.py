@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)
 import flops  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax.inference import sharding as shd  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.modeling.layers import REMAT_POLICIES  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.defaults import current_platform, platform_defaults  # noqa: E402

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
 
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training.chunked_losses import sharded_contrastive_loss
 
     def mesh_of(n):
@@ -126,7 +126,7 @@ def speed(args, step_fn, chunk_for, mesh) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
 
     print(f"\n## speed, 8 devices: loss step (forward + backward), median of {args.repeats}: wall ms / process CPU ms")
     print("global_batch  " + "  ".join(f"{k}:{i}" for k in KINDS for i in IMPLS) + "  load")

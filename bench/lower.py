@@ -139,7 +139,7 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
     import jax
     import jax.numpy as jnp
 
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.modeling import ChineseCLIPModel
     from chinese_clip_jax.modeling.config import parse_dtype
     from chinese_clip_jax.training.defaults import resolve_run_options
@@ -184,7 +184,7 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
 
 def lower(config, platform: str, batch_size: int, mesh_sizes=None, cudnn_version: int = 91000):
     """(jax ``Lowered``, run options, model config, mesh) of the trainer's step for ``platform``."""
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
 
     stand_in = cudnn_stand_in(cudnn_version) if platform == "cuda" else contextlib.nullcontext()
     with stand_in:  # model.init traces the attention too

@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from device import SIZES, fmt_row, host_batch, peak_flops, run_size, smoke_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax.inference import sharding as shd  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.recipes.base import get_config as base_config  # noqa: E402
 

@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     from device import SIZES, batch_sizes, host_batch, smoke_config
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     if args.smoke:

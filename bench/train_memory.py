@@ -62,7 +62,7 @@ def worker(args) -> None:
     from compare_torch import jax_train_setup
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
 
     warnings.simplefilter("ignore", UserWarning)  # unrolled remat on CPU warns; measuring that is the point
     scan, remat = parse_variant(args.worker)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _LAZY = {  # public name -> submodule that defines it
     "ChineseCLIPConfig": "modeling.config",

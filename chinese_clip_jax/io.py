@@ -65,6 +65,8 @@ __all__ = [
     "is_hub_id",
     "is_local",
     "local_copy",
+    "staged_input",
+    "staged_output",
     "quiet_orbax_failures",
     "resolve_local_or_hub",
     "scheme_of",
@@ -158,6 +160,33 @@ def local_copy(path: epath.Path, *, what: str = "path") -> tuple[epath.Path, tem
     size = size or os.path.getsize(local)  # a single file
     logger.info("%s: copied %.1f MiB in %.1f s", what, size / 2**20, time.perf_counter() - start)
     return local, holder
+
+
+@contextlib.contextmanager
+def staged_input(path, *, what: str = "path"):
+    """``with staged_input(src) as local:`` a local path to read ``src`` (a file or directory)
+    from: ``src`` itself when local, else a temporary copy (``local_copy``) removed on exit."""
+    local, holder = local_copy(path if isinstance(path, epath.Path) else as_path(path, what=what), what=what)
+    try:
+        yield local
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
+@contextlib.contextmanager
+def staged_output(path, *, what: str = "path"):
+    """``with staged_output(out) as local:`` a local directory to write ``out``'s files into:
+    ``out`` itself when local, else a temporary directory copied to ``out`` once the block ends
+    without an exception (nothing is copied after a failure)."""
+    target = path if isinstance(path, epath.Path) else as_path(path, what=what)
+    if is_local(target):
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix="ccj-stage-") as tmp:
+        local = epath.Path(tmp) / target.name
+        yield local
+        copy_tree(local, target)
 
 
 class RangeReader:

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from _train_helpers import fake_batches, max_rel_err, mesh_for, opt_config, tiny_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax.inference import sharding as shd  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from chinese_clip_jax.training.chunked_losses import sharded_contrastive_loss  # noqa: E402
 from chinese_clip_jax.training.losses import MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS  # noqa: E402

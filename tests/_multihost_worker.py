@@ -22,7 +22,7 @@ from _train_helpers import fake_batches, opt_config, tiny_config  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax.inference import sharding as shd  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
 
 

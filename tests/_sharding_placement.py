@@ -13,7 +13,7 @@ import numpy as np
 from _train_helpers import tiny_config
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 
 assert jax.device_count() == 8, jax.devices()
 mesh = shd.make_mesh(2, 2, 2)

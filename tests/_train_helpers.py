@@ -94,7 +94,7 @@ def random_params(cfg: ccj.ChineseCLIPConfig, seed: int = 0):
 @functools.cache
 def data_mesh():
     """A mesh with every device on the data axis (the tests' single-host layout), made once."""
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
 
     return shd.make_mesh(-1, 1, 1)
 
@@ -103,7 +103,7 @@ def mesh_for(shape):
     """A (data, fsdp, tensor) mesh of ``shape`` on the first prod(shape) devices."""
     import jax
 
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
 
     return shd.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
 

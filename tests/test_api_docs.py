@@ -35,7 +35,7 @@ def test_api_reference_builds(tmp_path):
     pages = {p.relative_to(tmp_path / "api").as_posix() for p in (tmp_path / "api").rglob("*.html")}
     for page in (
         "chinese_clip_jax/inference/encoding.html",
-        "chinese_clip_jax/inference/sharding.html",
+        "chinese_clip_jax/sharding.html",
         "chinese_clip_jax/modeling/clip.html",
     ):
         assert page in pages
@@ -46,9 +46,9 @@ def test_api_reference_builds(tmp_path):
 def test_broken_reference_is_reported(tmp_path, monkeypatch):
     (tmp_path / "refs_example.py").write_text(
         textwrap.dedent('''
-            """Uses ``encoding.pad_to_bucket``, ``chinese_clip_jax.inference.sharding.shard_params`` and
+            """Uses ``encoding.pad_to_bucket``, ``chinese_clip_jax.sharding.shard_params`` and
             ``metrics.jsonl`` (a file name), but also ``encoding.pad_to_buckets`` and
-            ``chinese_clip_jax.inference.sharding.no_such_name``."""
+            ``chinese_clip_jax.sharding.no_such_name``."""
             from chinese_clip_jax.inference import encoding
 
             def f():
@@ -59,7 +59,7 @@ def test_broken_reference_is_reported(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     problems = _builder().unresolved_references(["refs_example"])
     assert problems == [
-        "refs_example: docstring names chinese_clip_jax.inference.sharding.no_such_name, which does not exist",
+        "refs_example: docstring names chinese_clip_jax.sharding.no_such_name, which does not exist",
         "refs_example: docstring names encoding.model_pixel, which does not exist",
         "refs_example: docstring names encoding.pad_to_buckets, which does not exist",
     ]

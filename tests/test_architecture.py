@@ -22,6 +22,8 @@ PKG = "chinese_clip_jax"
 # docs/architecture.md draws the same order.
 LAYERS = {
     "io": 0,
+    "sharding": 0,  # mesh, logical-axis rules, placing params: inference and training
+    "version": 0,
     "export": 0,  # the serving loader: jax + numpy + safetensors only (tests/test_export.py)
     "console": 0,  # library noise, progress bars
     "modeling": 1,
@@ -86,8 +88,6 @@ def _imports(module: str) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target == PKG and [a.name for a in node.names] == ["__version__"]:
-                continue  # the version string: no module is run for it
             submodules = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES}
             found.update(submodules)  # `from pkg import submodule` needs the submodule only
             if len(submodules) < len(node.names):
@@ -182,3 +182,48 @@ def test_no_module_re_exports_another_modules_names(module):
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             exported.update(ast.literal_eval(node.value))
     assert not (exported & imported), f"{module} re-exports {sorted(exported & imported)}"
+
+
+def _private_imports(module: str) -> list[str]:
+    """``from X import _name`` in ``module`` where X is another part of the library."""
+    path = MODULES[module]
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = []
+    for node in _walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")
+            target = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        if not target.startswith(PKG) or _part(target) == _part(module):
+            continue
+        found += [
+            f"{module} imports {target}.{a.name}"
+            for a in node.names
+            if a.name.startswith("_") and not a.name.startswith("__")
+        ]
+    return found
+
+
+def test_no_module_imports_another_parts_private_names():
+    bad = [line for m in sorted(MODULES) for line in _private_imports(m)]
+    assert not bad, "private names used across parts:\n" + "\n".join(bad)
+
+
+def test_the_private_import_check_sees_one():
+    """The check above reads relative imports as the interpreter does (a planted example)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("def f():\n    from ..evaluation.sets import _text, open_retrieval\n")
+        MODULES["chinese_clip_jax.embed.planted"] = path
+        try:
+            assert _private_imports("chinese_clip_jax.embed.planted") == [
+                "chinese_clip_jax.embed.planted imports chinese_clip_jax.evaluation.sets._text"
+            ]
+        finally:
+            del MODULES["chinese_clip_jax.embed.planted"]

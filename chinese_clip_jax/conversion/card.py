@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from ..io import atomic_write
+
 __all__ = ["measure_parity", "model_card", "write_model_card", "CARD_NAME"]
 
 CARD_NAME = "README.md"
@@ -80,7 +82,7 @@ def _source_license(source_dir: str | None) -> str | None:
 
 def model_card(cfg, *, src: str, kind: str, command: str, parity: dict | str, dtype: str, source_dir=None) -> str:
     """The card's text (YAML front matter + Markdown)."""
-    from .. import __version__
+    from ..version import __version__
 
     license_id = _source_license(source_dir)
     if license_id:
@@ -139,8 +141,5 @@ def write_model_card(out: str, text: str) -> bool:
     path = os.path.join(out, CARD_NAME)
     if os.path.lexists(path):
         return False
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return True

@@ -17,6 +17,7 @@ OUT/image_features.jaxexport, OUT/params.safetensors and the processor files, fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
     from chinese_clip_jax.conversion import mapping
-    from chinese_clip_jax.io import as_path, copy_tree, is_local
+    from chinese_clip_jax.io import as_path, copy_tree, is_local, staged_input
 
     start = time.perf_counter()
     try:  # gs://... SRC / OUT (epath): a bad scheme or a missing backend fails here, first
@@ -163,10 +164,11 @@ def main(argv=None) -> int:
         )
         return 2
     out_existed = remote_out is None and os.path.isdir(args.out)
-    with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp:  # remote SRC / OUT are staged here
+    # a remote SRC is staged by io.staged_input; a remote OUT is written here, copied once complete
+    with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp, contextlib.ExitStack() as staged:
         out = os.path.join(tmp, "out") if remote_out else args.out
         try:
-            src = str(copy_tree(remote_src, as_path(tmp) / "src" / remote_src.name)) if remote_src else args.src
+            src = str(staged.enter_context(staged_input(remote_src, what="SRC"))) if remote_src else args.src
             if os.path.isdir(src):  # its image settings are copied: a bad file fails before any work
                 from chinese_clip_jax.processing.image_settings import read_image_settings
 

@@ -301,11 +301,11 @@ parse_cn_clip_arch = from_cn_clip_arch  # "ViT-B-16@RoBERTa-wwm-ext-base-chinese
 def _cn_clip_config(width, layers, heads, patch, res, hidden, t_layers, t_heads, inter, embed_dim):
     """A cn_clip-style ViT + RoBERTa config from sizes read off a checkpoint's tensors, built by the
     same helpers as the published-sizes table (``config.VISION_ARCHS`` / ``TEXT_ARCHS``)."""
-    from ..modeling.config import _roberta, _vit
+    from ..modeling.config import roberta_config, vit_config
 
     return ChineseCLIPConfig(
-        text_config=_roberta(hidden, t_layers, t_heads, inter),
-        vision_config=_vit(width, layers, heads, patch, res, embed_dim),
+        text_config=roberta_config(hidden, t_layers, t_heads, inter),
+        vision_config=vit_config(width, layers, heads, patch, res, embed_dim),
         projection_dim=embed_dim,
     )
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..io import atomic_output
 from ..modeling.config import ChineseCLIPConfig, parse_dtype
 from . import mapping
 from .check import check_params
@@ -71,17 +72,13 @@ def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_output(path) as f:  # never leave a half-written model.safetensors behind
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for _, x in tensors():
                 f.write(np.ascontiguousarray(x.astype(np_dtype, copy=False)).reshape(-1).view(np.uint8).data)
-        os.replace(tmp, path)  # never leave a half-written model.safetensors behind
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if isinstance(e, OSError):
             raise OSError(f"writing {path} failed ({e.strerror or e}); its temporary file was removed") from None
         raise

@@ -12,6 +12,12 @@
 ``train_crop`` ("center", "random_resized", "squash") / ``eval_crop`` ("center", "squash"), and
 one sub-config per source, ``data.demo``, ``data.cn_clip``, ``data.webdataset``, ``data.tfds``,
 ``data.files``, whose keys each module's docstring lists.
+
+``data.spec`` (a data-set spec, docs/data.md: ``files:pairs.csv``, ``cn_clip:ROOT@train``,
+``tfds-dir:PATH``, ``webdataset:SHARDS``, ``demo:``) is short for ``data.name`` and that source's
+keys (``apply_spec``); ``data.eval_spec`` names the trainer's retrieval eval set as ``ccj-eval
+retrieval`` reads it (``readers.open_retrieval``: the same records in the same order).
+``data.max_bad``: undecodable training samples tolerated (``bad_records``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from ..processing import DEFAULT_CONTEXT_LENGTH
 from . import registry
 from .pipeline import TrainIterator, build_train_iterator
 
-__all__ = ["train_iterator", "eval_sets", "default_data_config", "check_config", "TrainIterator", "SOURCES"]
+__all__ = [
+    "train_iterator",
+    "eval_sets",
+    "default_data_config",
+    "check_config",
+    "apply_spec",
+    "TrainIterator",
+    "SOURCES",
+]
 
 SOURCES = registry.names()
 
@@ -40,9 +54,26 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
             "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
             "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)
+            "spec": "",  # a data-set spec for the training pairs: sets name + that source's keys
+            "eval_spec": "",  # a data-set spec for the retrieval eval set ("" = the source's eval keys)
+            "max_bad": -1,  # undecodable training samples tolerated (-1: the default, bad_records)
             **{n: dict(source.defaults) for n, source in registry.sources().items()},
         }
     )
+
+
+def apply_spec(data_cfg) -> None:
+    """Expands ``data.spec`` (when set) into ``data.name`` and that source's keys, in place; a
+    one-line ValueError naming the spec when it does not parse or offers no training pairs."""
+    spec = str(data_cfg.get("spec", "") or "")
+    if not spec:
+        return
+    from .readers import training_keys
+
+    name, keys = training_keys(spec, what="data.spec")
+    data_cfg.name = name
+    for key, value in keys.items():
+        data_cfg[name][key] = value
 
 
 def check_config(data_cfg) -> None:
@@ -53,6 +84,7 @@ def check_config(data_cfg) -> None:
     from ..io import as_path
     from .pipeline import EVAL_CROPS, TRAIN_CROPS
 
+    apply_spec(data_cfg)
     source = registry.get(data_cfg.name)
     if data_cfg.train_crop not in TRAIN_CROPS:
         raise ValueError(f"data.train_crop must be one of {TRAIN_CROPS}, got {data_cfg.train_crop!r}")
@@ -106,6 +138,7 @@ def train_iterator(
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the process count {shard_count}"
         )
+    apply_spec(data_cfg)
     name = data_cfg.name
     source = registry.get(name).open_train(data_cfg.get(name), image_size=image_size, shard=shard)
     if getattr(source, "is_process_shard", False):  # indexed only this process's part already
@@ -124,6 +157,7 @@ def train_iterator(
         crop=data_cfg.train_crop,
         jpeg_draft=data_cfg.jpeg_draft,
         name=f"data[{data_cfg.name}]",
+        max_bad=data_cfg.get("max_bad", -1),
     )
 
 
@@ -134,6 +168,21 @@ def eval_sets(data_cfg, *, image_size: int, context_length: int = DEFAULT_CONTEX
     demo: see ``demo.eval_sets`` ("zeroshot", "zeroshot_unseen", "retrieval").
     the others: "retrieval" only, from the eval split / shards / table ({} if none given):
     {"images", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}.
+    ``data.eval_spec`` replaces that "retrieval" set with the spec's retrieval split, exactly as
+    ``ccj-eval retrieval`` reads it (plus "image_ids"; default split "valid").
     """
+    apply_spec(data_cfg)
     name = data_cfg.name
-    return registry.get(name).eval_sets(data_cfg.get(name), image_size=image_size, context_length=context_length)
+    eval_spec = str(data_cfg.get("eval_spec", "") or "")
+    sets = {}
+    if not eval_spec or name == "demo":  # the demo's zero-shot sets stay beside an eval_spec
+        sub = data_cfg.get(name)
+        sets = registry.get(name).eval_sets(sub, image_size=image_size, context_length=context_length)
+    if eval_spec:
+        from .readers import open_retrieval
+        from .sets import retrieval_eval_set
+
+        sets = {k: v for k, v in sets.items() if k != "retrieval"}
+        rset = open_retrieval(eval_spec, "valid", what="data.eval_spec")
+        sets["retrieval"] = retrieval_eval_set(rset, context_length)
+    return sets

@@ -2,6 +2,10 @@
 
     python -m chinese_clip_jax.data.build SRC OUT --format {cn_clip,webdataset,files} --split NAME [--num-shards N]
         [--cn-clip-format {tsv,lmdb}] [--image-key K --caption-key K] [--encoding utf-8|gbk|...]
+    python -m chinese_clip_jax.data.build SPEC OUT [--split NAME] ...
+
+SRC may be a data-set spec (docs/data.md: ``cn_clip:ROOT@SPLIT``, ``files:TABLE``,
+``webdataset:SHARDS``, or a table's path), which gives ``--format`` (and the split) itself.
 
 SRC (local or ``gs://...``): for ``cn_clip``, the directory holding ``{split}_imgs.tsv`` +
 ``{split}_texts.jsonl`` or cn_clip's LMDB build ``lmdb/{split}/{imgs,pairs}`` (SRC may also be
@@ -179,7 +183,7 @@ def build(
     existing = _existing_dataset(out_path, split)  # before any work: OUT must be ours or new
     if source.build_check is not None:
         try:
-            options = source.build_check(src, split, options)
+            options = source.build_check(src, split, {**options, "encoding": encoding})
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise (ValueError if isinstance(e, KeyError) else type(e))(f"SRC: {e.args[0] if e.args else e}") from None
 
@@ -257,6 +261,25 @@ def build(
     return {"split": split, "written": written, "skipped": skipped[0], "shards": num_shards, "out": os.fspath(out_path)}
 
 
+def _source(src: str, fmt: str | None, split: str | None) -> tuple[str, str, str]:
+    """(SRC, format, split) from SRC as given: a data-set spec gives its format (and split); a plain
+    path with --format is read as before. One-line ValueErrors name what is missing."""
+    from .spec import SPLIT_KINDS, parse, resolve
+
+    spec = parse(src, what="SRC")
+    if spec.kind or fmt is None:
+        spec = resolve(src, what="SRC", default_split=split)
+        if spec.kind not in FORMATS:
+            raise ValueError(f"SRC {src}: a {spec.kind} spec cannot be built (data.build reads {', '.join(FORMATS)})")
+        if fmt is not None and fmt != spec.kind:
+            raise ValueError(f"SRC {src} is a {spec.kind} spec, but --format {fmt}")
+        src, fmt = spec.location, spec.kind
+        split = spec.split if spec.kind in SPLIT_KINDS else split
+    if not split:
+        raise ValueError(f"SRC {src}: give --split (the split to write{', and to read' if fmt == 'cn_clip' else ''})")
+    return src, fmt, split
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m chinese_clip_jax.data.build", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -265,8 +288,8 @@ def main(argv=None) -> int:
         "or a files table (.csv/.tsv/.jsonl of image paths and captions)",
     )
     ap.add_argument("out", help="TFDS dataset directory to write (local or gs://...)")
-    ap.add_argument("--format", required=True, choices=FORMATS)
-    ap.add_argument("--split", required=True, help="split name, e.g. train / valid / test")
+    ap.add_argument("--format", choices=FORMATS, help="what SRC is (default: a spec's kind)")
+    ap.add_argument("--split", help="split name, e.g. train / valid / test (default: a spec's @SPLIT)")
     ap.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files for this split")
     ap.add_argument(
         "--cn-clip-format",
@@ -294,11 +317,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chinese_clip_jax").setLevel(logging.INFO)  # e.g. "copying a remote LMDB split"
     try:
+        src, fmt, split = _source(args.src, args.format, args.split)
         summary = build(
-            args.src,
+            src,
             args.out,
-            fmt=args.format,
-            split=args.split,
+            fmt=fmt,
+            split=split,
             num_shards=args.num_shards,
             workers=args.workers,
             cn_clip_format=args.cn_clip_format,
@@ -311,7 +335,7 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(summary, ensure_ascii=False))
     print(
-        f"wrote {summary['written']} pairs ({summary['skipped']} skipped) into split {args.split!r} of "
+        f"wrote {summary['written']} pairs ({summary['skipped']} skipped) into split {summary['split']!r} of "
         f"{summary['out']} in {summary['shards']} ArrayRecord shard(s)",
         file=sys.stderr,
     )

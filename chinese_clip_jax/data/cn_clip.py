@@ -27,7 +27,6 @@ eval; "" = none), ``eval_max_texts`` (at most this many eval captions).
 
 from __future__ import annotations
 
-import codecs
 import io
 import json
 import logging
@@ -36,10 +35,11 @@ import threading
 
 from etils import epath
 
-from ..io import RangeReader, as_path, decode_failure, local_copy
+from ..io import RangeReader, as_path, local_copy
 from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .source import Source
+from .text import decoded_lines
 
 __all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
 
@@ -48,7 +48,10 @@ FORMATS = ("tsv", "lmdb")
 
 
 def _skip(counter: list, where: str, why: str) -> None:
+    """Counts a skipped record in ``counter[0]`` (and, when the list is longer, keeps its reason)."""
     counter[0] += 1
+    if len(counter) > 1:
+        counter.append(f"{where}: {why}")
     if counter[0] <= 10:
         logger.warning("cn_clip: skipping %s: %s", where, why)
 
@@ -162,36 +165,31 @@ class LmdbImages:
         return bytes(value).decode("ascii", "replace"), f"{self.origin}:{image_id}"
 
 
-def read_texts(path, skipped: list, *, encoding: str = "utf-8", retry: str | None = None):
-    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl`` (local or remote).
+def read_captions(path, skipped: list, *, encoding: str = "utf-8", retry: str | None = "--encoding"):
+    """Yields (text_id, text, image_ids, "file:line") from a ``{split}_texts.jsonl`` (local or
+    remote): the one reader of cn_clip's captions (training, evaluation, embedding, data.build).
 
-    ``encoding``: the file's text encoding. A line that is not in it raises a ValueError naming the
-    file, the line and the byte (``io.decode_failure``; ``retry``: the option naming the encoding):
-    a file in another encoding is the wrong input, not bad records to skip one by one.
+    ``encoding``: the file's text encoding (``data.text``: UTF-8 with or without a BOM by default).
+    A line that is not in it raises a one-line ``TextDecodeError`` naming the file, the line and the
+    byte (``retry``: the option naming the encoding); a line that is not a caption object is
+    skipped and counted in ``skipped`` (``_skip``).
     """
     path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cn_clip: caption file {path} does not exist")
-    # -sig: a UTF-8 BOM (Windows editors) is not a record's text
-    first = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
-    with path.open("rb") as f:
-        for line_no, data in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = data.decode(first if line_no == 1 else encoding)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"cn_clip: {decode_failure(where, data, e, encoding, retry)}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                ids = obj["image_ids"]
-                if not isinstance(obj["text"], str) or not isinstance(ids, list):
-                    raise TypeError("'text' must be a string and 'image_ids' a list")
-                obj["text"].encode("utf-8")  # a lone surrogate ("\ud800") is no text: UnicodeEncodeError
-                yield obj["text_id"], obj["text"], ids, where
-            except (ValueError, KeyError, TypeError) as e:
-                _skip(skipped, where, f"not a caption object ({type(e).__name__}: {e})")
+    for line_no, line in decoded_lines(path, encoding=encoding, what="cn_clip:", retry=retry):
+        where = f"{path}:{line_no}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            ids = obj["image_ids"]
+            if not isinstance(obj["text"], str) or not isinstance(ids, list):
+                raise TypeError("'text' must be a string and 'image_ids' a list")
+            obj["text"].encode("utf-8")  # a lone surrogate ("\ud800") is no text: UnicodeEncodeError
+            yield obj["text_id"], obj["text"], ids, where
+        except (ValueError, KeyError, TypeError) as e:
+            _skip(skipped, where, f"not a caption object ({type(e).__name__}: {e})")
 
 
 def _read_lmdb_pairs(path: epath.Path, skipped: list, origin=None):
@@ -285,11 +283,11 @@ def open_split(
     ``find_split``). images: ``TsvImages`` or ``LmdbImages`` (a remote LMDB split is copied to a
     temp dir first; ``images.close()`` removes it); captions: [(text_id, text, image_ids, where)],
     the LMDB pairs grouped back into captions in file order. Index-time problems go to ``skipped``.
-    ``encoding`` / ``retry``: of the JSONL captions, as ``read_texts``.
+    ``encoding`` / ``retry``: of the JSONL captions, as ``read_captions``.
     """
     fmt, directory = find_split(as_path(root), split, fmt, choose_with=choose_with)
     if fmt == "tsv":
-        captions = list(read_texts(directory / f"{split}_texts.jsonl", skipped, encoding=encoding, retry=retry))
+        captions = list(read_captions(directory / f"{split}_texts.jsonl", skipped, encoding=encoding, retry=retry))
         return fmt, TsvImages(directory / f"{split}_imgs.tsv", skipped), captions
     local, keep = local_copy(directory, what=f"cn_clip LMDB split {split!r}")
     images = LmdbImages(local / "imgs", keep=keep, origin=directory / "imgs")

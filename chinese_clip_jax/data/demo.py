@@ -28,7 +28,7 @@ import struct
 import numpy as np
 
 from ..processing import DEFAULT_CONTEXT_LENGTH
-from .source import Source
+from .source import Offers, Source
 
 __all__ = [
     "COLORS",
@@ -395,3 +395,5 @@ DEFAULTS = {
 }
 
 SOURCE = Source(name="demo", defaults=DEFAULTS, open_train=_open_train, eval_sets=eval_sets)
+
+OFFERS = (Offers("demo", training=lambda spec: ("demo", {})),)

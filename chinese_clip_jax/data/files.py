@@ -32,7 +32,9 @@ import os
 from ..io import as_path, is_local
 from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .source import Source
+from .sets import DatasetError, ImageCorpus, LazyList, RetrievalSet
+from .source import Offers, Source
+from .text import read_text
 
 __all__ = ["TABLE_SUFFIXES", "Table", "read_table", "read_image", "retrieval_lists", "FilesSource", "eval_sets"]
 
@@ -97,11 +99,20 @@ def _rows(path, text: str, suffix: str, image_key: str, caption_key: str):
         yield n, row
 
 
-def read_table(path, *, image_key: str = "image", caption_key: str = "caption", what: str = "table") -> Table:
+def read_table(
+    path,
+    *,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    what: str = "table",
+    encoding: str = "utf-8",
+    retry: str | None = "--encoding",
+) -> Table:
     """Reads and checks a table (see the module docstring); one-line errors name the row and column.
 
-    Raises ValueError (bad suffix, bad row), KeyError (a missing column) or FileNotFoundError
-    (the table, or a sampled image, does not exist)."""
+    Raises ValueError (bad suffix, bad row, text not in ``encoding``: ``data.text``, naming the
+    line and byte; ``retry`` is the option that sets the encoding), KeyError (a missing column) or
+    FileNotFoundError (the table, or a sampled image, does not exist)."""
     text_path = str(path)
     suffix = os.path.splitext(text_path)[1].lower()
     if suffix not in TABLE_SUFFIXES:
@@ -110,7 +121,7 @@ def read_table(path, *, image_key: str = "image", caption_key: str = "caption", 
     if not p.is_file():
         raise FileNotFoundError(f"{what} {text_path!r} does not exist")
     shown = os.fspath(p) if is_local(text_path) else text_path
-    text = p.read_bytes().decode("utf-8-sig")
+    text = read_text(p, encoding=encoding, retry=retry)
     rows = []
     for n, row in _rows(shown, text, suffix, image_key, caption_key):
         image = row[image_key]
@@ -189,7 +200,7 @@ def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGT
     del image_size  # the evaluator decodes
     if not c.eval_table:
         return {}
-    table = read_table(c.eval_table, image_key=c.image_key, caption_key=c.caption_key, what="data.files.eval_table")
+    table = _table(c.eval_table, c, "data.files.eval_table")
     paths, texts, positives = retrieval_lists(table, int(c.eval_max_samples))
     keep = []
     for i, path in enumerate(paths):
@@ -233,7 +244,14 @@ def _table(path, c, what: str) -> Table:
     if not str(path).strip():
         raise ValueError(f"{what}: set it to a .csv, .tsv or .jsonl table of image paths and captions")
     try:
-        return read_table(path, image_key=c.image_key, caption_key=c.caption_key, what=what)
+        return read_table(
+            path,
+            image_key=c.image_key,
+            caption_key=c.caption_key,
+            what=what,
+            encoding=c.encoding,
+            retry="--config.data.files.encoding",
+        )
     except (KeyError, FileNotFoundError, ValueError) as e:  # one line naming the key, as the other config errors
         message = e.args[0] if e.args else str(e)
         raise ValueError(message if message.startswith(what) else f"{what}: {message}") from None
@@ -248,13 +266,25 @@ def _check(c) -> None:
 def _build_check(src, split: str, options: dict) -> dict:
     del split
     options = {"image_key": "image", "caption_key": "caption", **options}
-    read_table(src, image_key=options["image_key"], caption_key=options["caption_key"], what="table")
+    read_table(
+        src,
+        image_key=options["image_key"],
+        caption_key=options["caption_key"],
+        what="table",
+        encoding=options.get("encoding", "utf-8"),
+    )
     return options
 
 
 def _build_records(src, split: str, skipped: list, options: dict):
     del split, skipped  # the table is the split; a missing image is skipped by data.build's check
-    table = read_table(src, image_key=options["image_key"], caption_key=options["caption_key"], what="table")
+    table = read_table(
+        src,
+        image_key=options["image_key"],
+        caption_key=options["caption_key"],
+        what="table",
+        encoding=options.get("encoding", "utf-8"),
+    )
     image_ids: dict[str, str] = {}
     root = os.path.dirname(table.path) if is_local(table.path) else str(as_path(table.path).parent)
     for image, captions, n in table.rows:
@@ -280,6 +310,7 @@ DEFAULTS = {
     "caption_key": "caption",  # the table's caption column (one caption, or a list of them)
     "eval_table": "",  # a table for retrieval eval during training ("" = none)
     "eval_max_samples": 1000,  # at most this many eval (image, caption) pairs
+    "encoding": "utf-8",  # the tables' text encoding (UTF-8 with or without a BOM; e.g. "gbk")
 }
 
 SOURCE = Source(
@@ -293,3 +324,58 @@ SOURCE = Source(
     build_check=_build_check,
     build_options={"image_key": "the table's image column", "caption_key": "the table's caption column"},
 )
+
+
+def _spec_table(spec, encoding: str) -> Table:
+    try:
+        return read_table(spec.location, what=str(spec), encoding=encoding)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise DatasetError(e.args[0] if e.args else str(e)) from None
+
+
+def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
+    """The table as a retrieval set: the candidate images are its distinct images in first-seen
+    order, the queries its distinct captions; a caption's positives are every image it is paired
+    with. Image ids are the paths as resolved, text ids the caption's position."""
+    table = _spec_table(spec, encoding)
+    images, texts, positives = retrieval_lists(table)
+    return RetrievalSet(
+        LazyList(len(images), lambda i: read_image(images[i])),
+        images,
+        list(range(len(texts))),
+        texts,
+        positives,
+        "files",
+        table.path,
+        where=lambda j: images[j],
+    )
+
+
+class _Images:
+    """The table's distinct images (first-seen order): {"id": the path as resolved, "image": bytes}."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.paths):
+            raise IndexError(i)
+        try:
+            return {"id": self.paths[i], "image": read_image(self.paths[i])}
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable file is a bad record
+            return {"id": self.paths[i], "error": f"{type(e).__name__}: {e}"}
+
+
+def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
+    images, _, _ = retrieval_lists(_spec_table(spec, encoding))
+    return ImageCorpus(_Images(images), f"files:{spec.location}")
+
+
+def _training(spec) -> tuple[str, dict]:
+    return "files", {"table": spec.location}
+
+
+OFFERS = (Offers("files", retrieval=_retrieval, images=_images, training=_training),)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,11 +39,13 @@ import PIL.Image
 
 from ..processing import (
     DEFAULT_CONTEXT_LENGTH,
+    EVAL_TRANSFORMS,
     ChineseCLIPProcessor,
     ImageSettings,
     apply_normalize_table,
     default_normalize_table,
 )
+from .bad_records import TooManyBadRecords, max_bad_limit, too_many
 
 __all__ = [
     "TrainIterator",
@@ -60,7 +63,7 @@ _LOG_FIRST = 10  # log every skipped sample up to this many, then every _LOG_EVE
 _LOG_EVERY = 100
 
 TRAIN_CROPS = ("center", "random_resized", "squash")  # data.train_crop
-EVAL_CROPS = ("center", "squash")  # data.eval_crop (the evaluator's resize modes "crop", "squash")
+EVAL_CROPS = EVAL_TRANSFORMS  # data.eval_crop: processing.eval_transform's names
 RANDOM_RESIZED_SCALE = (0.9, 1.0)  # cn_clip's training augmentation (timm, bicubic)
 RANDOM_RESIZED_RATIO = (3 / 4, 4 / 3)
 # Records decoded per grain element: one message per CHUNK records crosses from the reader
@@ -155,7 +158,7 @@ class ImageDecoder:
         self._processor = ChineseCLIPProcessor(
             image_settings=ImageSettings.at_resolution(self.image_size),
             num_threads=1,
-            resize_mode="squash" if crop == "squash" else "processor",
+            resize_mode="squash" if crop == "squash" else "center",  # random_resized crops its own
         ).image_processor
 
     def __call__(self, image: Any, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -277,6 +280,7 @@ class TrainIterator:
         skipped_at_index: int = 0,
         shard_size: int | None = None,
         name: str = "data",
+        max_bad: int | None = None,
     ):
         self._samples = samples
         self._shard_size = shard_size
@@ -287,6 +291,10 @@ class TrainIterator:
         self._yielded = 0
         self._skipped_at_index = int(skipped_at_index)
         self._bad_in_a_row = 0
+        # the bad-record cap (data.bad_records) counts distinct records: epochs repeat them
+        self._max_bad = max_bad_limit(max_bad, shard_size or 0)
+        self._distinct_bad: set[str] = set()
+        self.first_bad = ""  # the first skipped sample this iterator met ("where: why")
         self._chunk: dict | None = None  # the chunk being consumed, its grain state, records used
         self._chunk_state: Any = None
         self._used = 0
@@ -322,11 +330,22 @@ class TrainIterator:
 
     def _skip(self, why: str) -> None:
         self._skipped += 1
+        self.first_bad = self.first_bad or why
         self._bad_in_a_row += 1
         if self._shard_size is not None and self._bad_in_a_row >= max(self._shard_size, 1):
             raise RuntimeError(
                 f"{self._name}: a whole epoch ({self._bad_in_a_row} samples) in a row could not be decoded; last: {why}"
             )
+        if len(self._distinct_bad) <= self._max_bad:
+            self._distinct_bad.add(re.sub(r" at 0x[0-9a-f]+", "", why))  # one record, however it failed
+            if len(self._distinct_bad) > self._max_bad:
+                first = min(self._distinct_bad)
+                raise TooManyBadRecords(
+                    f"{self._name}: "
+                    + too_many(
+                        len(self._distinct_bad), self._shard_size or 0, self._max_bad, first, flag="data.max_bad"
+                    )
+                )
         if self._skipped <= _LOG_FIRST or self._skipped % _LOG_EVERY == 0:
             logger.warning("%s: skipped undecodable sample %s (%d skipped so far)", self._name, why, self._skipped)
 
@@ -406,6 +425,7 @@ def build_train_iterator(
     crop: str = "center",
     jpeg_draft: bool = False,
     name: str = "data",
+    max_bad: int | None = None,
 ) -> TrainIterator:
     """The pipeline above over ``source`` for one process; ``batch_size`` is host-local.
 
@@ -447,4 +467,5 @@ def build_train_iterator(
         skipped_at_index=getattr(source, "skipped_at_index", 0),
         shard_size=end - start,
         name=name,
+        max_bad=max_bad,
     )

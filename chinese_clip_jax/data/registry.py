@@ -7,6 +7,11 @@ optionally how ``python -m chinese_clip_jax.data.build`` reads it. Adding a sour
 module plus its name in :func:`sources` (one line); ``data.train_iterator``, ``data.eval_sets``,
 ``data.check_config``, ``default_data_config`` and ``data.build --format`` all read the registry.
 
+Spec kinds (``spec.KINDS``) map to what they offer (``offers(kind)``, a ``source.Offers``: a
+retrieval split, a classification set, an image corpus, training pairs), declared by the same
+modules as ``OFFERS`` (``folder`` for ``folder:`` and ``list:``, ``cn_clip_sets``, ``tfds_sets``,
+``files``, ``webdataset``, ``demo``); ``readers`` opens a spec through it.
+
 Training records are what ``pipeline.build_train_iterator`` takes: a random-access sequence of
 ``{"image", "text", "where"}`` (or ``{"error", "where"}``), optionally with ``skipped_at_index``
 and ``is_process_shard`` attributes.
@@ -14,12 +19,13 @@ and ``is_process_shard`` attributes.
 
 from __future__ import annotations
 
-from .source import Source
+from .source import Offers, Source
 
-__all__ = ["sources", "get", "names", "build_formats"]
+__all__ = ["sources", "get", "names", "build_formats", "offers"]
 
 
 _REGISTRY: dict[str, Source] | None = None
+_OFFERS: dict[str, Offers] | None = None
 
 
 def sources() -> dict[str, Source]:
@@ -47,3 +53,14 @@ def get(name: str, *, what: str = "data.name") -> Source:
 def build_formats() -> tuple[str, ...]:
     """Sources ``data.build --format`` can read."""
     return tuple(n for n, s in sources().items() if s.build_records is not None)
+
+
+def offers(kind: str) -> Offers:
+    """What spec kind ``kind`` offers (``source.Offers``), from the modules that read it."""
+    global _OFFERS
+    if _OFFERS is None:
+        from . import cn_clip_sets, demo, files, folder, tfds_sets, webdataset
+
+        modules = (folder, files, cn_clip_sets, tfds_sets, webdataset, demo)
+        _OFFERS = {o.kind: o for m in modules for o in m.OFFERS}  # the spec kinds
+    return _OFFERS.get(kind) or Offers(kind)

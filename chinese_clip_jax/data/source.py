@@ -1,7 +1,9 @@
-"""The data-source protocol: what one source module declares (``SOURCE = Source(...)``).
+"""The data-source protocol: what one source module declares: ``SOURCE = Source(...)`` (training
+pairs and the trainer's own eval sets, by ``data.name``) and ``OFFERS = (Offers(...), ...)``
+(what each spec kind it reads offers: ``data.spec``'s grammar).
 
-``registry`` lists the sources; each source module (``demo``, ``cn_clip``, ``webdataset``,
-``tfds_source``, ``files``) imports only this.
+``registry`` lists both; each source module (``demo``, ``cn_clip``, ``webdataset``,
+``tfds_source``, ``files``, ``folder``) imports only this and its own readers.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["Source"]
+__all__ = ["Source", "Offers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +42,22 @@ class Source:
     build_records: Callable[..., Iterator[dict]] | None = None
     build_check: Callable[..., dict] | None = None
     build_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Offers:
+    """What one spec kind (``spec.KINDS``) offers; each reader takes the resolved ``spec.Spec``
+    (its split filled) and returns a ``sets`` type, raising a one-line ``sets.DatasetError``.
+
+    retrieval: ``(spec, *, encoding) -> RetrievalSet`` (images, captions, positives).
+    classification: ``(spec, *, data_dir) -> ClassificationSet``.
+    images: ``(spec, *, encoding) -> ImageCorpus`` (records to embed, in a fixed order).
+    training: ``(spec) -> (data.name, {data.<name> key: value})``: the spec as ``ccj-train``'s
+        ``data.spec`` (training pairs) or ``data.eval_spec``.
+    """
+
+    kind: str
+    retrieval: Callable[..., Any] | None = None
+    classification: Callable[..., Any] | None = None
+    images: Callable[..., Any] | None = None
+    training: Callable[..., tuple[str, dict]] | None = None

@@ -24,10 +24,12 @@ import tarfile
 
 import numpy as np
 
-from ..io import RangeReader, decode_failure
+from ..io import RangeReader
 from ..processing import DEFAULT_CONTEXT_LENGTH
 from .pipeline import CachingTokenizer, LazyImages, check_image
-from .source import Source
+from .sets import DatasetError, ImageCorpus
+from .source import Offers, Source
+from .text import TextDecodeError, decode_bytes
 
 __all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
 
@@ -227,9 +229,9 @@ class TarSource:
             data = self._read(shard, int(row["caption_offset"]), int(row["caption_size"]))
             kind = self.caption_keys[int(row["kind"])]
             try:
-                raw = data.decode(self.encoding)
-            except UnicodeDecodeError as e:
-                return {"error": decode_failure(f"{where}.{kind}", data, e, self.encoding, self._retry), "where": where}
+                raw = decode_bytes(data, where=f"{where}.{kind}", encoding=self.encoding, retry=self._retry)
+            except TextDecodeError as e:
+                return {"error": str(e), "where": where}
             text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
@@ -304,3 +306,33 @@ SOURCE = Source(
     path_keys=("shards", "eval_shards"),
     build_records=_build_records,
 )
+
+
+class _Images:
+    """Webdataset samples as an image corpus: {"id": "shard:key", "image": bytes} (or "error")."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.source[i]
+        out = {"id": record.get("where", f"record {i}")}
+        if record.get("error"):
+            out["error"] = record["error"]
+        else:
+            out["image"] = record["image"]
+        return out
+
+
+def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
+    try:
+        source = TarSource(spec.location, encoding=encoding, retry="--encoding")
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(f"{spec}: {str(e).splitlines()[0]}") from e
+    return ImageCorpus(_Images(source), f"webdataset:{spec.location}")
+
+
+OFFERS = (Offers("webdataset", images=_images, training=lambda spec: ("webdataset", {"shards": spec.location})),)

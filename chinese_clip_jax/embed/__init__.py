@@ -7,11 +7,14 @@
     embed.build_index("out", "images")                     # faiss (the ``index`` extra)
     hits = embed.query("out", texts=["一只猫"], k=5)        # [[(id, cosine similarity), ...]]
 
-Modules: ``corpus`` (image specs and text files), ``runner`` (the sharded, resumable, multi-host
-loop), ``store`` (the output files), ``index`` (faiss build and search), ``cli``.
+Modules: ``runner`` (the sharded, resumable, multi-host loop), ``store`` (the output files),
+``index`` (faiss build and search), ``cli``. What is embedded is opened by ``data`` (the one
+spec grammar: ``data.readers.open_images``, ``data.readers.read_texts``); its names are here too.
 """
 
-from .corpus import CorpusError, ImageCorpus, TextCorpus, open_images, read_texts
+from ..data.readers import open_images, read_texts
+from ..data.sets import DatasetError as CorpusError
+from ..data.sets import ImageCorpus, TextCorpus
 from .index import EmbeddingIndex, build_index, exact_search, query
 from .runner import EmbedOptions, Report, embed_images, embed_texts
 from .store import Embeddings, EmbedError, load_embeddings

@@ -24,7 +24,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .corpus import CorpusError, open_images, read_texts
+from ..data.bad_records import max_bad_limit, skipped_line, too_many
+from ..data.readers import open_images, read_texts
+from ..data.sets import DatasetError
 from .runner import DTYPES, EmbedOptions, embed_images, embed_texts
 from .store import PLAN_KEYS, EmbedError, Store
 
@@ -39,9 +41,12 @@ def _embed_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--images",
-        help="folder:PATH, list:FILE, cn_clip:ROOT[@SPLIT], webdataset:SHARDS, tfds-dir:PATH[@SPLIT], a path",
+        help="a data-set spec (docs/data.md): folder:PATH, list:FILE, files:TABLE, cn_clip:ROOT[@SPLIT], "
+        "webdataset:SHARDS, tfds:NAME[@SPLIT], tfds-dir:PATH[@SPLIT], or a path (split default: train)",
     )
     src.add_argument("--texts", help="a .jsonl of {text_id, text} or a text file, one text per line")
+    p.add_argument("--encoding", default="utf-8", help="of --texts, a list: file or a table (default utf-8)")
+    p.add_argument("--max-bad", type=int, help="unreadable records tolerated before the run fails (default: 1%%, >= 5)")
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--index", action="store_true", help="build a faiss index over the embeddings")
     p.add_argument("--index-kind", choices=("flat", "hnsw"), default="flat", help="flat: exact; hnsw: approximate")
@@ -114,7 +119,10 @@ def _embed(argv: Sequence[str]) -> int:
     kind = "images" if args.images else "texts"
     try:
         options.check()
-        corpus = open_images(args.images) if args.images else read_texts(args.texts)
+        if args.images:
+            corpus = open_images(args.images, encoding=args.encoding)
+        else:
+            corpus = read_texts(args.texts, encoding=args.encoding)
         store = Store(args.out, kind)
         known = {
             "kind": kind,
@@ -129,7 +137,7 @@ def _embed(argv: Sequence[str]) -> int:
             from .index import _faiss
 
             _faiss()
-    except (CorpusError, EmbedError, ValueError, ImportError) as e:
+    except (DatasetError, EmbedError, ValueError, ImportError) as e:
         return _fail(e)
     _initialize_distributed(args)
     import jax
@@ -145,6 +153,8 @@ def _embed(argv: Sequence[str]) -> int:
     except (CheckpointError, EmbedError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     print(f"process {jax.process_index()}: {report.line()}", file=sys.stderr, flush=True)
+    if report.manifest is not None and _too_many_bad(store, report.manifest, args.max_bad):
+        return 1
     if report.manifest is not None:  # process 0, every shard written
         if args.index:
             from .index import build_index
@@ -165,6 +175,26 @@ def _query(argv: Sequence[str]) -> int:
     for q, row in zip([*args.text, *args.image], hits):
         print(json.dumps({"query": q, "hits": [{"id": i, "score": round(s, 6)} for i, s in row]}, ensure_ascii=False))
     return 0
+
+
+def _too_many_bad(store: Store, manifest: dict, max_bad: int | None) -> bool:
+    """The bad-record policy (``data.bad_records``): a warning line when records were skipped
+    (all listed in DIR/KIND-bad.jsonl); True (after an error line) when more than the cap."""
+    n_bad, n = int(manifest.get("bad", 0) or 0), int(manifest.get("num_records", 0) or 0)
+    if not n_bad:
+        return False
+    listed = store.path("-bad.jsonl")
+    try:
+        first = json.loads(listed.read_text(encoding="utf-8").splitlines()[0])
+        first = f"{first['id']}: {first['why']}"
+    except (OSError, ValueError, IndexError, KeyError):
+        first = "see the list"
+    limit = max_bad_limit(max_bad, n)
+    if n_bad > limit:
+        print(f"error: {too_many(n_bad, n, limit, first)} (all listed in {listed})", file=sys.stderr)
+        return True
+    print(skipped_line(n_bad, n, first, listed=str(listed)), file=sys.stderr)
+    return False
 
 
 def _fail(e: BaseException) -> int:

@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
+from ..data.sets import ImageCorpus, TextCorpus
 from ..inference import encoding
-from .corpus import ImageCorpus, TextCorpus
 from .store import FORMAT, Store
 
 __all__ = ["EmbedOptions", "Report", "embed_images", "embed_texts", "DTYPES"]

@@ -1,7 +1,7 @@
 """Evaluation: zero-shot classification and text-image retrieval, cn_clip's protocol by default.
 
-The one home of evaluation: ``sets`` (a classification set and a retrieval set, images read
-lazily; spec strings opened in ``open_classification`` / ``open_retrieval``), ``prompts`` (label
+The one home of evaluation (the sets it scores are ``data``'s: a spec string is opened by
+``data.readers.open_classification`` / ``open_retrieval``, names kept here), ``prompts`` (label
 sets and templates, ours and cn_clip's), ``metrics`` (recall@K, top-k accuracy, per-class
 recall), ``runner`` (embedding with bad images skipped and reported, then scoring: what the
 trainer's ``Evaluator`` calls too), ``api`` (``zero_shot`` / ``retrieval``), ``results`` (the
@@ -12,6 +12,8 @@ result object and its JSON) and ``cli`` (``ccj-eval`` / ``python -m chinese_clip
     res = evaluation.retrieval(model_or_src, data_dir); res.to_json()
 """
 
+from ..data.readers import open_classification, open_retrieval
+from ..data.sets import ClassificationSet, DatasetError, RetrievalSet
 from .api import retrieval, zero_shot
 from .metrics import (
     RECALL_KS,
@@ -26,7 +28,6 @@ from .metrics import (
 from .prompts import read_labels, read_templates
 from .results import EvaluationResult
 from .runner import BadImage, TooManyBadImages
-from .sets import ClassificationSet, DatasetError, RetrievalSet, open_classification, open_retrieval
 
 __all__ = [
     "zero_shot",

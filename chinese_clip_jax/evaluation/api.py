@@ -6,10 +6,11 @@
 
 ``model``: a loaded ``ChineseCLIP``, a ``(ChineseCLIPModel, params)`` pair, or anything
 ``ccj.from_pretrained`` reads. ``dataset`` / ``data``: a ``ClassificationSet`` / ``RetrievalSet``
-or a spec string (``sets.open_classification`` / ``sets.open_retrieval``). Every input is
+or a data-set spec (``data.spec``'s grammar, opened by ``data.readers``). Every input is
 checked (set, labels, templates, output paths) before the model is loaded. ``resize``: "squash"
 (default: cn_clip's evaluation transform, a bicubic resize to the square resolution, as its
-published numbers) or "crop" (transformers' processor: shortest edge, then centre crop).
+published numbers) or "center" (transformers' processor: shortest edge, then centre crop; the
+earlier name "crop" is accepted): ``processing.eval_transform``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from ..data.readers import open_classification, open_retrieval
+from ..data.sets import ClassificationSet, RetrievalSet
 from ..io import atomic_output, atomic_write
+from ..processing import eval_transform
 from ..processing.templates import fill
 from . import metrics as M
 from .prompts import PromptError, read_labels, read_templates
 from .results import TASKS, EvaluationResult, versions
 from .runner import retrieval_scores, zero_shot_scores
-from .sets import ClassificationSet, RetrievalSet, open_classification, open_retrieval
 
 __all__ = ["zero_shot", "retrieval", "RESIZE_MODES", "OutputError", "check_output"]
 
-RESIZE_MODES = {"squash": "squash", "crop": "processor"}  # our name -> the image processor's
+RESIZE_MODES = ("squash", "center", "crop")  # processing.eval_transform's names; "crop" = "center" (earlier)
 DEFAULT_RESIZE = "squash"
 
 
@@ -65,10 +68,7 @@ def check_output(path, flag: str, *, overwrite: bool = False, directory: bool = 
 
 
 def _resize(resize: str | None) -> str:
-    resize = DEFAULT_RESIZE if resize is None else resize
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {resize!r}")
-    return resize
+    return eval_transform(DEFAULT_RESIZE if resize is None else resize, what="resize")
 
 
 def _model(model, dtype: str):
@@ -99,7 +99,7 @@ def _preprocess(clip, resize: str):
     """(items, start) -> float32 pixels with the model's own image settings in ``resize`` mode."""
     from ..processing.image import ImagePreprocessor
 
-    pre = ImagePreprocessor(clip.processor.image_processor.settings, RESIZE_MODES[resize])
+    pre = ImagePreprocessor(clip.processor.image_processor.settings, resize)
     return lambda chunk, start: pre([_to_pil(x) for x in chunk], start)
 
 
@@ -131,7 +131,7 @@ def zero_shot(
     labels: class names in class order (a list, a file, ``cn_clip:NAME``; default the set's
     names); templates: prompts with one ``{}`` (a list, a file, ``cn_clip:NAME``; default
     ``CHINESE_TEMPLATES``). per_class: add per-class recall, support and the confusion matrix to
-    ``details``. max_bad: bad images tolerated (default ``runner.default_max_bad``).
+    ``details``. max_bad: bad images tolerated (default ``data.bad_records.default_max_bad``).
     """
     resize = _resize(resize)
     if batch_size < 1:

@@ -13,11 +13,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..data.bad_records import skipped_line
+from ..data.sets import DatasetError
 from ..io import atomic_write, first_line
 from .api import DEFAULT_RESIZE, RESIZE_MODES, OutputError, check_output, retrieval, zero_shot
 from .prompts import PromptError
 from .runner import TooManyBadImages
-from .sets import DatasetError
 
 __all__ = ["main", "build_parser"]
 
@@ -28,7 +29,7 @@ EPILOG = """examples:
       --predictions pred.jsonl --output retrieval.json
 
 Both tasks resize like cn_clip's evaluation (squash: bicubic to the square resolution) unless
---resize-mode crop. Images that cannot be read are skipped and listed in the results."""
+--resize-mode center. Images that cannot be read are skipped and listed in the results."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,17 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, default_split):
         sp.add_argument("--model", required=True, help="anything ccj.from_pretrained reads")
-        sp.add_argument("--split", default=default_split, help=f"(default {default_split})")
+        sp.add_argument("--split", default=default_split, help=f"for a spec without @SPLIT (default {default_split})")
         sp.add_argument(
             "--resize-mode",
             choices=sorted(RESIZE_MODES),
             default=DEFAULT_RESIZE,
             help="squash: bicubic resize to the square resolution, cn_clip's evaluation (default); "
-            "crop: shortest edge + centre crop, transformers' processor",
+            "center: shortest edge + centre crop, transformers' processor (crop: its earlier name)",
         )
         sp.add_argument("--batch-size", type=int, default=64, help="rows per device step (rounded to devices)")
         sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-        sp.add_argument("--max-bad", type=int, help="bad images tolerated before the run fails (default: 1%%, >= 5)")
+        sp.add_argument(
+            "--max-bad", type=int, help="unreadable images tolerated before the run fails (default: 1%%, >= 5)"
+        )
         sp.add_argument("--encoding", default="utf-8", help="of the labels, templates and captions files")
         sp.add_argument("--output", help="write the results JSON here (also printed)")
         sp.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -64,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common(z, "test")
-    z.add_argument("--data", "--dataset", dest="data", required=True, help="folder:PATH, tfds:NAME or tfds-dir:PATH")
+    z.add_argument(
+        "--data",
+        "--dataset",
+        dest="data",
+        required=True,
+        help="a data-set spec (docs/data.md) with classes: folder:PATH, tfds:NAME[@SPLIT], tfds-dir:PATH[@SPLIT]",
+    )
     z.add_argument("--data-dir", help="TFDS data directory for tfds:NAME")
     z.add_argument("--labels", help="class names, one per line in class order, or cn_clip:NAME")
     z.add_argument("--templates", help="prompt templates, one per line with one {}, or cn_clip:NAME")
@@ -81,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         dest="data",
         required=True,
-        help="cn_clip layout directory (TSV+JSONL or LMDB), a TFDS dir, or a .csv/.tsv/.jsonl table (image, caption)",
+        help="a data-set spec (docs/data.md) with captions: cn_clip:ROOT[@SPLIT], files:TABLE, "
+        "tfds-dir:PATH[@SPLIT], tfds:NAME[@SPLIT], or a cn_clip / TFDS directory or a .csv/.tsv/.jsonl table",
     )
     r.add_argument("--predictions", help="write top-10 images per text as cn_clip's prediction JSONL")
     r.add_argument("--features-dir", help="write text/image features and ids as .npy")
@@ -145,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.output:
         atomic_write(args.output, text + "\n")
+    if result.bad_images:  # the one line beside the list in the results (data.bad_records)
+        b = result.bad_images[0]
+        listed = f"{args.output} (bad_images)" if args.output else "the results' bad_images"
+        n = result.counts.get("images", "?")
+        print(
+            skipped_line(len(result.bad_images), n, f"{b.image}: {b.reason}", what="images", listed=listed),
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -28,13 +28,12 @@ All results are fractions in [0, 1].
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from .sets import RetrievalSet
+from ..data.sets import RetrievalSet
 
 __all__ = [
     "RECALL_KS",
@@ -259,18 +258,15 @@ def load_retrieval_jsonl(path: str | os.PathLike, image_ids: Sequence | None = N
 
     Each line: {"text_id": int, "text": str, "image_ids": [int, ...]}. image_ids, when given,
     is the image pool in embedding order (e.g. the order of the split's image tsv); otherwise
-    the pool is the sorted set of image ids the annotations mention.
+    the pool is the sorted set of image ids the annotations mention. The lines are read by the one
+    caption parser (``data.cn_clip.read_captions``); here a line that is not a caption is an error.
     """
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                records.append((obj["text_id"], obj["text"], list(obj["image_ids"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a {{'text_id', 'text', 'image_ids'}} record ({e})") from e
+    from ..data.cn_clip import read_captions
+
+    skipped: list = [0, None]  # the count and (from index 2) the reasons
+    records = [(text_id, text, list(ids)) for text_id, text, ids, _ in read_captions(path, skipped)]
+    if skipped[0]:
+        raise ValueError(skipped[2])
     if image_ids is None:
         image_ids = sorted({i for _, _, ids in records for i in ids})
     index = {iid: j for j, iid in enumerate(image_ids)}

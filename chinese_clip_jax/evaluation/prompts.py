@@ -15,6 +15,7 @@ import importlib
 import os
 from collections.abc import Sequence
 
+from ..data.text import TextDecodeError, decoded_lines
 from ..processing.templates import CHINESE_TEMPLATES
 
 __all__ = ["PromptError", "CN_CLIP_PREFIX", "read_labels", "read_templates", "cn_clip_sets", "read_lines"]
@@ -41,26 +42,14 @@ def cn_clip_sets() -> tuple[dict[str, list[str]], dict[str, list]]:
 
 
 def read_lines(path: str | os.PathLike, flag: str, encoding: str = "utf-8") -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines of a text file; errors name the file."""
+    """(line number, stripped text) of the non-blank lines of a text file (decoded as every text
+    file is: ``data.text``); errors name the file and the line."""
     if not os.path.isfile(path):
         raise PromptError(f"{flag} {path}: no such file (or give {CN_CLIP_PREFIX}NAME for a set cn_clip ships)")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if encoding.replace("-", "").replace("_", "").lower() == "utf8" and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    out = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        try:
-            text = line.decode(encoding)
-        except UnicodeDecodeError as e:
-            raise PromptError(
-                f"{flag} {path}:{n}: not {encoding} text (byte {line[e.start : e.start + 1]!r} at column "
-                f"{e.start + 1}); give the file's encoding with --encoding, e.g. --encoding gbk"
-            ) from None
-        except LookupError:
-            raise PromptError(f"--encoding {encoding}: unknown text encoding") from None
-        if text.strip():
-            out.append((n, text.strip()))
+    try:
+        out = [(n, line.strip()) for n, line in decoded_lines(path, encoding=encoding, what=flag) if line.strip()]
+    except TextDecodeError as e:
+        raise PromptError(str(e)) from None
     if not out:
         raise PromptError(f"{flag} {path}: the file has no non-empty line")
     return out

@@ -33,18 +33,14 @@ TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval
 
 def versions() -> dict[str, str]:
     """Versions of what computed a result, and the device it ran on."""
-    import importlib.metadata
-
     import flax
     import jax
     import numpy as np
 
-    try:
-        ours = importlib.metadata.version("chinese_clip_jax")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        ours = "not installed"
+    from ..version import __version__
+
     return {
-        "chinese_clip_jax": ours,
+        "chinese_clip_jax": __version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "numpy": np.__version__,

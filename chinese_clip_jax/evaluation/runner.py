@@ -5,7 +5,7 @@ the trainer's ``Evaluator`` all call ``zero_shot_scores`` / ``retrieval_scores``
 Bad images: an image that cannot be read or decoded (a file gone since the listing, a zero-byte or
 truncated file, bad base64) is skipped and listed as a ``BadImage`` (its index, name and the
 first line of the reason). More than ``max_bad`` of them stops the run with ``TooManyBadImages``
-naming the first few (default ``default_max_bad(n)``: 1% of the images, at least 5). Zero-shot:
+naming the first few (``data.bad_records``: default 1% of the images, at least 5). Zero-shot:
 the accuracy is over the images that were read. Retrieval: a skipped image is no candidate; a
 text whose positives were all skipped is left out of the scores and listed, not counted a miss.
 """
@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from ..data.bad_records import TooManyBadRecords, max_bad_limit, too_many
 from ..io import first_line
 from . import metrics as M
 
 __all__ = [
     "BadImage",
     "TooManyBadImages",
-    "default_max_bad",
     "embed_images",
     "ZeroShotScores",
     "zero_shot_scores",
@@ -45,13 +45,8 @@ class BadImage:
         return dataclasses.asdict(self)
 
 
-class TooManyBadImages(ValueError):
-    """More images failed to read than allowed; the message names the first few."""
-
-
-def default_max_bad(n: int) -> int:
-    """Bad images tolerated in a set of n: 1%, at least 5."""
-    return max(5, n // 100)
+class TooManyBadImages(TooManyBadRecords):
+    """More images failed to read than allowed (``data.bad_records``); the message names the first few."""
 
 
 def _why(e: BaseException) -> str:
@@ -102,7 +97,7 @@ def embed_images(
     """
     n = len(images)
     name_of = name_of or (lambda i: f"image {i}")
-    limit = default_max_bad(n) if max_bad is None else int(max_bad)
+    limit = max_bad_limit(max_bad, n)
     bad: list[BadImage] = []
     size = encoder.model.config.vision_config.image_size
 
@@ -110,9 +105,7 @@ def embed_images(
         bad.append(BadImage(i, name_of(i), reason))
         if len(bad) > limit:
             shown = "; ".join(f"{b.image}: {b.reason}" for b in bad[:3])
-            raise TooManyBadImages(
-                f"more than {limit} of {n} images could not be read (--max-bad {limit}); first: {shown}"
-            )
+            raise TooManyBadImages(too_many(len(bad), n, limit, shown, what="images"))
 
     def guarded(chunk, start):
         if not any(isinstance(x, _Unreadable) for x in chunk):

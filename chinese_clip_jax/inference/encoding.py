@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import sharding as shd
 from ..modeling import l2_normalize
 from ..processing.image import default_normalize_table
-from . import sharding as shd
 
 __all__ = [
     "text_embeddings",

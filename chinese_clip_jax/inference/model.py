@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from .. import sharding as shd
 from ..modeling import ChineseCLIPModel
 from ..processing import ChineseCLIPProcessor, ImageSettings
 from ..processing.templates import CHINESE_TEMPLATES, fill
 from . import encoding
-from . import sharding as shd
 
 
 class ChineseCLIP:
@@ -85,7 +85,7 @@ class ChineseCLIP:
         dtype: Any = jnp.float32,
         *,
         processor: ChineseCLIPProcessor | None = None,
-        resize_mode: str = "processor",
+        resize_mode: str = "center",
         arch: str | None = None,
         attention_impl: str | None = None,
         scan_layers: bool = False,

@@ -17,6 +17,8 @@ __all__ = [
     "ChineseCLIPVisionConfig",
     "ChineseCLIPResNetConfig",
     "ChineseCLIPConfig",
+    "vit_config",
+    "roberta_config",
     "VISION_ARCHS",
     "TEXT_ARCHS",
     "PRESET_ARCHS",
@@ -396,7 +398,10 @@ class ChineseCLIPConfig(_ConfigBase):
 # strings ("ViT-B-16@RoBERTa-wwm-ext-base-chinese") are both read from it.
 
 
-def _vit(width: int, layers: int, heads: int, patch: int, resolution: int, embed_dim: int) -> ChineseCLIPVisionConfig:
+def vit_config(
+    width: int, layers: int, heads: int, patch: int, resolution: int, embed_dim: int
+) -> ChineseCLIPVisionConfig:
+    """A ViT tower config from cn_clip's architecture numbers (the rows of ``VISION_ARCHS``)."""
     return ChineseCLIPVisionConfig(
         hidden_size=width,
         intermediate_size=4 * width,
@@ -408,7 +413,8 @@ def _vit(width: int, layers: int, heads: int, patch: int, resolution: int, embed
     )
 
 
-def _roberta(hidden: int, layers: int, heads: int, intermediate: int) -> ChineseCLIPTextConfig:
+def roberta_config(hidden: int, layers: int, heads: int, intermediate: int) -> ChineseCLIPTextConfig:
+    """A RoBERTa-wwm tower config from cn_clip's architecture numbers (the rows of ``TEXT_ARCHS``)."""
     return ChineseCLIPTextConfig(
         vocab_size=21128,
         hidden_size=hidden,
@@ -420,19 +426,19 @@ def _roberta(hidden: int, layers: int, heads: int, intermediate: int) -> Chinese
 
 VISION_ARCHS: dict[str, ChineseCLIPVisionConfig | ChineseCLIPResNetConfig] = {
     # head width 64, except ViT-H: 16 heads of width 80 (cn_clip's vision_head_width=80)
-    "ViT-B-32": _vit(768, 12, 12, 32, 224, 512),
-    "ViT-B-16": _vit(768, 12, 12, 16, 224, 512),
-    "ViT-L-14": _vit(1024, 24, 16, 14, 224, 768),
-    "ViT-L-14-336": _vit(1024, 24, 16, 14, 336, 768),
-    "ViT-H-14": _vit(1280, 32, 16, 14, 224, 1024),
+    "ViT-B-32": vit_config(768, 12, 12, 32, 224, 512),
+    "ViT-B-16": vit_config(768, 12, 12, 16, 224, 512),
+    "ViT-L-14": vit_config(1024, 24, 16, 14, 224, 768),
+    "ViT-L-14-336": vit_config(1024, 24, 16, 14, 336, 768),
+    "ViT-H-14": vit_config(1280, 32, 16, 14, 224, 1024),
     "RN50": ChineseCLIPResNetConfig(
         layers=(3, 4, 6, 3), width=64, num_attention_heads=32, image_size=224, projection_dim=1024
     ),
 }
 TEXT_ARCHS: dict[str, ChineseCLIPTextConfig] = {
-    "RoBERTa-wwm-ext-base-chinese": _roberta(768, 12, 12, 3072),
-    "RoBERTa-wwm-ext-large-chinese": _roberta(1024, 24, 16, 4096),
-    "RBT3-chinese": _roberta(768, 3, 12, 3072),
+    "RoBERTa-wwm-ext-base-chinese": roberta_config(768, 12, 12, 3072),
+    "RoBERTa-wwm-ext-large-chinese": roberta_config(1024, 24, 16, 4096),
+    "RBT3-chinese": roberta_config(768, 3, 12, 3072),
 }
 PRESET_ARCHS: dict[str, str] = {  # HF name (OFA-Sys/...) -> cn_clip architecture
     "chinese-clip-vit-base-patch16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",

@@ -3,7 +3,7 @@ the layer stack (unrolled or ``nn.scan``-ed, optionally rematerialised).
 
 Logical axis names used for params: ``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``,
 ``layers`` (the stacked axis under ``scan_layers``); for activations: ``batch``, ``seq``,
-``act_embed``. ``chinese_clip_jax.inference.sharding`` maps them onto the mesh.
+``act_embed``. ``chinese_clip_jax.sharding`` maps them onto the mesh.
 """
 
 from __future__ import annotations

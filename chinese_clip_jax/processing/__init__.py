@@ -6,12 +6,14 @@ PIL only: it is what grain / tf.data workers import.
 """
 
 from .image import (
+    EVAL_TRANSFORMS,
     MAX_RESIZED_PIXELS,
     ImageInput,
     ImageLoadError,
     ImagePreprocessor,
     apply_normalize_table,
     default_normalize_table,
+    eval_transform,
     normalize_pixels,
     to_rgb,
 )
@@ -20,6 +22,8 @@ from .processor import ASSETS_DIR, DEFAULT_CONTEXT_LENGTH, ChineseCLIPProcessor
 from .templates import CHINESE_TEMPLATES, fill
 
 __all__ = [
+    "EVAL_TRANSFORMS",
+    "eval_transform",
     "ASSETS_DIR",
     "CHINESE_TEMPLATES",
     "DEFAULT_CONTEXT_LENGTH",

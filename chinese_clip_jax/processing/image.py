@@ -29,6 +29,8 @@ import PIL.ImageOps
 from .image_settings import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings
 
 __all__ = [
+    "EVAL_TRANSFORMS",
+    "eval_transform",
     "ImagePreprocessor",
     "ImageLoadError",
     "ImageInput",
@@ -123,19 +125,33 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+EVAL_TRANSFORMS = ("center", "squash")
+_OLD_TRANSFORM_NAMES = {"crop": "center", "processor": "center"}  # earlier spellings, still accepted
+
+
+def eval_transform(name: str, *, what: str = "resize_mode") -> str:
+    """The one name of an evaluation image transform: "center" (transformers' processor: shortest
+    edge, then a centre crop) or "squash" (cn_clip's eval: bicubic to the square resolution).
+    The earlier spellings "crop" and "processor" mean "center"; anything else is a one-line
+    ValueError naming ``what``."""
+    name = _OLD_TRANSFORM_NAMES.get(name, name)
+    if name not in EVAL_TRANSFORMS:
+        raise ValueError(f"{what} must be one of {EVAL_TRANSFORMS}, got {name!r}")
+    return name
+
+
 class ImagePreprocessor:
     """Images -> float32 pixel_values (N, 3, H, W).
 
-    resize_mode: "processor" (the settings, as transformers) or "squash" (cn_clip's eval
-    transform at resolution `crop_size`). num_threads: images decoded/resized in parallel
-    (PIL releases the GIL); 1 = in the calling thread.
+    resize_mode: ``eval_transform``'s "center" (the settings, as transformers) or "squash"
+    (cn_clip's eval transform at resolution `crop_size`). num_threads: images decoded/resized in
+    parallel (PIL releases the GIL); 1 = in the calling thread.
     """
 
     def __init__(
-        self, settings: ImageSettings | None = None, resize_mode: str = "processor", num_threads: int | None = None
+        self, settings: ImageSettings | None = None, resize_mode: str = "center", num_threads: int | None = None
     ):
-        if resize_mode not in ("processor", "squash"):
-            raise ValueError(f"resize_mode must be 'processor' or 'squash', got {resize_mode!r}")
+        resize_mode = eval_transform(resize_mode)
         self.settings = settings or ImageSettings()
         self.resize_mode = resize_mode
         self.num_threads = num_threads or min(8, os.cpu_count() or 1)

@@ -98,7 +98,7 @@ class ChineseCLIPProcessor:
         tokenizer=None,
         image_settings: ImageSettings | dict | None = None,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
-        resize_mode: str = "processor",
+        resize_mode: str = "center",
         num_threads: int | None = None,
     ):
         if isinstance(image_settings, dict):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ..inference.sharding import BATCH_AXES
+from ..sharding import BATCH_AXES
 from .losses import _check, contrastive_loss
 
 __all__ = ["LOSS_IMPLS", "ring_sigmoid_loss", "chunked_softmax_loss", "sharded_contrastive_loss"]

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from ..evaluation import runner
 from ..inference.encoding import Encoder
-from ..processing import DEFAULT_CONTEXT_LENGTH
+from ..processing import DEFAULT_CONTEXT_LENGTH, eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class Evaluator:
 
     Metric names: ``{set}/top1``, ``{set}/top5`` for zero-shot sets ("zeroshot",
     "zeroshot_unseen"), ``{set}/t2i_R@k``, ``{set}/i2t_R@k``, ``{set}/mean_recall`` for
-    "retrieval". ``chance()`` gives the same keys at chance level. resize_mode: "crop"
-    (shortest edge + center crop, as training) or "squash" (cn_clip's evaluation transform).
+    "retrieval". ``chance()`` gives the same keys at chance level. resize_mode: "center"
+    (shortest edge + centre crop, as training; "crop" is accepted) or "squash" (cn_clip's
+    evaluation transform): ``processing.eval_transform``.
     context_length: the tokenizer length of zero-shot prompts (the run's ``context_length``).
     ``predictions[set]``: each zero-shot set's top-1 class per image at the last call (-1: an
     image that could not be read). ``bad_images[set]``: the images skipped at the last call.
@@ -46,14 +47,13 @@ class Evaluator:
         param_shardings: Any,
         eval_sets: dict,
         chunk: int = 256,
-        resize_mode: str = "crop",
+        resize_mode: str = "center",
         progress: bool = False,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
     ):
         from ..data.pipeline import ImageDecoder
 
-        if resize_mode not in ("crop", "squash"):
-            raise ValueError(f"eval resize_mode must be 'crop' or 'squash', got {resize_mode!r}")
+        resize_mode = eval_transform(resize_mode, what="eval resize_mode")
         self.sets = eval_sets
         self.mesh = mesh
         self.progress = progress
@@ -62,7 +62,7 @@ class Evaluator:
         self.predictions: dict[str, np.ndarray] = {}  # zero-shot set -> top-1 class per image, last call
         self.bad_images: dict[str, list] = {}
         size = model.config.vision_config.image_size
-        self._decode = ImageDecoder(size, crop="squash" if resize_mode == "squash" else "center")
+        self._decode = ImageDecoder(size, crop=resize_mode)
 
     def _preprocess(self, chunk, start):
         return np.stack([self._decode(x) for x in chunk])

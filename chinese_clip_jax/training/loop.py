@@ -18,18 +18,19 @@ A full disk ends in one ``OSError`` after Orbax's temporary files are removed.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
 import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..inference import sharding as shd
-from ..io import first_line, is_disk_full, silence_orbax_after_failure
+from .. import sharding as shd
+from ..io import atomic_output, atomic_write, first_line, is_disk_full, silence_orbax_after_failure
 from ..modeling import ChineseCLIPModel
 from ..modeling.config import ChineseCLIPConfig, parse_dtype
 from .checkpoint import Checkpointer, abstract_like
@@ -105,17 +106,13 @@ class TrainResult(dict):
 
 def _load_init(config, dtype, scan_layers):
     from ..conversion import from_pretrained
-    from ..io import as_path, copy_tree, is_local
+    from ..io import is_local, staged_input
 
     src, image_size = config.init_from, config.model.image_size or None
     if is_local(src):  # a local path or a hub id
         model, params = from_pretrained(src, dtype=dtype, scan_layers=scan_layers, image_size=image_size)
         return model.config, params
-    import tempfile
-
-    remote = as_path(src, what="init_from")
-    with tempfile.TemporaryDirectory(prefix="ccj-init-") as tmp:  # a gs:// checkpoint, copied once
-        local = copy_tree(remote, as_path(tmp) / remote.name)
+    with staged_input(src, what="init_from") as local:  # a gs:// checkpoint, copied once
         model, params = from_pretrained(str(local), dtype=dtype, scan_layers=scan_layers, image_size=image_size)
     return model.config, params
 
@@ -163,7 +160,7 @@ def _remove_temporaries(workdir) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
             dirs.remove(d)
         for f in files:
-            if f.endswith(".tmp") or ".orbax-checkpoint-tmp" in f:
+            if re.search(r"\.tmp\d*$", f) or ".orbax-checkpoint-tmp" in f:  # ours: io.atomic_output
                 os.remove(os.path.join(root, f))
 
 
@@ -194,9 +191,7 @@ def _record_run_options(workdir, options) -> None:
     print(options.describe(), flush=True)
     logger.info("%s", options.describe())
     path = workdir / "run_options.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(options.to_json())
-    tmp.replace(path)
+    atomic_write(path, options.to_json())
 
 
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
@@ -263,7 +258,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             from .. import data
 
             eval_sets = data.eval_sets(config.data, image_size=image_size, context_length=config.context_length)
-        resize_mode = "squash" if config.data.eval_crop == "squash" else "crop"
+        resize_mode = config.data.eval_crop
         evaluator = (
             Evaluator(
                 model,
@@ -376,6 +371,14 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             bar.close()
         ckpt.close()
         log.close()
+    stats = getattr(data_iter, "stats", {})
+    if stats.get("skipped") and jax.process_index() == 0:  # the one line of data.bad_records
+        from ..data.bad_records import skipped_line
+
+        read = stats["skipped"] + stats.get("samples", 0)
+        first = getattr(data_iter, "first_bad", "") or "see the log"
+        line = skipped_line(stats["skipped"], read, first, what="training samples", listed="the log")
+        print(line, file=sys.stderr, flush=True)
     if config.export_hf and not result["stopped_early"]:
         result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
     result.update(
@@ -402,11 +405,8 @@ def _write_figure(workdir, config, evaluator, log, step: int) -> str | None:
 
     image = run_figure(log.rows(), evaluator.sets, evaluator.predictions)
     path = workdir / ("demo.png" if config.data.name == "demo" else "summary.png")
-    tmp = path.with_name(path.name + ".tmp")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    with atomic_output(path) as f:
+        image.save(f, format="PNG")
     log.image("summary", np.asarray(image), step)
     return str(path)
 
@@ -415,7 +415,7 @@ def _export_hf(model_config, params, path: str) -> str:
     """Writes the final params in the HF layout (``save_pretrained``; a ResNet model: our Flax format
     in a sibling ``flax`` directory), from process 0."""
     from .. import conversion
-    from ..io import as_path, copy_tree, is_local
+    from ..io import staged_output
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -426,14 +426,8 @@ def _export_hf(model_config, params, path: str) -> str:
     if jax.process_index() == 0:
         params = jax.tree.map(np.asarray, params)
         save = conversion.save_flax if model_config.is_resnet else conversion.save_pretrained
-        if is_local(path):
-            save(path, model_config, params)
-        else:  # gs://...: written locally, then copied through epath
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="ccj-export-") as tmp:
-                save(tmp, model_config, params)
-                copy_tree(as_path(tmp), as_path(path))
+        with staged_output(path, what="export_hf") as local:  # gs://...: written locally, then copied
+            save(str(local), model_config, params)
     return path
 
 

@@ -17,7 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..inference import sharding as shd
+from .. import sharding as shd
 from .losses import SIGLIP_INIT_LOGIT_SCALE
 
 __all__ = ["TrainState", "create_train_state", "abstract_train_state", "example_inputs"]

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..inference import sharding as shd
+from .. import sharding as shd
 from ..inference.encoding import image_embeddings, text_embeddings
 from .chunked_losses import sharded_contrastive_loss
 from .losses import clamp_logit_scale

@@ -100,7 +100,12 @@ def validate_config(config, reference=None) -> None:
         for key in flat_keys(config):
             if key not in known and not any(key.startswith(k + ".") for k in known):
                 raise unknown_key_error(key, known)
-    from ..data import SOURCES
+    from ..data import SOURCES, apply_spec
+
+    try:  # data.spec (a data-set spec) is short for data.name + that source's keys: expanded first
+        apply_spec(config.data)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
     from ..modeling.config import DTYPES
     from ..modeling.layers import REMAT_POLICIES
     from .optim import FROZEN_PREFIXES

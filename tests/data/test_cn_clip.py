@@ -209,7 +209,7 @@ def test_remote_byte_ranges_are_exact_requests(tmp_path, fake_gcs, monkeypatch):
 
 
 def test_cn_clip_jsonl_with_a_bom_and_a_surrogate(tmp_path):
-    from chinese_clip_jax.data.cn_clip import read_texts
+    from chinese_clip_jax.data.cn_clip import read_captions
 
     lines = [
         json.dumps({"text_id": i, "text": t, "image_ids": [i]}, ensure_ascii=False)
@@ -219,5 +219,5 @@ def test_cn_clip_jsonl_with_a_bom_and_a_surrogate(tmp_path):
     path = tmp_path / "train_texts.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8") + b"\n")
     skipped = [0]
-    records = list(read_texts(path, skipped))
+    records = list(read_captions(path, skipped))
     assert [r[1] for r in records] == ["一只猫", "一条狗", "红色的花"] and skipped == [1]

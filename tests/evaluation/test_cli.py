@@ -139,7 +139,7 @@ def test_zeroshot_on_an_image_folder_equals_torch_by_hand(model, tmp_path, capsy
     assert {k: res["metrics"][k] for k in ("top1", "top5")} == expected
     assert (res["metrics"]["acc1"], res["metrics"]["acc5"]) == (expected["top1"], expected["top5"])
     assert (res["counts"]["images"], res["counts"]["classes"], res["split"]) == (12, 3, "test")
-    assert res["settings"]["resize_mode"] == "crop" and res["settings"]["num_templates"] == 2
+    assert res["settings"]["resize_mode"] == "center" and res["settings"]["num_templates"] == 2
     assert res["model"] == src and res["dataset"] == f"folder:{root}" and res["task"] == "zeroshot_classification"
     assert res["bad_images"] == [] and res["schema"] == "chinese_clip_jax.evaluation/1"
 

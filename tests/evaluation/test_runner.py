@@ -424,9 +424,12 @@ def test_gbk_files_name_the_file_line_and_encoding_and_read_with_encoding(tmp_pa
     zs = ["zeroshot", "--model", "nowhere", "--data", f"folder:{folder}"]
     cases = [
         # 猫 in GBK (c3 a8) happens to be valid UTF-8 (è): line 2 (狗) is the first that cannot decode
-        ([*zs, "--labels", str(labels)], f"--labels {labels}:2: not utf-8 text"),
-        ([*zs, "--templates", str(templates)], f"--templates {templates}:2: not utf-8 text"),
-        (["retrieval", "--model", "nowhere", "--data", str(split)], f"{split / 'valid_texts.jsonl'}:1: not utf-8 text"),
+        ([*zs, "--labels", str(labels)], f"--labels {labels}:2: not valid utf-8 text"),
+        ([*zs, "--templates", str(templates)], f"--templates {templates}:2: not valid utf-8 text"),
+        (
+            ["retrieval", "--model", "nowhere", "--data", str(split)],
+            f"{split / 'valid_texts.jsonl'}:1: not valid utf-8 text",
+        ),
     ]
     for argv, named in cases:
         code = cli.main(argv)

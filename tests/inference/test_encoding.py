@@ -8,8 +8,8 @@ from _train_helpers import tiny_config
 from flax import linen as nn
 
 import chinese_clip_jax as ccj
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.inference import encoding
-from chinese_clip_jax.inference import sharding as shd
 
 RES = 16
 

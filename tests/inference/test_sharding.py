@@ -10,7 +10,7 @@ import pytest
 from _makers import run_script
 from jax.sharding import PartitionSpec as P
 
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 
 
 def test_mesh_shape_fills_and_validates():

@@ -13,7 +13,7 @@ import pytest
 from _train_helpers import data_mesh, fake_batches, opt_config, tiny_config
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.modeling.layers import attention_mask_kwargs, resolve_scan_layers
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step, xla_flags
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like

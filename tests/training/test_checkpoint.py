@@ -54,7 +54,7 @@ def _corrupt(step_dir, how):
 
 
 def _restore_target(config):
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.modeling import ChineseCLIPModel
     from chinese_clip_jax.training.optim import make_optimizer
     from chinese_clip_jax.training.state import create_train_state

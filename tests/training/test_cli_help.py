@@ -175,7 +175,8 @@ def test_our_commands_silence_library_noise_and_keep_bars_single_line():
 
 def test_ccj_eval_tfds_name_errors_say_the_same(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from chinese_clip_jax.evaluation.sets import DatasetError, open_classification
+    from chinese_clip_jax.data.readers import open_classification
+    from chinese_clip_jax.data.sets import DatasetError
 
     with pytest.raises(DatasetError, match=r"'mnist': the dataset is registered but not prepared .*`tfds build mnist"):
         open_classification("tfds:mnist", "test", data_dir=str(tmp_path))

@@ -14,8 +14,8 @@ from _train_run import make_iterator, tiny_train_config
 from safetensors.numpy import load_file
 
 import chinese_clip_jax as ccj
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.conversion.write import save_flax
-from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training import create_train_state, make_optimizer
 from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like
 from chinese_clip_jax.training.loop import train

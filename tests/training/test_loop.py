@@ -19,7 +19,7 @@ from _train_helpers import data_mesh, fake_batches, max_rel_err, opt_config, tin
 from _train_run import make_iterator, tiny_train_config
 
 import chinese_clip_jax as ccj
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.training import create_train_state, decay_mask, make_optimizer, make_schedule, make_train_step
 from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS
