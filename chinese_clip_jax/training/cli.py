@@ -58,7 +58,6 @@ def _first_sentence(doc: str | None, limit: int = 96) -> str:
 def print_help() -> None:
     """``ccj-train --help``: the recipes and the config keys of the trainer's base config."""
     import importlib
-    import pkgutil
 
     from chinese_clip_jax import data
     from chinese_clip_jax.data import registry
@@ -67,10 +66,8 @@ def print_help() -> None:
     from chinese_clip_jax.training.recipes import base
 
     recipes = {}
-    for module in pkgutil.iter_modules(shipped.__path__):
-        recipe = importlib.import_module(f"{shipped.__name__}.{module.name}")
-        if module.name != "base" and hasattr(recipe, "get_config"):
-            recipes[module.name] = _first_sentence(recipe.__doc__)
+    for name in shipped.names():  # the runnable ones: not the template, not helper modules
+        recipes[name] = _first_sentence(importlib.import_module(f"{shipped.__name__}.{name}").__doc__)
     sources = [(base.get_config, ""), (data.default_data_config, "data.")]
     sources += [(_module_of(s.open_train), f"data.{n}.") for n, s in registry.sources().items()]
     comments = key_comments(*sources)
@@ -136,9 +133,14 @@ def main(argv) -> None:
 
     import jax
 
+    from chinese_clip_jax.training.host_memory import HostMemoryError, check_config
     from chinese_clip_jax.training.loop import train
     from chinese_clip_jax.training.report import print_report
 
+    try:  # a full-size recipe on a CPU-only host: what it needs, before anything is allocated
+        check_config(config)
+    except HostMemoryError as e:
+        _fail(str(e))
     try:
         result = train(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, ImportError, WorkdirLockedError, CheckpointUnreadableError) as e:
