@@ -213,3 +213,18 @@ def test_foreign_manifest_is_named_as_foreign(corpus, tmp_path):
         )
     )
     assert (out / "images.json").read_text() == "[1, 2]\n"
+
+
+def test_context_length_beyond_the_model_names_the_option(corpus, tmp_path):
+    (tmp_path / "t.txt").write_text("一只猫\n", encoding="utf-8")
+    model, params = ccj.from_pretrained(str(corpus / "model"))
+    opts = embed.EmbedOptions(context_length=100, progress=False)
+    with pytest.raises(ValueError) as e:
+        embed.embed_texts(
+            model, params, embed.read_texts(str(tmp_path / "t.txt")), tmp_path / "o", model_name="t", options=opts
+        )
+    assert (
+        str(e.value)
+        == "context_length (--context-length) 100: more than the model's 64 text positions; give 64 or less"
+    )
+    assert not (tmp_path / "o").exists()

@@ -138,3 +138,49 @@ def test_interrupted_flax_conversion_leftovers_and_finished_outputs(hf_model, tm
         f"error: {out / 'config.json'} already exists; convert never overwrites: choose a new or empty output directory"
     ]
     assert sorted(os.listdir(out)) == ["config.json", "params.orbax-checkpoint-tmp-1712"]
+
+
+# --------------------------------------------------------------------------- the older rounds' weak cases
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "--config {path}: no such file; give a config file (get_config()) or recipe:NAME, one of " + RUNNABLE),
+        ("def get_config(:\n", "--config {path}:1: not valid Python (invalid syntax)"),
+        (
+            "x = 1\n",
+            "--config {path}: defines no get_config() (a config file returns an ml_collections.ConfigDict from it)",
+        ),
+    ],
+)
+def test_config_file_missing_broken_or_without_get_config_is_one_line(content, message, tmp_path):
+    path = tmp_path / "my_config.py"
+    if content is not None:
+        path.write_text(content)
+    res = _run("train", f"--config={path}", "--workdir", tmp_path / "w")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {message.format(path=path)}"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    res = _run("train", "--config", "recipe:demo", "--workdir", target, "--config.total_steps=1")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: --workdir {target}: is a file, not a directory; give a new directory or a run's workdir"
+    ]
+    assert target.read_text() == "mine\n"
+
+
+def test_convert_into_a_file_is_named_as_a_file(hf_model, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    res = _run("convert", hf_model, target)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: OUT {target}: is a file, not a directory; choose a new or empty directory"
+    ]
+    assert target.read_text() == "mine\n"

@@ -172,6 +172,9 @@ def main(argv=None) -> int:
                 _remove_outputs(args.out, tuple(leftovers), out_existed=True)
                 print(f"removed {', '.join(leftovers)}: left in {args.out} by an interrupted run", file=sys.stderr)
                 existing = []
+    if existing == [""]:
+        print(f"error: OUT {args.out}: is a file, not a directory; choose a new or empty directory", file=sys.stderr)
+        return 2
     if existing:
         print(
             f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "

@@ -311,7 +311,10 @@ def embed_texts(
 
     max_positions = model.config.text_config.max_position_embeddings
     if options.context_length > max_positions:
-        raise ValueError(f"context_length {options.context_length} > the model's {max_positions} positions")
+        raise ValueError(
+            f"context_length (--context-length) {options.context_length}: more than the model's {max_positions} "
+            f"text positions; give {max_positions} or less"
+        )
     processor = ChineseCLIPProcessor(context_length=options.context_length)
 
     def batches(spans):
