@@ -125,6 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--skip-parity", action="store_true", help="--to hf: do not measure parity against transformers for the card"
     )
+    parser.add_argument(
+        "--clean-leftovers",
+        action="store_true",
+        help="first delete the unfinished temporaries an interrupted earlier run left in OUT (*.tmp, Orbax tmp dirs)",
+    )
     args = parser.parse_args(argv)
     from chinese_clip_jax.console import quiet_libraries
 
@@ -156,6 +161,21 @@ def main(argv=None) -> int:
         existing = [n for n in names if os.path.lexists(os.path.join(args.out, n))]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             existing = [""]
+        elif os.path.isdir(args.out):
+            from chinese_clip_jax.conversion.write import is_leftover, leftovers_message
+
+            leftovers = sorted(n for n in os.listdir(args.out) if is_leftover(n))
+            finals = [n for n in existing if not is_leftover(n)]
+            if leftovers and not finals:  # an interrupted earlier run: say so, and the way out
+                if not args.clean_leftovers:
+                    print(f"error: {leftovers_message(args.out, leftovers, '--clean-leftovers')}", file=sys.stderr)
+                    return 2
+                _remove_outputs(args.out, tuple(leftovers), out_existed=True)
+                print(f"removed {', '.join(leftovers)}: left in {args.out} by an interrupted run", file=sys.stderr)
+                existing = []
+    if existing == [""]:
+        print(f"error: OUT {args.out}: is a file, not a directory; choose a new or empty directory", file=sys.stderr)
+        return 2
     if existing:
         print(
             f"error: {os.path.join(args.out, existing[0])} already exists; convert never overwrites: choose a "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from typing import Any
@@ -54,6 +55,24 @@ def output_names(to: str) -> tuple[str, ...]:
     directory: ``python -m convert`` checks them all before any work, and never overwrites."""
     own = ("model.safetensors", "model.safetensors.tmp") if to == "hf" else (FLAX_PARAMS_DIR, FLAX_META)
     return own + ("config.json",) + PROCESSOR_FILES
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` in an output directory is the unfinished temporary of an interrupted write:
+    ``NAME.tmp`` (``write_safetensors``), ``NAME.tmpPID`` (``io.atomic_output``) or an Orbax
+    ``*.orbax-checkpoint-tmp*`` directory. A run that finishes or fails renames or removes its own;
+    one killed (SIGKILL, power loss) leaves them."""
+    return re.search(r"\.tmp\d*$", name) is not None or ".orbax-checkpoint-tmp" in name
+
+
+def leftovers_message(out: str, leftovers: list[str], flag: str) -> str:
+    """The one line for an output directory holding only what an interrupted run left."""
+    names = ", ".join(leftovers[:3]) + (f" and {len(leftovers) - 3} more" if len(leftovers) > 3 else "")
+    return (
+        f"{os.path.join(out, leftovers[0])}: an earlier run writing into {out} was interrupted (killed before "
+        f"it finished) and left {names} unfinished; nothing there is complete: rerun with {flag} to delete "
+        "them and write again, or delete them yourself"
+    )
 
 
 def write_safetensors(path: str, tensors, dtype: str = "float32") -> None:

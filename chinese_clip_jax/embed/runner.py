@@ -11,8 +11,10 @@ Images are read and decoded by the training pipeline's decoder (``data.pipeline.
 uint8 up to the device, normalised there by ``encoding.model_pixels``) in grain reader threads
 or, with ``workers``, grain worker processes, a batch per grain element, in order. A record that
 cannot be read or decoded is skipped and listed with the reason. A shard already written (a
-killed run) is kept; the others are redone. When every host is done (``sync_global_devices``),
-process 0 writes the id tables and marks the manifest complete (``store.Store.finish``).
+killed run) is kept when its ``.npy`` matches the size and checksum its table recorded; a damaged
+one is rebuilt, named in a warning and in the report; the others are redone. When every host is
+done (``sync_global_devices``), process 0 writes the id tables and marks the manifest complete
+(``store.Store.finish``); a run where no record could be read ends in an ``EmbedError``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from ..data.sets import ImageCorpus, TextCorpus
 from ..inference import encoding
-from .store import FORMAT, Store
+from .store import FORMAT, EmbedError, Store
 
 __all__ = ["EmbedOptions", "Report", "embed_images", "embed_texts", "DTYPES"]
 
@@ -74,7 +76,8 @@ class Report:
     rows: int = 0
     bad: int = 0
     shards: int = 0  # shards written in this run
-    kept: int = 0  # shards of this host found already written (resume)
+    kept: int = 0  # shards of this host found already written and whole (resume)
+    rebuilt: list = dataclasses.field(default_factory=list)  # "shard K: why" of each damaged shard redone
     seconds: float = 0.0
     input_s: float = 0.0
     model_s: float = 0.0
@@ -91,6 +94,7 @@ class Report:
             f"{self.records} {unit} ({self.bad} bad) in {self.seconds:.1f} s: {self.rate:.1f} {unit}/s; "
             f"waiting for input {self.input_s:.1f} s, model {self.model_s:.1f} s, writing {self.write_s:.1f} s; "
             f"{self.shards} shards written, {self.kept} kept from an earlier run"
+            + (f", {len(self.rebuilt)} rebuilt ({self.rebuilt[0]})" if self.rebuilt else "")
         )
 
 
@@ -113,13 +117,20 @@ def _plan(kind: str, corpus, model, model_name: str, options: EmbedOptions) -> d
     }
 
 
-def _my_shards(store: Store, plan: dict) -> tuple[list[int], int]:
-    """(this host's shards still to write, its shards already written)."""
+def _my_shards(store: Store, plan: dict) -> tuple[list[int], int, list[str]]:
+    """(this host's shards still to write, how many are already written and whole, "shard K: why"
+    of each written but damaged one: to rebuild)."""
     import jax
 
-    mine = list(range(jax.process_index(), plan["num_shards"], jax.process_count()))
-    todo = [k for k in mine if not store.is_done(k)]
-    return todo, len(mine) - len(todo)
+    mine = range(jax.process_index(), plan["num_shards"], jax.process_count())
+    todo, damaged = [], []
+    for k in mine:
+        done, why = store.shard_state(k)
+        if not done:
+            todo.append(k)
+        if why:
+            damaged.append(f"shard {k}: {why}")
+    return todo, len(mine) - len(todo), damaged
 
 
 def _spans(plan: dict, k: int, batch_size: int) -> list[tuple[int, int]]:
@@ -146,9 +157,15 @@ def _run(kind, corpus, model, params, out, model_name, options, batches, embed, 
     options.check()
     store = Store(out, kind)
     plan = _plan(kind, corpus, model, model_name, options)
+    if plan["num_records"] == 0:
+        raise EmbedError(f"{corpus.source}: the corpus has no records; nothing to embed")
     store.start(plan)
-    todo, kept = _my_shards(store, plan)
-    report = Report(kind, kept=kept)
+    todo, kept, damaged = _my_shards(store, plan)
+    report = Report(kind, kept=kept, rebuilt=damaged)
+    if damaged:
+        store.reopen(plan)  # a complete run stops being complete before any shard is rewritten
+        for why in damaged:
+            logger.warning("%s: %s: rebuilt", kind, why)
     spans = {k: _spans(plan, k, options.batch_size) for k in todo}
     total = sum(b - a for k in todo for a, b in spans[k])
     start = time.perf_counter()
@@ -294,7 +311,10 @@ def embed_texts(
 
     max_positions = model.config.text_config.max_position_embeddings
     if options.context_length > max_positions:
-        raise ValueError(f"context_length {options.context_length} > the model's {max_positions} positions")
+        raise ValueError(
+            f"context_length (--context-length) {options.context_length}: more than the model's {max_positions} "
+            f"text positions; give {max_positions} or less"
+        )
     processor = ChineseCLIPProcessor(context_length=options.context_length)
 
     def batches(spans):

@@ -58,7 +58,6 @@ def _first_sentence(doc: str | None, limit: int = 96) -> str:
 def print_help() -> None:
     """``ccj-train --help``: the recipes and the config keys of the trainer's base config."""
     import importlib
-    import pkgutil
 
     from chinese_clip_jax import data
     from chinese_clip_jax.data import registry
@@ -67,10 +66,8 @@ def print_help() -> None:
     from chinese_clip_jax.training.recipes import base
 
     recipes = {}
-    for module in pkgutil.iter_modules(shipped.__path__):
-        recipe = importlib.import_module(f"{shipped.__name__}.{module.name}")
-        if module.name != "base" and hasattr(recipe, "get_config"):
-            recipes[module.name] = _first_sentence(recipe.__doc__)
+    for name in shipped.names():  # the runnable ones: not the template, not helper modules
+        recipes[name] = _first_sentence(importlib.import_module(f"{shipped.__name__}.{name}").__doc__)
     sources = [(base.get_config, ""), (data.default_data_config, "data.")]
     sources += [(_module_of(s.open_train), f"data.{n}.") for n, s in registry.sources().items()]
     comments = key_comments(*sources)
@@ -126,9 +123,11 @@ def main(argv) -> None:
     from chinese_clip_jax.io import as_path
 
     try:  # a gs:// workdir without gcsfs, or a scheme epath does not serve: before jax starts
-        as_path(_WORKDIR.value, what="--workdir")
+        workdir = as_path(_WORKDIR.value, what="--workdir")
     except (ValueError, ImportError) as e:
         _fail(str(e))
+    if workdir.exists() and not workdir.is_dir():
+        _fail(f"--workdir {_WORKDIR.value}: is a file, not a directory; give a new directory or a run's workdir")
     from chinese_clip_jax.training import xla_flags
 
     xla_flags.apply(config.xla_gpu_flags)  # before any backend starts
@@ -136,9 +135,14 @@ def main(argv) -> None:
 
     import jax
 
+    from chinese_clip_jax.training.host_memory import HostMemoryError, check_config
     from chinese_clip_jax.training.loop import train
     from chinese_clip_jax.training.report import print_report
 
+    try:  # a full-size recipe on a CPU-only host: what it needs, before anything is allocated
+        check_config(config)
+    except HostMemoryError as e:
+        _fail(str(e))
     try:
         result = train(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, ImportError, WorkdirLockedError, CheckpointUnreadableError) as e:
@@ -151,8 +155,45 @@ def main(argv) -> None:
         sys.exit(0)
 
 
+def _check_config_file(spec: str) -> None:
+    """``--config FILE[:ARG]``: a readable Python file that defines ``get_config`` (else one line
+    naming the file, before absl imports it and fails with a traceback or a module named
+    ``config_config``)."""
+    import ast
+
+    from chinese_clip_jax.training import recipes
+
+    path = spec
+    if not os.path.isfile(path) and ":" in spec:  # FILE:ARG, ml_collections' config argument
+        path = spec.rsplit(":", 1)[0]
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        _fail(
+            f"--config {spec}: {what}; give a config file (get_config()) or recipe:NAME, one of "
+            + ", ".join(recipes.names())
+        )
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except SyntaxError as e:
+        _fail(f"--config {path}:{e.lineno}: not valid Python ({e.msg})")
+    except (OSError, ValueError) as e:
+        _fail(f"--config {path}: cannot be read ({first_line(e)})")
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    if "get_config" not in defined:
+        _fail(f"--config {path}: defines no get_config() (a config file returns an ml_collections.ConfigDict from it)")
+
+
 def _resolve_recipes(argv: list[str]) -> list[str]:
-    """``--config recipe:NAME`` (a recipe shipped in the package) -> that file's path."""
+    """``--config recipe:NAME`` (a recipe shipped in the package) -> that file's path; the file
+    (either way) is checked before absl loads it (``_check_config_file``)."""
     from chinese_clip_jax.training import recipes
 
     out = list(argv)
@@ -160,8 +201,10 @@ def _resolve_recipes(argv: list[str]) -> list[str]:
         try:
             if arg.startswith("--config=") and not arg.startswith("--config.="):
                 out[i] = "--config=" + recipes.resolve(arg[len("--config=") :])
+                _check_config_file(out[i][len("--config=") :])
             elif arg == "--config" and i + 1 < len(out):
                 out[i + 1] = recipes.resolve(out[i + 1])
+                _check_config_file(out[i + 1])
         except ValueError as e:
             _fail(str(e))
     return out

@@ -24,7 +24,7 @@ import math
 import jax
 import numpy as np
 
-from ..io import atomic_write
+from ..io import atomic_write, first_line
 from .validate import ConfigError
 
 __all__ = ["resolve_run_length", "RUN_LENGTH_FILE"]
@@ -59,7 +59,21 @@ def _resolve_on_process0(config, records: int, workdir, resuming: bool) -> tuple
                 f"{workdir} holds checkpoints of a run that did not train by epochs (no {RUN_LENGTH_FILE}): "
                 f"resume it with config.epochs=0 and its config.total_steps, or use a new workdir"
             )
-        rec = json.loads(path.read_text())
+        try:
+            rec = json.loads(path.read_text())
+            rec = {k: rec[k] for k in ("epochs", "batch_size", "train_records", "steps_per_epoch", "total_steps")}
+            float(rec["epochs"]), int(rec["batch_size"]), int(rec["total_steps"]), int(rec["steps_per_epoch"])
+        except (ValueError, KeyError, TypeError) as e:  # torn or edited: rebuilt from this run's settings
+            logger.warning(
+                "%s is damaged (%s): rewritten from this run's epochs=%g, batch_size=%d and %d train records",
+                path,
+                first_line(e),
+                epochs,
+                batch,
+                records,
+            )
+            resuming = False
+    if resuming:
         if (float(rec["epochs"]), int(rec["batch_size"])) != (epochs, batch):
             raise ConfigError(
                 f"{path}: this run started with epochs={rec['epochs']:g}, batch_size={rec['batch_size']} "

@@ -21,6 +21,8 @@ import time
 
 from etils import epath
 
+from ..io import atomic_write, first_line
+
 __all__ = ["WorkdirLock", "WorkdirLockedError", "check_model_config", "LOCK_FILE", "MODEL_CONFIG_FILE"]
 
 logger = logging.getLogger(__name__)
@@ -156,8 +158,11 @@ def check_model_config(workdir: str | os.PathLike, model_config_dict: dict, resu
     if resuming and path.exists():
         try:
             saved = json.loads(path.read_text())
-        except ValueError:
-            saved = None
+            why = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}, not an object"
+        except ValueError as e:
+            saved, why = None, first_line(e)
+        if why:  # torn or edited: rewritten; Orbax checks the shapes at restore
+            logger.warning("%s is damaged (%s): rewritten from this run's model", path, why)
         if isinstance(saved, dict) and saved != model_config_dict:
             from .validate import ConfigError
 
@@ -170,7 +175,7 @@ def check_model_config(workdir: str | os.PathLike, model_config_dict: dict, resu
             )
         if isinstance(saved, dict):
             return
-    path.write_text(json.dumps(model_config_dict, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(model_config_dict, indent=1, sort_keys=True))
 
 
 def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
