@@ -65,9 +65,14 @@ function show(answer, what) {
 async function searchText(ev) {
   ev.preventDefault();
   const q = $("q").value;
+  $("results").replaceChildren();
   setStatus("搜索中…", false);
   try {
-    show(await call("/search?q=" + encodeURIComponent(q) + "&k=" + k()), "以文搜图");
+    const answer = q.length > 1000  // a long query goes in a body: URLs have length limits
+      ? await call("/search", { method: "POST", headers: { "Content-Type": "application/json" },
+                                body: JSON.stringify({ q: q, k: k() }) })
+      : await call("/search?q=" + encodeURIComponent(q) + "&k=" + k());
+    show(answer, "以文搜图");
   } catch (e) {
     $("results").replaceChildren();
     setStatus("错误：" + e.message, true);
@@ -77,6 +82,7 @@ async function searchText(ev) {
 async function searchImage(file) {
   if (!file) return;
   const target = $("target-texts").checked ? "texts" : "images";
+  $("results").replaceChildren();
   setStatus("上传 " + file.name + "…", false);
   try {
     const answer = await call("/search/image?k=" + k() + "&target=" + target, {
