@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 __all__ = ["main", "MAX_REQUEST_LINE"]
@@ -45,6 +47,13 @@ def _check_extra() -> None:
         raise ImportError(f"ccj-serve needs FastAPI and uvicorn: pip install 'chinese-clip-jax[serve]' ({e})") from e
 
 
+def _say_when_listening(server, url: str) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        print(f"ccj-serve: listening on {url}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the service until interrupted; returns the exit status (2: bad input)."""
     args = _parser().parse_args(argv)
@@ -74,7 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for line in service.loaded():
         print(f"ccj-serve: {line}", file=sys.stderr, flush=True)
-    print(f"ccj-serve: listening on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     config = uvicorn.Config(
         create_app(service),
         host=args.host,
@@ -82,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="warning",
         h11_max_incomplete_event_size=MAX_REQUEST_LINE,
     )
+    server = uvicorn.Server(config)
+    threading.Thread(target=_say_when_listening, args=(server, f"http://{args.host}:{args.port}/"), daemon=True).start()
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         service.close()
     return 0
