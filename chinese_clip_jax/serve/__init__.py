@@ -2,7 +2,8 @@
 
     from chinese_clip_jax import serve
     service = serve.Service.load("emb")          # the runs of emb/, their model, compiled
-    app = serve.create_app(service)              # a FastAPI app: run it with uvicorn
+    from chinese_clip_jax.serve.app import create_app   # the serve extra: FastAPI
+    app = create_app(service)                    # an ASGI app: run it with uvicorn
 
 Modules: ``catalog`` (the runs and their indexes, change detection), ``batcher`` (micro-batching
 concurrent queries), ``queries`` (texts and uploads -> embeddings), ``sources`` (source images
@@ -14,12 +15,5 @@ from .batcher import Busy, MicroBatcher
 from .catalog import Catalog, Run, ServeError
 from .service import ServeOptions, Service
 
-__all__ = ["Busy", "MicroBatcher", "Catalog", "Run", "ServeError", "ServeOptions", "Service", "create_app"]
+__all__ = ["Busy", "MicroBatcher", "Catalog", "Run", "ServeError", "ServeOptions", "Service"]
 
-
-def __getattr__(name):
-    if name == "create_app":  # FastAPI is the serve extra: imported when asked for
-        from .app import create_app
-
-        return create_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
