@@ -12,7 +12,7 @@ from _train_helpers import random_params, tiny_config
 import chinese_clip_jax as ccj
 from chinese_clip_jax import embed
 
-N_IMAGES = 40
+N_IMAGES = 300  # "a few hundred", as the done criterion
 CAPTIONS = ["一只猫在沙发上", "红色的汽车", "海边的日落", "两只狗在草地上奔跑", "一碗热腾腾的面条", "", "雪山下的湖"]
 
 
@@ -42,7 +42,7 @@ def build(root) -> dict:
     (root / "captions.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
     out = root / "emb"
     model, params = ccj.from_pretrained(str(root / "model"))
-    opts = embed.EmbedOptions(shard_size=16, batch_size=16, dtype="float32", progress=False)
+    opts = embed.EmbedOptions(shard_size=128, batch_size=64, dtype="float32", progress=False)
     name = str(root / "model")
     embed.embed_images(model, params, embed.open_images(f"folder:{images}"), out, model_name=name, options=opts)
     embed.build_index(out, "images")

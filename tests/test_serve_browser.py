@@ -143,7 +143,7 @@ def _clear(driver) -> None:
 def test_page_in_chromium(server, corpus, browser, capsys):
     url, lines = server
     started = "".join(lines)
-    assert f"model: {corpus['model']}" in started and "images: 40 rows" in started and "IndexFlatIP" in started
+    assert f"model: {corpus['model']}" in started and "images: 300 rows" in started and "IndexFlatIP" in started
 
     browser.get(url + "/")
     _wait(browser, "return document.body.dataset.ready", "the page to load /healthz")

@@ -16,4 +16,3 @@ from .catalog import Catalog, Run, ServeError
 from .service import ServeOptions, Service
 
 __all__ = ["Busy", "MicroBatcher", "Catalog", "Run", "ServeError", "ServeOptions", "Service"]
-
