@@ -257,3 +257,24 @@ def test_micro_batcher_batches_refuses_when_full_and_survives_errors():
     assert len(calls) < len(futures) + 2
     b.close()
     time.sleep(0)
+
+
+def test_a_text_run_of_another_model_is_not_served(service, corpus, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(corpus["out"], out)
+    manifest = json.loads((out / "texts.json").read_text())
+    (out / "texts.json").write_text(json.dumps(dict(manifest, model="another/model")))
+    options = serve.ServeOptions(max_batch=4, warm_up=False)
+    other = serve.Service(serve.Catalog(out), service.queries.clip, "moved/model", options)
+    try:
+        assert set(other.catalog.runs) == {"images"}
+        lines = other.loaded()
+        assert f"not serving the texts run: embedded with another/model, the images run with {corpus['model']}" in lines
+        assert f"queries are encoded with moved/model; the runs were embedded with {corpus['model']}" in lines
+        with TestClient(create_app(other)) as c:
+            res = c.post("/search/image", params={"target": "texts"}, content=b"x")
+            _one_line_error(res, 404, "no text corpus embedded with moved/model")
+            (out / "texts.json").write_text("{}")  # a file no longer served is no longer watched
+            assert c.get("/search", params={"q": "猫", "k": 2}).status_code == 200
+    finally:
+        other.close()
