@@ -5,6 +5,7 @@ search; a burst of concurrent queries compiles nothing and takes fewer device ca
 queries; every bad input is a 4xx with a one-line JSON error and the service keeps answering."""
 
 import asyncio
+import io
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import time
 
 import httpx2 as httpx
 import numpy as np
+import PIL.Image
 import pytest
 from _serve_corpus import N_IMAGES, build
 
@@ -142,6 +144,7 @@ BAD = [
     ("post", "/search/image", {"k": 3}, b"%PDF-1.4 not an image", 400, ["not an image"]),
     ("post", "/search/image", {"k": 3}, "TRUNCATED", 400, ["cannot be decoded"]),
     ("post", "/search/image", {"k": 3}, b"\0" * (UPLOAD_LIMIT + 1), 413, [f"limit of {UPLOAD_LIMIT} bytes"]),
+    ("post", "/search/image", {"k": 3}, "HUGE", 413, ["is 8000x8000 pixels, above the limit of 50000000"]),
     ("post", "/search/image", {"k": 0}, "TRUNCATED", 400, ["k must be >= 1"]),
     ("post", "/search/image", {"target": "videos"}, b"x", 422, ["target"]),
     ("get", "/image", {"id": "nope.png"}, None, 404, ["unknown image id 'nope.png'"]),
@@ -159,6 +162,11 @@ def test_bad_input_is_a_one_line_4xx_and_the_service_keeps_answering(
 ):
     if body == "TRUNCATED":
         body = (corpus["images"] / "animals" / "000.jpg").read_bytes()[:300]
+    elif body == "HUGE":  # a few KB of PNG that claims 64 megapixels
+        buf = io.BytesIO()
+        PIL.Image.new("1", (8000, 8000)).save(buf, "PNG")
+        body = buf.getvalue()
+        assert len(body) < UPLOAD_LIMIT
     res = client.request(method.upper(), url, params=params, content=body)
     _one_line_error(res, status, *fragments)
     assert client.get("/healthz").status_code == 200
