@@ -27,6 +27,8 @@ test:
 	$(call install_into,build/venv-test,[test],torch)
 	build/venv-test/bin/ruff check .
 	build/venv-test/bin/ruff format --check .
+	# the page test drives Debian's headless Chromium; installed here when missing (root + apt-get)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei) || echo "chromium not installed: tests/test_serve_browser.py will skip"
 	build/venv-test/bin/python $(PYTEST) tests
 
 install: $(VENV)/.installed

@@ -16,6 +16,7 @@
 #   layout     base train step scanned, remat none and dots (unrolled is in `device`): compile s, ms/step
 #   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
+#   serve      bench/serve_load.py: ccj-serve's q/s, p50/p99 latency and RSS under concurrent clients
 # Each part writes $OUT/<part>.txt (its table) and $OUT/<part>.err; $OUT/summary.txt lists
 # start, end, status and seconds of each part.
 set -uo pipefail
@@ -83,6 +84,14 @@ if [ "$SMOKE" = 1 ]; then
   part memory 100 "$PY" bench/max_batch.py --smoke --capacity-gib 0.01 --remats none
 else
   part memory 100 "$PY" bench/max_batch.py --sizes $SIZES --remats none,dots,full --budget-s 50
+fi
+# ccj-serve under load: HTTP q/s and p50/p99 beside the encoder without HTTP, RSS before/after
+# (two processes share the device: no preallocation). Needs the serve extra's wheels (fastapi, uvicorn).
+if [ "$SMOKE" = 1 ]; then
+  part serve 60 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/serve_load.py --tiny --images 32 --requests 200 --direct 50
+else
+  part serve 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/serve_load.py --preset chinese-clip-vit-base-patch16 \
+    --images 256 --requests 5000 --clients 16 --max-batch 64 --budget-s 60 --direct 500
 fi
 # The profile's trace for TensorBoard comes back only when small (the fetch has size limits).
 TRACE=$(ls -d "${TMPDIR:-/tmp}"/ccj_trace/plugins/profile/* 2>/dev/null | tail -1)

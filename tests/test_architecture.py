@@ -34,6 +34,7 @@ LAYERS = {
     "evaluation": 5,
     "training": 6,
     "embed": 7,
+    "serve": 8,
 }
 APPLICATIONS = ("train", "convert", "bench", "tests")
 

@@ -42,8 +42,10 @@ def test_the_wheel_holds_only_the_library(wheel):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"chinese_clip_jax"}, sorted(tops)
     assert "chinese_clip_jax/training/recipes/demo.py" in names
     assert "chinese_clip_jax/assets/vocab.txt" in names
+    for page in ("index.html", "app.js", "style.css"):  # ccj-serve's page, shipped as package data
+        assert f"chinese_clip_jax/serve/static/{page}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for script in ("ccj-train", "ccj-convert", "ccj-eval"):
+    for script in ("ccj-train", "ccj-convert", "ccj-eval", "ccj-serve"):
         assert script in entry_points
 
 

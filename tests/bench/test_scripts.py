@@ -188,3 +188,12 @@ def test_profile_reads_a_gpu_trace_layout(tmp_path):
     table = profile_step.summarize(found, steps=1, step_s=300e-6, top=3)
     first = table.splitlines()[2].split()
     assert first[1] == "gemm_fusion_dot.3" and first[2] == "matmul" and first[-1] == "33.3%", table
+
+
+@pytest.mark.slow  # a model, a corpus and a ccj-serve subprocess: ~45 s
+def test_serve_load_tiny():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("faiss")
+    out = run_script("bench/serve_load.py", "--tiny", "--images", "16", "--requests", "60", "--direct", "20")
+    assert "answered 60 of 60 requests (0 errors)" in out and "| tiny | 8 | 60 |" in out
+    assert "compiles {'text': 3, 'image': 3}" in out  # every bucket at start-up, none under load
