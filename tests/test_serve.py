@@ -136,6 +136,8 @@ def _one_line_error(res, status: int, *fragments: str) -> None:
 BAD = [
     ("get", "/search", {"q": ""}, None, 400, ["q is empty"]),
     ("get", "/search", {"q": " \t\n　"}, None, 400, ["q is empty"]),
+    ("get", "/search", {"q": "\x00\ufffd"}, None, 400, ["q is empty once tokenized"]),
+    ("post", "/search", {}, b'{"q": "\\ud800abc"}', 400, ["q cannot be tokenized", "lone surrogate"]),
     ("get", "/search", {"q": "猫", "k": 0}, None, 400, ["k must be >= 1, got 0"]),
     ("get", "/search", {"q": "猫", "k": -4}, None, 400, ["k must be >= 1, got -4"]),
     ("get", "/search", {"q": "猫", "k": N_IMAGES + 1}, None, 400, [f"k={N_IMAGES + 1} is above", f"size {N_IMAGES}"]),
@@ -167,7 +169,8 @@ def test_bad_input_is_a_one_line_4xx_and_the_service_keeps_answering(
         PIL.Image.new("1", (8000, 8000)).save(buf, "PNG")
         body = buf.getvalue()
         assert len(body) < UPLOAD_LIMIT
-    res = client.request(method.upper(), url, params=params, content=body)
+    headers = {"content-type": "application/json"} if url == "/search" and method == "post" else {}
+    res = client.request(method.upper(), url, params=params, content=body, headers=headers)
     _one_line_error(res, status, *fragments)
     assert client.get("/healthz").status_code == 200
     assert client.get("/search", params={"q": "红色的汽车", "k": 2}).status_code == 200
