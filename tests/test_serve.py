@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -240,6 +241,23 @@ def test_not_a_ccj_embed_directory_is_a_one_line_error_before_the_model_loads(tm
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --embeddings {tmp_path}: no images.json or texts.json (not a ccj-embed --out directory)"
+    ]
+
+
+def test_a_taken_port_is_a_one_line_error_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: --host 127.0.0.1 --port {port}: cannot bind (Address already in use)"
     ]
 
 
