@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -136,6 +137,8 @@ def _one_line_error(res, status: int, *fragments: str) -> None:
 BAD = [
     ("get", "/search", {"q": ""}, None, 400, ["q is empty"]),
     ("get", "/search", {"q": " \t\n　"}, None, 400, ["q is empty"]),
+    ("get", "/search", {"q": "\x00\ufffd"}, None, 400, ["q is empty once tokenized"]),
+    ("post", "/search", {}, b'{"q": "\\ud800abc"}', 400, ["q cannot be tokenized", "lone surrogate"]),
     ("get", "/search", {"q": "猫", "k": 0}, None, 400, ["k must be >= 1, got 0"]),
     ("get", "/search", {"q": "猫", "k": -4}, None, 400, ["k must be >= 1, got -4"]),
     ("get", "/search", {"q": "猫", "k": N_IMAGES + 1}, None, 400, [f"k={N_IMAGES + 1} is above", f"size {N_IMAGES}"]),
@@ -167,7 +170,8 @@ def test_bad_input_is_a_one_line_4xx_and_the_service_keeps_answering(
         PIL.Image.new("1", (8000, 8000)).save(buf, "PNG")
         body = buf.getvalue()
         assert len(body) < UPLOAD_LIMIT
-    res = client.request(method.upper(), url, params=params, content=body)
+    headers = {"content-type": "application/json"} if url == "/search" and method == "post" else {}
+    res = client.request(method.upper(), url, params=params, content=body, headers=headers)
     _one_line_error(res, status, *fragments)
     assert client.get("/healthz").status_code == 200
     assert client.get("/search", params={"q": "红色的汽车", "k": 2}).status_code == 200
@@ -237,6 +241,23 @@ def test_not_a_ccj_embed_directory_is_a_one_line_error_before_the_model_loads(tm
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --embeddings {tmp_path}: no images.json or texts.json (not a ccj-embed --out directory)"
+    ]
+
+
+def test_a_taken_port_is_a_one_line_error_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: --host 127.0.0.1 --port {port}: cannot bind (Address already in use)"
     ]
 
 

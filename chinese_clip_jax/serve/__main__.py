@@ -1,3 +1,5 @@
+"""``python -m chinese_clip_jax.serve`` = ``ccj-serve``."""
+
 import sys
 
 from .cli import main

@@ -12,6 +12,7 @@ ccj-embed output is a one-line error and exit status 2, before the model is load
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import threading
 import time
@@ -47,6 +48,23 @@ def _check_extra() -> None:
         raise ImportError(f"ccj-serve needs FastAPI and uvicorn: pip install 'chinese-clip-jax[serve]' ({e})") from e
 
 
+def _check_address(host: str, port: int) -> None:
+    """Before the model loads: a port out of range or already taken is a one-line error."""
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port must be 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror})") from None
+
+
 def _say_when_listening(server, url: str) -> None:
     while not server.started and not server.should_exit:
         time.sleep(0.05)
@@ -70,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_extra()
         options.check()
-        if not 0 <= args.port < 65536:
-            raise ValueError(f"--port must be 0..65535, got {args.port}")
+        _check_address(args.host, args.port)
         service = Service.load(args.embeddings, args.model, options)
     except (EmbedError, ValueError, ImportError, OSError) as e:
         text = str(e).strip()
@@ -83,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for line in service.loaded():
         print(f"ccj-serve: {line}", file=sys.stderr, flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"ccj-serve: bound to {args.host}: reachable from other machines, with no authentication",
+            file=sys.stderr,
+            flush=True,
+        )
     config = uvicorn.Config(
         create_app(service),
         host=args.host,

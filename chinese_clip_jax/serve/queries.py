@@ -48,6 +48,7 @@ class QueryEncoder:
         self.processor = clip.processor
         self.context_length = self.processor.context_length
         self.max_batch = max_batch
+        self._empty_tokens = len(self.processor.tokenize([""], truncation=False)["input_ids"][0])  # [CLS] [SEP]
         self.texts = MicroBatcher(
             self._encode_texts, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, name="text queries"
         )
@@ -80,6 +81,8 @@ class QueryEncoder:
         except ValueError as e:  # e.g. a lone surrogate
             raise ServeError(f"q cannot be tokenized: {str(e).splitlines()[0]}") from e
         n = len(full["input_ids"][0])
+        if n <= self._empty_tokens:  # e.g. only control characters, which the tokenizer drops
+            raise ServeError(f"q is empty once tokenized ({text[:20]!r}): give a text to search for")
         arrays = tuple(np.asarray(tok[key][0], np.int32) for key in ("input_ids", "attention_mask", "token_type_ids"))
         return TextQuery(text, n, n > self.context_length, arrays)
 
