@@ -258,13 +258,18 @@ def atomic_output(path, mode: str = "wb", *, encoding: str | None = None):
         raise ValueError(f"atomic_output: mode must be 'w' or 'wb', not {mode!r}")
     target = path if isinstance(path, epath.Path) else as_path(path)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    local = is_local(target)  # local files by the os module: no epath backend (nor its TF probe)
     try:
-        with tmp.open(mode, encoding=encoding if mode == "w" else None) as f:
+        opened = open(os.fspath(tmp), mode, encoding=encoding if mode == "w" else None) if local else None
+        with opened or tmp.open(mode, encoding=encoding if mode == "w" else None) as f:
             yield f
-        tmp.replace(target)
+        if local:
+            os.replace(os.fspath(tmp), os.fspath(target))
+        else:
+            tmp.replace(target)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            os.remove(os.fspath(tmp)) if local else tmp.unlink(missing_ok=True)
         raise
 
 
