@@ -240,3 +240,15 @@ def test_atomic_write_removes_the_temporaries_of_an_interrupted_earlier_write(tm
         ccj_io.atomic_write(tmp_path / "r.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", fresh.name, alive.name, other.name])
     assert f"removed {old}: left by an earlier write of {tmp_path / 'r.json'} that was interrupted" in caplog.text
+
+
+def test_eval_with_a_model_its_tokenizer_does_not_fit_is_one_line(hf_model, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    for c in "ab":
+        (tmp_path / "cls" / c).mkdir(parents=True)
+        PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cls" / c / "0.png")
+    res = _run("chinese_clip_jax.evaluation", "zeroshot", "--model", hf_model, "--data", f"folder:{tmp_path / 'cls'}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: tokenizer has 21128 tokens, the model's vocab only 64"]
