@@ -17,7 +17,8 @@ images, tar shards) stays where it is: ``RangeReader``.
 Writes: ``atomic_output(path)`` / ``atomic_write(path, data)`` write a temporary sibling and
 rename it over ``path`` only when the whole content is written, so a reader never sees a
 half-written file and a failed write leaves what was there before (every writer of the library
-goes through them).
+goes through them). A write killed outright leaves its ``NAME.tmpPID``: the next successful write
+of the same path removes it, saying so (``stale_temporaries``: local, process gone, untouched).
 
 Hub names: ``is_hub_id("OFA-Sys/chinese-clip-vit-base-patch16")`` is True; a path that exists,
 starts with ``.``, ``/`` or ``~``, has more or fewer than one ``/``, or whose first part is a
@@ -71,6 +72,7 @@ __all__ = [
     "resolve_local_or_hub",
     "scheme_of",
     "silence_orbax_after_failure",
+    "stale_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -249,32 +251,86 @@ class RangeReader:
 # ---- atomic writes ----
 
 
+STALE_AFTER_S = 60.0  # a temporary untouched this long whose process is gone is a leftover
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process, or not a pid at all
+        return True
+    return True
+
+
+def stale_temporaries(path) -> list[str]:
+    """The temporaries of ``path`` that interrupted ``atomic_output`` writes left (a SIGKILL, a
+    power cut: no ``except`` ran): local siblings ``NAME.tmpPID`` whose process no longer runs and
+    that have not changed for ``STALE_AFTER_S`` seconds (provably not a write in progress here).
+    Remote paths: none (another host's write cannot be told from a leftover)."""
+    target = os.fspath(path)
+    if not is_local(target):
+        return []
+    directory, name = os.path.split(target)
+    pattern = re.compile(re.escape(name) + r"\.tmp(\d+)$")
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    now, stale = time.time(), []
+    for other in names:
+        m = pattern.match(other)
+        if not m or int(m.group(1)) == os.getpid() or _pid_running(int(m.group(1))):
+            continue
+        full = os.path.join(directory, other)
+        with contextlib.suppress(OSError):
+            if now - os.stat(full).st_mtime >= STALE_AFTER_S:
+                stale.append(full)
+    return sorted(stale)
+
+
 @contextlib.contextmanager
-def atomic_output(path, mode: str = "wb", *, encoding: str | None = None):
+def atomic_output(path, mode: str = "wb", *, encoding: str | None = None, clean_stale: bool = True):
     """A file object for a temporary sibling of ``path`` that replaces ``path`` only once the
     ``with`` block has finished without an exception; on any failure the temporary is removed and
-    ``path`` keeps what it held. ``path``: str, os.PathLike or epath.Path (local or gs://)."""
+    ``path`` keeps what it held. ``path``: str, os.PathLike or epath.Path (local or gs://).
+
+    The temporary is ``NAME.tmpPID``. Once the write has succeeded, the temporaries of ``path``
+    that an interrupted earlier write left (``stale_temporaries``) are removed, with a warning
+    naming each; ``clean_stale=False`` skips that directory listing (a writer of many files in one
+    directory that clears its leftovers itself)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_output: mode must be 'w' or 'wb', not {mode!r}")
     target = path if isinstance(path, epath.Path) else as_path(path)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    local = is_local(target)  # local files by the os module: no epath backend (nor its TF probe)
     try:
-        with tmp.open(mode, encoding=encoding if mode == "w" else None) as f:
+        opened = open(os.fspath(tmp), mode, encoding=encoding if mode == "w" else None) if local else None
+        with opened or tmp.open(mode, encoding=encoding if mode == "w" else None) as f:
             yield f
-        tmp.replace(target)
+        if local:
+            os.replace(os.fspath(tmp), os.fspath(target))
+        else:
+            tmp.replace(target)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            os.remove(os.fspath(tmp)) if local else tmp.unlink(missing_ok=True)
         raise
+    if clean_stale:
+        for leftover in stale_temporaries(target):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+                logger.warning("removed %s: left by an earlier write of %s that was interrupted", leftover, target)
 
 
-def atomic_write(path, data: bytes | str) -> None:
+def atomic_write(path, data: bytes | str, *, clean_stale: bool = True) -> None:
     """Writes ``data`` (bytes, or text as UTF-8) to ``path`` atomically (see ``atomic_output``)."""
     if isinstance(data, str):
-        with atomic_output(path, "w", encoding="utf-8") as f:
+        with atomic_output(path, "w", encoding="utf-8", clean_stale=clean_stale) as f:
             f.write(data)
     else:
-        with atomic_output(path, "wb") as f:
+        with atomic_output(path, "wb", clean_stale=clean_stale) as f:
             f.write(data)
 
 

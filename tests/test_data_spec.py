@@ -363,3 +363,24 @@ def test_staging_a_remote_source_and_output(tmp_path, fake_gcs):
         (out / "half").write_bytes(b"x")
         raise RuntimeError("the writer failed")
     assert not as_path("gs://bucket/failed").exists()
+
+
+def test_ccj_embed_warns_in_one_line_and_fails_over_max_bad(tmp_path, capsys):
+    """ccj-embed's end of run (the manifest's counts and DIR/images-bad.jsonl): under the cap one
+    warning line naming the first skipped record and the list; over it one error line, exit 1."""
+    from chinese_clip_jax.embed.cli import _too_many_bad
+    from chinese_clip_jax.embed.store import Store
+
+    store = Store(str(tmp_path), "images")
+    store.path("-bad.jsonl").write_text('{"id": "cat/1.png", "why": "UnidentifiedImageError"}\n')
+    manifest = {"bad": 1, "num_records": 40}
+    assert _too_many_bad(store, manifest, None) is False
+    err = capsys.readouterr().err
+    assert err == (
+        "warning: 1 of 40 records could not be read and were skipped (first: cat/1.png: UnidentifiedImageError); "
+        f"all listed in {tmp_path / 'images-bad.jsonl'}\n"
+    )
+    assert _too_many_bad(store, manifest, 0) is True
+    err = capsys.readouterr().err
+    assert err.startswith("error: more than 0 of 40 records could not be read (--max-bad 0; 1 so far)")
+    assert err.count("\n") == 1

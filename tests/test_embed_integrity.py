@@ -228,3 +228,14 @@ def test_context_length_beyond_the_model_names_the_option(corpus, tmp_path):
         == "context_length (--context-length) 100: more than the model's 64 text positions; give 64 or less"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_deleted_shard_of_a_complete_run_is_rebuilt_and_the_run_reopened(corpus, tmp_path):
+    out = tmp_path / "out"
+    _run(corpus, out)
+    before = _digests(out)
+    (out / "images-00000.json").unlink()
+    (out / "images-00000.npy").unlink()
+    report = _run(corpus, out)
+    assert report.rebuilt == ["shard 0: images-00000.json is missing"] and report.shards == 1 and report.kept == 3
+    assert _digests(out) == before

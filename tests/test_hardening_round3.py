@@ -218,3 +218,37 @@ def test_damaged_run_length_record_is_rewritten_with_a_warning(content, tmp_path
     assert f"{tmp_path / 'run_length.json'} is damaged (" in caplog.text
     assert "rewritten from this run's epochs=2, batch_size=4 and 10 train records" in caplog.text
     assert json.loads((tmp_path / "run_length.json").read_text())["total_steps"] == 5
+
+
+# --------------------------------------------------------------------------- temporaries of interrupted writes
+
+
+def test_atomic_write_removes_the_temporaries_of_an_interrupted_earlier_write(tmp_path, caplog):
+    from chinese_clip_jax import io as ccj_io
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended: what a killed writer leaves behind in the name
+    old, fresh, alive = (tmp_path / f"r.json.tmp{gone.pid}"), tmp_path / "r.json.tmp999999999", tmp_path / "r.json.tmp1"
+    for p in (old, fresh, alive):
+        p.write_text("{")
+    os.utime(old, (0, 0))
+    os.utime(alive, (0, 0))  # pid 1 runs: never taken for a leftover
+    other = tmp_path / f"s.json.tmp{gone.pid}"
+    other.write_text("{")
+    os.utime(other, (0, 0))
+    with caplog.at_level("WARNING"):
+        ccj_io.atomic_write(tmp_path / "r.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", fresh.name, alive.name, other.name])
+    assert f"removed {old}: left by an earlier write of {tmp_path / 'r.json'} that was interrupted" in caplog.text
+
+
+def test_eval_with_a_model_its_tokenizer_does_not_fit_is_one_line(hf_model, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    for c in "ab":
+        (tmp_path / "cls" / c).mkdir(parents=True)
+        PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cls" / c / "0.png")
+    res = _run("chinese_clip_jax.evaluation", "zeroshot", "--model", hf_model, "--data", f"folder:{tmp_path / 'cls'}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: tokenizer has 21128 tokens, the model's vocab only 64"]

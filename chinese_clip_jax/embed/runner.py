@@ -123,11 +123,14 @@ def _my_shards(store: Store, plan: dict) -> tuple[list[int], int, list[str]]:
     import jax
 
     mine = range(jax.process_index(), plan["num_shards"], jax.process_count())
+    complete = bool((store.read_manifest() or {}).get("complete"))
     todo, damaged = [], []
     for k in mine:
         done, why = store.shard_state(k)
         if not done:
             todo.append(k)
+        if not done and why is None and complete:  # a complete run's shard whose files were deleted
+            why = f"{store.shard_path(k, 'json').name} is missing"
         if why:
             damaged.append(f"shard {k}: {why}")
     return todo, len(mine) - len(todo), damaged
@@ -162,8 +165,9 @@ def _run(kind, corpus, model, params, out, model_name, options, batches, embed, 
     store.start(plan)
     todo, kept, damaged = _my_shards(store, plan)
     report = Report(kind, kept=kept, rebuilt=damaged)
-    if damaged:
+    if todo:
         store.reopen(plan)  # a complete run stops being complete before any shard is rewritten
+    if damaged:
         for why in damaged:
             logger.warning("%s: %s: rebuilt", kind, why)
     spans = {k: _spans(plan, k, options.batch_size) for k in todo}

@@ -103,7 +103,7 @@ class Store:
     def write_atomic(self, path: epath.Path, data: bytes) -> dict:
         """``data`` -> ``path`` through a temporary name (never a half-written file); returns
         its ``file_record``."""
-        atomic_write(path, data)
+        atomic_write(path, data, clean_stale=False)  # ``finish`` clears the leftovers of the whole run
         return file_record(data)
 
     def check_root(self) -> None:

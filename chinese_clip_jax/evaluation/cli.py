@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         ImageLoadError,
         FileNotFoundError,
+        ValueError,  # a model its tokenizer does not fit, a bad value met once the model is read
     ) as e:
         print(f"error: {first_line(e, with_type=False)}", file=sys.stderr)
         return 2
