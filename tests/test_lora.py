@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from _train_helpers import fake_batches, opt_config, random_params, tiny_config

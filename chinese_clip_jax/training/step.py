@@ -28,9 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from ..inference import sharding as shd
 from ..inference.encoding import image_embeddings, text_embeddings
+from ..modeling.lora import merge_lora
 from .chunked_losses import sharded_contrastive_loss
 from .losses import clamp_logit_scale
-from ..modeling.lora import merge_lora
 from .optim import trainable_labels
 from .state import TrainState
 
