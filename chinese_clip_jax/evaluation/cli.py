@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit match probabilities (Platt scaling) on a held-out retrieval set",
         epilog="example:\n  ccj-eval calibrate --model DIR --data cn_clip_split_dir --split valid "
-        "--output calibration.json\nthen: ChineseCLIP.from_pretrained(DIR, calibration='calibration.json').match(images, texts)",
+        "--output calibration.json\n"
+        "then: ChineseCLIP.from_pretrained(DIR, calibration='calibration.json').match(images, texts)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common(c, "valid")
