@@ -16,6 +16,8 @@
 #   layout     base train step scanned, remat none and dots (unrolled is in `device`): compile s, ms/step
 #   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
+#   lora       bench/lora_memory.py: full fine-tuning vs LoRA rank 4/8 vs the last 2 layers, base
+#              step: trainable share, state and XLA temporaries (device memory), step time
 # Each part writes $OUT/<part>.txt (its table) and $OUT/<part>.err; $OUT/summary.txt lists
 # start, end, status and seconds of each part.
 set -uo pipefail
@@ -83,6 +85,11 @@ if [ "$SMOKE" = 1 ]; then
   part memory 100 "$PY" bench/max_batch.py --smoke --capacity-gib 0.01 --remats none
 else
   part memory 100 "$PY" bench/max_batch.py --sizes $SIZES --remats none,dots,full --budget-s 50
+fi
+if [ "$SMOKE" = 1 ]; then
+  part lora 60 "$PY" bench/lora_memory.py --tiny --steps 2
+else
+  part lora 120 "$PY" bench/lora_memory.py --preset chinese-clip-vit-base-patch16 --batch 64 --steps 3
 fi
 # The profile's trace for TensorBoard comes back only when small (the fetch has size limits).
 TRACE=$(ls -d "${TMPDIR:-/tmp}"/ccj_trace/plugins/profile/* 2>/dev/null | tail -1)

@@ -176,6 +176,22 @@ def test_partial_unfreezing_trains_the_last_layers_and_the_head_only():
     assert flat["['lora']['vision_model']['encoder']['layer_0']['attention']['out']['a']"] == "trainable"
 
 
+def test_the_abstract_state_for_lowering_holds_the_same_adapters():
+    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax.training import create_train_state, make_optimizer
+    from chinese_clip_jax.training.state import abstract_train_state
+
+    cfg = tiny_config()
+    model = ccj.ChineseCLIPModel(cfg, scan_layers=True)
+    mesh = shd.make_mesh()
+    tx, _ = make_optimizer(opt_config(), total_steps=10)
+    lora = dict(rank=2, alpha=4.0, towers=("image",), targets=("mlp",))
+    abstract = abstract_train_state(model, tx, mesh, lora=lora)
+    state, _ = create_train_state(model, tx, mesh, 0, lora=lora)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    assert set(state.params["lora"]) == {"scale", "vision_model"}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -217,7 +233,9 @@ def test_a_lora_run_records_its_counts_exports_merged_weights_and_resumes(tmp_pa
     transformers = pytest.importorskip("transformers")
     overrides = {"lora.rank": 2, "lora.targets": "attention,mlp", "checkpoint_every": 2, "export_hf": True}
     config = tiny_train_config(4, **overrides)
-    result = train(config, str(tmp_path / "straight"), data_iter=make_iterator(config), progress=False)
+    with_eval = tiny_train_config(4, **overrides, eval_every=4)  # the evaluator sees the merged weights
+    result = train(with_eval, str(tmp_path / "straight"), data_iter=make_iterator(config), progress=False)
+    assert 0 <= result["last_eval"]["retrieval/mean_recall"] <= 1
     options = json.loads((tmp_path / "straight" / "run_options.json").read_text())
     assert 0 < options["trainable_params"] < 0.05 * options["total_params"]
     assert options["trainable_fraction"] == pytest.approx(options["trainable_params"] / options["total_params"])

@@ -229,6 +229,11 @@ def lora_settings(config) -> dict | None:
     )
 
 
+def unfreeze_settings(config) -> dict | None:
+    """``config.unfreeze_last_layers`` as the optimizer and the step take it: {tower: N >= 0}, or None."""
+    return {t: int(n) for t, n in config.unfreeze_last_layers.items() if int(n) >= 0} or None
+
+
 def _param_counts(params, freeze, unfreeze) -> dict:
     from .optim import label_count, trainable_labels
 
@@ -254,7 +259,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     )
     image_size = model_config.vision_config.image_size
     lora = lora_settings(config)
-    unfreeze = {t: int(n) for t, n in config.unfreeze_last_layers.items() if int(n) >= 0} or None
+    unfreeze = unfreeze_settings(config)
 
     ckpt_dir = workdir / "checkpoints"
     resuming = None

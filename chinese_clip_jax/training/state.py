@@ -127,10 +127,10 @@ def create_train_state(
     return state, shardings
 
 
-def abstract_train_state(model, tx, mesh: Mesh) -> TrainState:
+def abstract_train_state(model, tx, mesh: Mesh, lora: dict | None = None) -> TrainState:
     """The ``TrainState`` that ``create_train_state`` would build, as ``jax.ShapeDtypeStruct`` s with
     their shardings, computed without allocating anything (to trace or lower the train step of a
-    model too big for this host)."""
+    model too big for this host); ``lora`` as there."""
     import flax.linen as nn
 
     ids, pixels = example_inputs(model)
@@ -141,6 +141,11 @@ def abstract_train_state(model, tx, mesh: Mesh) -> TrainState:
         k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), shapes[k], p_shard[k])
         for k in shapes
     }
+    if lora is not None and int(lora["rank"]) > 0:
+        rep = NamedSharding(mesh, P())
+        adapters = init_lora(shapes, int(lora["rank"]), float(lora["alpha"]), lora["towers"], lora["targets"])
+        params[LORA_KEY] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep), adapters)
+        p_shard[LORA_KEY] = jax.tree.map(lambda _: rep, adapters)
     abstract_opt = jax.eval_shape(tx.init, params)
     o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, o_shard)
