@@ -116,8 +116,7 @@ def make_grad_fn(
     embed = make_embed_fn(model, rng_impl)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
-    def loss_of(params, text, image):
-        params = merge_lora(params)
+    def loss_of(params, text, image):  # reads logit_scale / logit_bias only (top level, never adapted)
         return sharded_contrastive_loss(
             loss,
             text,
