@@ -17,6 +17,8 @@
 #   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
 #   serve      bench/serve_load.py: ccj-serve's q/s, p50/p99 latency and RSS under concurrent clients
+#   lora       bench/lora_memory.py: full fine-tuning vs LoRA rank 4/8 vs the last 2 layers, base
+#              step: trainable share, state and XLA temporaries (device memory), step time
 # Each part writes $OUT/<part>.txt (its table) and $OUT/<part>.err; $OUT/summary.txt lists
 # start, end, status and seconds of each part.
 set -uo pipefail
@@ -92,6 +94,11 @@ if [ "$SMOKE" = 1 ]; then
 else
   part serve 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/serve_load.py --preset chinese-clip-vit-base-patch16 \
     --images 256 --requests 5000 --clients 16 --max-batch 64 --budget-s 60 --direct 500
+fi
+if [ "$SMOKE" = 1 ]; then
+  part lora 60 "$PY" bench/lora_memory.py --tiny --steps 2
+else
+  part lora 120 "$PY" bench/lora_memory.py --preset chinese-clip-vit-base-patch16 --batch 64 --steps 3
 fi
 # The profile's trace for TensorBoard comes back only when small (the fetch has size limits).
 TRACE=$(ls -d "${TMPDIR:-/tmp}"/ccj_trace/plugins/profile/* 2>/dev/null | tail -1)

@@ -143,7 +143,7 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
     from chinese_clip_jax.modeling import ChineseCLIPModel
     from chinese_clip_jax.modeling.config import parse_dtype
     from chinese_clip_jax.training.defaults import resolve_run_options
-    from chinese_clip_jax.training.loop import build_model_config
+    from chinese_clip_jax.training.loop import build_model_config, lora_settings, unfreeze_settings
     from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS
     from chinese_clip_jax.training.optim import make_optimizer
     from chinese_clip_jax.training.state import abstract_train_state
@@ -168,10 +168,11 @@ def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None
             f"accum_steps ({config.accum_steps})"
         )
     freeze = config.freeze or None
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
-    state = abstract_train_state(model, tx, mesh)
+    unfreeze = unfreeze_settings(config)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze, unfreeze)
+    state = abstract_train_state(model, tx, mesh, lora=lora_settings(config))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze)
+    step = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze, unfreeze=unfreeze)
     v = model_config.vision_config
     bs = shd.batch_sharding(mesh)
     batch = {  # what the data pipeline gives: uint8 NHWC images, int32 token ids

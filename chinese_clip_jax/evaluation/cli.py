@@ -1,5 +1,5 @@
 """``ccj-eval`` / ``python -m chinese_clip_jax.evaluation``: a thin command line over
-``evaluation.zero_shot`` and ``evaluation.retrieval``.
+``evaluation.zero_shot``, ``evaluation.retrieval`` and ``evaluation.calibration.calibrate``.
 
 A bad input (a missing file, a label count that does not match the classes, duplicate labels, a
 template without ``{}``, text in another encoding, an output that would replace files) is a
@@ -10,6 +10,7 @@ is printed and written atomically to ``--output`` (docs/evaluation.md has its sc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,8 @@ EPILOG = """examples:
       --labels build/evalsets/labels.txt --output zeroshot.json
   ccj-eval retrieval --model build/demo/hf --data build/evalsets/cn_clip --split valid \\
       --predictions pred.jsonl --output retrieval.json
+  ccj-eval calibrate --model build/demo/hf --data build/evalsets/cn_clip --split valid \
+      --output calibration.json
 
 Both tasks resize like cn_clip's evaluation (squash: bicubic to the square resolution) unless
 --resize-mode center. Images that cannot be read are skipped and listed in the results."""
@@ -95,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--predictions", help="write top-10 images per text as cn_clip's prediction JSONL")
     r.add_argument("--features-dir", help="write text/image features and ids as .npy")
+    c = sub.add_parser(
+        "calibrate",
+        help="fit match probabilities (Platt scaling) on a held-out retrieval set",
+        epilog="example:\n  ccj-eval calibrate --model DIR --data cn_clip_split_dir --split valid "
+        "--output calibration.json\n"
+        "then: ChineseCLIP.from_pretrained(DIR, calibration='calibration.json').match(images, texts)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(c, "valid")
+    c.add_argument("--data", "--dataset", dest="data", required=True, help="a retrieval set, as for `retrieval`")
+    c.add_argument("--negatives", type=int, default=1, help="mismatched pairs sampled per matched pair (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="of the mismatched pairs (default 0)")
+    c.add_argument("--bins", type=int, default=15, help="equal-width bins of the expected calibration error")
     return p
 
 
@@ -112,6 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise OutputError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.max_bad is not None and args.max_bad < 0:
             raise OutputError(f"--max-bad must be >= 0, got {args.max_bad}")
+        if args.task == "calibrate":
+            if not args.output:
+                raise OutputError("calibrate needs --output FILE (the calibration JSON)")
+            for flag, v, low in (
+                ("--negatives", args.negatives, 1),
+                ("--bins", args.bins, 1),
+                ("--seed", args.seed, 0),
+            ):
+                if v < low:
+                    raise OutputError(f"{flag} must be >= {low}, got {v}")
         check_output(args.output, "--output", overwrite=args.overwrite)
         common = dict(
             resize=args.resize_mode,
@@ -131,6 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_class=args.per_class,
                 **common,
             )
+        elif args.task == "calibrate":
+            from .calibration import calibrate
+
+            record = calibrate(
+                args.model,
+                args.data,
+                args.output,
+                negatives=args.negatives,
+                seed=args.seed,
+                n_bins=args.bins,
+                overwrite=args.overwrite,
+                **common,
+            )
+            print(json.dumps(record, indent=1, ensure_ascii=False))
+            return 0
         else:
             result = retrieval(
                 args.model,

@@ -4,6 +4,8 @@
     text = clip.encode_text(["一只猫", "一只狗"])                 # (2, D) float32, L2-normalized
     image = clip.encode_image(["cat.jpg", pil_image, uint8_array])
     probs = clip.zero_shot(images, ["猫", "狗"])                 # (N_images, N_labels)
+    clip = ChineseCLIP.from_pretrained(src, calibration="calibration.json")  # ccj-eval calibrate
+    p = clip.match(images, texts)                               # (N,) P(image i matches text i)
 
 Embedding goes through ``encoding.Encoder`` (jitted, bucketed padding, the batch axis sharded
 over a ``sharding.make_mesh`` mesh of the given local devices, params replicated).
@@ -26,6 +28,7 @@ from ..modeling import ChineseCLIPModel
 from ..processing import ChineseCLIPProcessor, ImageSettings
 from ..processing.templates import CHINESE_TEMPLATES, fill
 from . import encoding
+from .calibration import Calibration, read_calibration
 
 
 class ChineseCLIP:
@@ -35,6 +38,7 @@ class ChineseCLIP:
     ChineseCLIPProcessor whose image size matches the model (default: transformers' settings at
     the model's resolution). devices: the local devices to shard the batch over (default: all
     local devices). text_batch_size / image_batch_size: defaults of encode_text / encode_image.
+    calibration: a ``ccj-eval calibrate`` file (or a ``calibration.Calibration``) for ``match``.
 
     Batches are padded to ``bucket_sizes(batch_size)`` rows (as ``encoding.pad_to_bucket`` pads), so each
     tower compiles at most once per bucket; ``trace_counts`` ({"text": n, "image": m}) counts
@@ -51,7 +55,11 @@ class ChineseCLIP:
         devices: Sequence[jax.Device] | None = None,
         text_batch_size: int = 64,
         image_batch_size: int = 32,
+        calibration: str | os.PathLike | Calibration | None = None,
     ):
+        if calibration is not None and not isinstance(calibration, Calibration):
+            calibration = read_calibration(calibration)  # a bad file fails before the model is placed
+        self.calibration = calibration
         self.model = model
         self.config = model.config
         r = self.config.vision_config.image_size
@@ -101,8 +109,11 @@ class ChineseCLIP:
         with PyTorch fp32 on GPU/TPU. resize_mode="squash": cn_clip's eval transform.
         image_size: run a ViT at another resolution (position embeddings resized once; the
         processor then makes images of that size). kwargs go to __init__ (devices,
-        text_batch_size, image_batch_size).
+        text_batch_size, image_batch_size, calibration: a ``ccj-eval calibrate`` file for
+        ``match``, read before the weights load).
         """
+        if kwargs.get("calibration") is not None and not isinstance(kwargs["calibration"], Calibration):
+            kwargs["calibration"] = read_calibration(kwargs["calibration"])
         from ..conversion import from_pretrained as load
         from ..conversion.load import check_image_size
         from ..modeling.config import ChineseCLIPConfig
@@ -194,6 +205,33 @@ class ChineseCLIP:
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def match_calibration(self) -> Calibration:
+        """The ``scale`` / ``bias`` that ``match`` uses: the calibration file's, else a
+        sigmoid-trained model's own ``exp(logit_scale)`` and ``logit_bias``. A softmax-trained
+        model without a file has no per-pair probability: ValueError naming the fix."""
+        if self.calibration is not None:
+            return self.calibration
+        if "logit_bias" in self.params:
+            return Calibration(self.logit_scale, float(self.params["logit_bias"]), source="the model's logit_bias")
+        raise ValueError(
+            "this model has no logit_bias (trained with the softmax loss, or loaded from the HF layout, "
+            "which drops it): its scores are not per-pair probabilities. Fit a calibration with "
+            "`ccj-eval calibrate --model SRC --data SPEC --output FILE` and pass calibration=FILE"
+        )
+
+    def match(self, images, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """(N,) float32: the probability that images[i] matches texts[i], for each i.
+
+        ``sigmoid(scale * cosine + bias)`` with ``match_calibration()``'s numbers (docs/inference.md:
+        what the probability means and when it transfers)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        cal = self.match_calibration()
+        image = self.encode_image(images, batch_size)
+        if len(image) != len(texts):
+            raise ValueError(f"match pairs images[i] with texts[i]: got {len(image)} images and {len(texts)} texts")
+        text = self.encode_text(texts)
+        return cal.probability(np.sum(image * text, axis=-1))
 
 
 def _processor_for(src, resolution: int, resize_mode: str, asked_size: bool = False) -> ChineseCLIPProcessor:

@@ -18,6 +18,7 @@ A full disk ends in one ``OSError`` after Orbax's temporary files are removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from .. import sharding as shd
 from ..io import atomic_output, atomic_write, first_line, is_disk_full, silence_orbax_after_failure
 from ..modeling import ChineseCLIPModel
 from ..modeling.config import ChineseCLIPConfig, parse_dtype
+from ..modeling.lora import LORA_KEY, merge_lora
 from .checkpoint import Checkpointer, abstract_like
 from .defaults import resolve_run_options
 from .evaluator import Evaluator
@@ -184,14 +186,54 @@ def _architecture(model_config: ChineseCLIPConfig) -> dict:
     return keep(d)
 
 
-def _record_run_options(workdir, options) -> None:
-    """Prints the resolved run options once and writes them to DIR/run_options.json (process 0)."""
+def _record_run_options(workdir, options, param_counts: dict | None = None) -> None:
+    """Prints the resolved run options once and writes them to DIR/run_options.json (process 0).
+
+    Called again with ``param_counts`` (``trainable_params``, ``total_params``,
+    ``trainable_fraction``) once the state exists: the file is rewritten with them, and one line
+    says how much of the model trains."""
     if jax.process_index() != 0:
         return
-    print(options.describe(), flush=True)
-    logger.info("%s", options.describe())
+    if param_counts is None:
+        print(options.describe(), flush=True)
+        logger.info("%s", options.describe())
+    else:
+        line = (
+            f"trainable params: {param_counts['trainable_params']:,} of {param_counts['total_params']:,} "
+            f"({100 * param_counts['trainable_fraction']:.2f}%)"
+        )
+        print(line, flush=True)
+        logger.info("%s", line)
     path = workdir / "run_options.json"
-    atomic_write(path, options.to_json())
+    atomic_write(path, json.dumps({**options.as_dict(), **(param_counts or {})}, indent=1, sort_keys=True))
+
+
+def lora_settings(config) -> dict | None:
+    """``config.lora`` as ``create_train_state`` takes it (towers and targets parsed), or None
+    when ``lora.rank`` is 0."""
+    from ..modeling.lora import LORA_TARGETS, LORA_TOWERS, parse_names
+
+    c = config.lora
+    if int(c.rank) == 0:
+        return None
+    return dict(
+        rank=int(c.rank),
+        alpha=float(c.alpha),
+        towers=parse_names(c.towers, LORA_TOWERS, "config.lora.towers"),
+        targets=parse_names(c.targets, LORA_TARGETS, "config.lora.targets"),
+    )
+
+
+def unfreeze_settings(config) -> dict | None:
+    """``config.unfreeze_last_layers`` as the optimizer and the step take it: {tower: N >= 0}, or None."""
+    return {t: int(n) for t, n in config.unfreeze_last_layers.items() if int(n) >= 0} or None
+
+
+def _param_counts(params, freeze, unfreeze) -> dict:
+    from .optim import label_count, trainable_labels
+
+    trainable, total = label_count(params, trainable_labels(params, freeze, unfreeze))
+    return dict(trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(total, 1))
 
 
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
@@ -211,12 +253,17 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None,
     )
     image_size = model_config.vision_config.image_size
+    lora = lora_settings(config)
+    unfreeze = unfreeze_settings(config)
 
     ckpt_dir = workdir / "checkpoints"
     resuming = None
     if jax.process_index() == 0:
         resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-        check_model_config(workdir, _architecture(model_config), resuming=resuming)
+        architecture = _architecture(model_config)
+        if lora is not None:  # the adapters are part of what the checkpoints hold
+            architecture["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lora.items()}
+        check_model_config(workdir, architecture, resuming=resuming)
 
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -243,9 +290,15 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         )
     config = resolve_run_length(config, data_iter, workdir, resuming)  # epochs -> total_steps, once
     freeze = config.freeze or None
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze)
-    state, shardings = create_train_state(model, tx, mesh, config.seed, loss=config.loss, init_params=init_params)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze, unfreeze)
+    state, shardings = create_train_state(
+        model, tx, mesh, config.seed, loss=config.loss, init_params=init_params, lora=lora
+    )
     del init_params
+    _record_run_options(workdir, options, _param_counts(state.params, freeze, unfreeze))
+    # what the evaluator and the export see: the model's own tree, adapters merged (modeling.lora)
+    model_shardings = {k: v for k, v in shardings.params.items() if k != LORA_KEY}
+    merged_params = jax.jit(merge_lora, out_shardings=model_shardings) if lora is not None else (lambda p: p)
 
     ckpt = Checkpointer(ckpt_dir, config.checkpoint_every, max_to_keep=config.keep_checkpoints)
     state, start = ckpt.restore_latest_readable(abstract_like(state, shardings), data_iter, fresh=state)
@@ -263,7 +316,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             Evaluator(
                 model,
                 mesh,
-                shardings.params,
+                model_shardings,
                 eval_sets,
                 resize_mode=resize_mode,
                 progress=progress and jax.process_index() == 0,
@@ -273,7 +326,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             else None
         )
 
-    step_fn = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze)
+    step_fn = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze, unfreeze=unfreeze)
     log = RunLog(workdir, start)
     preempt = _Preemption()
     result = TrainResult(
@@ -286,7 +339,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     )
 
     def run_eval(step):
-        metrics = evaluator(state.params)
+        metrics = evaluator(merged_params(state.params))
         log.write(step, metrics)
         log.sync()
         if result["first_eval"] is None:
@@ -380,7 +433,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         line = skipped_line(stats["skipped"], read, first, what="training samples", listed="the log")
         print(line, file=sys.stderr, flush=True)
     if config.export_hf and not result["stopped_early"]:
-        result["export_dir"] = _export_hf(model_config, state.params, str(workdir / "hf"))
+        result["export_dir"] = _export_hf(model_config, merged_params(state.params), str(workdir / "hf"))
     result.update(
         step=step,
         total_steps=config.total_steps,

@@ -8,6 +8,12 @@
 * Stored statistics (``NON_TRAINED`` leaf names: a ResNet tower's BatchNorm ``running_mean`` /
   ``running_var``) are params the model reads behind ``stop_gradient``; they are labelled frozen
   too, so the optimizer holds nothing for them and they never change (frozen BatchNorm).
+* LoRA (``params["lora"]``, ``modeling.lora``): only the adapters train; the whole base
+  (``logit_scale`` / ``logit_bias`` included) is frozen, so AdamW holds moments for the
+  adapters alone. ``unfreeze_last_layers`` ({"text": N, "image": N}, -1 = off) trains the last N
+  transformer layers of a tower, the layers after them (the ViT's ``post_layernorm``) and its
+  projection, and freezes the rest of that tower (embeddings, earlier layers); with LoRA they
+  train next to the adapters.
 * Optional global-norm clipping (over the trainable params only).
 """
 
@@ -25,7 +31,9 @@ __all__ = [
     "make_optimizer",
     "decay_mask",
     "trainable_labels",
+    "label_count",
     "is_frozen",
+    "TOWER_KEYS",
 ]
 
 # Top-level param subtrees of each tower (see chinese_clip_jax.modeling.clip).
@@ -36,6 +44,13 @@ FROZEN_PREFIXES = {
     "image": ("vision_model", "visual_projection"),
     "text": ("text_model", "text_projection"),
 }
+
+
+# Top-level param subtrees of each tower, by the tower names of ``freeze`` / ``unfreeze_last_layers``.
+TOWER_KEYS = {"text": ("text_model", "text_projection"), "image": ("vision_model", "visual_projection")}
+_TOWER_OF = {k: tower for tower, keys in TOWER_KEYS.items() for k in keys}
+# Params of a tower model that come after its transformer layers (trained with the last N).
+_AFTER_LAYERS = frozenset({"post_layernorm"})
 
 
 # Leaf names of params that are statistics, not weights: never updated by the optimizer.
@@ -77,17 +92,62 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel", params)
 
 
-def trainable_labels(params: dict, freeze: str | None) -> dict:
-    """ "frozen" / "trainable" label per leaf: by top-level subtree, and ``NON_TRAINED`` leaves."""
+def _layer_count(params: dict, top: str) -> int:
+    encoder = params[top].get("encoder", {})
+    if "layers" in encoder:
+        raise ValueError(
+            "unfreeze_last_layers needs unrolled layers (their params one per layer): pass "
+            "--config.model.scan_layers=False"
+        )
+    return sum(1 for k in encoder if k.startswith("layer_"))
+
+
+def trainable_labels(params: dict, freeze: str | None, unfreeze_last_layers: dict | None = None) -> dict:
+    """ "frozen" / "trainable" label per leaf: by ``freeze``, LoRA (a ``"lora"`` subtree),
+    ``unfreeze_last_layers`` and ``NON_TRAINED`` leaves (module docstring)."""
+    from ..modeling.lora import LORA_KEY
+
     prefixes = _frozen_prefixes(freeze)
+    lora = LORA_KEY in params
+    last = {t: int(n) for t, n in dict(unfreeze_last_layers or {}).items() if int(n) >= 0}
+    counts = {t: _layer_count(params, TOWER_KEYS[t][0]) for t in last}
+
+    def in_last_layers(keys, tower) -> bool:
+        if keys[0] == TOWER_KEYS[tower][1]:  # the projection
+            return True
+        if keys[1] in _AFTER_LAYERS:
+            return True
+        if keys[1] != "encoder" or not keys[2].startswith("layer_"):
+            return False  # embeddings, pre-LayerNorm: before the layers
+        return int(keys[2].rsplit("_", 1)[1]) >= counts[tower] - last[tower]
 
     def label(path, _):
-        return "frozen" if path[0].key in prefixes or _leaf_name(path) in NON_TRAINED else "trainable"
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if keys[-1] in NON_TRAINED or keys[0] in prefixes:
+            return "frozen"
+        if keys[0] == LORA_KEY:
+            return "frozen" if keys == [LORA_KEY, "scale"] else "trainable"
+        tower = _TOWER_OF.get(keys[0])
+        if tower in last:
+            return "trainable" if in_last_layers(keys, tower) else "frozen"
+        return "frozen" if lora else "trainable"
 
     return jax.tree_util.tree_map_with_path(label, dict(params))
 
 
-def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None):
+def label_count(params: dict, labels: dict) -> tuple[int, int]:
+    """(trainable, total) numbers of scalars of ``params`` under ``labels``."""
+    import numpy as np
+
+    trainable = total = 0
+    for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+        n = int(np.prod(x.shape))
+        total += n
+        trainable += n if lab == "trainable" else 0
+    return trainable, total
+
+
+def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None, unfreeze_last_layers: dict | None = None):
     """Builds ``(tx, schedule)`` from ``opt_cfg`` (a ConfigDict or mapping) with keys:
 
     lr, warmup_steps, weight_decay, b1, b2, eps, grad_clip (0 = off), end_lr_factor; every key
@@ -115,6 +175,6 @@ def make_optimizer(opt_cfg, total_steps: int, freeze: str | None = None):
     _frozen_prefixes(freeze)  # validates
     tx = optax.multi_transform(
         {"trainable": trainable, "frozen": optax.set_to_zero()},
-        lambda params: trainable_labels(params, freeze),
+        lambda params: trainable_labels(params, freeze, unfreeze_last_layers),
     )
     return tx, schedule

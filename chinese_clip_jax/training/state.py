@@ -1,7 +1,8 @@
 """The train state: params, optimizer state, step and RNG, placed on the mesh.
 
 ``params`` are the model's (fp32, unboxed); for the sigmoid loss the model carries the
-``logit_bias`` param (``ChineseCLIPModel(..., logit_bias_init=...)``).
+``logit_bias`` param (``ChineseCLIPModel(..., logit_bias_init=...)``). With LoRA they also hold
+the adapters, ``params["lora"]`` (``modeling.lora``: small, replicated on the mesh).
 ``rng`` is a raw ``uint32[2]`` key (checkpointable as a plain array); dropout keys are folded
 from it and the step, so a resumed run draws the same dropout masks.
 """
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import sharding as shd
+from ..modeling.lora import LORA_KEY, init_lora
 from .losses import SIGLIP_INIT_LOGIT_SCALE
 
 __all__ = ["TrainState", "create_train_state", "abstract_train_state", "example_inputs"]
@@ -61,12 +63,21 @@ def _opt_state_shardings(abstract_opt, params, param_shardings, mesh: Mesh):
 
 
 def create_train_state(
-    model, tx, mesh: Mesh, seed: int, *, loss: str = "softmax", init_params: dict | None = None
+    model,
+    tx,
+    mesh: Mesh,
+    seed: int,
+    *,
+    loss: str = "softmax",
+    init_params: dict | None = None,
+    lora: dict | None = None,
 ) -> tuple[TrainState, TrainState]:
     """A fresh ``TrainState`` sharded on ``mesh`` and the matching pytree of shardings.
 
     ``init_params`` (e.g. from ``ccj.from_pretrained``) replaces the random init; the random
-    init is done shard by shard (``jax.jit(init, out_shardings=...)``).
+    init is done shard by shard (``jax.jit(init, out_shardings=...)``). ``lora``: a mapping
+    with rank (> 0 adds adapters), alpha, towers, targets (``modeling.lora.init_lora``; the
+    adapters are drawn from ``seed``).
     """
     has_bias = getattr(model, "logit_bias_init", None) is not None
     if loss == "sigmoid" and not has_bias:
@@ -95,6 +106,13 @@ def create_train_state(
             lambda x, s: jax.device_put(np.asarray(x, np.float32), s), dict(init_params), dict(p_shard)
         )
     p_shard = dict(p_shard)
+    if lora is not None and int(lora["rank"]) > 0:
+        adapters = init_lora(
+            params, int(lora["rank"]), float(lora["alpha"]), lora["towers"], lora["targets"], seed=seed
+        )
+        p_shard[LORA_KEY] = jax.tree.map(lambda _: NamedSharding(mesh, P()), adapters)
+        params = dict(params)
+        params[LORA_KEY] = jax.device_put(adapters, p_shard[LORA_KEY])
     abstract_opt = jax.eval_shape(tx.init, params)
     o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
@@ -109,10 +127,10 @@ def create_train_state(
     return state, shardings
 
 
-def abstract_train_state(model, tx, mesh: Mesh) -> TrainState:
+def abstract_train_state(model, tx, mesh: Mesh, lora: dict | None = None) -> TrainState:
     """The ``TrainState`` that ``create_train_state`` would build, as ``jax.ShapeDtypeStruct`` s with
     their shardings, computed without allocating anything (to trace or lower the train step of a
-    model too big for this host)."""
+    model too big for this host); ``lora`` as there."""
     import flax.linen as nn
 
     ids, pixels = example_inputs(model)
@@ -123,6 +141,11 @@ def abstract_train_state(model, tx, mesh: Mesh) -> TrainState:
         k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), shapes[k], p_shard[k])
         for k in shapes
     }
+    if lora is not None and int(lora["rank"]) > 0:
+        rep = NamedSharding(mesh, P())
+        adapters = init_lora(shapes, int(lora["rank"]), float(lora["alpha"]), lora["towers"], lora["targets"])
+        params[LORA_KEY] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep), adapters)
+        p_shard[LORA_KEY] = jax.tree.map(lambda _: rep, adapters)
     abstract_opt = jax.eval_shape(tx.init, params)
     o_shard = _opt_state_shardings(abstract_opt, params, p_shard, mesh)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, o_shard)

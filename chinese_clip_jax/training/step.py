@@ -28,9 +28,10 @@ from jax.sharding import PartitionSpec as P
 
 from .. import sharding as shd
 from ..inference.encoding import image_embeddings, text_embeddings
+from ..modeling.lora import merge_lora
 from .chunked_losses import sharded_contrastive_loss
 from .losses import clamp_logit_scale
-from .optim import is_frozen
+from .optim import trainable_labels
 from .state import TrainState
 
 __all__ = [
@@ -97,12 +98,16 @@ def make_grad_fn(
     rng_impl: str = "threefry",
     loss_impl: str = "gather",
     loss_chunk: int = 0,
+    unfreeze_last_layers: dict | None = None,
 ) -> Callable:
     """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
     With ``accum_steps > 1`` it runs the GradCache recipe of the module docstring; the result
     equals the ``accum_steps=1`` gradient up to float summation order (dropout aside: the
-    micro-batches draw their own masks). Frozen towers get zero gradients (stop_gradient).
+    micro-batches draw their own masks). Frozen params (``optim.trainable_labels``: ``freeze``,
+    ``unfreeze_last_layers``, the base under LoRA) get zero gradients (stop_gradient); LoRA
+    adapters (``params["lora"]``) are merged into the kernels they adapt before the towers run
+    (``modeling.lora.merge_lora``), so the gradient reaches them through the merged kernels.
     ``loss_impl`` / ``loss_chunk``: how the loss is computed (``chunked_losses.sharded_contrastive_loss``:
     "gather" or "ring", the ring's column slice); same value and gradients.
     """
@@ -111,7 +116,7 @@ def make_grad_fn(
     embed = make_embed_fn(model, rng_impl)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
-    def loss_of(params, text, image):
+    def loss_of(params, text, image):  # reads logit_scale / logit_bias only (top level, never adapted)
         return sharded_contrastive_loss(
             loss,
             text,
@@ -124,12 +129,13 @@ def make_grad_fn(
         )
 
     def stop_frozen(params):
-        return {k: jax.lax.stop_gradient(v) if is_frozen(k, freeze) else v for k, v in params.items()}
+        labels = trainable_labels(params, freeze, unfreeze_last_layers)
+        return jax.tree.map(lambda x, lab: jax.lax.stop_gradient(x) if lab == "frozen" else x, params, labels)
 
     def full_batch_grad(params, batch, rng):
         def loss_fn(p):
             p = stop_frozen(p)
-            text, image = embed(p, batch, jax.random.fold_in(rng, 0), deterministic)
+            text, image = embed(merge_lora(p), batch, jax.random.fold_in(rng, 0), deterministic)
             return loss_of(p, text, image)
 
         return jax.value_and_grad(loss_fn)(params)
@@ -145,7 +151,7 @@ def make_grad_fn(
 
         micro = {k: split(batch[k]) for k in BATCH_KEYS}
         ks = jnp.arange(accum_steps)
-        p = stop_frozen(params)
+        p = merge_lora(stop_frozen(params))
 
         def embed_one(_, xs):
             mb, k = xs
@@ -165,7 +171,7 @@ def make_grad_fn(
         def grad_one(acc, xs):
             mb, k, gt, gi = xs
             _, pullback = jax.vjp(
-                lambda q: embed(stop_frozen(q), mb, jax.random.fold_in(rng, k), deterministic), params
+                lambda q: embed(merge_lora(stop_frozen(q)), mb, jax.random.fold_in(rng, k), deterministic), params
             )
             (g,) = pullback((gt, gi))
             return jax.tree.map(jnp.add, acc, g), None
@@ -194,6 +200,7 @@ def make_train_step(
     rng_impl: str = "threefry",
     loss_impl: str = "gather",
     loss_chunk: int = 0,
+    unfreeze_last_layers: dict | None = None,
 ):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
@@ -215,6 +222,7 @@ def make_train_step(
         rng_impl=rng_impl,
         loss_impl=loss_impl,
         loss_chunk=loss_chunk,
+        unfreeze_last_layers=unfreeze_last_layers,
     )
 
     def step_fn(state: TrainState, batch):
@@ -222,16 +230,18 @@ def make_train_step(
         params = state.params
         loss_value, grads = grad_fn(params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, params)
-        new_params = dict(optax.apply_updates(params, updates))
-        for k in new_params:  # frozen towers: keep the exact bits
-            if is_frozen(k, freeze):
-                new_params[k] = params[k]
-        new_params["logit_scale"] = clamp_logit_scale(new_params["logit_scale"])
+        labels = trainable_labels(params, freeze, unfreeze_last_layers)
+        new_params = optax.apply_updates(params, updates)
+        # frozen params keep their exact bits
+        new_params = dict(jax.tree.map(lambda n, o, lab: o if lab == "frozen" else n, new_params, params, labels))
+        if labels["logit_scale"] == "trainable":
+            new_params["logit_scale"] = clamp_logit_scale(new_params["logit_scale"])
+        trained = [g for g, lab in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)) if lab == "trainable"]
         metrics = {
             "loss": loss_value.astype(jnp.float32),
             "logit_scale": params["logit_scale"],
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "grad_norm": optax.tree.norm({k: v for k, v in grads.items() if not is_frozen(k, freeze)}),
+            "grad_norm": optax.tree.norm(trained),
         }
         return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, rng=state.rng), metrics
 
@@ -244,7 +254,9 @@ def make_train_step(
     )
 
 
-def train_step_for(config, options, model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, freeze=None):
+def train_step_for(
+    config, options, model, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, freeze=None, unfreeze=None
+):
     """The train step ``ccj-train`` runs for a trainer ``config`` whose "auto" keys ``options``
     resolved (``training.defaults.resolve_run_options``): the one place the loop and
     ``python -m bench.lower`` build it, so the lowered step is the trained one."""
@@ -260,4 +272,5 @@ def train_step_for(config, options, model, tx, schedule, mesh: Mesh, state_shard
         rng_impl=options.rng_impl,
         loss_impl=config.loss_impl,
         loss_chunk=config.loss_chunk,
+        unfreeze_last_layers=unfreeze,
     )

@@ -127,6 +127,7 @@ def validate_config(config, reference=None) -> None:
     _choice(config, "loss_impl", LOSS_IMPLS)
     _int_at_least(config, "loss_chunk", 0)
     _choice(config, "freeze", [k for k in FROZEN_PREFIXES if k is not None])
+    _check_trainable(config)
     for key in ("data", "fsdp", "tensor"):
         v = config.mesh[key]
         _check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", v, "an int >= 1, or -1 (fill)")
@@ -193,6 +194,38 @@ def validate_config(config, reference=None) -> None:
         except (TypeError, ValueError) as e:
             text = str(e).replace("text_config", "model.text").replace("vision_config", "model.vision")
             raise ConfigError(f"config.{text}" if text.startswith("model.") else f"config.model: {text}") from None
+
+
+def _check_trainable(config) -> None:
+    """``lora.*`` and ``unfreeze_last_layers.*``: values, and no contradiction with ``freeze``."""
+    from ..modeling.lora import LORA_TARGETS, LORA_TOWERS, parse_names
+
+    _int_at_least(config, "lora.rank", 0)
+    _number_at_least(config, "lora.alpha", 0.0, strict=True)
+    try:
+        towers = parse_names(config.lora.towers, LORA_TOWERS, "config.lora.towers")
+        parse_names(config.lora.targets, LORA_TARGETS, "config.lora.targets")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    frozen = config.freeze or None
+    for tower in ("text", "image"):
+        key = f"unfreeze_last_layers.{tower}"
+        v = _get(config, key)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= -1, key, v, "an int >= 0, or -1 (off)")
+        if v >= 0 and frozen == tower:
+            raise ConfigError(f"config.{key} = {v} contradicts config.freeze = {frozen!r}: set one of them")
+    if config.lora.rank > 0 and frozen in towers:
+        raise ConfigError(
+            f"config.lora.towers = {config.lora.towers!r} includes the tower config.freeze = {frozen!r} "
+            "freezes: drop it from lora.towers or set freeze=''"
+        )
+    partial = any(_get(config, f"unfreeze_last_layers.{t}") >= 0 for t in ("text", "image"))
+    scan = config.model.scan_layers
+    if partial and (scan is True or (isinstance(scan, str) and scan.lower() in ("auto", "true"))):
+        raise ConfigError(
+            f"config.model.scan_layers = {scan!r}: unfreeze_last_layers needs unrolled layers (one param "
+            "subtree per layer): pass --config.model.scan_layers=False"
+        )
 
 
 def build_model_config(model_cfg) -> ChineseCLIPConfig:

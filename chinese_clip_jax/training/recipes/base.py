@@ -29,6 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
     # compute dtype: "auto" (float32 on CPU, bfloat16 on GPU/TPU) | "float32" | "bfloat16"; params and loss stay fp32
     c.dtype = "auto"
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"
+    # Partial unfreezing: N >= 0 trains only the last N transformer layers of that tower (and its
+    # final LayerNorm and projection), the rest of it frozen; -1 = off. Needs model.scan_layers=False.
+    c.unfreeze_last_layers = ml_collections.ConfigDict({"text": -1, "image": -1})
+    # LoRA (parameter-efficient fine-tuning, docs/training.md): rank > 0 adds low-rank adapters
+    # (delta = alpha / rank * A @ B) on the projections of `targets` ("attention": query, key,
+    # value, out; "mlp": fc1, fc2) in `towers` ("text", "image"), and freezes the whole base
+    # (logit_scale too); only the adapters (and unfreeze_last_layers' layers) carry optimizer
+    # state. Checkpoints hold the adapters; export_hf writes merged weights. 0 = off.
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": "attention,mlp", "towers": "text,image"})
     c.init_from = ""  # anything ccj.from_pretrained reads (HF dir, cn_clip .pt, converted dir)
     c.require_init_from = False  # True in fine-tuning configs: refuse to start without init_from
     c.context_length = DEFAULT_CONTEXT_LENGTH
