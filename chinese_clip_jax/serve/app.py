@@ -62,7 +62,7 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def create_app(service: Service) -> FastAPI:
-    from .. import __version__
+    from ..version import __version__
 
     app = FastAPI(
         title="ccj-serve",

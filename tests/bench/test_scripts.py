@@ -194,6 +194,6 @@ def test_profile_reads_a_gpu_trace_layout(tmp_path):
 def test_serve_load_tiny():
     pytest.importorskip("fastapi")
     pytest.importorskip("faiss")
-    out = run_script("bench/serve_load.py", "--tiny", "--images", "16", "--requests", "60", "--direct", "20")
+    out = run_bench("bench/serve_load.py", "--tiny", "--images", "16", "--requests", "60", "--direct", "20")
     assert "answered 60 of 60 requests (0 errors)" in out and "| tiny | 8 | 60 |" in out
     assert "compiles {'text': 3, 'image': 3}" in out  # every bucket at start-up, none under load
