@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _train_helpers import fake_batches, opt_config, random_params, tiny_config
@@ -282,3 +283,24 @@ def test_a_lora_run_records_its_counts_exports_merged_weights_and_resumes(tmp_pa
     other = tiny_train_config(6, **{**overrides, "lora.rank": 4})
     with pytest.raises(ConfigError, match="lora.rank is 2 there, 4 now"):
         train(other, str(tmp_path / "resumed"), data_iter=make_iterator(other), progress=False)
+
+
+def test_lora_gradients_with_accumulation_equal_the_full_batch_ones():
+    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax.training.step import make_grad_fn
+
+    cfg = tiny_config()
+    model = ccj.ChineseCLIPModel(cfg)
+    params = random_params(cfg)
+    params = {**params, "lora": _randomize_b(init_lora(params, 2, 4.0, ("text", "image"), ("attention", "mlp")))}
+    mesh = shd.make_mesh()
+    batch = shd.shard_batch(fake_batches(1, 8)[0], mesh)
+    rng = jax.random.PRNGKey(0)
+    with shd.use_mesh_and_rules(mesh):
+        loss1, g1 = jax.jit(make_grad_fn(model, mesh, deterministic=True))(params, batch, rng)
+        loss2, g2 = jax.jit(make_grad_fn(model, mesh, accum_steps=2, deterministic=True))(params, batch, rng)
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1["lora"]), jax.tree.leaves(g2["lora"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(g1["lora"]["text_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["a"]).max()) > 0
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(g1["text_model"]))  # the base: zero gradient
