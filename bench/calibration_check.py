@@ -28,7 +28,7 @@ def main(argv=None) -> None:
 
     import chinese_clip_jax as ccj
     from chinese_clip_jax.evaluation.calibration import expected_calibration_error, sample_pairs
-    from chinese_clip_jax.evaluation.sets import open_retrieval
+    from chinese_clip_jax.data.readers import open_retrieval
     from chinese_clip_jax.inference.calibration import match_probability
 
     ds = open_retrieval(args.data)

@@ -58,7 +58,7 @@ def worker(args) -> None:
     from compare_torch import base_config, bench_config
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.modeling.lora import count_params
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
     from chinese_clip_jax.training.optim import label_count, trainable_labels

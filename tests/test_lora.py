@@ -116,7 +116,7 @@ def test_merge_equals_a_numpy_reference_unrolled_and_scanned():
 
 
 def test_a_lora_step_moves_only_the_adapters_and_holds_moments_for_them_alone():
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step
 
     cfg = tiny_config()
@@ -178,7 +178,7 @@ def test_partial_unfreezing_trains_the_last_layers_and_the_head_only():
 
 
 def test_the_abstract_state_for_lowering_holds_the_same_adapters():
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training import create_train_state, make_optimizer
     from chinese_clip_jax.training.state import abstract_train_state
 
@@ -286,7 +286,7 @@ def test_a_lora_run_records_its_counts_exports_merged_weights_and_resumes(tmp_pa
 
 
 def test_lora_gradients_with_accumulation_equal_the_full_batch_ones():
-    from chinese_clip_jax.inference import sharding as shd
+    from chinese_clip_jax import sharding as shd
     from chinese_clip_jax.training.step import make_grad_fn
 
     cfg = tiny_config()

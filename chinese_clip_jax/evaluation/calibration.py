@@ -115,7 +115,8 @@ def calibrate(
     from ..io import atomic_write
     from .api import _model, _preprocess, _progress, _resize, check_output
     from .runner import retrieval_scores
-    from .sets import RetrievalSet, open_retrieval
+    from ..data.readers import open_retrieval
+    from ..data.sets import RetrievalSet
 
     if negatives < 1:
         raise ValueError(f"negatives must be >= 1, got {negatives}")
