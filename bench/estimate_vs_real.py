@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training import compile as aot
+from chinese_clip_jax.training import targets
 from chinese_clip_jax.training.defaults import current_platform
 from chinese_clip_jax.training.recipes import base, demo
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
 def measure(config, platform: str, steps: int) -> tuple[aot.CompileReport, int | None, float]:
     devices = jax.devices()
     stats = devices[0].memory_stats() or {}
-    target = aot.Target("attached", platform, devices, int(stats.get("bytes_limit", 0)), devices[0].device_kind)
+    target = targets.Target("attached", platform, devices, int(stats.get("bytes_limit", 0)), devices[0].device_kind)
     report = aot.compile_step(config, target)
     step, state, batch, mesh, *_ = aot.build_step(config, platform, devices)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), (state, batch))
@@ -66,8 +67,8 @@ def main(argv=None) -> None:
             c.model.preset = SIZES[size]
         c.batch_size = args.batch if not args.smoke else 16
         report, peak, seconds = measure(c, platform, args.steps)
-        est = report.peak_bytes / aot.GiB
-        real = f"{peak / aot.GiB:.2f}" if peak else "n/a"
+        est = report.peak_bytes / targets.GiB
+        real = f"{peak / targets.GiB:.2f}" if peak else "n/a"
         ratio = f"{peak / report.peak_bytes:.3f}" if peak else "n/a"
         print(f"| {size} | {c.batch_size} | {est:.2f} | {real} | {ratio} | {seconds:.1f} |", flush=True)
 

@@ -23,6 +23,7 @@ import time
 import jax
 
 from chinese_clip_jax.training import compile as aot
+from chinese_clip_jax.training import targets
 from chinese_clip_jax.training.recipes import base
 
 SIZES = {
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write(header + "\n")
     for target_text in args.targets.split(","):
-        target = aot.open_target(target_text)
+        target = targets.open_target(target_text)
         n = len(target.devices)
         for size in args.sizes.split(","):
             for variant in args.variants.split(","):
@@ -95,7 +96,9 @@ def main(argv=None) -> None:
                     per_device = f"{best.batch_size // shards}" if best else "none fits"
                     if misses and best:  # the bracket the search ended on
                         per_device += f" ({min(misses)} does not fit)"
-                    peak = f"{best.peak_bytes / aot.GiB:.1f} / {best.usable_bytes / aot.GiB:.1f}" if best else ""
+                    peak = (
+                        f"{best.peak_bytes / targets.GiB:.1f} / {best.usable_bytes / targets.GiB:.1f}" if best else ""
+                    )
                     row = (
                         f"| {size} | {target_text} | {variant} | {per_device} | {peak} | {len(tried)} | "
                         f"{time.perf_counter() - t0:.0f} |"

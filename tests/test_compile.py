@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from chinese_clip_jax.training import compile as aot
+from chinese_clip_jax.training import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "train", "configs", "base.py")
@@ -45,7 +46,7 @@ def compiled():
         key = (size, target, batch, fsdp)
         if key not in cache:
             if target not in targets:
-                targets[target] = aot.open_target(target)
+                targets[target] = targets.open_target(target)
             mesh = {"data": -1, "fsdp": fsdp, "tensor": 1}
             cache[key] = aot.compile_step(_config(size, batch, **mesh), targets[target])
         return cache[key], targets[target]
@@ -57,19 +58,19 @@ def compiled():
 
 
 def test_targets_parse_and_a_bad_one_names_the_forms():
-    assert aot.parse_target("v5p:2x2x1") == ("tpu", "v5p", "2x2x1", 1)
-    assert aot.parse_target("v5e:16x16,slices=2") == ("tpu", "v5e", "16x16", 2)
-    assert aot.parse_target("h100:8") == ("cuda", "h100", "", 8)
+    assert targets.parse_target("v5p:2x2x1") == ("tpu", "v5p", "2x2x1", 1)
+    assert targets.parse_target("v5e:16x16,slices=2") == ("tpu", "v5e", "16x16", 2)
+    assert targets.parse_target("h100:8") == ("cuda", "h100", "", 8)
     with pytest.raises(ValueError, match=r"--target 'x100:8'.*h100"):
-        aot.parse_target("x100:8")
+        targets.parse_target("x100:8")
 
 
 def test_shipped_gpu_descriptions_name_their_memory():
     # HBM as XLA's published specs give it (bytes the device reports)
     want = {"h100": 84942979072, "h200": 151397597184, "a100-80g": 85100068864, "a100-40g": 42331013120}
-    assert aot.gpu_target_names() == sorted(want)
+    assert targets.gpu_target_names() == sorted(want)
     for kind, memory in want.items():
-        assert f"device_memory_size: {memory}\n" in aot.gpu_target_config(kind)
+        assert f"device_memory_size: {memory}\n" in targets.gpu_target_config(kind)
 
 
 def _fake_report(batch, peak, usable, mesh=None):
@@ -93,7 +94,7 @@ def test_max_batch_search_finds_the_largest_multiple_that_fits(monkeypatch, star
         return _fake_report(b, 1000 + 7 * b + b * b // 2000, usable)
 
     monkeypatch.setattr(aot, "compile_step", fake)
-    target = aot.Target("fake", "tpu", [], usable, "")
+    target = targets.Target("fake", "tpu", [], usable, "")
     best, tried = aot.search_max_batch(_config("base", start), target, log=lambda _: None)
     fits = [b for b in range(32, 10_000, 32) if 1000 + 7 * b + b * b // 2000 <= usable]
     assert best.batch_size == max(fits)
@@ -101,7 +102,7 @@ def test_max_batch_search_finds_the_largest_multiple_that_fits(monkeypatch, star
 
 
 def test_the_does_not_fit_line_says_by_how_much_and_names_the_knobs():
-    line = aot.does_not_fit_line(_fake_report(512, 30 * aot.GiB, 16 * aot.GiB))
+    line = aot.does_not_fit_line(_fake_report(512, 30 * targets.GiB, 16 * targets.GiB))
     assert "\n" not in line
     assert line.startswith("does not fit fake at batch 512: needs 30.00 GiB per device of 16.00 GiB, over by 14.00")
     for knob in ("mesh.fsdp", "accum_steps", "model.remat=dots", "batch_size"):
@@ -122,7 +123,7 @@ def test_tpu_fsdp_over_8_chips_compiles_and_shards_the_params(compiled, size, ch
     # the same step with the params replicated holds the whole state on every chip
     config = _config(size, 256, data=8, fsdp=1, tensor=1)
     _, state, *_ = aot.build_step(config, "tpu", target.devices)
-    replicated = aot._per_device_bytes(state)
+    replicated = aot.per_device_bytes(state)
     assert report.state_bytes < replicated / 6, (report.state_bytes, replicated)
     # what XLA counts for the arguments is what the shardings say (the compiled step is sharded)
     assert abs(report.argument_bytes - report.state_bytes - report.batch_bytes) < 0.01 * report.argument_bytes
@@ -154,12 +155,12 @@ def test_an_over_large_batch_exits_non_zero_with_one_line(entry):
 
 @needs_cuda
 def test_each_gpu_description_opens_as_its_device():
-    for kind in aot.gpu_target_names():
-        target = aot.open_target(f"{kind}:2")
-        name = aot.gpu_target_config(kind).split('device_description_str: "')[1].split('"')[0]
+    for kind in targets.gpu_target_names():
+        target = targets.open_target(f"{kind}:2")
+        name = targets.gpu_target_config(kind).split('device_description_str: "')[1].split('"')[0]
         assert [d.device_kind for d in target.devices] == [name, name]
-        memory = int(aot.gpu_target_config(kind).split("device_memory_size: ")[1].split()[0])
-        assert target.usable_bytes == int(memory * aot.GPU_MEM_FRACTION)
+        memory = int(targets.gpu_target_config(kind).split("device_memory_size: ")[1].split()[0])
+        assert target.usable_bytes == int(memory * targets.GPU_MEM_FRACTION)
 
 
 @needs_cuda
@@ -172,7 +173,7 @@ def test_h100_base_batch_256_uses_cudnn_attention_in_both_towers_under_24_gib(co
         assert c.get(f"cudnn_attention_backward@{seq}") == 12, c
     assert c.get("while_loops", 0) == 0
     # PyTorch's measured peak on an H100 at this batch was 29 GiB
-    assert report.peak_bytes <= 24 * aot.GiB, aot.format_report(report)
+    assert report.peak_bytes <= 24 * targets.GiB, aot.format_report(report)
 
 
 @needs_cuda

@@ -4,23 +4,18 @@ fused kernels, collectives and whether it fits (``ccj-train --compile-only --tar
     ccj-train --config recipe:pretrain_stage2 --compile-only --target v5p:2x2x1
     ccj-train --config recipe:demo --compile-only --target h100:1 [--max-batch]
 
-``TARGET``: a TPU topology as libtpu names it, ``v5p:2x2x1``, ``v5e:16x16``, ``v6e:8x8``,
-``v4:2x2x2`` (``,slices=N`` for N slices over the data-centre network: the ``data`` mesh axis
-then spans them), or ``KIND:N``, N NVIDIA GPUs of a kind whose description ships in
-``chinese_clip_jax/assets/gpu_targets`` (``h100``, ``h200``, ``a100-80g``, ``a100-40g``).
-The step is the one ``ccj-train`` runs there (``training.step.train_step_for``, the run options
-of ``training.defaults`` resolved for that platform, the config's mesh and batch) over the
-target's compile-only devices (``jax.experimental.topologies``); nothing is allocated.
-TPU needs ``libtpu`` (extra ``[tpu-compile]``), GPU the CUDA plugin (extra ``[cuda-compile]``).
+``TARGET``: a TPU topology (``v5p:2x2x1``) or ``KIND:N`` NVIDIA GPUs (``h100:8``), see
+``training.targets``. The step is the one ``ccj-train`` runs there
+(``training.step.train_step_for``; the run options of ``training.defaults`` resolved for that
+platform; the config's mesh and batch) over the target's compile-only devices; nothing is
+allocated.
 
 Per device: params + optimizer state and batch (from the shardings), temporaries (XLA's
 ``memory_analysis``), the peak estimate (arguments + outputs not donated + temporaries +
-code), the memory XLA may use (TPU: what the compiler reports as available HBM; GPU: the
-description's memory x jax's allocator fraction, ``XLA_PYTHON_CLIENT_MEM_FRACTION``, default
-0.75) and the headroom. Kernels and collectives are counted in the optimised HLO (inside a
-while loop: once per iteration, not per trip). Caveats: GPU autotuning is skipped without a
-device (kernel choices and temporaries may differ from a real run's), TPU on-chip memory
-(VMEM) is not counted.
+code), the memory the program may use (``training.targets``) and the headroom. Kernels and
+collectives are counted in the optimised HLO (inside a while loop: once per iteration, not per
+trip). Caveats: GPU autotuning is skipped without a device (kernel choices and temporaries may
+differ from a real run's); TPU on-chip memory (VMEM) is not counted.
 """
 
 from __future__ import annotations
@@ -29,22 +24,17 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import re
 import sys
 import time
 from collections import Counter
-from importlib import resources
+
+from .targets import GiB, Target, hbm_refusal, open_target
 
 __all__ = [
-    "GiB",
-    "Target",
     "CompileReport",
-    "gpu_target_names",
-    "gpu_target_config",
-    "parse_target",
-    "open_target",
     "build_step",
+    "per_device_bytes",
     "cudnn_stand_in",
     "compile_step",
     "search_max_batch",
@@ -53,148 +43,6 @@ __all__ = [
     "does_not_fit_line",
     "run",
 ]
-
-GiB = 1024**3
-# Nominal HBM per chip (the vendor's figure, for the printout; fit uses what the compiler reports).
-TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-GPU_MEM_FRACTION = 0.75  # jax's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
-_GPU_ASSETS = "gpu_targets"
-_TPU_TARGET = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})(?:,slices=(\d+))?$")
-_GPU_TARGET = re.compile(r"^([a-z0-9-]+):(\d+)$")
-_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
-_USED = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
-
-
-# ---- targets ------------------------------------------------------------------------------------
-
-
-def _gpu_assets():
-    return resources.files("chinese_clip_jax").joinpath("assets").joinpath(_GPU_ASSETS)
-
-
-def gpu_target_names() -> list[str]:
-    """The GPU kinds whose target description ships with the package."""
-    files = _gpu_assets().iterdir()
-    return sorted(f.name[: -len(".txtpb")] for f in files if f.name.endswith(".txtpb"))
-
-
-def gpu_target_config(kind: str) -> str:
-    """The ``GpuTargetConfigProto`` text of GPU ``kind`` (``gpu_target_names``)."""
-    if kind not in gpu_target_names():
-        raise ValueError(f"unknown GPU kind {kind!r}: known {', '.join(gpu_target_names())}")
-    return _gpu_assets().joinpath(f"{kind}.txtpb").read_text()
-
-
-def _gpu_memory_bytes(text: str) -> int:
-    return int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
-
-
-@dataclasses.dataclass
-class Target:
-    """A compile target: its platform, compile-only devices and the memory XLA may use per device."""
-
-    name: str
-    platform: str  # "tpu" | "cuda"
-    devices: list
-    usable_bytes: int  # per device: what the program may use
-    chip_note: str  # e.g. "TPU v5p, 95 GiB HBM per chip; XLA reports 95.74 GiB available per device"
-    compiler_options: dict = dataclasses.field(default_factory=dict)
-
-
-def parse_target(text: str) -> tuple[str, str, str, int]:
-    """``"v5p:2x2x1"`` -> ("tpu", "v5p", "2x2x1", slices); ``"h100:8"`` -> ("cuda", "h100", "", 8)."""
-    m = _TPU_TARGET.match(text)
-    if m:
-        return "tpu", m.group(1), m.group(2), int(m.group(3) or 1)
-    m = _GPU_TARGET.match(text)
-    if m and m.group(1) in gpu_target_names() and int(m.group(2)) >= 1:
-        return "cuda", m.group(1), "", int(m.group(2))
-    raise ValueError(
-        f"--target {text!r}: expected a TPU topology (v4|v5e|v5p|v6e:AxB[xC][,slices=N], e.g. v5p:2x2x1) or "
-        f"GPU:N with GPU one of {', '.join(gpu_target_names())} (e.g. h100:8)"
-    )
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """libtpu prints Cloud-TPU metadata warnings (no TPU VM here) straight to fd 2 when it loads."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _tpu_available_bytes(device) -> int:
-    """The HBM the TPU compiler lets one program use on ``device``: read from its own refusal of a
-    program that cannot fit (a 1 TiB temporary)."""
-    import jax
-    import jax.numpy as jnp
-
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    x = jax.ShapeDtypeStruct((256, 1024, 1024, 1024), jnp.float32, sharding=sharding)
-    try:
-        jax.jit(lambda a: (a * 2).sum(0), out_shardings=sharding).lower(x).compile()
-    except Exception as e:  # noqa: BLE001 - the compiler's RESOURCE_EXHAUSTED
-        m = _OOM.search(str(e))
-        if m:
-            return int(_to_bytes(m.group(3), m.group(4)))
-        raise
-    raise RuntimeError("the TPU compiler accepted a 1 TiB program: cannot tell its HBM")
-
-
-def _to_bytes(value: str, unit: str) -> float:
-    return float(value) * 1024 ** "BKMGT".index(unit)
-
-
-def open_target(text: str) -> Target:
-    """The compile-only devices of ``text`` (``parse_target``), loading libtpu or the CUDA plugin;
-    a missing one is an ``ImportError`` naming the extra to install."""
-    import jax
-    from jax._src import xla_bridge
-    from jax.experimental import topologies
-
-    platform, kind, topology, n = parse_target(text)
-    if not xla_bridge.backends_are_initialized() and not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")  # this host's own backend: no TPU / GPU start-up
-    if platform == "tpu":
-        try:
-            import libtpu  # noqa: F401
-        except ImportError:
-            raise ImportError("compiling for TPU needs libtpu: pip install 'chinese-clip-jax[tpu-compile]'") from None
-        # no chip is opened: several compiling processes may share libtpu (its lockfile guards chips)
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        extra = {"num_slices": n} if n > 1 else {}
-        with _quiet_stderr():
-            devices = topologies.get_topology_desc(topology_name=f"{kind}:{topology}", platform="tpu", **extra).devices
-        usable = _tpu_available_bytes(devices[0])
-        chip = devices[0].device_kind
-        note = (
-            f"{chip} ({kind}), {TPU_HBM_GIB[kind]} GiB HBM per chip; the compiler allows "
-            f"{usable / GiB:.2f} GiB per device ({len(devices)} devices)"
-        )
-        return Target(text, "tpu", list(devices), usable, note)
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "compiling for NVIDIA GPUs needs the CUDA plugin: pip install 'chinese-clip-jax[cuda-compile]'"
-        ) from None
-    description = gpu_target_config(kind)
-    devices = topologies.get_topology_desc(
-        platform="cuda", topology_name=kind, topology=f"1x1x{n}", target_config=description
-    ).devices
-    hbm = _gpu_memory_bytes(description)
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
-    note = (
-        f"{devices[0].device_kind}, {hbm / GiB:.2f} GiB; jax's allocator may use {fraction:g} of it "
-        f"(XLA_PYTHON_CLIENT_MEM_FRACTION) = {hbm * fraction / GiB:.2f} GiB per device ({n} devices)"
-    )
-    return Target(text, "cuda", list(devices), int(hbm * fraction), note)
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -269,7 +117,8 @@ def build_step(config, platform: str, devices=None, mesh_sizes: dict | None = No
     return step, state, batch, mesh, options, model_config
 
 
-def _per_device_bytes(tree) -> int:
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded arrays (or ``ShapeDtypeStruct`` s)."""
     import jax
 
     total = 0
@@ -355,7 +204,7 @@ def compile_step(config, target: Target, *, mesh_sizes=None) -> CompileReport:
         step, state, batch, mesh, options, _ = build_step(config, target.platform, target.devices, mesh_sizes)
         with shd.use_mesh_and_rules(mesh):
             lowered = step.trace(state, batch).lower(lowering_platforms=(target.platform,))
-    state_bytes, batch_bytes = _per_device_bytes(state), _per_device_bytes(batch)
+    state_bytes, batch_bytes = per_device_bytes(state), per_device_bytes(batch)
     common = dict(
         target=target.name,
         chip_note=target.chip_note,
@@ -370,14 +219,13 @@ def compile_step(config, target: Target, *, mesh_sizes=None) -> CompileReport:
     try:
         compiled = lowered.compile(target.compiler_options or None)
     except Exception as e:  # noqa: BLE001 - XLA raises a bare runtime error
-        text = str(e)
-        m = _OOM.search(text) or _USED.search(text)
-        if "RESOURCE_EXHAUSTED" not in text or not m:
+        refusal = hbm_refusal(str(e))
+        if not refusal:
             raise
-        need = _to_bytes(m.group(1), m.group(2))
-        if m.re is _OOM:  # temporaries alone: the arguments come on top
+        need, _, temporaries_only = refusal
+        if temporaries_only:  # the arguments come on top
             need += state_bytes + batch_bytes
-        line = text.strip().splitlines()[0]
+        line = str(e).strip().splitlines()[0]
         return CompileReport(
             **common, argument_bytes=state_bytes + batch_bytes, temp_bytes=None, output_bytes=0, code_bytes=0,
             peak_bytes=int(need), compile_s=time.perf_counter() - t0, counts={}, refused=line,
