@@ -372,11 +372,13 @@ def format_report(r: CompileReport) -> str:
 
 
 def _compile_config(config):
-    """``config`` as compiled without a run: the architecture from ``model.*`` (``init_from``'s
-    own config.json where it is a local checkpoint), no data read."""
+    """``config`` as compiled without a run: the architecture from ``model.*`` (from ``init_from``'s
+    config.json where it is a local checkpoint directory; nothing is downloaded), no data read."""
     c = copy.deepcopy(config)
     with c.unlocked():
-        if c.init_from:
+        from ..io import as_path, is_local
+
+        if c.init_from and is_local(c.init_from) and (as_path(c.init_from) / "config.json").exists():
             from ..modeling.config import ChineseCLIPConfig
 
             try:
@@ -385,7 +387,7 @@ def _compile_config(config):
                 c.model.text.update({k: getattr(arch.text_config, k) for k in c.model.text})
                 c.model.vision.update({k: getattr(arch.vision_config, k) for k in c.model.vision})
                 c.model.projection_dim = arch.projection_dim
-            except Exception:  # noqa: BLE001 - a remote or unreadable init_from: the config's sizes
+            except Exception:  # noqa: BLE001 - an unreadable config.json: the config's sizes
                 pass
         c.init_from = ""
         c.require_init_from = False
