@@ -40,16 +40,17 @@ def _config(size: str, batch: int, **mesh):
 @pytest.fixture(scope="module")
 def compiled():
     """(size, target, batch, fsdp) -> CompileReport, each compiled once for the module."""
-    cache, targets = {}, {}
+    cache, opened = {}, {}
 
     def get(size, target, batch, fsdp=1):
         key = (size, target, batch, fsdp)
         if key not in cache:
-            if target not in targets:
-                targets[target] = targets.open_target(target)
+            if target not in opened:
+                opened[target] = targets.open_target(target)
             mesh = {"data": -1, "fsdp": fsdp, "tensor": 1}
-            cache[key] = aot.compile_step(_config(size, batch, **mesh), targets[target])
-        return cache[key], targets[target]
+            cache[key] = aot.compile_step(_config(size, batch, **mesh), opened[target])
+            print(aot.format_report(cache[key]))  # shown with -rP: the figures docs/accelerators.md quotes
+        return cache[key], opened[target]
 
     return get
 
@@ -125,10 +126,10 @@ def test_tpu_fsdp_over_8_chips_compiles_and_shards_the_params(compiled, size, ch
     _, state, *_ = aot.build_step(config, "tpu", target.devices)
     replicated = aot.per_device_bytes(state)
     assert report.state_bytes < replicated / 6, (report.state_bytes, replicated)
-    # what XLA counts for the arguments is what the shardings say (the compiled step is sharded)
-    assert abs(report.argument_bytes - report.state_bytes - report.batch_bytes) < 0.01 * report.argument_bytes
+    # and the compiled program's arguments (XLA's count, TPU tiling included) are sharded as well
+    assert report.argument_bytes < replicated / 4, aot.format_report(report)
     # FSDP's weight gathers move the compute dtype
-    assert report.counts.get("all-gather:bf16", 0) > 0, report.counts
+    assert report.counts.get("all-gather:bf16", 0) > 0, aot.format_report(report)
 
 
 @needs_tpu
