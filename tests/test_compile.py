@@ -103,6 +103,9 @@ def test_max_batch_search_finds_the_largest_multiple_that_fits(monkeypatch, star
 
 
 def test_the_does_not_fit_line_says_by_how_much_and_names_the_knobs():
+    gpu = _fake_report(256, 60 * targets.GiB, 59 * targets.GiB)
+    gpu.device_bytes = 79 * targets.GiB  # within the GPU, beyond jax's allocator share
+    assert aot.does_not_fit_line(gpu).endswith("or XLA_PYTHON_CLIENT_MEM_FRACTION=0.78")
     line = aot.does_not_fit_line(_fake_report(512, 30 * targets.GiB, 16 * targets.GiB))
     assert "\n" not in line
     assert line.startswith("does not fit fake at batch 512: needs 30.00 GiB per device of 16.00 GiB, over by 14.00")
@@ -180,6 +183,10 @@ def test_h100_base_batch_256_uses_cudnn_attention_in_both_towers_under_24_gib(co
 @needs_cuda
 @pytest.mark.slow
 def test_h100_large_patch14_batch_256_fits_one_80gb_gpu(compiled):
+    """It fits the GPU's 79.1 GiB, not jax's default 75% share of it (59.9 GiB measured against
+    59.3): the does-not-fit line then names XLA_PYTHON_CLIENT_MEM_FRACTION."""
     report, _ = compiled("large", "h100:1", 256)
-    assert report.fits, aot.format_report(report)
+    assert report.peak_bytes <= 0.9 * report.device_bytes, aot.format_report(report)
+    if not report.fits:
+        assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0." in aot.does_not_fit_line(report)
     assert report.counts.get("cudnn_attention_forward@264") == 24, report.counts  # 257 patches + class, padded

@@ -184,6 +184,7 @@ class CompileReport:
     compile_s: float
     counts: dict
     refused: str = ""  # the compiler's first line when it refused
+    device_bytes: int = 0  # all the device's memory, where more than usable_bytes (GPU)
 
     @property
     def fits(self) -> bool:
@@ -214,6 +215,7 @@ def compile_step(config, target: Target, *, mesh_sizes=None) -> CompileReport:
         state_bytes=state_bytes,
         batch_bytes=batch_bytes,
         usable_bytes=target.usable_bytes,
+        device_bytes=target.device_bytes,
     )
     t0 = time.perf_counter()
     try:
@@ -323,6 +325,10 @@ def does_not_fit_line(r: CompileReport) -> str:
     elif r.options.get("remat") == "dots":
         knobs.append("--config.model.remat=full")
     knobs.append("a smaller --config.batch_size")
+    if r.peak_bytes <= 0.95 * r.device_bytes:  # GPU: within the device, beyond jax's allocator share
+        knobs.append(
+            f"or XLA_PYTHON_CLIENT_MEM_FRACTION={math.ceil(100 * r.peak_bytes / r.device_bytes) / 100 + 0.02:.2f}"
+        )
     return (
         f"does not fit {r.target} at batch {r.batch_size}: needs {_gib(r.peak_bytes)} per device of "
         f"{_gib(r.usable_bytes)}, over by {over / GiB:.2f} GiB; try " + ", ".join(knobs)

@@ -76,6 +76,7 @@ class Target:
     usable_bytes: int  # per device: what the program may use
     chip_note: str  # e.g. "TPU v5p, 95 GiB HBM per chip; XLA reports 95.74 GiB available per device"
     compiler_options: dict = dataclasses.field(default_factory=dict)
+    device_bytes: int = 0  # per device, all of it (GPU: beyond jax's allocator fraction); 0: usable_bytes
 
 
 def parse_target(text: str) -> tuple[str, str, str, int]:
@@ -171,7 +172,7 @@ def open_target(text: str) -> Target:
         f"{devices[0].device_kind}, {hbm / GiB:.2f} GiB; jax's allocator may use {fraction:g} of it "
         f"(XLA_PYTHON_CLIENT_MEM_FRACTION) = {hbm * fraction / GiB:.2f} GiB per device ({n} devices)"
     )
-    return Target(text, "cuda", list(devices), int(hbm * fraction), note)
+    return Target(text, "cuda", list(devices), int(hbm * fraction), note, device_bytes=hbm)
 
 
 def hbm_refusal(message: str) -> tuple[int, int, bool] | None:
