@@ -39,6 +39,15 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 test-fast: install
 	$(VENV)/bin/python $(PYTEST) -m "not slow" tests
 
+# The compiled-step contracts for NVIDIA GPUs (tests/test_compile.py with the CUDA plugin); the TPU
+# ones run in `make test` (libtpu is in [test]). Separate: the CUDA plugin is another ~0.5 GB that
+# every jax process of the suite would probe at start-up, and its compiles are the slowest.
+.PHONY: test-gpu-compile
+test-gpu-compile:
+	rm -rf build/venv-gpu-compile
+	$(call install_into,build/venv-gpu-compile,[test,cuda-compile],torch)
+	build/venv-gpu-compile/bin/python -m pytest -q tests/test_compile.py
+
 # The API reference (pdoc, from the docstrings) into build/api; fails on a broken cross-reference.
 api: install
 	$(VENV)/bin/python docs/build_api.py build/api

@@ -27,8 +27,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import chinese_clip_jax as ccj
-    from chinese_clip_jax.evaluation.calibration import expected_calibration_error, sample_pairs
     from chinese_clip_jax.data.readers import open_retrieval
+    from chinese_clip_jax.evaluation.calibration import expected_calibration_error, sample_pairs
     from chinese_clip_jax.inference.calibration import match_probability
 
     ds = open_retrieval(args.data)

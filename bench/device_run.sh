@@ -15,6 +15,8 @@
 #   precision  fp32 parity with transformers per precision option (None, "highest")
 #   layout     base train step scanned, remat none and dots (unrolled is in `device`): compile s, ms/step
 #   flags      base train step with the "tuned" XLA GPU flag set (chinese_clip_jax/training/xla_flags.py)
+#   estimate   bench/estimate_vs_real.py: the compile-only peak estimate (ccj-train --compile-only)
+#              of the base and large step at batch 256 against the device's real peak
 #   memory     bench/max_batch.py: largest batch per size and remat policy, and its pairs/s
 #   serve      bench/serve_load.py: ccj-serve's q/s, p50/p99 latency and RSS under concurrent clients
 #   lora       bench/lora_memory.py: full fine-tuning vs LoRA rank 4/8 vs the last 2 layers, base
@@ -74,6 +76,11 @@ B=base-patch16
 [ "$SMOKE" = 1 ] && B=smoke
 part device 400 "$PY" bench/device.py $S $PEAK $PEER --sizes $SIZES --impls auto,xla --budget-s 150 --peer-budget-s 120 \
   --json "$OUT/device.json"
+if [ "$SMOKE" = 1 ]; then
+  part estimate 60 "$PY" bench/estimate_vs_real.py --smoke
+else
+  part estimate 90 "$PY" bench/estimate_vs_real.py --sizes $SIZES --batch 256
+fi
 part rng 90 "$PY" bench/device.py $S $PEAK --sizes $B --programs train --rng-impls threefry,unsafe_rbg \
   --peer none --steps 3 --repeats 3
 part profile 80 "$PY" bench/profile_step.py $S --size $B --steps 5 --logdir "${TMPDIR:-/tmp}/ccj_trace"

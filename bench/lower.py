@@ -4,6 +4,8 @@
     python -m bench.lower --config train/configs/base.py --platform tpu --batch-size 64 --mesh fsdp=8 --out tpu.mlir
     python -m bench.lower --config train/configs/demo.py --platform cpu --batch-size 128 --out demo.mlir
     python -m bench.lower --config train/configs/base.py --platform cuda --batch-size 8 --set model.remat=dots
+    python -m bench.lower --config train/configs/base.py --target h100:1 --batch-size 256      # compiled
+    python -m bench.lower --config train/configs/base.py --target v5e:4x4 --mesh fsdp=16 --batch-size 1024 --max-batch
 
 Writes the StableHLO text of exactly the step ``ccj-train CONFIG`` runs on that platform: the
 same model (``model.*``; random weights), the same run options (``training.defaults``: dtype,
@@ -23,6 +25,10 @@ right after SPMD partitioning, by dtype), and for an unrolled step XLA's cost-an
 against ``bench/flops.py``.
 Counts follow calls (a function called 12 times counts 12 times); inside a while loop they are
 per iteration.
+
+``--target`` (a TPU topology or GPU:N) compiles the same step for that hardware instead and prints
+its per-device memory, kernels and collectives (``chinese_clip_jax.training.compile``; exit 1
+when it does not fit).
 
 cuDNN attention is lowered with a stand-in cuDNN version (``--cudnn-version``, default 9.10) when
 this host has none: jax asks the installed cuDNN for its version before building the call.
@@ -48,8 +54,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a trainer config file (get_config()), e.g. train/configs/base.py")
-    p.add_argument("--platform", required=True, choices=PLATFORMS)
+    p.add_argument("--platform", choices=PLATFORMS, help="lower for this platform (or --target: compile for it)")
     p.add_argument("--batch-size", type=int, required=True, help="GLOBAL batch (replaces config.batch_size)")
+    p.add_argument("--target", default="", help="compile for a TPU topology or GPU:N (ccj-train --compile-only)")
+    p.add_argument("--max-batch", action="store_true", help="with --target: search the largest batch that fits")
     p.add_argument("--mesh", default="", help="e.g. data=8 or fsdp=8 (axes not named: 1); default: the config's")
     p.add_argument("--out", default="", help="write the StableHLO text here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -59,6 +67,8 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     args.mesh_sizes = parse_mesh(args.mesh, p.error)
+    if bool(args.platform) == bool(args.target):
+        p.error("give one of --platform (lower) and --target (compile for a target)")
     if args.compile and args.platform != "cpu":
         p.error("--compile compiles for this host: use it with --platform cpu")
     return args
@@ -113,79 +123,24 @@ def load_config(path: str, overrides=()):
     return config
 
 
-@contextlib.contextmanager
-def cudnn_stand_in(version: int):
-    """jax checks the installed cuDNN's version before it builds a fused-attention call; on a host
-    without cuDNN (lowering for cuda from a CPU), answer ``version`` for the duration."""
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-
-    try:
-        fused.check_cudnn_version()
-        yield
-        return
-    except RuntimeError:
-        pass
-    real = fused.check_cudnn_version
-    fused.check_cudnn_version = lambda: version
-    try:
-        yield
-    finally:
-        fused.check_cudnn_version = real
-
-
 def build(config, platform: str, batch_size: int, mesh_sizes: dict | None = None):
     """(jitted step, abstract state, abstract batch, mesh, run options, model config) of the train
-    step ``ccj-train`` builds from ``config`` on ``platform`` (chinese_clip_jax.training.loop)."""
-    import jax
-    import jax.numpy as jnp
-
-    from chinese_clip_jax import sharding as shd
-    from chinese_clip_jax.modeling import ChineseCLIPModel
-    from chinese_clip_jax.modeling.config import parse_dtype
-    from chinese_clip_jax.training.defaults import resolve_run_options
-    from chinese_clip_jax.training.loop import build_model_config, lora_settings, unfreeze_settings
-    from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS
-    from chinese_clip_jax.training.optim import make_optimizer
-    from chinese_clip_jax.training.state import abstract_train_state
-    from chinese_clip_jax.training.step import train_step_for
+    step ``ccj-train`` builds from ``config`` on ``platform`` (``training.compile.build_step``)."""
+    from chinese_clip_jax.training.compile import build_step
     from chinese_clip_jax.training.validate import validate_config
 
     validate_config(config)
-    options = resolve_run_options(config, platform)
-    model_config = build_model_config(config.model)
-    model = ChineseCLIPModel(
-        model_config,
-        dtype=parse_dtype(options.dtype),
-        **options.model_options(),
-        logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if config.loss == "sigmoid" else None,
-    )
-    m = mesh_sizes or {k: config.mesh[k] for k in MESH_AXES}
-    mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"])
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % (shards * config.accum_steps):
-        raise SystemExit(
-            f"--batch-size {batch_size} must be divisible by data x fsdp ({shards}) x "
-            f"accum_steps ({config.accum_steps})"
-        )
-    freeze = config.freeze or None
-    unfreeze = unfreeze_settings(config)
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps, freeze, unfreeze)
-    state = abstract_train_state(model, tx, mesh, lora=lora_settings(config))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train_step_for(config, options, model, tx, schedule, mesh, shardings, freeze=freeze, unfreeze=unfreeze)
-    v = model_config.vision_config
-    bs = shd.batch_sharding(mesh)
-    batch = {  # what the data pipeline gives: uint8 NHWC images, int32 token ids
-        "input_ids": jax.ShapeDtypeStruct((batch_size, config.context_length), jnp.int32, sharding=bs),
-        "attention_mask": jax.ShapeDtypeStruct((batch_size, config.context_length), jnp.int32, sharding=bs),
-        "pixel_values": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, 3), jnp.uint8, sharding=bs),
-    }
-    return step, state, batch, mesh, options, model_config
+    config.batch_size = batch_size
+    try:
+        return build_step(config, platform, mesh_sizes=mesh_sizes)
+    except ValueError as e:
+        raise SystemExit(f"--batch-size: {e}") from None
 
 
 def lower(config, platform: str, batch_size: int, mesh_sizes=None, cudnn_version: int = 91000):
     """(jax ``Lowered``, run options, model config, mesh) of the trainer's step for ``platform``."""
     from chinese_clip_jax import sharding as shd
+    from chinese_clip_jax.training.compile import cudnn_stand_in
 
     stand_in = cudnn_stand_in(cudnn_version) if platform == "cuda" else contextlib.nullcontext()
     with stand_in:  # model.init traces the attention too
@@ -279,21 +234,11 @@ def summarize(text: str, full_size: int) -> Counter:
     return count("main")
 
 
-_HLO_COLLECTIVE = re.compile(
-    r"=\s*\(?([a-z0-9]+)\[[^=]*?\s(all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\("
-)
-
-
 def hlo_collectives(hlo_text: str) -> Counter:
     """Collectives by dtype in compiled (partitioned) HLO text: ``all-gather:bf16`` -> count."""
-    c = Counter()
-    for line in hlo_text.splitlines():
-        m = re.search(
-            r"=\s*\(?([a-z0-9]+)\[[^=]*?\s(all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", line
-        )
-        if m:
-            c[f"{m.group(2)}:{m.group(1)}"] += 1
-    return c
+    from chinese_clip_jax.training.compile import hlo_counts
+
+    return Counter({k: v for k, v in hlo_counts(hlo_text).items() if ":" in k})
 
 
 _DUMP_ENV = "CCJ_LOWER_DUMP_DIR"
@@ -389,8 +334,21 @@ def print_report(args, result: dict) -> None:
         print(f"wrote {args.out}")
 
 
+def compile_for_target(args) -> int:
+    """``--target``: the step compiled for that hardware, as ``ccj-train --compile-only`` prints it."""
+    from chinese_clip_jax.training.compile import run
+
+    config = load_config(args.config, args.set)
+    config.batch_size = args.batch_size
+    if args.mesh_sizes:
+        config.mesh.update(args.mesh_sizes)
+    return run(config, args.target, max_batch=args.max_batch)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.target:
+        raise SystemExit(compile_for_target(args))
     need = 1
     for v in (args.mesh_sizes or {}).values():
         need *= v

@@ -112,11 +112,11 @@ def calibrate(
 ) -> dict[str, Any]:
     """Fits the calibration on ``data``'s ``split`` (a retrieval set: spec or ``RetrievalSet``),
     writes it to ``output`` (JSON, atomically) and returns what it wrote."""
+    from ..data.readers import open_retrieval
+    from ..data.sets import RetrievalSet
     from ..io import atomic_write
     from .api import _model, _preprocess, _progress, _resize, check_output
     from .runner import retrieval_scores
-    from ..data.readers import open_retrieval
-    from ..data.sets import RetrievalSet
 
     if negatives < 1:
         raise ValueError(f"negatives must be >= 1, got {negatives}")

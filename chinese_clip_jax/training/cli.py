@@ -24,7 +24,17 @@ from chinese_clip_jax.io import first_line
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-flags.mark_flags_as_required(["config", "workdir"])
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile-only", False, "Compile the step for --target (hardware this host may lack), print its memory and exit."
+)
+_TARGET = flags.DEFINE_string("target", None, "With --compile-only: a TPU topology (v5p:2x2x1) or GPU:N (h100:8).")
+_MAX_BATCH = flags.DEFINE_bool("max-batch", False, "With --compile-only: search the largest global batch that fits.")
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["workdir", "compile-only", "target"],
+    lambda f: (f["target"] is not None) if f["compile-only"] else f["workdir"] is not None,
+    "--workdir is required (with --compile-only: --target instead)",
+)
 
 
 def _maybe_initialize_distributed(dist) -> None:
@@ -116,6 +126,8 @@ def main(argv) -> None:
     from chinese_clip_jax.training.validate import validate_config
     from chinese_clip_jax.training.workdir import WorkdirLockedError
 
+    if _COMPILE_ONLY.value:
+        sys.exit(_compile_only(config))
     try:
         validate_config(config, reference=base.get_config())  # before anything is built
     except ValueError as e:
@@ -189,6 +201,27 @@ def _check_config_file(spec: str) -> None:
             defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     if "get_config" not in defined:
         _fail(f"--config {path}: defines no get_config() (a config file returns an ml_collections.ConfigDict from it)")
+
+
+def _compile_only(config) -> int:
+    """``--compile-only``: the config checked as for a run (its data aside: nothing is read), then
+    ``training.compile.run``."""
+    from chinese_clip_jax.data import default_data_config
+    from chinese_clip_jax.training import compile as aot
+    from chinese_clip_jax.training.recipes import base
+    from chinese_clip_jax.training.validate import validate_config
+
+    checked = config.copy_and_resolve_references()
+    with checked.unlocked():
+        checked.data, checked.require_init_from = default_data_config("demo"), False
+    try:
+        validate_config(checked, reference=base.get_config())
+    except ValueError as e:
+        _fail(str(e))
+    from chinese_clip_jax.training import xla_flags
+
+    xla_flags.apply(config.xla_gpu_flags)  # the GPU flags of a real run (read when XLA starts)
+    return aot.run(config, _TARGET.value, max_batch=_MAX_BATCH.value)
 
 
 def _resolve_recipes(argv: list[str]) -> list[str]:
