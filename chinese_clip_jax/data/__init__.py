@@ -40,6 +40,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "train_crop": "center",  # "center" | "random_resized" (cn_clip's augmentation) | "squash"
             "eval_crop": "center",  # "center" (transformers' processor) | "squash" (cn_clip's eval)
             "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)
+            "distinct_captions": False,  # training: no two samples with the same caption in one batch
             **{n: dict(source.defaults) for n, source in registry.sources().items()},
         }
     )
@@ -92,11 +93,13 @@ def train_iterator(
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     process_index: int | None = None,
     process_count: int | None = None,
+    labels: bool = False,
 ) -> TrainIterator:
     """Infinite, deterministic, checkpointable iterator of this process's batches.
 
     global_batch_size must divide by the process count; process_index/process_count default
-    to jax's (pass them explicitly to simulate hosts).
+    to jax's (pass them explicitly to simulate hosts). ``labels``: batches also hold "label"
+    int32 (b,), the source's class or group id (``loss_positives="label"``).
     """
     import grain
 
@@ -124,6 +127,8 @@ def train_iterator(
         crop=data_cfg.train_crop,
         jpeg_draft=data_cfg.jpeg_draft,
         name=f"data[{data_cfg.name}]",
+        labels=labels,
+        distinct_captions=data_cfg.get("distinct_captions", False),
     )
 
 
