@@ -3,6 +3,7 @@
     python bench/demo_seeds.py                         # seeds 0 1 2, the full demo (1200 steps each)
     python bench/demo_seeds.py --seeds 0 1 --steps 30  # a short check
     python bench/demo_seeds.py --steps 30 --compare-env   # same seed under other XLA ISA / thread settings
+    python bench/demo_seeds.py --set loss_positives=label    # any config overrides, on every run
 
 Each run is ``python -m train --config train/configs/demo.py --config.seed=S`` in a fresh process
 and its own workdir (``--config.seed`` sets the model init and the data order; the synthetic
@@ -32,6 +33,7 @@ def run_demo(
     env_extra: dict | None = None,
     cpus: str | None = None,
     evaluate: bool = True,
+    overrides: list[str] = (),
 ) -> list[dict]:
     """One demo run in a fresh process; returns its metrics.jsonl records."""
     cmd = [
@@ -44,6 +46,7 @@ def run_demo(
         workdir,
         f"--config.seed={seed}",
         "--config.export_hf=False",
+        *(f"--config.{kv}" for kv in overrides),
     ]
     if steps:
         cmd += [
@@ -107,19 +110,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="total_steps (default: the demo's 1200)")
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
     ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (--config.KEY=VALUE)"
+    )
+    ap.add_argument(
         "--compare-env",
         action="store_true",
         help="rerun the first seed under other XLA ISAs / 1 core and compare the losses",
     )
     args = ap.parse_args()
     root = args.workdir or tempfile.mkdtemp(prefix="demo_seeds_")
-    print(environment())
+    print(environment() + (f"; overrides {args.set}" if args.set else ""))
     if args.compare_env:
         compare_env(args.seeds[0], args.steps or 30, root)
         return
     per_seed = {}
     for seed in args.seeds:
-        per_seed[seed] = final_eval(run_demo(os.path.join(root, f"seed{seed}"), seed, args.steps))
+        records = run_demo(os.path.join(root, f"seed{seed}"), seed, args.steps, overrides=args.set)
+        per_seed[seed] = final_eval(records)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_seed[seed].items())), flush=True)
     keys = sorted(set.intersection(*(set(m) for m in per_seed.values())))
     print(f"\n{'metric':40s} {'mean':>7s} {'std':>7s} {'min':>7s} {'max':>7s}  over seeds {args.seeds}")

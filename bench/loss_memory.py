@@ -5,7 +5,7 @@
 
 The "loss step" is ``jax.jit(jax.value_and_grad(loss))`` over (text, image, logit_scale,
 logit_bias) with the embeddings sharded over the batch devices, as in the trainer after the
-towers (``chunked_losses.sharded_contrastive_loss``, fp32, ``--dim`` wide). Simulated CPU
+towers (``ring_losses.contrastive_loss_by_impl``, fp32, ``--dim`` wide). Simulated CPU
 devices (``--xla_force_host_platform_device_count``, set here); one process, meshes over the
 first n of them. Reported, per device, from XLA's ``compiled.memory_analysis()`` (a property
 of the compiled program, not of a run):
@@ -54,14 +54,14 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     from chinese_clip_jax import sharding as shd
-    from chinese_clip_jax.training.chunked_losses import sharded_contrastive_loss
+    from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl
 
     def mesh_of(n):
         return shd.make_mesh(n, 1, 1, devices=jax.devices()[:n])
 
     def step_fn(kind, impl, mesh, chunk):
         def loss(t, v, s, b):
-            return sharded_contrastive_loss(kind, t, v, s, b, impl=impl, mesh=mesh, chunk=chunk)
+            return contrastive_loss_by_impl(kind, t, v, s, b, impl=impl, mesh=mesh, chunk=chunk)
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 

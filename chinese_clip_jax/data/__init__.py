@@ -57,6 +57,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "spec": "",  # a data-set spec for the training pairs: sets name + that source's keys
             "eval_spec": "",  # a data-set spec for the retrieval eval set ("" = the source's eval keys)
             "max_bad": -1,  # undecodable training samples tolerated (-1: the default, bad_records)
+            "distinct_captions": False,  # training: no two samples with the same caption in one batch
             **{n: dict(source.defaults) for n, source in registry.sources().items()},
         }
     )
@@ -124,11 +125,13 @@ def train_iterator(
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     process_index: int | None = None,
     process_count: int | None = None,
+    labels: bool = False,
 ) -> TrainIterator:
     """Infinite, deterministic, checkpointable iterator of this process's batches.
 
     global_batch_size must divide by the process count; process_index/process_count default
-    to jax's (pass them explicitly to simulate hosts).
+    to jax's (pass them explicitly to simulate hosts). ``labels``: batches also hold "label"
+    int32 (b,), the source's class or group id (``loss_positives="label"``).
     """
     import grain
 
@@ -158,6 +161,8 @@ def train_iterator(
         jpeg_draft=data_cfg.jpeg_draft,
         name=f"data[{data_cfg.name}]",
         max_bad=data_cfg.get("max_bad", -1),
+        labels=labels,
+        distinct_captions=data_cfg.get("distinct_captions", False),
     )
 
 

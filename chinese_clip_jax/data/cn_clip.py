@@ -212,9 +212,10 @@ def _read_lmdb_pairs(path: epath.Path, skipped: list, origin=None):
 
 
 class PairSource:
-    """Random-access (caption, image) pairs: ``src[i]`` -> {"image": base64, "text", "where"}."""
+    """Random-access (caption, image) pairs: ``src[i]`` -> {"image": base64, "text", "where",
+    "label": the caption's text_id (``loss_positives="label"``: the images of one caption)}."""
 
-    def __init__(self, images, pairs: list[tuple[str, str]], skipped_at_index: int):
+    def __init__(self, images, pairs: list[tuple[str, str, int]], skipped_at_index: int):
         self.images, self._pairs, self.skipped_at_index = images, pairs, skipped_at_index
         if not pairs:
             raise ValueError(f"cn_clip: no usable (caption, image) pairs for {images.path}")
@@ -223,12 +224,12 @@ class PairSource:
         return len(self._pairs)
 
     def __getitem__(self, index: int) -> dict:
-        image_id, text = self._pairs[index]
+        image_id, text, text_id = self._pairs[index]
         try:
             b64, where = self.images[image_id]
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": f"pair {index} (image {image_id})"}
-        return {"image": b64, "text": text, "where": where}
+        return {"image": b64, "text": text, "where": where, "label": text_id}
 
 
 def find_split(root: epath.Path, split: str, fmt: str | None = None, *, choose_with: str = "data.cn_clip.format"):
@@ -305,12 +306,12 @@ def _open(c, split: str):
     root = as_path(c.root, what="data.cn_clip.root")
     fmt, images, captions = open_split(root, split, c.format, skipped)
     pairs = []
-    for _, text, ids, _ in captions:
+    for text_id, text, ids, _ in captions:
         for image_id in ids:
             if fmt == "tsv" and image_id not in images:
                 _skip(skipped, f"caption {text!r}", f"image id {image_id} is not in {images.path}")
             else:
-                pairs.append((str(image_id), text))
+                pairs.append((str(image_id), text, text_id))
     return images, pairs, [(text, ids) for _, text, ids, _ in captions], skipped
 
 

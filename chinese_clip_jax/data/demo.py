@@ -220,7 +220,8 @@ def _caption(template: str, color: int, shape: int, position: int) -> str:
 
 
 class DemoSource:
-    """Random-access training source: ``src[i]`` -> {"image": uint8 (s, s, 3), "text": str, "where": str}.
+    """Random-access training source: ``src[i]`` -> {"image": uint8 (s, s, 3), "text": str, "where": str,
+    "label": the colour-shape class, an index into CLASS_NAMES}.
 
     Only TRAIN_COMBOS are drawn; ``len(src) == num_train``; element i depends only on (seed, i).
     """
@@ -243,7 +244,8 @@ class DemoSource:
         position = _pick(u[1], len(POSITIONS))
         template = _CAPTIONS[_pick(u[2], len(_CAPTIONS))]
         image = render(self.image_size, color, shape, position, u[3:])
-        return {"image": image, "text": _caption(template, color, shape, position), "where": f"demo[{index}]"}
+        text = _caption(template, color, shape, position)
+        return {"image": image, "text": text, "where": f"demo[{index}]", "label": class_label(color, shape)}
 
 
 def _eval_draw(split: str, i: int, seed: int):

@@ -15,7 +15,9 @@ rows spread over the table) exist. Later, an image that is missing or cannot be 
 skipped and counted by the pipeline, as with every source.
 
 Config keys (``data.files.*``): ``table`` (the training table), ``image_key`` / ``caption_key``
-(column names, default "image" / "caption"), ``eval_table`` (a table for retrieval eval during
+(column names, default "image" / "caption"), ``label_key`` (an optional column, default "label":
+a class or group id per row that ``loss_positives="label"`` makes positives of each other; rows
+with an empty cell are skipped under that setting), ``eval_table`` (a table for retrieval eval during
 training; "" = none), ``eval_max_samples``. ``python -m chinese_clip_jax.data.build TABLE OUT
 --format files`` converts a table to TFDS/ArrayRecord; ``ccj-eval retrieval --data TABLE``
 scores a model on one (``evaluation.sets.open_retrieval``).
@@ -48,8 +50,11 @@ class Table:
     (absolute, or the table's folder joined with a relative one); row numbers count from 1 as a
     spreadsheet shows them (the CSV/TSV header is row 1, a JSONL file's first line is row 1)."""
 
-    def __init__(self, path: str, rows: list[tuple[str, list[str], int]], image_key: str, caption_key: str):
+    def __init__(
+        self, path: str, rows: list[tuple[str, list[str], int]], image_key: str, caption_key: str, labels=None
+    ):
         self.path, self.rows, self.image_key, self.caption_key = path, rows, image_key, caption_key
+        self.labels = labels or {}  # row number -> the label column's value, where the table has one
 
     def where(self, row: int, key: str | None = None) -> str:
         return f"{self.path} row {row}" + (f", column {key!r}" if key else "")
@@ -107,6 +112,7 @@ def read_table(
     what: str = "table",
     encoding: str = "utf-8",
     retry: str | None = "--encoding",
+    label_key: str = "label",
 ) -> Table:
     """Reads and checks a table (see the module docstring); one-line errors name the row and column.
 
@@ -122,8 +128,10 @@ def read_table(
         raise FileNotFoundError(f"{what} {text_path!r} does not exist")
     shown = os.fspath(p) if is_local(text_path) else text_path
     text = read_text(p, encoding=encoding, retry=retry)
-    rows = []
+    rows, labels = [], {}
     for n, row in _rows(shown, text, suffix, image_key, caption_key):
+        if row.get(label_key) not in (None, ""):
+            labels[n] = row[label_key]
         image = row[image_key]
         if not isinstance(image, str) or not image.strip():
             raise ValueError(f"{shown} row {n}, column {image_key!r}: empty image path, got {image!r}")
@@ -131,7 +139,7 @@ def read_table(
         rows.append((_resolve(p, image.strip()), captions, n))
     if not rows:
         raise ValueError(f"{what} {shown}: no rows")
-    table = Table(shown, rows, image_key, caption_key)
+    table = Table(shown, rows, image_key, caption_key, labels)
     half = SAMPLE_ROWS // 2
     sample = sorted(set(range(min(half, len(rows)))) | {i * len(rows) // half for i in range(half)})
     for i in sample:
@@ -156,6 +164,7 @@ class FilesSource:
     def __init__(self, table: Table):
         self.table_path = table.path
         self._pairs = [(image, caption, n) for image, captions, n in table.rows for caption in captions]
+        self._labels = table.labels
         self.skipped_at_index = 0
 
     def __len__(self) -> int:
@@ -165,9 +174,12 @@ class FilesSource:
         image, text, n = self._pairs[index]
         where = f"{self.table_path} row {n}"
         try:
-            return {"image": read_image(image), "text": text, "where": where}
+            record = {"image": read_image(image), "text": text, "where": where}
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
+        if n in self._labels:
+            record["label"] = self._labels[n]
+        return record
 
     def pair(self, index: int) -> tuple[str, str, int]:
         """(image path, caption, table row) of sample ``index``."""
@@ -251,6 +263,7 @@ def _table(path, c, what: str) -> Table:
             what=what,
             encoding=c.encoding,
             retry="--config.data.files.encoding",
+            label_key=c.label_key,
         )
     except (KeyError, FileNotFoundError, ValueError) as e:  # one line naming the key, as the other config errors
         message = e.args[0] if e.args else str(e)
@@ -308,6 +321,7 @@ DEFAULTS = {
     "table": "",  # .csv/.tsv/.jsonl of image paths (relative to the table, or absolute; local or gs://) + captions
     "image_key": "image",  # the table's image column
     "caption_key": "caption",  # the table's caption column (one caption, or a list of them)
+    "label_key": "label",  # an optional column of class / group ids (loss_positives="label")
     "eval_table": "",  # a table for retrieval eval during training ("" = none)
     "eval_max_samples": 1000,  # at most this many eval (image, caption) pairs
     "encoding": "utf-8",  # the tables' text encoding (UTF-8 with or without a BOM; e.g. "gbk")

@@ -15,7 +15,11 @@ messages (e.g. "train_imgs.tsv:17"); a source that cannot even read a record ret
      records at a time, in grain's reader threads or, with ``worker_count``, in grain worker
      processes; an undecodable record becomes a marker, never an exception;
   4. in :class:`TrainIterator`, skips and counts markers (logged), gathers ``b`` good samples and
-     tokenizes their captions with ``ChineseCLIPProcessor`` (context length 52, padded).
+     tokenizes their captions with ``ChineseCLIPProcessor`` (context length 52, padded); with
+     ``distinct_captions`` a sample whose caption is already in the batch waits for a later one.
+
+With ``labels`` every record must carry a "label" (an int or a string: the source's class or
+group id, ``loss_positives="label"``); batches then hold "label" int32 (b,) (``label_id``).
 
 Pixels stay uint8 up to the device (a quarter of float32's bytes through the worker queues and
 the host-to-device copy); the train step normalises them (``encoding.model_pixels``) with the
@@ -27,6 +31,7 @@ exactly (same batches, same counts).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import re
@@ -50,6 +55,7 @@ from .bad_records import TooManyBadRecords, max_bad_limit, too_many
 __all__ = [
     "TrainIterator",
     "build_train_iterator",
+    "label_id",
     "ImageDecoder",
     "CachingTokenizer",
     "LazyImages",
@@ -186,6 +192,15 @@ class ImageDecoder:
         return np.asarray(image), default_normalize_table()
 
 
+def label_id(label) -> int:
+    """A record's label -> an int32 group id, the same on every host: an int in int32's range is
+    itself; anything else (a string) a 31-bit BLAKE2b hash of its text."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and -(2**31) <= label < 2**31:
+        return int(label)
+    digest = hashlib.blake2b(str(label).encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class _DecodeChunk(grain.transforms.RandomMap):
     """grain map: CHUNK source indices -> one chunk (``_collate``) of their decoded records.
 
@@ -193,16 +208,19 @@ class _DecodeChunk(grain.transforms.RandomMap):
     (shuffle lookup, stats, rng) off each record; random crops draw, record after record, from
     the rng grain derives from (seed, chunk position), so they are resumable."""
 
-    def __init__(self, source: Sequence, image_size: int, crop: str = "center", jpeg_draft: bool = False):
+    def __init__(
+        self, source: Sequence, image_size: int, crop: str = "center", jpeg_draft: bool = False, labels: bool = False
+    ):
         self._source = source
         self._image = ImageDecoder(image_size, crop, jpeg_draft, uint8=True)
+        self._labels = bool(labels)
 
     def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
         return _collate([self._record(int(i), rng) for i in indices])
 
     def _record(self, index: int, rng: np.random.Generator) -> dict:
-        """-> {"pixel_values": uint8 (s, s, 3), "text": str, "bad": ""}, or for an undecodable
-        record zeros, "" and "bad": "where: why" (never raises)."""
+        """-> {"pixel_values": uint8 (s, s, 3), "text": str, "bad": ""} (and "label": int with
+        ``labels``), or for an undecodable record zeros, "" and "bad": "where: why" (never raises)."""
         where = f"record {index}"
         try:
             record = self._source[index]
@@ -212,25 +230,34 @@ class _DecodeChunk(grain.transforms.RandomMap):
             text = record["text"]
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"caption must be a non-empty string, got {text!r}")
-            return {"pixel_values": self._image(record["image"], rng), "text": text, "bad": ""}
+            out = {"pixel_values": self._image(record["image"], rng), "text": text, "bad": ""}
+            if self._labels:
+                if record.get("label") is None:
+                    raise ValueError("no label (loss_positives='label' needs one per record)")
+                out["label"] = label_id(record["label"])
+            return out
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
             s = self._image.image_size
             return {
                 "pixel_values": np.zeros((s, s, 3), np.uint8),
                 "text": "",
                 "bad": f"{where}: {type(e).__name__}: {e}",
+                **({"label": 0} if self._labels else {}),
             }
 
 
 def _collate(records: Sequence[dict]) -> dict:
     """Decoded records (``_DecodeChunk._record``) -> one chunk {"pixel_values": uint8 (n, s, s, 3),
     "text": [n], "bad": [n]}: what crosses from grain's threads or worker processes (one message
-    per CHUNK records)."""
-    return {
+    per CHUNK records; "label": int64 (n,) where the records have labels)."""
+    chunk = {
         "pixel_values": np.stack([r["pixel_values"] for r in records]),
         "text": [r["text"] for r in records],
         "bad": [r["bad"] for r in records],
     }
+    if records and "label" in records[0]:
+        chunk["label"] = np.asarray([r["label"] for r in records], np.int64)
+    return chunk
 
 
 class CachingTokenizer:
@@ -269,6 +296,12 @@ class TrainIterator:
 
     ``samples`` yields chunks (``_collate``); a batch may end inside one, so the state is the
     grain state before that chunk plus how many of its records were used.
+
+    ``distinct_captions``: no batch holds two samples with the same caption text. A sample whose
+    caption is already in the batch waits (oldest first) for the next batch that has room for it;
+    at most ``batch_size`` samples wait, older ones beyond that are dropped and counted
+    (``stats["duplicates_dropped"]``). The waiting samples are named in the state by their chunk's
+    grain state and row, and read again on ``set_state``, so a resumed run yields the same batches.
     """
 
     def __init__(
@@ -281,8 +314,14 @@ class TrainIterator:
         shard_size: int | None = None,
         name: str = "data",
         max_bad: int | None = None,
+        distinct_captions: bool = False,
     ):
         self._samples = samples
+        self._distinct = bool(distinct_captions)
+        self._deferred: list[tuple[int, int, dict]] = []  # (chunk number, row, chunk) waiting for a batch
+        self._chunk_states: dict[int, Any] = {}  # chunk number -> grain state before it (distinct only)
+        self._chunk_no = 0  # chunks read so far; the one in use is number _chunk_no
+        self._dropped = 0
         self._shard_size = shard_size
         self.batch_size = int(batch_size)
         self._encode_text = encode_text
@@ -305,9 +344,14 @@ class TrainIterator:
     def _next_chunk(self) -> None:
         self._chunk_state = self._samples.get_state()
         self._chunk, self._used = next(self._samples), 0
+        self._chunk_no += 1
+        if self._distinct:
+            self._chunk_states[self._chunk_no] = self._chunk_state
 
     def __next__(self) -> dict[str, np.ndarray]:
-        runs: list[tuple[np.ndarray, int, int]] = []  # (chunk pixels, first row, end row): good rows taken
+        if self._distinct:
+            return self._next_distinct()
+        runs: list[tuple[dict, int, int]] = []  # (chunk, first row, end row): good rows taken
         texts: list[str] = []
         while len(texts) < self.batch_size:
             if self._chunk is None or self._used == len(self._chunk["bad"]):
@@ -317,7 +361,7 @@ class TrainIterator:
             first_bad = next((i for i in range(self._used, stop) if bad[i]), stop)
             if first_bad > self._used:  # good rows used..first_bad
                 texts += chunk["text"][self._used : first_bad]
-                runs.append((chunk["pixel_values"], self._used, first_bad))
+                runs.append((chunk, self._used, first_bad))
                 self._bad_in_a_row = 0
             self._used = first_bad
             if first_bad < stop:
@@ -325,7 +369,58 @@ class TrainIterator:
                 self._used += 1
         self._yielded += len(texts)
         batch = self._encode_text(texts)
-        batch["pixel_values"] = np.concatenate([pixels[lo:hi] for pixels, lo, hi in runs])
+        batch["pixel_values"] = np.concatenate([chunk["pixel_values"][lo:hi] for chunk, lo, hi in runs])
+        if "label" in runs[0][0]:
+            batch["label"] = np.concatenate([chunk["label"][lo:hi] for chunk, lo, hi in runs]).astype(np.int32)
+        return batch
+
+    def _next_good(self) -> tuple[int, int, dict]:
+        """(chunk number, row, chunk) of the next good record; bad ones are skipped and counted."""
+        while True:
+            if self._chunk is None or self._used == len(self._chunk["bad"]):
+                self._next_chunk()
+            row, why = self._used, self._chunk["bad"][self._used]
+            self._used += 1
+            if not why:
+                self._bad_in_a_row = 0
+                return self._chunk_no, row, self._chunk
+            self._skip(why)
+
+    def _next_distinct(self) -> dict[str, np.ndarray]:
+        """A batch of distinct captions: the waiting samples first (oldest first), then new ones."""
+        taken, seen, waiting = [], set(), []
+        for item in self._deferred:
+            text = item[2]["text"][item[1]]
+            if len(taken) < self.batch_size and text not in seen:
+                taken.append(item)
+                seen.add(text)
+            else:
+                waiting.append(item)
+        while len(taken) < self.batch_size:
+            item = self._next_good()
+            text = item[2]["text"][item[1]]
+            if text in seen:
+                waiting.append(item)
+                if len(waiting) > 16 * self.batch_size:
+                    raise RuntimeError(
+                        f"{self._name}: data.distinct_captions: {len(waiting)} samples read after {len(taken)} "
+                        f"distinct captions; the data has too few distinct captions for a batch of {self.batch_size}"
+                    )
+            else:
+                taken.append(item)
+                seen.add(text)
+        if len(waiting) > self.batch_size:
+            self._dropped += len(waiting) - self.batch_size
+            waiting = waiting[-self.batch_size :]
+        self._deferred = waiting
+        keep = {no for no, _, _ in waiting} | {self._chunk_no}
+        self._chunk_states = {no: s for no, s in self._chunk_states.items() if no in keep}
+        texts = [chunk["text"][row] for _, row, chunk in taken]
+        self._yielded += len(texts)
+        batch = self._encode_text(texts)
+        batch["pixel_values"] = np.stack([chunk["pixel_values"][row] for _, row, chunk in taken])
+        if "label" in taken[0][2]:
+            batch["label"] = np.asarray([chunk["label"][row] for _, row, chunk in taken], np.int32)
         return batch
 
     def _skip(self, why: str) -> None:
@@ -356,13 +451,16 @@ class TrainIterator:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index, "samples": self._yielded}
+        stats = {"skipped": self._skipped, "skipped_at_index": self._skipped_at_index, "samples": self._yielded}
+        if self._distinct:
+            stats["duplicates_dropped"] = self._dropped
+        return stats
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state: grain's iterator state (before the chunk in use), the records of that
         chunk already used, and the counters."""
         partial = self._chunk is not None and self._used < len(self._chunk["bad"])
-        return {
+        state = {
             "grain": self._chunk_state if partial else self._samples.get_state(),
             "chunk": CHUNK,
             "used": self._used if partial else 0,
@@ -370,6 +468,14 @@ class TrainIterator:
             "samples": self._yielded,
             "bad_in_a_row": self._bad_in_a_row,
         }
+        if self._distinct:  # the waiting samples, as (chunk number, row) and their chunks' grain states
+            state["distinct"] = {
+                "chunk_no": self._chunk_no - (1 if partial else 0),
+                "waiting": [[no, row] for no, row, _ in self._deferred],
+                "chunk_states": {str(no): self._chunk_states[no] for no in {no for no, _, _ in self._deferred}},
+                "dropped": self._dropped,
+            }
+        return state
 
     def close(self) -> None:
         """Stops grain's reader threads."""
@@ -393,6 +499,22 @@ class TrainIterator:
             raise ValueError(
                 f"{self._name}: data state saved with chunks of {state['chunk']} records, this version uses {CHUNK}"
             )
+        distinct = state.get("distinct")
+        if self._distinct != (distinct is not None):
+            raise ValueError(
+                f"{self._name}: data.distinct_captions is {self._distinct} but the checkpoint's data state was "
+                f"saved with it {distinct is not None}; resume with the setting it was saved with"
+            )
+        self._deferred, self._chunk_states, self._dropped = [], {}, 0
+        if distinct is not None:  # read the waiting samples' chunks again
+            chunks = {}
+            for no, s in distinct["chunk_states"].items():
+                self._samples.set_state(s)
+                chunks[int(no)] = next(self._samples)
+                self._chunk_states[int(no)] = s
+            self._deferred = [(int(no), int(row), chunks[int(no)]) for no, row in distinct["waiting"]]
+            self._dropped = int(distinct["dropped"])
+            self._chunk_no = int(distinct["chunk_no"])
         self._samples.set_state(grain_state)
         self._chunk, self._chunk_state, self._used = None, None, 0
         if used:
@@ -426,12 +548,15 @@ def build_train_iterator(
     jpeg_draft: bool = False,
     name: str = "data",
     max_bad: int | None = None,
+    labels: bool = False,
+    distinct_captions: bool = False,
 ) -> TrainIterator:
     """The pipeline above over ``source`` for one process; ``batch_size`` is host-local.
 
     worker_count > 0 decodes and transforms in that many grain worker processes
     (``mp_prefetch``; each buffers ``worker_buffer_size`` samples); 0 uses ``num_threads``
-    reader threads in this process. The batches are the same either way.
+    reader threads in this process. The batches are the same either way. ``labels``: batches
+    carry "label" (see the module docstring); ``distinct_captions``: see ``TrainIterator``.
     """
     if not 0 <= seed < 2**32:
         raise ValueError(f"{name}: seed must be in [0, 2**32), got {seed}")
@@ -444,7 +569,14 @@ def build_train_iterator(
     # so every batch, is the same for any number of threads or workers (worker i decodes chunks
     # i, i + n, ...)
     ds = grain.MapDataset.range(start, end).shuffle(seed=seed).repeat(None).batch(CHUNK)
-    ds = ds.random_map(_DecodeChunk(source, image_size, crop, jpeg_draft), seed=seed)
+    if labels:  # a source without labels fails here, in one line, before any work
+        first = source[start]
+        if not first.get("error") and first.get("label") is None:
+            raise ValueError(
+                f"{name}: loss_positives='label' needs a label per record, and this source gives none "
+                f"(first record: {first.get('where', start)}); see docs/training.md"
+            )
+    ds = ds.random_map(_DecodeChunk(source, image_size, crop, jpeg_draft, labels), seed=seed)
 
     def chunks(records: int) -> int:  # buffer sizes count records; grain buffers whole chunks
         return max(1, -(-records // CHUNK))
@@ -468,4 +600,5 @@ def build_train_iterator(
         shard_size=end - start,
         name=name,
         max_bad=max_bad,
+        distinct_captions=distinct_captions,
     )

@@ -116,6 +116,8 @@ def build_step(config, platform: str, devices=None, mesh_sizes: dict | None = No
         "attention_mask": jax.ShapeDtypeStruct((batch_size, config.context_length), jnp.int32, sharding=bs),
         "pixel_values": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, 3), jnp.uint8, sharding=bs),
     }
+    if config.loss_positives == "label":  # the source's class ids (training.step.batch_keys)
+        batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=bs)
     return step, state, batch, mesh, options, model_config
 
 

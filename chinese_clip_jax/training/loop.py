@@ -43,7 +43,7 @@ from .optim import make_optimizer
 from .run_length import resolve_run_length
 from .run_log import RunLog
 from .state import create_train_state
-from .step import BATCH_KEYS, train_step_for
+from .step import batch_keys, train_step_for
 from .validate import build_model_config, validate_config
 from .workdir import WorkdirLock, check_model_config
 
@@ -287,6 +287,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             seed=config.seed,
             image_size=image_size,
             context_length=config.context_length,
+            labels=config.loss_positives == "label",
         )
     config = resolve_run_length(config, data_iter, workdir, resuming)  # epochs -> total_steps, once
     freeze = config.freeze or None
@@ -374,7 +375,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         while step < config.total_steps:
             t0 = time.perf_counter()
             host = next(data_iter)
-            batch = shd.shard_batch({k: host[k] for k in BATCH_KEYS}, mesh)
+            batch = shd.shard_batch({k: host[k] for k in batch_keys(config.loss_positives)}, mesh)
             with shd.use_mesh_and_rules(mesh):
                 state, metrics = step_fn(state, batch)
             step += 1

@@ -11,6 +11,8 @@ as cn_clip's ``--accum-freq``):
    through the towers (``jax.vjp``), and sum.
 
 Micro-batch k takes rows k, k+K, k+2K, ... so every device keeps working on every micro-batch.
+The loss's positives (``loss_positives``: "pair", "caption", "label"; ``group_ids``) are read
+from the full batch, so accumulation gives the same groups as one big step.
 Dropout keys are ``fold_in(fold_in(state.rng, step), k)`` (threefry), turned into a key of the
 configured ``rng_impl`` (``dropout_key``): a pure function of the checkpointed state, so a
 resumed run draws the same masks whatever the implementation.
@@ -29,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 from .. import sharding as shd
 from ..inference.encoding import image_embeddings, text_embeddings
 from ..modeling.lora import merge_lora
-from .chunked_losses import sharded_contrastive_loss
-from .losses import clamp_logit_scale
+from .losses import caption_groups, clamp_logit_scale
 from .optim import trainable_labels
+from .ring_losses import contrastive_loss_by_impl
 from .state import TrainState
 
 __all__ = [
@@ -41,16 +43,42 @@ __all__ = [
     "train_step_for",
     "dropout_key",
     "BATCH_KEYS",
+    "LOSS_POSITIVES",
+    "batch_keys",
+    "group_ids",
     "RNG_IMPLS",
 ]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
+# config.loss_positives: which pairs of a batch are positives of each other. "pair": pair i only
+# (CLIP); "caption": pairs whose captions tokenize identically; "label": pairs whose source label
+# (the batch's "label", int32 (B,)) is equal.
+LOSS_POSITIVES = ("pair", "caption", "label")
 LOSS_PARAMS = ("logit_scale", "logit_bias")  # the params the loss reads directly (not through the towers)
 # Random-bit generators for dropout (``jax.random`` implementations): threefry (counter-based
 # hash, the same bits on every backend and sharding; many integer ops per bit), rbg (XLA's
 # RngBitGenerator: Philox on GPU, the hardware generator on TPU; same bits for the same XLA
 # build and sharding), unsafe_rbg (rbg with cheaper key splitting and folding).
 RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def batch_keys(positives: str = "pair") -> tuple[str, ...]:
+    """The batch entries the train step reads: ``BATCH_KEYS``, and "label" for label positives."""
+    if positives not in LOSS_POSITIVES:
+        raise ValueError(f"loss_positives must be one of {LOSS_POSITIVES}, got {positives!r}")
+    return BATCH_KEYS + (("label",) if positives == "label" else ())
+
+
+def group_ids(batch, positives: str = "pair") -> jax.Array | None:
+    """The loss's ``groups`` for a (global) batch: None for "pair", a hash of each caption's
+    token ids for "caption" (``losses.caption_groups``), the batch's "label" for "label"."""
+    if positives == "pair":
+        return None
+    if positives == "caption":
+        return caption_groups(batch["input_ids"])
+    if positives == "label":
+        return jnp.asarray(batch["label"], jnp.int32)
+    raise ValueError(f"loss_positives must be one of {LOSS_POSITIVES}, got {positives!r}")
 
 
 def dropout_key(raw: jax.Array, rng_impl: str = "threefry") -> jax.Array:
@@ -99,6 +127,7 @@ def make_grad_fn(
     loss_impl: str = "gather",
     loss_chunk: int = 0,
     unfreeze_last_layers: dict | None = None,
+    positives: str = "pair",
 ) -> Callable:
     """``grad_fn(params, batch, rng) -> (loss, grads)`` for the global batch (not jitted).
 
@@ -108,21 +137,25 @@ def make_grad_fn(
     ``unfreeze_last_layers``, the base under LoRA) get zero gradients (stop_gradient); LoRA
     adapters (``params["lora"]``) are merged into the kernels they adapt before the towers run
     (``modeling.lora.merge_lora``), so the gradient reaches them through the merged kernels.
-    ``loss_impl`` / ``loss_chunk``: how the loss is computed (``chunked_losses.sharded_contrastive_loss``:
-    "gather" or "ring", the ring's column slice); same value and gradients.
+    ``loss_impl`` / ``loss_chunk``: how the loss is computed (``ring_losses.contrastive_loss_by_impl``:
+    "gather" or "ring", the ring's column slice); same value and gradients. ``positives``: the
+    config's ``loss_positives`` (``group_ids``).
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     embed = make_embed_fn(model, rng_impl)
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
 
-    def loss_of(params, text, image):  # reads logit_scale / logit_bias only (top level, never adapted)
-        return sharded_contrastive_loss(
+    batch_keys(positives)  # checks the name
+
+    def loss_of(params, text, image, groups):  # reads logit_scale / logit_bias only (top level, never adapted)
+        return contrastive_loss_by_impl(
             loss,
             text,
             image,
             params["logit_scale"],
             params.get("logit_bias"),
+            groups,
             impl=loss_impl,
             mesh=mesh,
             chunk=loss_chunk,
@@ -136,7 +169,7 @@ def make_grad_fn(
         def loss_fn(p):
             p = stop_frozen(p)
             text, image = embed(merge_lora(p), batch, jax.random.fold_in(rng, 0), deterministic)
-            return loss_of(p, text, image)
+            return loss_of(p, text, image, group_ids(batch, positives))
 
         return jax.value_and_grad(loss_fn)(params)
 
@@ -160,8 +193,10 @@ def make_grad_fn(
         _, (text, image) = jax.lax.scan(embed_one, None, (micro, ks))  # (K, B/K, D) each
         d = text.shape[-1]
 
+        groups = group_ids(batch, positives)  # of the full batch, in batch order
+
         def loss_from_embeds(p_loss, text, image):  # (K, B/K, D) -> (B, D) in batch order: rows stay on their device
-            return loss_of(p_loss, text.swapaxes(0, 1).reshape(b, d), image.swapaxes(0, 1).reshape(b, d))
+            return loss_of(p_loss, text.swapaxes(0, 1).reshape(b, d), image.swapaxes(0, 1).reshape(b, d), groups)
 
         p_loss = {k: params[k] for k in LOSS_PARAMS if k in params}
         loss_value, (g_loss, g_text, g_image) = jax.value_and_grad(loss_from_embeds, argnums=(0, 1, 2))(
@@ -201,6 +236,7 @@ def make_train_step(
     loss_impl: str = "gather",
     loss_chunk: int = 0,
     unfreeze_last_layers: dict | None = None,
+    positives: str = "pair",
 ):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted; ``state`` is donated.
 
@@ -209,7 +245,8 @@ def make_train_step(
     pipeline's; normalised here, on the device: ``encoding.model_pixels``) or float32 (B, 3, H, W).
     ``metrics``: fp32 scalars ``loss``, ``logit_scale`` (before the update), ``lr``, ``grad_norm``.
     ``rng_impl``: the dropout bit generator (``RNG_IMPLS``; see ``dropout_key``).
-    ``loss_impl`` / ``loss_chunk``: see ``make_grad_fn``.
+    ``loss_impl`` / ``loss_chunk`` / ``positives``: see ``make_grad_fn``; with ``positives="label"``
+    the batch also holds "label" int32 (B,) (``batch_keys``).
     Call it inside ``sharding.use_mesh_and_rules(mesh)`` so activation constraints apply.
     """
     grad_fn = make_grad_fn(
@@ -223,6 +260,7 @@ def make_train_step(
         loss_impl=loss_impl,
         loss_chunk=loss_chunk,
         unfreeze_last_layers=unfreeze_last_layers,
+        positives=positives,
     )
 
     def step_fn(state: TrainState, batch):
@@ -245,7 +283,7 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, rng=state.rng), metrics
 
-    batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in batch_keys(positives)}
     return jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_shardings),
@@ -273,4 +311,5 @@ def train_step_for(
         loss_impl=config.loss_impl,
         loss_chunk=config.loss_chunk,
         unfreeze_last_layers=unfreeze,
+        positives=config.get("loss_positives", "pair"),
     )

@@ -89,6 +89,11 @@ def _choice(config, key: str, choices: Iterable) -> None:
     _check(v in choices, key, v, "one of " + ", ".join(repr(c) for c in choices))
 
 
+# sources whose training records carry a "label" (loss_positives="label"): the demo's class,
+# cn_clip's text_id, a files table's label column
+LABELLED_SOURCES = ("demo", "cn_clip", "files")
+
+
 def validate_config(config, reference=None) -> None:
     """Raises ``ConfigError`` for the first bad key or value of a trainer config.
 
@@ -122,10 +127,22 @@ def validate_config(config, reference=None) -> None:
     _int_at_least(config, "seed", 0)
     _choice(config, "dtype", ("auto", *DTYPES))
     _choice(config, "loss", ("softmax", "sigmoid"))
-    from .chunked_losses import LOSS_IMPLS
+    from .ring_losses import LOSS_IMPLS
 
     _choice(config, "loss_impl", LOSS_IMPLS)
     _int_at_least(config, "loss_chunk", 0)
+    from .step import LOSS_POSITIVES
+
+    _choice(config, "loss_positives", LOSS_POSITIVES)
+    if config.loss_positives == "label":
+        _check(
+            config.data.name in LABELLED_SOURCES,
+            "loss_positives",
+            "label",
+            f"'pair' or 'caption' with data.name = {config.data.name!r}: only "
+            + ", ".join(LABELLED_SOURCES)
+            + " give labels",
+        )
     _choice(config, "freeze", [k for k in FROZEN_PREFIXES if k is not None])
     _check_trainable(config)
     for key in ("data", "fsdp", "tensor"):

@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     # held one local_B x loss_chunk slice at a time: memory flat in the global batch). docs/performance.md.
     c.loss_impl = "gather"
     c.loss_chunk = 0  # ring only: column slice of a ring block, dividing batch_size / (data x fsdp); 0 = all of it
+    # Which pairs of a batch are positives of each other: "pair" (pair i only: CLIP) | "caption"
+    # (pairs whose captions are identical) | "label" (pairs with the same source label: a files
+    # table's label column, cn_clip's text_id, the demo's class). docs/training.md.
+    c.loss_positives = "pair"
     # compute dtype: "auto" (float32 on CPU, bfloat16 on GPU/TPU) | "float32" | "bfloat16"; params and loss stay fp32
     c.dtype = "auto"
     c.freeze = ""  # "" | "image" (paper's stage 1, LiT) | "text"

@@ -17,6 +17,8 @@ def get_config():
     c.checkpoint_every = 300
     c.export_hf = True  # build/demo/hf: a converted-format checkpoint, e.g. for configs/finetune.py
     c.context_length = 24  # the demo captions are at most ~15 characters
+    # label / caption positives and distinct_captions were measured against it: no clear win (docs/training.md)
+    c.loss_positives = "pair"
     c.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.05)
     c.model.projection_dim = 64
     c.model.text.update(

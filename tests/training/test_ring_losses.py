@@ -1,6 +1,6 @@
-"""Ring sigmoid and chunked InfoNCE (``chinese_clip_jax.training.chunked_losses``) equal the all-gather losses.
+"""The ring loss (sigmoid and InfoNCE) (``chinese_clip_jax.training.ring_losses``) equal the all-gather losses.
 
-The multi-device part runs ``tests/_chunked_losses_check.py`` once in a subprocess with 8
+The multi-device part runs ``tests/_ring_losses_check.py`` once in a subprocess with 8
 simulated CPU devices: loss and gradients (text, image, logit_scale, logit_bias) of both losses
 on meshes (8,1,1), (2,2,2), (1,4,2), with column slices and without, on device blocks of very
 different content (duplicated pairs, near-perfect pairs, opposite pairs, random ones) at the
@@ -18,10 +18,10 @@ from _makers import run_script
 from _train_run import tiny_train_config
 from jax.sharding import AbstractMesh
 
-from chinese_clip_jax import sharding as shd
-from chinese_clip_jax.training.chunked_losses import chunked_softmax_loss, ring_sigmoid_loss, sharded_contrastive_loss
+from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
+from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl, ring_sigmoid_loss, ring_softmax_loss
 from chinese_clip_jax.training.validate import ConfigError, validate_config
 
 TOL = 1e-5  # fp32, relative
@@ -29,9 +29,10 @@ TOL = 1e-5  # fp32, relative
 
 @pytest.fixture(scope="module")
 def ring_run():
-    return run_script("_chunked_losses_check.py", timeout=900)
+    return run_script("_ring_losses_check.py", timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("case", ["(8, 1, 1) {} chunk=2", "(2, 2, 2) {} chunk=0", "(1, 4, 2) {} chunk=2"])
 def test_ring_loss_and_grads_equal_the_gather_version(ring_run, kind, case):
@@ -41,6 +42,7 @@ def test_ring_loss_and_grads_equal_the_gather_version(ring_run, kind, case):
     assert r["loss"] > 1.0  # the uneven blocks make a loss far from 0: the check is not vacuous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)"])
 def test_ring_program_has_no_all_gather(ring_run, shape):
     c = ring_run["losses"][f"{shape} collectives"]
@@ -48,6 +50,7 @@ def test_ring_program_has_no_all_gather(ring_run, shape):
     assert c["ring"] == ["collective-permute"]
 
 
+@pytest.mark.slow
 def test_ring_memory_is_linear_in_the_per_device_batch(ring_run):
     """Global batch 256 -> 2048 on 8 devices: the gather loss's temporaries grow with
     local_B x global_B (64x), the ring's with local_B x (dim + chunk) (8x)."""
@@ -57,12 +60,14 @@ def test_ring_memory_is_linear_in_the_per_device_batch(ring_run):
     assert m["ring"][1] < m["gather"][1] / 10, m
 
 
+@pytest.mark.slow
 def test_ring_with_gradcache_accumulation(ring_run):
     a = ring_run["accum"]
     assert a["loss_rel_err"] <= TOL and a["grad_rel_err"] <= TOL, a
     assert a["scale_grad_rel_err"] <= TOL and a["bias_grad_rel_err"] <= TOL, a
 
 
+@pytest.mark.slow
 def test_training_losses_are_the_same_step_by_step(ring_run):
     t = ring_run["train"]
     assert len(t["ring"]) == len(t["gather"]) == 3
@@ -91,7 +96,7 @@ def test_one_device_ring_equals_gather_and_keeps_input_dtypes():
     for a, b in zip(gr, gg):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL * float(jnp.max(jnp.abs(b))))
     tb, vb = _pairs(dtype=jnp.bfloat16)
-    loss, (gt, gv) = jax.value_and_grad(lambda t, v: chunked_softmax_loss(t, v, 2.0, mesh, chunk=4), argnums=(0, 1))(
+    loss, (gt, gv) = jax.value_and_grad(lambda t, v: ring_softmax_loss(t, v, 2.0, mesh, chunk=4), argnums=(0, 1))(
         tb, vb
     )
     assert loss.dtype == jnp.float32 and gt.dtype == gv.dtype == jnp.bfloat16
@@ -105,15 +110,15 @@ def test_bad_inputs_get_one_line_errors():
         ring_sigmoid_loss(t, v, 1.0, 0.0, mesh)
     t, v = _pairs(n=8)
     with pytest.raises(ValueError, match="chunk 3 must divide the per-device batch 2"):
-        chunked_softmax_loss(t, v, 1.0, mesh, chunk=3)
+        ring_softmax_loss(t, v, 1.0, mesh, chunk=3)
     with pytest.raises(ValueError, match="batch, dim"):
-        chunked_softmax_loss(t, v[:4], 1.0, mesh)
+        ring_softmax_loss(t, v[:4], 1.0, mesh)
     with pytest.raises(ValueError, match="unknown loss_impl 'chunked'"):
-        sharded_contrastive_loss("softmax", t, v, 1.0, impl="chunked", mesh=mesh)
+        contrastive_loss_by_impl("softmax", t, v, 1.0, impl="chunked", mesh=mesh)
     with pytest.raises(ValueError, match="needs the training mesh"):
-        sharded_contrastive_loss("softmax", t, v, 1.0, impl="ring")
+        contrastive_loss_by_impl("softmax", t, v, 1.0, impl="ring")
     with pytest.raises(ValueError, match="logit_bias"):
-        sharded_contrastive_loss("sigmoid", t, v, math.log(10), impl="ring", mesh=mesh)
+        contrastive_loss_by_impl("sigmoid", t, v, math.log(10), impl="ring", mesh=mesh)
 
 
 def test_config_keys_are_validated(tmp_path):

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 simulated CPU devices (see tests/training/test_chunked_losses.py).
+"""Run in a subprocess with 8 simulated CPU devices (see tests/training/test_ring_losses.py).
 
 Prints one JSON object: for each mesh, loss kind and chunk, the relative error of the ring
 loss and of its gradients (text, image, logit_scale, logit_bias) against the all-gather
@@ -23,8 +23,8 @@ from _train_helpers import fake_batches, max_rel_err, mesh_for, opt_config, tiny
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer, make_train_step  # noqa: E402
-from chinese_clip_jax.training.chunked_losses import sharded_contrastive_loss  # noqa: E402
 from chinese_clip_jax.training.losses import MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS  # noqa: E402
+from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl  # noqa: E402
 from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
 
 MESHES = [((8, 1, 1), 2), ((2, 2, 2), 0), ((1, 4, 2), 2)]  # (mesh, ring chunk)
@@ -69,7 +69,7 @@ def run_losses(impl, mesh, chunk, t, v):
 
     def grads(t, v, scales, biases):
         def loss(kind, *args):
-            return sharded_contrastive_loss(kind, *args, impl=impl, mesh=mesh, chunk=chunk)
+            return contrastive_loss_by_impl(kind, *args, impl=impl, mesh=mesh, chunk=chunk)
 
         return {
             k: jax.value_and_grad(partial(loss, k), argnums=(0, 1, 2, 3))(t, v, scales[k], biases[k]) for k in KINDS
@@ -119,7 +119,7 @@ def memory_check():
             scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(mesh))
 
             def loss(t, v, s, b, impl=impl):
-                return sharded_contrastive_loss("softmax", t, v, s, b, impl=impl, mesh=mesh, chunk=8)
+                return contrastive_loss_by_impl("softmax", t, v, s, b, impl=impl, mesh=mesh, chunk=8)
 
             with shd.use_mesh_and_rules(mesh):
                 compiled = (
