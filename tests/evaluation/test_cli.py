@@ -416,6 +416,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path, save_hf_model):
     """2,000 images at 384 px are 3.5 GB of float32 pixels; the streamed run stays far below (its
     peak, ~0.9 GB here, is the process baseline: jax, torch imported by the checkpoint loader, compiled
@@ -461,6 +462,7 @@ def test_a_2000_image_retrieval_run_holds_far_less_than_its_pixels(tmp_path, sav
     assert large < 2000 * 3 * big * big * 4 / 2, large / 2**20  # and far below the whole split's pixels
 
 
+@pytest.mark.slow
 def test_retrieval_on_a_tfds_directory_gives_the_cn_clip_results(model, cn_clip_split, tmp_path, capsys):
     """One record per (caption, image) pair with features image/text/image_id/text_id."""
     import tensorflow_datasets as tfds

@@ -130,6 +130,7 @@ def test_rerun_with_another_model_size_names_the_mismatch(finished_run, tmp_path
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_disk_full_removes_temporaries_and_says_so(tmp_path):
     code = (  # the child limits itself (no preexec_fn: forking this jax process to run Python can deadlock)
         "import resource, signal\n"

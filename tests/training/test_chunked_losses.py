@@ -32,6 +32,7 @@ def ring_run():
     return run_script("_chunked_losses_check.py", timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("case", ["(8, 1, 1) {} chunk=2", "(2, 2, 2) {} chunk=0", "(1, 4, 2) {} chunk=2"])
 def test_ring_loss_and_grads_equal_the_gather_version(ring_run, kind, case):
@@ -41,6 +42,7 @@ def test_ring_loss_and_grads_equal_the_gather_version(ring_run, kind, case):
     assert r["loss"] > 1.0  # the uneven blocks make a loss far from 0: the check is not vacuous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)"])
 def test_ring_program_has_no_all_gather(ring_run, shape):
     c = ring_run["losses"][f"{shape} collectives"]
@@ -48,6 +50,7 @@ def test_ring_program_has_no_all_gather(ring_run, shape):
     assert c["ring"] == ["collective-permute"]
 
 
+@pytest.mark.slow
 def test_ring_memory_is_linear_in_the_per_device_batch(ring_run):
     """Global batch 256 -> 2048 on 8 devices: the gather loss's temporaries grow with
     local_B x global_B (64x), the ring's with local_B x (dim + chunk) (8x)."""
@@ -57,12 +60,14 @@ def test_ring_memory_is_linear_in_the_per_device_batch(ring_run):
     assert m["ring"][1] < m["gather"][1] / 10, m
 
 
+@pytest.mark.slow
 def test_ring_with_gradcache_accumulation(ring_run):
     a = ring_run["accum"]
     assert a["loss_rel_err"] <= TOL and a["grad_rel_err"] <= TOL, a
     assert a["scale_grad_rel_err"] <= TOL and a["bias_grad_rel_err"] <= TOL, a
 
 
+@pytest.mark.slow
 def test_training_losses_are_the_same_step_by_step(ring_run):
     t = ring_run["train"]
     assert len(t["ring"]) == len(t["gather"]) == 3
