@@ -90,6 +90,7 @@ def test_frozen_tower_is_bitwise_unchanged_and_has_no_moments(freeze, frozen, tr
     )
 
 
+@pytest.mark.slow
 def test_logit_scale_never_exceeds_ln100():
     _, state, scales = _run_steps(None, n=3, logit_scale=jnp.float32(6.0))
     assert max(scales) <= math.log(100) + 1e-7
