@@ -104,7 +104,6 @@ def test_from_pretrained_image_size_resizes_as_cn_clip(hf_model):
         ccj.from_pretrained(path, image_size=60)
 
 
-@pytest.mark.slow
 def test_finetune_l14_shaped_model_at_new_resolution(tmp_path, save_hf_model):
     """A ViT-L/14-shaped tiny model (patch 14) trained at 28 px, fine-tuned at 42 px through
     init_from + model.image_size: runs, exports a 42 px model whose processor makes 42 px images."""
