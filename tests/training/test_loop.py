@@ -225,6 +225,7 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
         assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every,poisoned", [(1, 6), (100, 6), (100, 8)])
 def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
     """With log_every=100 the host reads losses one step late (6: found after step 7 was
