@@ -266,6 +266,7 @@ def test_short_demo_run_lands_far_above_chance(tmp_path):
         assert im.mode == "RGB" and im.width > 600 and im.height > 400
 
 
+@pytest.mark.slow
 def test_remat_and_scan_give_the_same_gradient_and_bf16_is_close():
     """remat recomputes, scan stacks layers: same math as the plain fp32 model; bf16 compute keeps
     fp32 params and lands near the fp32 loss and gradient direction."""
