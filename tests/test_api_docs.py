@@ -20,6 +20,7 @@ def _builder():
     return module
 
 
+@pytest.mark.slow
 def test_api_reference_builds(tmp_path):
     pytest.importorskip("pdoc", reason="pdoc is in the [test] extra")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

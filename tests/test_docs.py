@@ -65,6 +65,7 @@ def test_every_readme_skip_says_why_and_the_readme_is_short():
     assert text.count("docs-test: skip") == len([b for b in blocks(os.path.join(ROOT, "README.md")) if b[2]])
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path):
     """Python blocks and bash blocks interleaved in README order, in one scratch directory."""
     readme = blocks(os.path.join(ROOT, "README.md"))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "jax.md"
 
 
@@ -14,6 +16,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_guide_examples_run(tmp_path):
     blocks = python_blocks(GUIDE.read_text(encoding="utf-8"))
     assert len(blocks) >= 9, "the guide lost its examples"

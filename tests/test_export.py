@@ -70,6 +70,7 @@ def check_in_fresh_process(out, model, params, tmp_path):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_cli_export_loads_without_flax_and_matches(tmp_path, save_hf_model):
     cfg = tiny_config(**SIZES)
     save_hf_model(cfg, tmp_path / "hf")

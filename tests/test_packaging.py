@@ -49,6 +49,7 @@ def test_the_wheel_holds_only_the_library(wheel):
         assert script in entry_points
 
 
+@pytest.mark.slow
 def test_a_shipped_recipe_trains_from_the_wheel_outside_the_checkout(wheel, tmp_path):
     site = tmp_path / "site"
     r = subprocess.run(
@@ -101,6 +102,7 @@ def test_a_shipped_recipe_trains_from_the_wheel_outside_the_checkout(wheel, tmp_
     assert not (work / "x").exists()
 
 
+@pytest.mark.slow
 def test_the_core_install_computes_features_without_tfds(tmp_path):
     """Features computed with tensorflow_datasets made unimportable (what a core install without
     the [tfds] extra has) and without importing array_record (which grain, a core dependency,

@@ -1,7 +1,8 @@
 """The test suite's own shape, read with ``ast`` (nothing is imported):
 
 * tests/ mirrors the package: each folder is named after a subpackage of ``chinese_clip_jax`` (or
-  ``bench``, the benchmark scripts) and is a package (``__init__.py``), so basenames may repeat;
+  ``benchmarks``, for the scripts in bench/: a folder named ``bench`` would shadow them, as
+  ``tests/`` is on ``sys.path``) and is a package (``__init__.py``), so basenames may repeat;
 * each helper has one home: no top-level function or class (helpers, fixtures) is defined in two
   files of the suite; shared ones live in ``_makers.py``, ``_train_helpers.py`` or ``conftest.py``;
 * test files do not import each other (a test file is not a library).
@@ -34,14 +35,15 @@ def _top_level_defs(path):
 
 
 def test_folders_mirror_the_package():
-    allowed = {d for d in os.listdir(os.path.join(REPO, "chinese_clip_jax")) if not d.startswith(("_", "."))} | {
-        "bench"
-    }
+    package = os.listdir(os.path.join(REPO, "chinese_clip_jax"))
+    allowed = {d for d in package if not d.startswith(("_", "."))} | {"benchmarks"}
+    for d in ("bench", "train", "convert", "docs", "chinese_clip_jax"):  # would shadow the checkout's
+        assert not os.path.exists(os.path.join(TESTS, d)), f"tests/{d}/ shadows {d}/: tests/ is on sys.path"
     for d in sorted(os.listdir(TESTS)):
         path = os.path.join(TESTS, d)
         if not os.path.isdir(path) or d.startswith((".", "_")):
             continue
-        assert d in allowed, f"tests/{d}/ is named after no subpackage of chinese_clip_jax (nor bench)"
+        assert d in allowed, f"tests/{d}/ is named after no subpackage of chinese_clip_jax (nor benchmarks)"
         assert os.path.isfile(os.path.join(path, "__init__.py")), f"tests/{d}/ needs an __init__.py"
         for f in os.listdir(path):
             assert not (f.endswith(".py") and f.startswith("_") and f != "__init__.py"), (

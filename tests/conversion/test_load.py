@@ -63,6 +63,7 @@ def test_save_pretrained_loads_cleanly_in_transformers(hf_dir, tmp_path):
     np.testing.assert_allclose(got_jax, want, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cli_round_trip_hf_flax_hf_is_bitwise(hf_dir, tmp_path, scan):
     cfg, path, _ = hf_dir
@@ -124,6 +125,7 @@ def cn_clip_checkpoint(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [None, "ViT-B-16@RoBERTa-wwm-ext-base-chinese"], ids=["inferred", "named"])
 def test_cn_clip_pt_matches_cn_clip_model(cn_clip_checkpoint, arch):
     ref, path = cn_clip_checkpoint
@@ -144,6 +146,7 @@ def test_cn_clip_pt_matches_cn_clip_model(cn_clip_checkpoint, arch):
     np.testing.assert_allclose(np.asarray(logits), want_logits.numpy(), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_cn_clip_to_hf_export_loads_in_transformers(cn_clip_checkpoint, tmp_path):
     ref, path = cn_clip_checkpoint
     result = run_cli(path, tmp_path / "hf", "--to", "hf", "--skip-parity")

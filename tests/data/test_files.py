@@ -185,6 +185,7 @@ def test_data_build_format_files_reads_back_equal(tmp_path, capsys):
     assert "no column 't'" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_on_a_csv_trains_3_steps_and_resumes_exactly_after_kill9(tmp_path):
     table, _ = _csv_table(tmp_path / "data")
     script = os.path.join(REPO, "tests", "_train_run.py")

@@ -436,6 +436,7 @@ print("ROWS", json.dumps([jax.process_index(), jax.process_count(), rows]))
 """
 
 
+@pytest.mark.slow
 def test_jax_distributed_processes_read_their_own_shards(tmp_path):
     import socket
     import subprocess

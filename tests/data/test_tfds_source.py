@@ -312,6 +312,7 @@ def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monke
 # ---------------------------------------------------------------- kill -9 on the TFDS source
 
 
+@pytest.mark.slow
 def test_cli_run_on_tfds_resumes_exactly_after_kill9(tfds_dir, tmp_path):
     out, _ = tfds_dir
     script = os.path.join(REPO, "tests", "_train_run.py")

@@ -145,6 +145,7 @@ def whole(corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_files_of_an_uninterrupted_run(corpus, whole, tmp_path):
     args = _cli_args(corpus)
 
@@ -202,6 +203,7 @@ def test_query_command_prints_top_k(corpus, image_run):
     assert line["query"] == "红色的汽车" and [h["id"] for h in line["hits"]] == [rows.ids[i] for i in top]
 
 
+@pytest.mark.slow
 def test_two_hosts_each_embed_their_shards_into_the_same_files(corpus, whole, tmp_path):
     """Two processes joined by jax.distributed (1 device each): host p writes shards p, p + 2, ...;
     the files equal the single-process run's (on 2 devices)."""

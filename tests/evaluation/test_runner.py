@@ -10,7 +10,7 @@ import types
 import numpy as np
 import PIL.Image
 import pytest
-from _makers import jpeg, png
+from _makers import REPO, jpeg, png
 from _train_helpers import random_params, tiny_config
 
 import chinese_clip_jax as ccj
@@ -464,7 +464,7 @@ def test_the_python_api_example_in_the_docs_runs(tmp_path, monkeypatch, capsys):
     import pathlib
     import re
 
-    doc = (pathlib.Path(__file__).parent.parent / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    doc = (pathlib.Path(REPO) / "docs" / "evaluation.md").read_text(encoding="utf-8")
     code = re.search(r"<!-- example: python-api -->\n```python\n(.*?)```", doc, re.S).group(1)
     assert 10 <= len(code.strip().splitlines()) <= 30
     monkeypatch.chdir(tmp_path)

@@ -190,6 +190,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batch_is_sharded_over_local_devices(tmp_path):
     script = tmp_path / "multi.py"
     script.write_text(MULTI_DEVICE_SCRIPT)

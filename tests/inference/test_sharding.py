@@ -39,6 +39,7 @@ def mesh_run():
     return run_script("_mesh_equivalence.py", timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"])
 def test_sharded_training_equals_single_device(mesh_run, shape):
     r = mesh_run["meshes"][shape]
@@ -49,6 +50,7 @@ def test_sharded_training_equals_single_device(mesh_run, shape):
     assert r["losses"][-1] < r["losses"][0]
 
 
+@pytest.mark.slow
 def test_params_and_moments_are_sharded_by_the_rules(mesh_run):
     s = mesh_run["specs"]
     assert s["word_embeddings"] == str(P("tensor", "fsdp"))  # (vocab, embed)
@@ -58,6 +60,7 @@ def test_params_and_moments_are_sharded_by_the_rules(mesh_run):
     assert s["n_devices_fc1"] == 8
 
 
+@pytest.mark.slow
 def test_gradcache_accumulation_on_a_sharded_mesh(mesh_run):
     a = mesh_run["accum"]
     assert a["loss_rel_err"] <= 1e-5 and a["grad_rel_err"] <= 1e-5, a

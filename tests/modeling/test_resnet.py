@@ -65,6 +65,7 @@ def text_inputs(seed=0):
     return ids, (ids != 0).astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [None, "RN50@RBT3-chinese"], ids=["inferred", "named"])
 def test_rn50_matches_cn_clip_model(rn50, arch):
     ref, path = rn50
@@ -87,6 +88,7 @@ def test_rn50_matches_cn_clip_model(rn50, arch):
     np.testing.assert_allclose(np.asarray(logits), want_logits.numpy(), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_rn50_pt_round_trip_is_bitwise(rn50, tmp_path):
     ref, path = rn50
     _, params = ccj.from_pretrained(path)
@@ -106,6 +108,7 @@ def test_rn50_pt_round_trip_is_bitwise(rn50, tmp_path):
     fresh.load_state_dict(written, strict=True)
 
 
+@pytest.mark.slow
 def test_rn50_cli_flax_and_back_and_hf_refused(rn50, tmp_path):
     _, path = rn50
     r = run_cli(path, tmp_path / "flax")
@@ -139,6 +142,7 @@ def test_resnet_config_round_trips_and_validates(tmp_path):
         ccj.ChineseCLIPConfig.from_dict({"vision_config": {"model_type": "vit"}})
 
 
+@pytest.mark.slow
 def test_finetuning_keeps_batchnorm_statistics(tmp_path):
     """init_from a converted RN model: weights train, BatchNorm statistics stay bitwise, and the
     optimizer holds no moments for them."""

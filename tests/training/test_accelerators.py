@@ -20,6 +20,7 @@ from chinese_clip_jax.training.checkpoint import Checkpointer, abstract_like
 from chinese_clip_jax.training.step import RNG_IMPLS, dropout_key
 
 
+@pytest.mark.slow
 def test_each_rng_impl_resumes_exactly_and_draws_its_own_masks(tmp_path):
     """4 steps straight == 2 steps, an Orbax checkpoint round trip, 2 more steps: bit for bit, per
     implementation; and the implementations draw different dropout masks (the option reaches dropout)."""

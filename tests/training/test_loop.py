@@ -27,6 +27,7 @@ from chinese_clip_jax.training.recipes import demo
 from chinese_clip_jax.training.step import make_grad_fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 def test_accum_steps_gives_the_full_batch_gradient(loss):
     model = ccj.ChineseCLIPModel(tiny_config(), logit_bias_init=SIGLIP_INIT_LOGIT_BIAS if loss == "sigmoid" else None)
@@ -89,6 +90,7 @@ def test_frozen_tower_is_bitwise_unchanged_and_has_no_moments(freeze, frozen, tr
     )
 
 
+@pytest.mark.slow
 def test_logit_scale_never_exceeds_ln100():
     _, state, scales = _run_steps(None, n=3, logit_scale=jnp.float32(6.0))
     assert max(scales) <= math.log(100) + 1e-7
@@ -177,6 +179,7 @@ def test_metrics_file_has_the_documented_keys(reference_run, tmp_path):
         assert r["data/samples"] >= 16 * r["step"]  # yielded so far (prefetching runs ahead)
 
 
+@pytest.mark.slow
 def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
     workdir = str(tmp_path / "run")
     env = script_env()
@@ -203,6 +206,7 @@ def test_kill9_then_rerun_continues_exactly(reference_run, tmp_path):
     assert logged == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_train_config(8)
@@ -221,6 +225,7 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path):
         assert resumed[step] == pytest.approx(reference_run["losses"][step], rel=1e-6, abs=1e-6), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every,poisoned", [(1, 6), (100, 6), (100, 8)])
 def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
     """With log_every=100 the host reads losses one step late (6: found after step 7 was
@@ -240,6 +245,7 @@ def test_poisoned_batch_stops_naming_the_step(tmp_path, log_every, poisoned):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
 
 
+@pytest.mark.slow
 def test_short_demo_run_lands_far_above_chance(tmp_path):
     from chinese_clip_jax.training.recipes import demo
 
@@ -260,6 +266,7 @@ def test_short_demo_run_lands_far_above_chance(tmp_path):
         assert im.mode == "RGB" and im.width > 600 and im.height > 400
 
 
+@pytest.mark.slow
 def test_remat_and_scan_give_the_same_gradient_and_bf16_is_close():
     """remat recomputes, scan stacks layers: same math as the plain fp32 model; bf16 compute keeps
     fp32 params and lands near the fp32 loss and gradient direction."""
@@ -306,6 +313,7 @@ def _step_temp_bytes(scan: bool, remat) -> int:
         return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_with_scan_lowers_the_train_step_memory():
     """What each remat policy keeps: "full" less than "dots" less than nothing recomputed. This
     pins that remat really takes effect (XLA:CPU's CSE undoes it for unrolled layers)."""
@@ -323,6 +331,7 @@ def test_bad_remat_value_is_refused_naming_the_choices():
     assert remat_policy("True") is REMAT_POLICIES["full"] and remat_policy("false") is None
 
 
+@pytest.mark.slow
 def test_two_demo_runs_give_bitwise_equal_losses(tmp_path):
     runs = []
     for name in ("a", "b"):

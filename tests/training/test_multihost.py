@@ -33,6 +33,7 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one():
     addr = f"127.0.0.1:{_free_port()}"
     procs = [
@@ -71,6 +72,7 @@ def test_two_processes_match_one():
     assert rel <= 1e-5 and key_bias_abs <= 1e-3, (rel, key_bias_abs)  # key biases: see _train_helpers
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_all_at_the_same_step_via_the_sync_point():
     """SIGTERM to process 1 only: JAX's preemption sync point (no per-step all-gather) makes
     both processes stop at the same step."""

@@ -62,6 +62,7 @@ def tiny_copy(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_has_the_papers_hyperparameters_and_trains_on_a_tiny_copy(name, tiny_copy, tmp_path):
     from chinese_clip_jax.training.loop import train
@@ -125,6 +126,7 @@ def _epoch_config(tiny_copy, epochs=None):
     return c
 
 
+@pytest.mark.slow
 def test_epochs_give_total_steps_from_the_train_split_and_a_resume_keeps_them(tiny_copy, tmp_path, caplog, monkeypatch):
     import logging
     import os

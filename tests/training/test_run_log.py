@@ -70,6 +70,7 @@ def _assert_match(rows, scalars):
         assert scalars[key] == pytest.approx(value, rel=1e-6), key  # float32 in the event
 
 
+@pytest.mark.slow
 def test_gs_workdir_gets_metrics_and_tensorboard_events(fake_gcs, tmp_path, monkeypatch):
     # Orbax writes arrays through tensorstore's own gs:// driver (real GCS), so the checkpoints
     # alone go to a local directory; everything else goes to the fake gs://bucket/run.

@@ -42,6 +42,7 @@ def test_flops_match_the_issue_figure():
     assert flops.layer_flops(4, 8, 2) == 2 * 2 * (4 * 16 + 2 * 32) + 4 * 4 * 4
 
 
+@pytest.mark.slow
 def test_compare_torch_tiny():
     pytest.importorskip("torch")
     out = run_bench("bench/compare_torch.py", "--tiny", "--repeats", "1")
@@ -57,6 +58,7 @@ def test_compare_torch_tiny():
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
 
 
+@pytest.mark.slow
 def test_device_smoke_with_the_torch_peer(tmp_path):
     pytest.importorskip("torch")
     out = run_bench(
@@ -99,6 +101,7 @@ def test_device_refuses_an_unknown_layout():
     assert res.returncode == 2 and "--layouts: unknown ['spiral']" in res.stderr
 
 
+@pytest.mark.slow
 def test_profile_step_smoke(tmp_path):
     out = run_bench("bench/profile_step.py", "--smoke", "--top", "5", "--logdir", str(tmp_path / "trace"))
     rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
@@ -122,6 +125,7 @@ def test_profile_categories():
     assert cat("transpose_copy_fusion") == "copy/transpose" and cat("loop_multiply_fusion.9") == "elementwise"
 
 
+@pytest.mark.slow
 def test_train_memory_tiny():
     out = run_bench("bench/train_memory.py", "--tiny", "--steps", "1", "--batch", "4")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("unrolled:", "scan:"))}
@@ -133,6 +137,7 @@ def test_train_memory_tiny():
     assert 0 < temp["scan:full"] < temp["scan:dots"] < temp["scan:none"], out
 
 
+@pytest.mark.slow
 def test_data_throughput_workers_table_tiny():
     out = run_bench(
         "bench/data_throughput.py",

@@ -69,6 +69,7 @@ def test_unrolled_cost_analysis_flops_match_the_formula(base_cuda):
     assert 0.95 <= ratio <= 1.05, ratio
 
 
+@pytest.mark.slow
 def test_tpu_base_step_lowers(lower_mod):
     r = _report(lower_mod, "--config", BASE, "--platform", "tpu", "--batch-size", "8")
     o = r["options"]
@@ -79,6 +80,7 @@ def test_tpu_base_step_lowers(lower_mod):
     assert c.get("full_size_threefry", 0) == 0 and c.get("cudnn_attention_forward", 0) == 0
 
 
+@pytest.mark.slow
 def test_remat_dots_keeps_the_dropout_masks(lower_mod):
     """remat "dots" (scanned, cuda): the backward pass reuses the saved masks, so each dropout
     draws once per layer iteration, as without remat."""
@@ -92,6 +94,7 @@ def test_remat_dots_keeps_the_dropout_masks(lower_mod):
     assert c.get("cudnn_attention_forward") and c.get("cudnn_attention_backward")
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_weights_in_bf16(tmp_path):
     """The fsdp=8 step compiled on 8 simulated CPU devices: the weight all-gathers move bf16."""
     out = tmp_path / "step.mlir"
