@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 simulated CPU devices (see test_losses_groups.py).
+"""Run in a subprocess with 8 simulated CPU devices (see tests/training/test_losses_groups.py).
 
 Prints one JSON object: for meshes (8,1,1) with ring column slices of 2 and (2,2,2) without, and
 both loss kinds, the relative error of the ring loss with repeated groups (spanning devices) and
@@ -17,8 +17,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _ring_losses_check import mesh_for, rel, uneven_embeds  # noqa: E402
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config  # noqa: E402
-from test_losses_groups import KINDS, _with_repeated_captions, reference_loss  # noqa: E402
+from _train_helpers import (  # noqa: E402
+    KINDS,
+    fake_batches,
+    max_rel_err,
+    opt_config,
+    reference_loss,
+    tiny_config,
+    with_repeated_captions,
+)
 
 import chinese_clip_jax as ccj  # noqa: E402
 from chinese_clip_jax.inference import sharding as shd  # noqa: E402
@@ -28,7 +35,7 @@ from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl  # no
 from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
 
 
-def loss_checks():
+def group_loss_checks():
     out = {}
     groups = np.random.default_rng(3).integers(0, 9, size=32).astype(np.int32)  # ~3.5 pairs a group
     for shape, chunk in (((8, 1, 1), 2), ((2, 2, 2), 0)):
@@ -67,7 +74,7 @@ def accum_checks():
     model = ccj.ChineseCLIPModel(tiny_config(layers=1), logit_bias_init=SIGLIP_INIT_LOGIT_BIAS)
     tx, _ = make_optimizer(opt_config(), total_steps=10)
     state, _ = create_train_state(model, tx, mesh, seed=0, loss="sigmoid")
-    batch = shd.shard_batch(_with_repeated_captions(fake_batches(1, 16, seed=7)[0]), mesh)
+    batch = shd.shard_batch(with_repeated_captions(fake_batches(1, 16, seed=7)[0]), mesh)
     rng = jax.random.PRNGKey(3)
     out = {}
     with shd.use_mesh_and_rules(mesh):
@@ -86,7 +93,7 @@ def accum_checks():
 
 
 def main():
-    print("RESULT " + json.dumps({"losses": loss_checks(), "accum": accum_checks()}))
+    print("RESULT " + json.dumps({"losses": group_loss_checks(), "accum": accum_checks()}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pyproject.toml), and the scripts run as ``python tests/_x.py`` have it as ``sys.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -183,6 +184,65 @@ def one_line_error(result, *, only_line: bool = False) -> str:
         lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return lines[0]
+
+
+# -- small data sets and output folders ------------------------------------------------------------
+
+
+def write_images(root, n: int, bad: bool = True) -> list[str]:
+    """imgs/0.png ... imgs/{n-1}.png (+ imgs/bad.png, not an image); returns the relative paths."""
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        (root / "imgs" / f"{i}.png").write_bytes(png(i))
+        names.append(f"imgs/{i}.png")
+    if bad:
+        (root / "imgs" / "bad.png").write_bytes(b"not an image")
+    return names
+
+
+def write_csv(path, rows, header=("image", "caption"), delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def file_digests(d) -> dict:
+    """{file name: sha256} of the files directly in ``d``."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def copy_files(src, dst):
+    """A copy of the files directly in ``src`` into a new folder ``dst``; returns ``dst``."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def embed_env(devices: int = 1) -> dict:
+    """The environment of a ``ccj-embed`` subprocess: the checkout, the CPU, ``devices`` devices."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run_embed(*args, devices: int = 1, **kw):
+    """``python -m chinese_clip_jax.embed args`` on ``devices`` CPU devices."""
+    cmd = [sys.executable, "-m", "chinese_clip_jax.embed", *map(str, args)]
+    return subprocess.run(cmd, env=embed_env(devices), capture_output=True, text=True, timeout=300, **kw)
 
 
 # -- reference code --------------------------------------------------------------------------------

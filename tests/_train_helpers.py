@@ -8,6 +8,7 @@ The single home of these builders: test modules import it directly (pytest puts 
 from __future__ import annotations
 
 import functools
+import math
 
 import ml_collections
 import numpy as np
@@ -166,3 +167,35 @@ RESNET_SIZES = dict(vocab_size=21128, layers=1, dropout=0.1, attention_dropout=0
 SMALL_SIZES = dict(
     vocab_size=21128, hidden=32, layers=1, max_positions=64, image_size=32, patch_size=8, projection_dim=16
 )
+
+
+# -- multi-positive losses: a float64 NumPy reference and a batch with repeated captions ---------------
+
+KINDS = {"softmax": (math.log(20.0), None), "sigmoid": (math.log(10.0), -3.0)}  # (logit_scale, logit_bias)
+
+
+def reference_loss(kind, t, v, logit_scale, logit_bias, groups) -> float:
+    """float64 NumPy, from the definition: cross-entropy against a target row (text->image) and
+    column (image->text) uniform over the pair's group; SigLIP with +1 labels on the group."""
+    t, v = np.asarray(t, np.float64), np.asarray(v, np.float64)
+    logits = math.exp(logit_scale) * t @ v.T
+    same = np.equal.outer(groups, groups).astype(np.float64)
+    if kind == "softmax":
+        total = 0.0
+        for scores in (logits, logits.T):  # text->image rows, then image->text rows
+            log_p = scores - scores.max(1, keepdims=True)
+            log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+            target = same / same.sum(1, keepdims=True)
+            total += -np.sum(target * log_p) / len(t)
+        return total / 2
+    labels = 2 * same - 1
+    return float(np.sum(np.logaddexp(0.0, -labels * (logits + logit_bias))) / len(t))
+
+
+def with_repeated_captions(batch):
+    """A fake batch in which rows 1, 6, 11 carry row 0's caption and rows 3, 9 row 2's."""
+    batch = {k: np.array(x) for k, x in batch.items()}
+    for dst, src in ((1, 0), (6, 0), (11, 0), (3, 2), (9, 2)):
+        batch["input_ids"][dst], batch["attention_mask"][dst] = batch["input_ids"][src], batch["attention_mask"][src]
+    batch["label"] = np.array([0, 1, 2, 2, 1, 0, 3, 3, 0, 4, 5, 0, 6, 1, 7, 8], np.int32)
+    return batch

@@ -6,7 +6,6 @@ layout of the same pairs (itself pinned to transformers in test_evaluate_cli) fo
 """
 
 import base64
-import csv
 import json
 import os
 import pickle
@@ -16,40 +15,21 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-from _makers import REPO, png
+from _makers import REPO, write_csv, write_images
 
 from chinese_clip_jax.data import check_config, default_data_config, train_iterator
 from chinese_clip_jax.data import files as files_mod
 
 
-def _write_images(root, n: int, bad: bool = True) -> list[str]:
-    """imgs/0.png ... imgs/{n-1}.png (+ imgs/bad.png, not an image); returns the relative paths."""
-    (root / "imgs").mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
-        (root / "imgs" / f"{i}.png").write_bytes(png(i))
-        names.append(f"imgs/{i}.png")
-    if bad:
-        (root / "imgs" / "bad.png").write_bytes(b"not an image")
-    return names
-
-
-def _write_csv(path, rows, header=("image", "caption"), delimiter=","):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter=delimiter)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 def _csv_table(root, n=12):
     """n images, image 0 with a second caption on its own row, image 1 with a JSON list of two,
     one undecodable image; returns (table path, [(relative image, caption)] of the good pairs)."""
-    names = _write_images(root, n)
+    names = write_images(root, n)
     rows = [(name, f"第{i}张图片") for i, name in enumerate(names)]
     rows.insert(1, (names[0], "又是第0张"))
     rows[2] = (names[1], json.dumps(["第1张图片", "第一张的另一个说法"], ensure_ascii=False))
     rows.append(("imgs/bad.png", "坏图片"))
-    _write_csv(root / "pairs.csv", rows)
+    write_csv(root / "pairs.csv", rows)
     good = [(name, c) for name, cap in rows[:-1] for c in (json.loads(cap) if cap.startswith("[") else [cap])]
     return root / "pairs.csv", good
 
@@ -103,8 +83,8 @@ def test_a_table_reads_every_pair_with_its_row_and_resumes_exactly(tmp_path):
 
 
 def test_two_processes_read_disjoint_halves_covering_the_table(tmp_path):
-    names = _write_images(tmp_path, 8, bad=False)
-    _write_csv(tmp_path / "t.tsv", [(n, f"图{i}") for i, n in enumerate(names)], delimiter="\t")
+    names = write_images(tmp_path, 8, bad=False)
+    write_csv(tmp_path / "t.tsv", [(n, f"图{i}") for i, n in enumerate(names)], delimiter="\t")
     cfg = _files_config(tmp_path / "t.tsv")
     seen = []
     for p in range(2):
@@ -117,13 +97,13 @@ def test_two_processes_read_disjoint_halves_covering_the_table(tmp_path):
 
 
 def test_bad_tables_fail_in_one_line_naming_the_row_and_column(tmp_path):
-    names = _write_images(tmp_path, 3, bad=False)
-    _write_csv(tmp_path / "cols.csv", [(n, "x") for n in names], header=("path", "text"))
+    names = write_images(tmp_path, 3, bad=False)
+    write_csv(tmp_path / "cols.csv", [(n, "x") for n in names], header=("path", "text"))
     with pytest.raises(ValueError, match=r"cols.csv: no column 'image' \(columns: \['path', 'text'\]\)"):
         check_config(_files_config(tmp_path / "cols.csv"))
     check_config(_files_config(tmp_path / "cols.csv", image_key="path", caption_key="text"))  # configurable names
 
-    _write_csv(tmp_path / "missing.csv", [(names[0], "a"), ("imgs/nope.png", "b")])
+    write_csv(tmp_path / "missing.csv", [(names[0], "a"), ("imgs/nope.png", "b")])
     with pytest.raises(ValueError, match=r"missing.csv row 3, column 'image': image '.*imgs/nope.png' does not exist"):
         check_config(_files_config(tmp_path / "missing.csv"))
 
@@ -144,7 +124,7 @@ def test_bad_tables_fail_in_one_line_naming_the_row_and_column(tmp_path):
 def test_gs_table_with_relative_and_absolute_images_reads_equal_to_local(tmp_path, fake_gcs):
     from chinese_clip_jax.io import as_path
 
-    names = _write_images(tmp_path, 4, bad=False)
+    names = write_images(tmp_path, 4, bad=False)
     rows = [{"image": n, "caption": [f"图{i}", f"第{i}"]} for i, n in enumerate(names[:3])]
     rows.append({"image": str(tmp_path / names[3]), "caption": "本地的绝对路径"})  # absolute, local
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -221,7 +201,7 @@ def test_ccj_eval_retrieval_scores_a_jsonl_table_as_its_cn_clip_layout(tmp_path,
     save_hf_model(
         tiny_config(vocab_size=21128, hidden=32, heads=2, max_positions=64, image_size=32, patch_size=16), model
     )
-    names = _write_images(tmp_path, 5, bad=False)
+    names = write_images(tmp_path, 5, bad=False)
     captions = [("红色的猫", [0, 1]), ("一只狗", [2]), ("蓝天", [3, 4]), ("草地", [1])]
     rows = {}
     for text, ids in captions:

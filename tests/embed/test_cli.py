@@ -3,9 +3,7 @@ normalized ``get_*_features`` of the processor's inputs; bad records skipped and
 and a rerun give the bytes of an uninterrupted run; a faiss query returns the exact top-k of a
 held-out caption; bad arguments are one-line errors that leave the files alone."""
 
-import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +12,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-from _makers import REPO, png
+from _makers import embed_env, file_digests, png, run_embed
 from _train_helpers import random_params, tiny_config
 
 import chinese_clip_jax as ccj
@@ -116,21 +114,6 @@ def test_index_query_returns_exact_neighbours_of_held_out_caption(corpus, image_
     assert embed.query(out, images=[str(first)], k=1, model=clip)[0][0][0] == rows.ids[7]
 
 
-def _embed_env(devices: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def _cli(*args, devices: int = 1, **kw):
-    cmd = [sys.executable, "-m", "chinese_clip_jax.embed", *map(str, args)]
-    return subprocess.run(cmd, env=_embed_env(devices), capture_output=True, text=True, timeout=300, **kw)
-
-
-def _digests(d) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
-
-
 def _cli_args(corpus):
     args = ["--model", corpus / "model", "--images", corpus / "images", "--shard-size", 50, "--batch-size", 25]
     return args + ["--no-progress"]
@@ -140,7 +123,7 @@ def _cli_args(corpus):
 def whole(corpus, tmp_path_factory):
     """An uninterrupted CLI run (2 devices): 11 shards of 50 records."""
     out = tmp_path_factory.mktemp("whole")
-    res = _cli(*_cli_args(corpus), "--out", out, devices=2)
+    res = run_embed(*_cli_args(corpus), "--out", out, devices=2)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -151,7 +134,7 @@ def test_kill_9_then_rerun_gives_the_files_of_an_uninterrupted_run(corpus, whole
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "chinese_clip_jax.embed", *map(str, args), "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=_embed_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=embed_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while not (out / "images-00000.json").exists():
@@ -167,22 +150,22 @@ def test_kill_9_then_rerun_gives_the_files_of_an_uninterrupted_run(corpus, whole
     written = len(list(out.glob("images-*.json")))
     assert 1 <= written < 11
 
-    rerun = _cli(*args, "--out", out, devices=2)
+    rerun = run_embed(*args, "--out", out, devices=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{written} kept from an earlier run" in rerun.stderr
-    assert _digests(out) == _digests(whole)
+    assert file_digests(out) == file_digests(whole)
 
-    other = _cli(*args, "--out", out, "--dtype", "float32")  # another plan into the same --out
+    other = run_embed(*args, "--out", out, "--dtype", "float32")  # another plan into the same --out
     assert other.returncode == 2
     assert other.stderr.strip().splitlines() == [
         f"error: {out / 'images.json'} was written for dtype='float16', this run has dtype='float32': "
         "use another --out, or the same arguments to resume"
     ]
-    assert _digests(out) == _digests(whole)
+    assert file_digests(out) == file_digests(whole)
 
 
 def test_missing_folder_is_a_one_line_error(corpus, tmp_path):
-    missing = _cli("--model", corpus / "model", "--images", f"folder:{tmp_path / 'nope'}", "--out", tmp_path / "o")
+    missing = run_embed("--model", corpus / "model", "--images", f"folder:{tmp_path / 'nope'}", "--out", tmp_path / "o")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"error: --images folder:{tmp_path / 'nope'}: no such directory {tmp_path / 'nope'}"
@@ -194,7 +177,7 @@ def test_query_command_prints_top_k(corpus, image_run):
     pytest.importorskip("faiss")
     out = image_run[0]
     embed.build_index(out, "images")
-    res = _cli("query", out, "--text", "红色的汽车", "-k", "3", "--model", corpus / "model")
+    res = run_embed("query", out, "--text", "红色的汽车", "-k", "3", "--model", corpus / "model")
     assert res.returncode == 0, res.stderr[-3000:]
     line = json.loads(res.stdout.strip().splitlines()[-1])
     rows = embed.load_embeddings(out, "images")
@@ -217,7 +200,7 @@ def test_two_hosts_each_embed_their_shards_into_the_same_files(corpus, whole, tm
         subprocess.Popen(
             [sys.executable, "-m", "chinese_clip_jax.embed", *map(str, _cli_args(corpus)), "--out", str(out)]
             + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            env=_embed_env(1),
+            env=embed_env(1),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -233,7 +216,7 @@ def test_two_hosts_each_embed_their_shards_into_the_same_files(corpus, whole, tm
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "251 images" in outs[0][1] and "250 images" in outs[1][1]  # shards 0, 2, ..., 10 / 1, 3, ..., 9
-    assert _digests(out) == _digests(whole)
+    assert file_digests(out) == file_digests(whole)
 
 
 def _pixels(data) -> np.ndarray:

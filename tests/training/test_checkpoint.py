@@ -22,7 +22,7 @@ def finished_run(trained_workdir):
     return trained_workdir
 
 
-def _copy(src, tmp_path):
+def _copy_run(src, tmp_path):
     dst = str(tmp_path / "run")
     shutil.copytree(src, dst)
     return dst
@@ -70,7 +70,7 @@ def test_each_corruption_is_named_and_the_older_checkpoint_restores(finished_run
     config = tiny_train_config(8)
     fresh, target = _restore_target(config)
     for how in CORRUPTIONS:
-        workdir = _copy(finished_run, tmp_path / how)
+        workdir = _copy_run(finished_run, tmp_path / how)
         ckpt_dir = os.path.join(workdir, "checkpoints")
         kept = sorted(os.listdir(os.path.join(ckpt_dir, "8")))
         _corrupt(os.path.join(ckpt_dir, "8"), how)
@@ -88,7 +88,7 @@ def test_each_corruption_is_named_and_the_older_checkpoint_restores(finished_run
 
 
 def test_rerun_resumes_exactly_from_the_newest_readable_checkpoint(finished_run, tmp_path, caplog):
-    workdir = _copy(finished_run, tmp_path)
+    workdir = _copy_run(finished_run, tmp_path)
     reference = dict(logged_losses(workdir))
     _corrupt(os.path.join(workdir, "checkpoints", "8"), "zeroed")
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
@@ -106,7 +106,7 @@ def test_rerun_resumes_exactly_from_the_newest_readable_checkpoint(finished_run,
 
 
 def test_no_readable_checkpoint_stops_naming_each(finished_run, tmp_path):
-    workdir = _copy(finished_run, tmp_path)
+    workdir = _copy_run(finished_run, tmp_path)
     for step in ("4", "8"):
         _corrupt(os.path.join(workdir, "checkpoints", step), "no_METADATA")
     with pytest.raises(CheckpointUnreadableError, match=r"no readable checkpoint in .*: step 8 \(.*\); step 4"):
@@ -114,7 +114,7 @@ def test_no_readable_checkpoint_stops_naming_each(finished_run, tmp_path):
 
 
 def test_rerun_with_another_model_size_names_the_mismatch(finished_run, tmp_path):
-    workdir = _copy(finished_run, tmp_path)
+    workdir = _copy_run(finished_run, tmp_path)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     config = tiny_train_config(8)
     config.model.text.hidden_size = 32

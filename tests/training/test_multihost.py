@@ -3,22 +3,15 @@ steps, each feeding only its half of the global batch, and match one process wit
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from _makers import REPO, TESTS
+from _makers import REPO, TESTS, free_port
 from _train_helpers import max_rel_err
 
 WORKER = os.path.join(TESTS, "_multihost_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _process_env(**kw):
@@ -35,7 +28,7 @@ def _result(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_match_one():
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER],
@@ -79,7 +72,7 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step_via_the_sync_point():
     import signal
     import time
 
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     worker = os.path.join(TESTS, "_preemption_worker.py")
     env = [dict(_process_env(PROCESS_ID=i, COORDINATOR=addr), JAX_PLATFORMS="cpu") for i in range(2)]
     procs = [

@@ -8,7 +8,6 @@ screenshot the guide shows."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from _makers import free_port
 from _serve_corpus import build
 
 from chinese_clip_jax.embed import cli as embed_cli
@@ -49,22 +49,16 @@ def _browser() -> tuple[str, str]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def page_corpus(tmp_path_factory):
     return build(tmp_path_factory.mktemp("serve_browser"))
 
 
 @pytest.fixture(scope="module")
-def server(corpus):
+def server(page_corpus):
     """``python -m chinese_clip_jax.serve`` on 127.0.0.1:<free port>; yields (url, start-up lines)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(corpus["out"]), "--port", str(port)]
+    port = free_port()
+    cmd = [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(page_corpus["out"]), "--port", str(port)]
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(cmd + ["--max-batch", "4"], env=env, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -140,18 +134,18 @@ def _clear(driver) -> None:
     driver.execute_script("document.getElementById('results').replaceChildren()")
 
 
-def test_page_in_chromium(server, corpus, browser, capsys):
+def test_page_in_chromium(server, page_corpus, browser, capsys):
     url, lines = server
     started = "".join(lines)
-    assert f"model: {corpus['model']}" in started and "images: 300 rows" in started and "IndexFlatIP" in started
+    assert f"model: {page_corpus['model']}" in started and "images: 300 rows" in started and "IndexFlatIP" in started
 
     browser.get(url + "/")
     _wait(browser, "return document.body.dataset.ready", "the page to load /healthz")
-    assert str(corpus["model"]) in browser.find_element("id", "model").text
+    assert str(page_corpus["model"]) in browser.find_element("id", "model").text
 
     # type a Chinese query: the thumbnails of ccj-embed query's ids, in order, with their scores
     q = "海边的日落"
-    assert embed_cli.main(["query", str(corpus["out"]), "--text", q, "-k", "8"]) == 0
+    assert embed_cli.main(["query", str(page_corpus["out"]), "--text", q, "-k", "8"]) == 0
     want = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
     box = browser.find_element("id", "q")
     box.send_keys(q)
@@ -169,7 +163,7 @@ def test_page_in_chromium(server, corpus, browser, capsys):
             f.write(shot)
 
     # pick a file: its neighbours, itself first
-    picked = corpus["images"] / "风景" / "011.png"
+    picked = page_corpus["images"] / "风景" / "011.png"
     browser.execute_script("document.getElementById('file').style.display = 'block'")
     _clear(browser)
     browser.find_element("id", "file").send_keys(str(picked))

@@ -1,4 +1,4 @@
-"""ccj-serve through an in-process client, on a tiny random-weight model and a folder corpus that
+"""ccj-serve through an in-process client, on a tiny random-weight model and a folder served_corpus that
 ccj-embed's Python entry embeds: a Chinese query answers the ids and scores of ``ccj-embed query``;
 an image upload those of ``ccj-embed query --image``; image -> texts those of a brute-force
 search; a burst of concurrent queries compiles nothing and takes fewer device calls than
@@ -34,14 +34,14 @@ UPLOAD_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def served_corpus(tmp_path_factory):
     return build(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
-def service(corpus):
+def service(served_corpus):
     options = serve.ServeOptions(max_batch=4, max_wait_ms=50, max_upload_bytes=UPLOAD_LIMIT)
-    s = serve.Service.load(corpus["out"], options=options)  # the manifest's model, every bucket compiled
+    s = serve.Service.load(served_corpus["out"], options=options)  # the manifest's model, every bucket compiled
     yield s
     s.close()
 
@@ -58,30 +58,35 @@ def _embed_query(capsys, *args) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_start_up_says_what_it_loaded(service, corpus):
+def test_start_up_says_what_it_loaded(service, served_corpus):
     lines = service.loaded()
-    assert lines[0].startswith(f"model: {corpus['model']} (dim 8, context 52 tokens)")
-    assert f"images: {N_IMAGES} rows from {corpus['out']} (IndexFlatIP index" in lines[1]
+    assert lines[0].startswith(f"model: {served_corpus['model']} (dim 8, context 52 tokens)")
+    assert f"images: {N_IMAGES} rows from {served_corpus['out']} (IndexFlatIP index" in lines[1]
     assert "texts: 6 rows" in lines[2] and "(exact index" in lines[2]
     assert f"images: {N_IMAGES} source images" in lines
 
 
-def test_chinese_query_gives_the_ids_and_scores_of_ccj_embed_query(client, corpus, capsys):
+def test_chinese_query_gives_the_ids_and_scores_of_ccj_embed_query(client, served_corpus, capsys):
     for q in ("海边的日落", "一只猫在沙发上"):
-        want = _embed_query(capsys, corpus["out"], "--text", q, "-k", 7)[0]["hits"]
+        want = _embed_query(capsys, served_corpus["out"], "--text", q, "-k", 7)[0]["hits"]
         res = client.get("/search", params={"q": q, "k": 7})
         assert res.status_code == 200, res.text
         body = res.json()
         assert [h["id"] for h in body["hits"]] == [h["id"] for h in want]
         assert [round(h["score"], 6) for h in body["hits"]] == [h["score"] for h in want]
-        assert body["model"] == str(corpus["model"]) and body["k"] == 7
-        assert body["index"] == {"dir": str(corpus["out"]), "kind": "images", "type": "IndexFlatIP", "rows": N_IMAGES}
+        assert body["model"] == str(served_corpus["model"]) and body["k"] == 7
+        assert body["index"] == {
+            "dir": str(served_corpus["out"]),
+            "kind": "images",
+            "type": "IndexFlatIP",
+            "rows": N_IMAGES,
+        }
         assert body["query"] == {"text": q, "tokens": len(q) + 2, "truncated": False}
 
 
-def test_image_upload_gives_the_ids_and_scores_of_ccj_embed_query(client, corpus, capsys):
-    path = corpus["images"] / "风景" / "001.png"
-    want = _embed_query(capsys, corpus["out"], "--image", path, "-k", 5)[0]["hits"]
+def test_image_upload_gives_the_ids_and_scores_of_ccj_embed_query(client, served_corpus, capsys):
+    path = served_corpus["images"] / "风景" / "001.png"
+    want = _embed_query(capsys, served_corpus["out"], "--image", path, "-k", 5)[0]["hits"]
     res = client.post("/search/image", params={"k": 5}, content=path.read_bytes())
     assert res.status_code == 200, res.text
     hits = res.json()["hits"]
@@ -90,16 +95,16 @@ def test_image_upload_gives_the_ids_and_scores_of_ccj_embed_query(client, corpus
     np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in want], atol=2e-6)
 
 
-def test_image_to_texts_is_the_exact_search_over_the_text_run(client, corpus):
-    path = corpus["images"] / "animals" / "000.jpg"
+def test_image_to_texts_is_the_exact_search_over_the_text_run(client, served_corpus):
+    path = served_corpus["images"] / "animals" / "000.jpg"
     res = client.post("/search/image", params={"k": 6, "target": "texts"}, content=path.read_bytes())
     assert res.status_code == 200, res.text
     body = res.json()
-    clip = ChineseCLIP.from_pretrained(str(corpus["model"]))
-    want = embed.exact_search(corpus["out"], clip.encode_image([str(path)]), kind="texts", k=6)[0]
+    clip = ChineseCLIP.from_pretrained(str(served_corpus["model"]))
+    want = embed.exact_search(served_corpus["out"], clip.encode_image([str(path)]), kind="texts", k=6)[0]
     assert [h["id"] for h in body["hits"]] == [i for i, _ in want]  # line numbers; line 5 was blank
     np.testing.assert_allclose([h["score"] for h in body["hits"]], [s for _, s in want], atol=2e-6)
-    captions = corpus["captions"].read_text(encoding="utf-8").splitlines()
+    captions = served_corpus["captions"].read_text(encoding="utf-8").splitlines()
     assert [h["text"] for h in body["hits"]] == [captions[i] for i, _ in want]
     assert body["index"]["kind"] == "texts" and body["index"]["type"] == "exact"
 
@@ -117,10 +122,10 @@ def test_a_long_query_is_cut_to_the_context_length_and_says_so(client):
     assert ascii_long.status_code == 200 and ascii_long.json()["query"]["truncated"]
 
 
-def test_source_image_and_thumbnail_by_id_only(client, corpus):
+def test_source_image_and_thumbnail_by_id_only(client, served_corpus):
     res = client.get("/image", params={"id": "风景/001.png"})
     assert res.status_code == 200 and res.headers["content-type"] == "image/png"
-    assert res.content == (corpus["images"] / "风景" / "001.png").read_bytes()
+    assert res.content == (served_corpus["images"] / "风景" / "001.png").read_bytes()
     thumb = client.get("/thumbnail", params={"id": "animals/000.jpg"})
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert thumb.content[:2] == b"\xff\xd8"
@@ -161,10 +166,10 @@ BAD = [
 
 @pytest.mark.parametrize("method,url,params,body,status,fragments", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_input_is_a_one_line_4xx_and_the_service_keeps_answering(
-    client, corpus, method, url, params, body, status, fragments
+    client, served_corpus, method, url, params, body, status, fragments
 ):
     if body == "TRUNCATED":
-        body = (corpus["images"] / "animals" / "000.jpg").read_bytes()[:300]
+        body = (served_corpus["images"] / "animals" / "000.jpg").read_bytes()[:300]
     elif body == "HUGE":  # a few KB of PNG that claims 64 megapixels
         buf = io.BytesIO()
         PIL.Image.new("1", (8000, 8000)).save(buf, "PNG")
@@ -177,10 +182,10 @@ def test_bad_input_is_a_one_line_4xx_and_the_service_keeps_answering(
     assert client.get("/search", params={"q": "红色的汽车", "k": 2}).status_code == 200
 
 
-def test_a_burst_compiles_nothing_and_is_micro_batched(service, client, corpus):
+def test_a_burst_compiles_nothing_and_is_micro_batched(service, client, served_corpus):
     app = client.app
     queries = [f"第{i}个查询" + "的" * i for i in range(11)]
-    image = (corpus["images"] / "animals" / "006.jpg").read_bytes()
+    image = (served_corpus["images"] / "animals" / "006.jpg").read_bytes()
     alone = [client.get("/search", params={"q": q, "k": 3}).json()["hits"] for q in queries]
     compiles = service.queries.compiles()
     text_calls, image_calls = service.queries.texts.calls, service.queries.images.calls
@@ -203,9 +208,9 @@ def test_a_burst_compiles_nothing_and_is_micro_batched(service, client, corpus):
         np.testing.assert_allclose([h["score"] for h in got.json()["hits"]], [h["score"] for h in want], atol=1e-6)
 
 
-def test_files_changed_underneath_answer_503_until_restarted(service, corpus, tmp_path):
+def test_files_changed_underneath_answer_503_until_restarted(service, served_corpus, tmp_path):
     out = tmp_path / "emb"
-    shutil.copytree(corpus["out"], out)
+    shutil.copytree(served_corpus["out"], out)
     options = serve.ServeOptions(max_batch=4, warm_up=False)
     moved = serve.Service(serve.Catalog(out), service.queries.clip, service.model_name, options)
     try:
@@ -288,9 +293,9 @@ def test_micro_batcher_batches_refuses_when_full_and_survives_errors():
     time.sleep(0)
 
 
-def test_a_text_run_of_another_model_is_not_served(service, corpus, tmp_path):
+def test_a_text_run_of_another_model_is_not_served(service, served_corpus, tmp_path):
     out = tmp_path / "emb"
-    shutil.copytree(corpus["out"], out)
+    shutil.copytree(served_corpus["out"], out)
     manifest = json.loads((out / "texts.json").read_text())
     (out / "texts.json").write_text(json.dumps(dict(manifest, model="another/model")))
     options = serve.ServeOptions(max_batch=4, warm_up=False)
@@ -298,11 +303,14 @@ def test_a_text_run_of_another_model_is_not_served(service, corpus, tmp_path):
     try:
         assert set(other.catalog.runs) == {"images"}
         lines = other.loaded()
-        assert f"not serving the texts run: embedded with another/model, the images run with {corpus['model']}" in lines
-        assert f"queries are encoded with moved/model; the runs were embedded with {corpus['model']}" in lines
+        assert (
+            f"not serving the texts run: embedded with another/model, the images run with {served_corpus['model']}"
+            in lines
+        )
+        assert f"queries are encoded with moved/model; the runs were embedded with {served_corpus['model']}" in lines
         with TestClient(create_app(other)) as c:
             res = c.post("/search/image", params={"target": "texts"}, content=b"x")
-            _one_line_error(res, 404, "no text corpus embedded with moved/model")
+            _one_line_error(res, 404, "no text served_corpus embedded with moved/model")
             (out / "texts.json").write_text("{}")  # a file no longer served is no longer watched
             assert c.get("/search", params={"q": "猫", "k": 2}).status_code == 200
     finally:

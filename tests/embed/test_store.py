@@ -1,17 +1,15 @@
 """ccj-embed's files are never half-trusted: a damaged shard is rebuilt on a rerun (and the run
 says so), load_embeddings and the index name the damaged file, an index built from other
-embeddings is refused, a corpus with no readable record is an error with nothing marked complete,
+embeddings is refused, a integrity_corpus with no readable record is an error with nothing marked complete,
 and a bad --out (a file, another tool's manifest) is one line before any work."""
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
+from _makers import copy_files, file_digests, run_embed
 from _train_helpers import random_params, tiny_config
 
 import chinese_clip_jax as ccj
@@ -22,7 +20,7 @@ N = 7  # images; shards of 2: four shards, the last of one record
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def integrity_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     cfg = tiny_config(vocab_size=21128, max_positions=64, image_size=32, patch_size=8)
     ccj.save_pretrained(str(root / "model"), cfg, random_params(cfg))
@@ -36,33 +34,32 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "chinese_clip_jax.embed", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _args(integrity_corpus, images="images"):
+    return [
+        "--model",
+        integrity_corpus / "model",
+        "--images",
+        integrity_corpus / images,
+        "--shard-size",
+        2,
+        "--batch-size",
+        2,
+    ]
 
 
-def _args(corpus, images="images"):
-    return ["--model", corpus / "model", "--images", corpus / images, "--shard-size", 2, "--batch-size", 2]
-
-
-def _digests(d) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
-
-
-def _run(corpus, out):
-    model, params = ccj.from_pretrained(str(corpus / "model"))
+def _embed_in_process(integrity_corpus, out):
+    model, params = ccj.from_pretrained(str(integrity_corpus / "model"))
     opts = embed.EmbedOptions(shard_size=2, batch_size=2, dtype="float32", progress=False)
     return embed.embed_images(
-        model, params, embed.open_images(str(corpus / "images")), out, model_name="tiny", options=opts
+        model, params, embed.open_images(str(integrity_corpus / "images")), out, model_name="tiny", options=opts
     )
 
 
 @pytest.fixture(scope="module")
-def whole(corpus, tmp_path_factory):
+def whole_run(integrity_corpus, tmp_path_factory):
     """An uninterrupted CLI run with its index."""
-    out = tmp_path_factory.mktemp("whole")
-    res = _cli(*_args(corpus), "--out", out, "--no-progress", *(["--index"] if _has_faiss() else []))
+    out = tmp_path_factory.mktemp("whole_run")
+    res = run_embed(*_args(integrity_corpus), "--out", out, "--no-progress", *(["--index"] if _has_faiss() else []))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -75,15 +72,8 @@ def _has_faiss() -> bool:
     return True
 
 
-def _copy(src, dst):
-    dst.mkdir()
-    for p in src.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
-    return dst
-
-
-def test_truncated_shard_of_a_complete_run_is_rebuilt_and_named(corpus, whole, tmp_path):
-    out = _copy(whole, tmp_path / "out")
+def test_truncated_shard_of_a_complete_run_is_rebuilt_and_named(integrity_corpus, whole_run, tmp_path):
+    out = copy_files(whole_run, tmp_path / "out")
     npy = out / "images-00001.npy"
     size = npy.stat().st_size
     npy.write_bytes(npy.read_bytes()[:80])  # a copy cut short
@@ -93,49 +83,49 @@ def test_truncated_shard_of_a_complete_run_is_rebuilt_and_named(corpus, whole, t
         f"{out}: images-00001.npy is 80 bytes, {size} recorded in images.json: the file is damaged; rerun "
         "ccj-embed with the same arguments to rebuild it"
     )
-    rerun = _cli(*_args(corpus), "--out", out, "--no-progress")
+    rerun = run_embed(*_args(integrity_corpus), "--out", out, "--no-progress")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"shard 1: images-00001.npy is 80 bytes, {size} recorded: rebuilt" in rerun.stderr
     assert f"3 kept from an earlier run, 1 rebuilt (shard 1: images-00001.npy is 80 bytes, {size} recorded)" in (
         rerun.stderr
     )
-    assert _digests(out) == _digests(whole)  # the bytes of the uninterrupted run (its index still matches)
+    assert file_digests(out) == file_digests(whole_run)  # the bytes of the uninterrupted run (its index still matches)
 
 
-def test_same_size_corruption_is_caught_by_the_checksum(corpus, tmp_path):
+def test_same_size_corruption_is_caught_by_the_checksum(integrity_corpus, tmp_path):
     out = tmp_path / "out"
-    _run(corpus, out)
+    _embed_in_process(integrity_corpus, out)
     npy = out / "images-00002.npy"
     data = bytearray(npy.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit: same size
     npy.write_bytes(bytes(data))
     with pytest.raises(embed.EmbedError, match=r"images-00002.npy: checksum mismatch .* in images.json"):
         embed.load_embeddings(out)
-    report = _run(corpus, out)
+    report = _embed_in_process(integrity_corpus, out)
     assert report.kept == 3 and report.shards == 1 and report.rebuilt[0].startswith("shard 2: images-00002.npy")
     assert len(embed.load_embeddings(out)) == N
 
 
-def test_damaged_table_or_id_file_is_named(corpus, tmp_path):
+def test_damaged_table_or_id_file_is_named(integrity_corpus, tmp_path):
     out = tmp_path / "out"
-    _run(corpus, out)
+    _embed_in_process(integrity_corpus, out)
     (out / "images-ids.jsonl").write_text('"0.png"\n', encoding="utf-8")
     with pytest.raises(embed.EmbedError, match=r"images-ids.jsonl is 8 bytes, \d+ recorded in images.json"):
         embed.load_embeddings(out)
     (out / "images-00003.json").write_text('{"shard": 3, "ids": ["6.p', encoding="utf-8")  # a torn table
-    report = _run(corpus, out)
+    report = _embed_in_process(integrity_corpus, out)
     assert report.rebuilt == [
-        "shard 3: images-00003.json is not a whole shard table (JSONDecodeError: Unterminated string starting at: "
+        "shard 3: images-00003.json is not a whole_run shard table (JSONDecodeError: Unterminated string starting at: "
         "line 1 column 22 (char 21))"
     ]
     assert len(embed.load_embeddings(out)) == N  # the id table is written again by the finished run
 
 
-def test_index_from_other_embeddings_or_damaged_is_refused(corpus, whole, tmp_path):
+def test_index_from_other_embeddings_or_damaged_is_refused(integrity_corpus, whole_run, tmp_path):
     pytest.importorskip("faiss")
     other = tmp_path / "other"
-    _run(corpus, other)  # float32 rows: another run's files
-    out = _copy(whole, tmp_path / "out")
+    _embed_in_process(integrity_corpus, other)  # float32 rows: another run's files
+    out = copy_files(whole_run, tmp_path / "out")
     for name in ("images.faiss", "images.faiss.json"):
         embed.build_index(other)
         (out / name).write_bytes((other / name).read_bytes())
@@ -156,9 +146,11 @@ def test_index_from_other_embeddings_or_damaged_is_refused(corpus, whole, tmp_pa
         embed.EmbeddingIndex.open(out)
 
 
-def test_corpus_with_no_readable_image_is_an_error_with_nothing_complete(corpus, tmp_path):
+def test_corpus_with_no_readable_image_is_an_error_with_nothing_complete(integrity_corpus, tmp_path):
     out = tmp_path / "out"
-    res = _cli(*_args(corpus, "broken"), "--out", out, "--no-progress", *(["--index"] if _has_faiss() else []))
+    res = run_embed(
+        *_args(integrity_corpus, "broken"), "--out", out, "--no-progress", *(["--index"] if _has_faiss() else [])
+    )
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert lines == [
@@ -181,10 +173,10 @@ def test_query_of_an_empty_index_returns_no_hits():
         index.search(np.ones((1, 4), np.float32), k=0)
 
 
-def test_out_that_is_a_file_is_one_line(corpus, tmp_path):
+def test_out_that_is_a_file_is_one_line(integrity_corpus, tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("mine\n")
-    res = _cli(*_args(corpus), "--out", target)
+    res = run_embed(*_args(integrity_corpus), "--out", target)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --out {target}: is a file, not a directory; give a new or empty directory"
@@ -192,18 +184,18 @@ def test_out_that_is_a_file_is_one_line(corpus, tmp_path):
     assert target.read_text() == "mine\n"
 
 
-def test_foreign_manifest_is_named_as_foreign(corpus, tmp_path):
+def test_foreign_manifest_is_named_as_foreign(integrity_corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "images.json").write_text('{"images": ["a.png", "b.png"]}\n')  # another tool's images.json
-    res = _cli(*_args(corpus), "--out", out)
+    res = run_embed(*_args(integrity_corpus), "--out", out)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f'error: {out / "images.json"}: not a ccj-embed manifest (no "format": "ccj-embed/1"); it belongs to '
         "another tool or version: use another --out"
     ]
     (out / "images.json").write_text("[1, 2]\n")
-    res = _cli(*_args(corpus), "--out", out)
+    res = run_embed(*_args(integrity_corpus), "--out", out)
     assert (
         res.stderr.strip()
         .splitlines()[0]
@@ -215,9 +207,9 @@ def test_foreign_manifest_is_named_as_foreign(corpus, tmp_path):
     assert (out / "images.json").read_text() == "[1, 2]\n"
 
 
-def test_context_length_beyond_the_model_names_the_option(corpus, tmp_path):
+def test_context_length_beyond_the_model_names_the_option(integrity_corpus, tmp_path):
     (tmp_path / "t.txt").write_text("一只猫\n", encoding="utf-8")
-    model, params = ccj.from_pretrained(str(corpus / "model"))
+    model, params = ccj.from_pretrained(str(integrity_corpus / "model"))
     opts = embed.EmbedOptions(context_length=100, progress=False)
     with pytest.raises(ValueError) as e:
         embed.embed_texts(
@@ -230,12 +222,12 @@ def test_context_length_beyond_the_model_names_the_option(corpus, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_deleted_shard_of_a_complete_run_is_rebuilt_and_the_run_reopened(corpus, tmp_path):
+def test_deleted_shard_of_a_complete_run_is_rebuilt_and_the_run_reopened(integrity_corpus, tmp_path):
     out = tmp_path / "out"
-    _run(corpus, out)
-    before = _digests(out)
+    _embed_in_process(integrity_corpus, out)
+    before = file_digests(out)
     (out / "images-00000.json").unlink()
     (out / "images-00000.npy").unlink()
-    report = _run(corpus, out)
+    report = _embed_in_process(integrity_corpus, out)
     assert report.rebuilt == ["shard 0: images-00000.json is missing"] and report.shards == 1 and report.kept == 3
-    assert _digests(out) == before
+    assert file_digests(out) == before

@@ -8,22 +8,28 @@ for the files source, and a fresh iterator for the resumed one.
 """
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _train_helpers import fake_batches, max_rel_err, opt_config, tiny_config
+from _makers import run_script, write_csv, write_images
+from _train_helpers import (
+    KINDS,
+    fake_batches,
+    max_rel_err,
+    opt_config,
+    reference_loss,
+    tiny_config,
+    with_repeated_captions,
+)
 from _train_run import tiny_train_config
-from test_files_source import _write_csv, _write_images
-from test_sharding import run_script
 
 import chinese_clip_jax as ccj
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.data import default_data_config, train_iterator
 from chinese_clip_jax.data.pipeline import label_id
-from chinese_clip_jax.inference import sharding as shd
 from chinese_clip_jax.training import create_train_state, make_optimizer, ring_losses
 from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.losses import (
@@ -34,26 +40,6 @@ from chinese_clip_jax.training.losses import (
 )
 from chinese_clip_jax.training.step import make_grad_fn
 from chinese_clip_jax.training.validate import ConfigError, validate_config
-
-KINDS = {"softmax": (math.log(20.0), None), "sigmoid": (math.log(10.0), -3.0)}  # (logit_scale, logit_bias)
-
-
-def reference_loss(kind, t, v, logit_scale, logit_bias, groups) -> float:
-    """float64 NumPy, from the definition: cross-entropy against a target row (text->image) and
-    column (image->text) uniform over the pair's group; SigLIP with +1 labels on the group."""
-    t, v = np.asarray(t, np.float64), np.asarray(v, np.float64)
-    logits = math.exp(logit_scale) * t @ v.T
-    same = np.equal.outer(groups, groups).astype(np.float64)
-    if kind == "softmax":
-        total = 0.0
-        for scores in (logits, logits.T):  # text->image rows, then image->text rows
-            log_p = scores - scores.max(1, keepdims=True)
-            log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
-            target = same / same.sum(1, keepdims=True)
-            total += -np.sum(target * log_p) / len(t)
-        return total / 2
-    labels = 2 * same - 1
-    return float(np.sum(np.logaddexp(0.0, -labels * (logits + logit_bias))) / len(t))
 
 
 def embeds(n=12, d=8, seed=0):
@@ -119,15 +105,6 @@ def test_group_errors():
         contrastive_loss("softmax", t, v, 1.0, groups=jnp.arange(5))
 
 
-def _with_repeated_captions(batch):
-    """A fake batch in which rows 1, 6, 11 carry row 0's caption and rows 3, 9 row 2's."""
-    batch = {k: np.array(x) for k, x in batch.items()}
-    for dst, src in ((1, 0), (6, 0), (11, 0), (3, 2), (9, 2)):
-        batch["input_ids"][dst], batch["attention_mask"][dst] = batch["input_ids"][src], batch["attention_mask"][src]
-    batch["label"] = np.array([0, 1, 2, 2, 1, 0, 3, 3, 0, 4, 5, 0, 6, 1, 7, 8], np.int32)
-    return batch
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, positives", [("sigmoid", "caption"), ("softmax", "label"), ("softmax", "caption")])
 def test_gradcache_with_groups_equals_the_full_batch_gradient(loss, positives):
@@ -137,7 +114,7 @@ def test_gradcache_with_groups_equals_the_full_batch_gradient(loss, positives):
     model = ccj.ChineseCLIPModel(tiny_config(), logit_bias_init=SIGLIP_INIT_LOGIT_BIAS)
     tx, _ = make_optimizer(opt_config(), 10)
     state, _ = create_train_state(model, tx, mesh, 0, loss="sigmoid")
-    host = _with_repeated_captions(fake_batches(1, 16, seed=5)[0])
+    host = with_repeated_captions(fake_batches(1, 16, seed=5)[0])
     batch = shd.shard_batch(host, mesh)
     rng = jax.random.PRNGKey(1)
     out = {}
@@ -159,19 +136,19 @@ def test_gradcache_with_groups_equals_the_full_batch_gradient(loss, positives):
 
 
 @pytest.fixture(scope="module")
-def ring_run():
+def groups_ring_run():
     return run_script("_losses_groups_check.py", timeout=900)
 
 
 @pytest.mark.slow
-def test_ring_with_groups_equals_gather_on_8_devices(ring_run):
-    cases = ring_run["losses"]
+def test_ring_with_groups_equals_gather_on_8_devices(groups_ring_run):
+    cases = groups_ring_run["losses"]
     assert len(cases) == 4
     for name, r in cases.items():
         assert r["loss_rel_err"] <= 1e-5 and r["ref_rel_err"] <= 1e-5, (name, r)
         assert max(r["grad_rel_err"].values()) <= 1e-5, (name, r)
         assert r["vs_pair"] > 1e-3, (name, r)  # the groups matter in this batch
-    for name, r in ring_run["accum"].items():  # GradCache with the ring against the gather, full batch
+    for name, r in groups_ring_run["accum"].items():  # GradCache with the ring against the gather, full batch
         assert r["loss_rel_err"] <= 1e-5 and r["grad_rel_err"] <= 1e-5, (name, r)
 
 
@@ -187,10 +164,10 @@ def test_config_keys_are_validated():
 
 def _labelled_table(root, n=10):
     """n images, two captions each on its own row; label column = i % 3 as words."""
-    names = _write_images(root, n, bad=False)
+    names = write_images(root, n, bad=False)
     words = ("猫", "狗", "鸟")
     rows = [(name, f"第{i}张图的说明{k}", words[i % 3]) for i, name in enumerate(names) for k in range(2)]
-    _write_csv(root / "labelled.csv", rows, header=("image", "caption", "label"))
+    write_csv(root / "labelled.csv", rows, header=("image", "caption", "label"))
     return root / "labelled.csv", {caption: label for _, caption, label in rows}
 
 

@@ -27,7 +27,7 @@ needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs the CUDA plugin: ma
 SIZES = {"base": "", "large": "chinese-clip-vit-large-patch14"}
 
 
-def _config(size: str, batch: int, **mesh):
+def _size_config(size: str, batch: int, **mesh):
     from chinese_clip_jax.training.recipes import base
 
     c = base.get_config()
@@ -48,7 +48,7 @@ def compiled():
             if target not in opened:
                 opened[target] = targets.open_target(target)
             mesh = {"data": -1, "fsdp": fsdp, "tensor": 1}
-            cache[key] = aot.compile_step(_config(size, batch, **mesh), opened[target])
+            cache[key] = aot.compile_step(_size_config(size, batch, **mesh), opened[target])
             print(aot.format_report(cache[key]))  # shown with -rP: the figures docs/accelerators.md quotes
         return cache[key], opened[target]
 
@@ -96,7 +96,7 @@ def test_max_batch_search_finds_the_largest_multiple_that_fits(monkeypatch, star
 
     monkeypatch.setattr(aot, "compile_step", fake)
     target = targets.Target("fake", "tpu", [], usable, "")
-    best, tried = aot.search_max_batch(_config("base", start), target, log=lambda _: None)
+    best, tried = aot.search_max_batch(_size_config("base", start), target, log=lambda _: None)
     fits = [b for b in range(32, 10_000, 32) if 1000 + 7 * b + b * b // 2000 <= usable]
     assert best.batch_size == max(fits)
     assert len(calls) <= 6, calls
@@ -125,7 +125,7 @@ def test_tpu_fsdp_over_8_chips_compiles_and_shards_the_params(compiled, size, ch
     assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
     assert report.fits, aot.format_report(report)
     # the same step with the params replicated holds the whole state on every chip
-    config = _config(size, 256, data=8, fsdp=1, tensor=1)
+    config = _size_config(size, 256, data=8, fsdp=1, tensor=1)
     _, state, *_ = aot.build_step(config, "tpu", target.devices)
     replicated = aot.per_device_bytes(state)
     assert report.state_bytes < replicated / 6, (report.state_bytes, replicated)
