@@ -28,7 +28,7 @@ test:
 	build/venv-test/bin/ruff check .
 	build/venv-test/bin/ruff format --check .
 	# the page test drives Debian's headless Chromium; installed here when missing (root + apt-get)
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei) || echo "chromium not installed: tests/test_serve_browser.py will skip"
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei) || echo "chromium not installed: tests/serve/test_page.py will skip"
 	build/venv-test/bin/python $(PYTEST) tests
 
 install: $(VENV)/.installed
@@ -39,14 +39,14 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 test-fast: install
 	$(VENV)/bin/python $(PYTEST) -m "not slow" tests
 
-# The compiled-step contracts for NVIDIA GPUs (tests/test_compile.py with the CUDA plugin); the TPU
+# The compiled-step contracts for NVIDIA GPUs (tests/training/test_compile.py with the CUDA plugin); the TPU
 # ones run in `make test` (libtpu is in [test]). Separate: the CUDA plugin is another ~0.5 GB that
 # every jax process of the suite would probe at start-up, and its compiles are the slowest.
 .PHONY: test-gpu-compile
 test-gpu-compile:
 	rm -rf build/venv-gpu-compile
 	$(call install_into,build/venv-gpu-compile,[test,cuda-compile],torch)
-	build/venv-gpu-compile/bin/python -m pytest -q tests/test_compile.py
+	build/venv-gpu-compile/bin/python -m pytest -q tests/training/test_compile.py
 
 # The API reference (pdoc, from the docstrings) into build/api; fails on a broken cross-reference.
 api: install

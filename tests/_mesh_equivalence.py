@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 simulated CPU devices (tests/training/test_loop.py, tests/inference/test_sharding.py).
+"""Run in a subprocess with 8 simulated CPU devices (tests/training/test_loop.py, tests/test_sharding.py).
 
 Prints one JSON object: per mesh the 3-step losses and the max relative param error against
 the single-device run, sharding specs, sharded-init equality, and the GradCache check.
