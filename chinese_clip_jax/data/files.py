@@ -33,6 +33,7 @@ import os
 
 from ..io import as_path, is_local
 from ..processing import DEFAULT_CONTEXT_LENGTH
+from .folder import FileImages
 from .pipeline import CachingTokenizer, LazyImages, check_image
 from .sets import DatasetError, ImageCorpus, LazyList, RetrievalSet
 from .source import Offers, Source
@@ -365,27 +366,9 @@ def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
     )
 
 
-class _Images:
-    """The table's distinct images (first-seen order): {"id": the path as resolved, "image": bytes}."""
-
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self.paths):
-            raise IndexError(i)
-        try:
-            return {"id": self.paths[i], "image": read_image(self.paths[i])}
-        except Exception as e:  # noqa: BLE001 - a missing or unreadable file is a bad record
-            return {"id": self.paths[i], "error": f"{type(e).__name__}: {e}"}
-
-
 def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
     images, _, _ = retrieval_lists(_spec_table(spec, encoding))
-    return ImageCorpus(_Images(images), f"files:{spec.location}")
+    return ImageCorpus(FileImages(images, images), f"files:{spec.location}")
 
 
 def _training(spec) -> tuple[str, dict]:

@@ -194,6 +194,21 @@ def zero_shot(
     )
 
 
+def _retrieval_scores(clip, ds: RetrievalSet, resize: str, batch_size: int, progress, max_bad):
+    """``runner.retrieval_scores`` of ``ds``'s images and captions with ``clip`` (readable images only)."""
+    return retrieval_scores(
+        clip.encoder,
+        ds.images,
+        clip.processor.tokenize(ds.texts),
+        ds.text_to_images,
+        preprocess=_preprocess(clip, resize),
+        name_of=ds.image_name,
+        batch_size=batch_size,
+        progress=_progress(progress),
+        max_bad=max_bad,
+    )
+
+
 def retrieval(
     model,
     data: RetrievalSet | str | os.PathLike,
@@ -223,17 +238,7 @@ def retrieval(
     ds = data if isinstance(data, RetrievalSet) else open_retrieval(data, split, encoding)
     clip, model_name = _model(model, dtype)
     t0 = time.perf_counter()
-    scores = retrieval_scores(
-        clip.encoder,
-        ds.images,
-        clip.processor.tokenize(ds.texts),
-        ds.text_to_images,
-        preprocess=_preprocess(clip, resize),
-        name_of=ds.image_name,
-        batch_size=batch_size,
-        progress=_progress(progress),
-        max_bad=max_bad,
-    )
+    scores = _retrieval_scores(clip, ds, resize, batch_size, progress, max_bad)
     wall = time.perf_counter() - t0
     image_ids = [ds.image_ids[j] for j in scores.image_index]
     details: dict[str, Any] = {

@@ -115,8 +115,7 @@ def calibrate(
     from ..data.readers import open_retrieval
     from ..data.sets import RetrievalSet
     from ..io import atomic_write
-    from .api import _model, _preprocess, _progress, _resize, check_output
-    from .runner import retrieval_scores
+    from .api import _model, _resize, _retrieval_scores, check_output
 
     if negatives < 1:
         raise ValueError(f"negatives must be >= 1, got {negatives}")
@@ -126,17 +125,7 @@ def calibrate(
     resize = _resize(resize)
     ds = data if isinstance(data, RetrievalSet) else open_retrieval(data, split, encoding)
     clip, model_name = _model(model, dtype)
-    scores = retrieval_scores(
-        clip.encoder,
-        ds.images,
-        clip.processor.tokenize(ds.texts),
-        ds.text_to_images,
-        preprocess=_preprocess(clip, resize),
-        name_of=ds.image_name,
-        batch_size=batch_size,
-        progress=_progress(progress),
-        max_bad=max_bad,
-    )
+    scores = _retrieval_scores(clip, ds, resize, batch_size, progress, max_bad)
     texts = scores.text_embeds[scores.scored_texts]
     t, i, y = sample_pairs(scores.text_to_images, len(scores.image_embeds), negatives, seed)
     if y.min() == y.max():
