@@ -28,7 +28,7 @@ from _train_helpers import (  # noqa: E402
 )
 
 import chinese_clip_jax as ccj  # noqa: E402
-from chinese_clip_jax.inference import sharding as shd  # noqa: E402
+from chinese_clip_jax import sharding as shd  # noqa: E402
 from chinese_clip_jax.training import create_train_state, make_optimizer  # noqa: E402
 from chinese_clip_jax.training.losses import SIGLIP_INIT_LOGIT_BIAS  # noqa: E402
 from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl  # noqa: E402

@@ -29,8 +29,9 @@ for b in (1, 3, 17):
     out[f"text{b}"] = np.asarray(enc.text(data["ids"][:b], data["mask"][:b]))
     out[f"image{b}"] = np.asarray(enc.image(data["px"][:b]))
 # the package __init__ reads the version constant (chinese_clip_jax.version imports nothing)
+ours = ("chinese_clip_jax.export", "chinese_clip_jax.version")
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "optax", "orbax", "transformers", "torch")
-               or m.startswith("chinese_clip_jax.") and m not in ("chinese_clip_jax.export", "chinese_clip_jax.version"))
+               or m.startswith("chinese_clip_jax.") and m not in ours)
 assert not heavy, heavy
 np.savez(sys.argv[3], **out)
 print("platforms", enc.platforms)

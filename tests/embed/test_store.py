@@ -1,6 +1,6 @@
 """ccj-embed's files are never half-trusted: a damaged shard is rebuilt on a rerun (and the run
 says so), load_embeddings and the index name the damaged file, an index built from other
-embeddings is refused, a integrity_corpus with no readable record is an error with nothing marked complete,
+embeddings is refused, a corpus with no readable record is an error with nothing marked complete,
 and a bad --out (a file, another tool's manifest) is one line before any work."""
 
 import json
@@ -115,7 +115,7 @@ def test_damaged_table_or_id_file_is_named(integrity_corpus, tmp_path):
     (out / "images-00003.json").write_text('{"shard": 3, "ids": ["6.p', encoding="utf-8")  # a torn table
     report = _embed_in_process(integrity_corpus, out)
     assert report.rebuilt == [
-        "shard 3: images-00003.json is not a whole_run shard table (JSONDecodeError: Unterminated string starting at: "
+        "shard 3: images-00003.json is not a whole shard table (JSONDecodeError: Unterminated string starting at: "
         "line 1 column 22 (char 21))"
     ]
     assert len(embed.load_embeddings(out)) == N  # the id table is written again by the finished run

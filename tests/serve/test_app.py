@@ -310,7 +310,7 @@ def test_a_text_run_of_another_model_is_not_served(service, served_corpus, tmp_p
         assert f"queries are encoded with moved/model; the runs were embedded with {served_corpus['model']}" in lines
         with TestClient(create_app(other)) as c:
             res = c.post("/search/image", params={"target": "texts"}, content=b"x")
-            _one_line_error(res, 404, "no text served_corpus embedded with moved/model")
+            _one_line_error(res, 404, "no text corpus embedded with moved/model")
             (out / "texts.json").write_text("{}")  # a file no longer served is no longer watched
             assert c.get("/search", params={"q": "猫", "k": 2}).status_code == 200
     finally:

@@ -18,7 +18,7 @@ from _makers import run_script
 from _train_run import tiny_train_config
 from jax.sharding import AbstractMesh
 
-from chinese_clip_jax.inference import sharding as shd
+from chinese_clip_jax import sharding as shd
 from chinese_clip_jax.training.loop import train
 from chinese_clip_jax.training.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
 from chinese_clip_jax.training.ring_losses import contrastive_loss_by_impl, ring_sigmoid_loss, ring_softmax_loss
