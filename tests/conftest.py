@@ -3,7 +3,13 @@ workdir, a fake gs:// bucket). The builders they use live in ``_train_helpers.py
 params, batches) and ``_makers.py`` (images, data files, subprocess runners), so that the scripts
 run as ``python tests/_x.py`` import the same single definition."""
 
+import os
+
 import pytest
+
+# libtpu (the [tpu-compile] extra in [test]) would otherwise be probed, and complain on stderr, in every
+# jax process of the suite (subprocesses inherit it); compile-only targets open their TPU topology all the same.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")
