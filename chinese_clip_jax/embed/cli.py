@@ -154,6 +154,7 @@ def _embed(argv: Sequence[str]) -> int:
         return _fail(e)
     print(f"process {jax.process_index()}: {report.line()}", file=sys.stderr, flush=True)
     if report.manifest is not None and _too_many_bad(store, report.manifest, args.max_bad):
+        store.reopen(report.manifest)  # over the cap: the run does not stay marked complete
         return 1
     if report.manifest is not None:  # process 0, every shard written
         if args.index:

@@ -231,3 +231,17 @@ def test_deleted_shard_of_a_complete_run_is_rebuilt_and_the_run_reopened(integri
     report = _embed_in_process(integrity_corpus, out)
     assert report.rebuilt == ["shard 0: images-00000.json is missing"] and report.shards == 1 and report.kept == 3
     assert file_digests(out) == before
+
+
+def test_over_max_bad_exits_1_and_leaves_the_run_not_complete(integrity_corpus, tmp_path):
+    mixed = copy_files(integrity_corpus / "images", tmp_path / "mixed")
+    (mixed / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    args = ["--model", integrity_corpus / "model", "--images", mixed, "--shard-size", 2, "--batch-size", 2]
+    res = run_embed(*args, "--out", out, "--no-progress", "--max-bad", 0)
+    assert res.returncode == 1, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: more than 0 of {N + 1} records could not be read")
+    assert not json.loads((out / "images.json").read_text()).get("complete")
+    with pytest.raises(embed.EmbedError, match="not complete"):
+        embed.load_embeddings(out)
