@@ -245,3 +245,7 @@ def test_over_max_bad_exits_1_and_leaves_the_run_not_complete(integrity_corpus, 
     assert not json.loads((out / "images.json").read_text()).get("complete")
     with pytest.raises(embed.EmbedError, match="not complete"):
         embed.load_embeddings(out)
+    again = run_embed(*args, "--out", out, "--no-progress", "--max-bad", 1)  # a larger cap: no re-embedding
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 kept from an earlier run" in again.stderr
+    assert len(embed.load_embeddings(out)) == N
