@@ -42,7 +42,7 @@ def shadowing_dir(tmp_path):
         (
             "ccj-eval",
             ["zeroshot", "--model", "m", "--dataset", "folder:/nonexistent/classes"],
-            "error: no such directory /nonexistent/classes",
+            "error: folder:/nonexistent/classes: no such directory /nonexistent/classes",
         ),
     ],
 )

@@ -4,7 +4,6 @@ embeddings is refused, a corpus with no readable record is an error with nothing
 and a bad --out (a file, another tool's manifest) is one line before any work."""
 
 import json
-import os
 
 import numpy as np
 import PIL.Image
@@ -15,7 +14,6 @@ from _train_helpers import random_params, tiny_config
 import chinese_clip_jax as ccj
 from chinese_clip_jax import embed
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 N = 7  # images; shards of 2: four shards, the last of one record
 
 

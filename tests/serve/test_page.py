@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from _makers import free_port
+from _makers import REPO, free_port
 from _serve_corpus import build
 
 from chinese_clip_jax.embed import cli as embed_cli
@@ -24,7 +24,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APT = ["chromium", "chromium-driver", "fonts-wqy-microhei"]  # the font: Chinese in screenshots
 
 pytestmark = pytest.mark.slow  # a model load and warm-up in a subprocess, and a browser: ~30 s

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
+from _makers import REPO as ROOT
 
 from chinese_clip_jax.training import compile as aot
 from chinese_clip_jax.training import targets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "train", "configs", "base.py")
 HAVE_TPU = importlib.util.find_spec("libtpu") is not None
 HAVE_CUDA = importlib.util.find_spec("jax_plugins") is not None and (
@@ -149,7 +149,7 @@ def test_an_over_large_batch_exits_non_zero_with_one_line(entry):
     )  # fmt: skip
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 1, res.stdout
+    assert len(lines) == 1, res.stdout + res.stderr[-3000:]
     assert lines[0].startswith("does not fit v5e:2x2 at batch 65536: needs ") and " over by " in lines[0]
     assert "accum_steps" in lines[0]
 
