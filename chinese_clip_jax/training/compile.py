@@ -38,11 +38,16 @@ __all__ = [
     "cudnn_stand_in",
     "compile_step",
     "search_max_batch",
+    "AUTO",
+    "fewest_accum_steps",
     "hlo_counts",
     "format_report",
     "does_not_fit_line",
     "run",
 ]
+
+
+AUTO = "auto"  # config.accum_steps: the fewest micro-batches whose step fits (fewest_accum_steps)
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -68,11 +73,12 @@ def cudnn_stand_in(version: int = 91000):
         fused.check_cudnn_version = real
 
 
-def build_step(config, platform: str, devices=None, mesh_sizes: dict | None = None):
+def build_step(config, platform: str, devices=None, mesh_sizes: dict | None = None, model_config=None):
     """(jitted step, abstract state, abstract batch, mesh, run options, model config) of the train
     step ``ccj-train`` builds from ``config`` (its ``batch_size``, mesh, model, optimizer, loss,
     accumulation, freezing) on ``platform``, over ``devices`` (default: this host's). ``mesh_sizes``
-    ({"data", "fsdp", "tensor"}) replaces ``config.mesh``."""
+    ({"data", "fsdp", "tensor"}) replaces ``config.mesh``; ``model_config`` (a
+    ``ChineseCLIPConfig``, e.g. ``init_from``'s) replaces the architecture of ``config.model``."""
     import jax
     import jax.numpy as jnp
 
@@ -80,15 +86,19 @@ def build_step(config, platform: str, devices=None, mesh_sizes: dict | None = No
     from ..modeling import ChineseCLIPModel
     from ..modeling.config import parse_dtype
     from .defaults import resolve_run_options
-    from .loop import lora_settings, unfreeze_settings
     from .losses import SIGLIP_INIT_LOGIT_BIAS
     from .optim import make_optimizer
     from .state import abstract_train_state
     from .step import train_step_for
-    from .validate import build_model_config
+    from .validate import build_model_config, lora_settings, unfreeze_settings
 
+    if config.accum_steps == AUTO:
+        raise ValueError(
+            "accum_steps='auto' is chosen by compiling for a target (fewest_accum_steps, ccj-train "
+            "--compile-only --target T, or the trainer on its devices): give a number to build the step"
+        )
     options = resolve_run_options(config, platform)
-    model_config = build_model_config(config.model)
+    model_config = model_config or build_model_config(config.model)
     model = ChineseCLIPModel(
         model_config,
         dtype=parse_dtype(options.dtype),
@@ -189,6 +199,7 @@ class CompileReport:
     counts: dict
     refused: str = ""  # the compiler's first line when it refused
     device_bytes: int = 0  # all the device's memory, where more than usable_bytes (GPU)
+    accum_steps: int = 1
 
     @property
     def fits(self) -> bool:
@@ -199,14 +210,16 @@ class CompileReport:
         return self.usable_bytes - self.peak_bytes
 
 
-def compile_step(config, target: Target, *, mesh_sizes=None) -> CompileReport:
+def compile_step(config, target: Target, *, mesh_sizes=None, model_config=None) -> CompileReport:
     """Compiles ``config``'s train step for ``target``; a TPU program that cannot fit HBM comes back
-    with ``refused`` set (not raised)."""
+    with ``refused`` set (not raised). ``model_config``: as ``build_step``."""
     from .. import sharding as shd
 
     stand_in = cudnn_stand_in() if target.platform == "cuda" else contextlib.nullcontext()
     with stand_in:
-        step, state, batch, mesh, options, _ = build_step(config, target.platform, target.devices, mesh_sizes)
+        step, state, batch, mesh, options, _ = build_step(
+            config, target.platform, target.devices, mesh_sizes, model_config=model_config
+        )
         with shd.use_mesh_and_rules(mesh):
             lowered = step.trace(state, batch).lower(lowering_platforms=(target.platform,))
     state_bytes, batch_bytes = per_device_bytes(state), per_device_bytes(batch)
@@ -214,6 +227,7 @@ def compile_step(config, target: Target, *, mesh_sizes=None) -> CompileReport:
         target=target.name,
         chip_note=target.chip_note,
         batch_size=config.batch_size,
+        accum_steps=config.accum_steps,
         mesh=dict(mesh.shape),
         options=options.as_dict(),
         state_bytes=state_bytes,
@@ -258,6 +272,83 @@ def _with_batch(config, batch_size: int):
     with c.unlocked():
         c.batch_size = int(batch_size)
     return c
+
+
+def _with_accum(config, accum_steps: int):
+    c = copy.deepcopy(config)
+    with c.ignore_type():  # "auto" (a str) -> a number
+        c.accum_steps = int(accum_steps)
+    return c
+
+
+def fewest_accum_steps(config, target: Target, *, max_compiles: int = 5, model_config=None, log=print):
+    """``accum_steps="auto"``: the fewest micro-batches K whose step fits ``target`` (K divides
+    the per-device batch; the gradient is the full-batch one whatever K, ``training.step``).
+
+    Compiles K = 1; where it does not fit, predicts the smallest K that does from a line through
+    the measured peaks (bytes that stay + bytes per micro-batch row; from K = 1 alone, the
+    activations per row and one more copy of the trainable params for the accumulated gradient)
+    and compiles it, then narrows the bracket between the largest K that did not fit and the
+    smallest that did (each time at the smallest K the line says fits, else at the divisor just
+    below the fitting one, to confirm it), within ``max_compiles``. Returns (K or None when
+    nothing fits, the report of K (else of the largest K compiled), all reports by K). K is the
+    smallest that fits when the next smaller divisor was compiled and did not; ``log`` says
+    when it was not."""
+    from .. import sharding as shd
+
+    m = config.mesh
+    mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"], devices=target.devices)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by data x fsdp ({shards})")
+    rows = config.batch_size // shards  # per device
+    divisors = [k for k in range(1, rows + 1) if rows % k == 0]
+    reports: dict[int, CompileReport] = {}
+
+    def compile_k(k):
+        reports[k] = compile_step(_with_accum(config, k), target, model_config=model_config)
+        r = reports[k]
+        log(f"accum_steps {k} ({rows // k} rows per device per micro-batch): " + _short(r).split(": ", 1)[1])
+        return r
+
+    def predicted(k):  # peak at K: a line in micro-batch rows through the compiled K > 1, else from K = 1
+        x = rows // k
+        pts = sorted((rows // j, r.peak_bytes) for j, r in reports.items() if j > 1)
+        if len(pts) >= 2:
+            (x0, y0), (x1, y1) = sorted(pts, key=lambda p: abs(p[0] - x))[:2]
+            return y0 + (y1 - y0) / (x1 - x0) * (x - x0)
+        one = reports[1]
+        stays = one.state_bytes + one.batch_bytes + one.code_bytes
+        per_row = max(one.peak_bytes - stays, 0) / rows
+        if pts:  # through the one GradCache point, with K = 1's bytes per row
+            x0, y0 = pts[0]
+            return y0 + per_row * (x - x0)
+        grads = one.state_bytes // 3  # params + 2 Adam moments: the accumulator is one more params
+        return stays + grads + per_row * x
+
+    first = compile_k(1)
+    if first.fits:
+        return 1, first, reports
+    while len(reports) < max_compiles:
+        fits = sorted(k for k, r in reports.items() if r.fits)
+        misses = sorted(k for k, r in reports.items() if not r.fits)
+        lo = max(misses)  # the largest K known not to fit
+        hi = min(fits) if fits else None  # the smallest K known to fit
+        cands = [k for k in divisors if k > lo and (hi is None or k < hi)]
+        if not cands:
+            break
+        want = [k for k in cands if predicted(k) <= target.usable_bytes]
+        # the smallest K the line says fits; none: the largest candidate (hi's neighbour below it,
+        # compiled to confirm hi is the smallest; without hi, whether anything fits at all)
+        compile_k(want[0] if want else cands[-1])
+    fits = sorted(k for k, r in reports.items() if r.fits)
+    if not fits:
+        return None, reports[max(reports)], reports
+    best = fits[0]
+    below = [k for k in divisors if k < best]
+    if below and below[-1] not in reports:
+        log(f"accum_steps {best} fits; {below[-1]} was not compiled (the line through the peaks says it does not fit)")
+    return best, reports[best], reports
 
 
 def search_max_batch(config, target: Target, *, quantum: int = 0, max_compiles: int = 8, log=print):
@@ -323,7 +414,8 @@ def does_not_fit_line(r: CompileReport) -> str:
     knobs = []
     if r.mesh.get("fsdp", 1) == 1:
         knobs.append("--config.mesh.fsdp=N (shard params and optimizer state)")
-    knobs.append("--config.accum_steps=K (K micro-batches, same gradient)")
+    if r.accum_steps * _shards(r) < r.batch_size:  # a micro-batch of more than one row per device
+        knobs.append("--config.accum_steps=K or auto (K micro-batches, same gradient)")
     if r.options.get("remat") in ("none", None):
         knobs.append("--config.model.remat=dots")
     elif r.options.get("remat") == "dots":
@@ -345,7 +437,9 @@ def format_report(r: CompileReport) -> str:
     c = Counter(r.counts)
     lines = [
         f"target {r.target}: {r.chip_note}",
-        f"global batch {r.batch_size}, mesh {r.mesh}; run options: "
+        f"global batch {r.batch_size}"
+        + (f" in {r.accum_steps} micro-batches of {r.batch_size // r.accum_steps}" if r.accum_steps > 1 else "")
+        + f", mesh {r.mesh}; run options: "
         + ", ".join(f"{k}={o[k]!r}" for k in ("dtype", "attention_impl", "scan_layers", "rng_impl", "remat")),
         "per device:",
         f"  params + optimizer state  {_gib(r.state_bytes)}",
@@ -413,6 +507,17 @@ def run(config, target_text: str, *, max_batch: bool = False, out=print) -> int:
         return 2
     config = _compile_config(config)
     try:
+        if config.accum_steps == AUTO and max_batch:
+            out("accum_steps 'auto': the search runs at accum_steps 1 (give a number to search at another)")
+            config = _with_accum(config, 1)
+        if config.accum_steps == AUTO:
+            k, report, tried = fewest_accum_steps(config, target, log=out)
+            if k is None:
+                out(does_not_fit_line(report))
+                return 1
+            out(f"accum_steps 'auto' -> {k}: the fewest micro-batches that fit ({len(tried)} compiles)")
+            out(format_report(report))
+            return 0
         if max_batch:
             best, tried = search_max_batch(config, target, log=out)
             if best is None:

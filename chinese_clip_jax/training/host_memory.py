@@ -66,6 +66,11 @@ def _param_counts(model_config) -> dict[str, int]:
     return {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in shapes.items()}
 
 
+def _accum_steps(config) -> int:
+    """The micro-batches of ``config`` on this CPU host ("auto" resolves to 1 on CPU: training.compile)."""
+    return 1 if config.accum_steps == "auto" else max(1, int(config.accum_steps))
+
+
 def _layer_elements(s: int, h: int, a: int, remat: str) -> float:
     if remat == "full":
         return s * h
@@ -82,7 +87,7 @@ def estimate_bytes(config, model_config, remat: str, compute_dtype: str) -> dict
     counts = _param_counts(model_config)
     state = sum(n * (4 if is_frozen(k, freeze) else 16) for k, n in counts.items())
     width = 2 if compute_dtype == "bfloat16" else 4
-    micro = config.batch_size // max(1, config.accum_steps)
+    micro = config.batch_size // _accum_steps(config)
     t, v = model_config.text_config, model_config.vision_config
     towers = [("text_model", config.context_length, t)]
     if not model_config.is_resnet:
@@ -116,7 +121,7 @@ def check_fits(config, model_config, options, available: int | None = None) -> d
     est = estimate_bytes(config, model_config, options.remat, options.dtype)
     if est["total"] <= available:
         return est
-    micro = config.batch_size // max(1, config.accum_steps)
+    micro = config.batch_size // _accum_steps(config)
     raise HostMemoryError(
         f"this config needs about {est['total'] / _GIB:.1f} GiB on this CPU-only host (params and optimizer "
         f"{est['params'] / _GIB:.1f} GiB, activations of a micro-batch of {micro} about "

@@ -44,7 +44,7 @@ from .run_length import resolve_run_length
 from .run_log import RunLog
 from .state import create_train_state
 from .step import batch_keys, train_step_for
-from .validate import build_model_config, validate_config
+from .validate import build_model_config, lora_settings, unfreeze_settings, validate_config
 from .workdir import WorkdirLock, check_model_config
 
 __all__ = ["train", "TrainResult"]
@@ -186,7 +186,7 @@ def _architecture(model_config: ChineseCLIPConfig) -> dict:
     return keep(d)
 
 
-def _record_run_options(workdir, options, param_counts: dict | None = None) -> None:
+def _record_run_options(workdir, options, param_counts: dict | None = None, extra: dict | None = None) -> None:
     """Prints the resolved run options once and writes them to DIR/run_options.json (process 0).
 
     Called again with ``param_counts`` (``trainable_params``, ``total_params``,
@@ -205,28 +205,58 @@ def _record_run_options(workdir, options, param_counts: dict | None = None) -> N
         print(line, flush=True)
         logger.info("%s", line)
     path = workdir / "run_options.json"
-    atomic_write(path, json.dumps({**options.as_dict(), **(param_counts or {})}, indent=1, sort_keys=True))
+    record = {**options.as_dict(), **(extra or {}), **(param_counts or {})}
+    atomic_write(path, json.dumps(record, indent=1, sort_keys=True))
 
 
-def lora_settings(config) -> dict | None:
-    """``config.lora`` as ``create_train_state`` takes it (towers and targets parsed), or None
-    when ``lora.rank`` is 0."""
-    from ..modeling.lora import LORA_TARGETS, LORA_TOWERS, parse_names
-
-    c = config.lora
-    if int(c.rank) == 0:
+def _recorded_accum_steps(workdir) -> int | None:
+    """The accum_steps an earlier start of this run chose for "auto" (DIR/run_options.json), if it
+    has checkpoints to resume; None otherwise."""
+    ckpt_dir = workdir / "checkpoints"
+    if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
         return None
-    return dict(
-        rank=int(c.rank),
-        alpha=float(c.alpha),
-        towers=parse_names(c.towers, LORA_TOWERS, "config.lora.towers"),
-        targets=parse_names(c.targets, LORA_TARGETS, "config.lora.targets"),
-    )
+    try:
+        value = json.loads((workdir / "run_options.json").read_text()).get("accum_steps")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
 
 
-def unfreeze_settings(config) -> dict | None:
-    """``config.unfreeze_last_layers`` as the optimizer and the step take it: {tower: N >= 0}, or None."""
-    return {t: int(n) for t, n in config.unfreeze_last_layers.items() if int(n) >= 0} or None
+def resolve_accum_steps(config, model_config, recorded: int | None = None):
+    """``config`` with ``accum_steps="auto"`` replaced by a number: ``recorded``, the one this run
+    chose at its first start (``_recorded_accum_steps``: resumes keep it), 1 on CPU, else the
+    fewest micro-batches whose step, compiled for this host's devices, fits their memory
+    (``compile.fewest_accum_steps``); a step that fits at no K is a ``ValueError`` with the
+    does-not-fit line. Every process gets process 0's K."""
+    from .compile import AUTO, does_not_fit_line, fewest_accum_steps
+    from .targets import local_target
+
+    if config.accum_steps != AUTO:
+        return config
+    k = recorded if jax.process_index() == 0 else None
+    how = "as this run chose at its first start (run_options.json)"
+    if k is None:
+        target = local_target()
+        if target is None:
+            k, how = 1, "on CPU"
+        else:
+            log = (lambda line: print("  " + line, flush=True)) if jax.process_index() == 0 else (lambda _: None)
+            k, report, tried = fewest_accum_steps(config, target, model_config=model_config, log=log)
+            if k is None:
+                raise ValueError("accum_steps 'auto': " + does_not_fit_line(report))
+            how = f"the fewest micro-batches whose step fits {target.name} ({len(tried)} compiles)"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        k = int(multihost_utils.broadcast_one_to_all(np.int32(k or 0)))
+    if jax.process_index() == 0:
+        line = f"accum_steps 'auto' -> {k}: {how}"
+        print(line, flush=True)
+        logger.info("%s", line)
+    c = config.copy_and_resolve_references()
+    with c.ignore_type():  # "auto" (a str) -> a number
+        c.accum_steps = int(k)
+    return c
 
 
 def _param_counts(params, freeze, unfreeze) -> dict:
@@ -238,6 +268,7 @@ def _param_counts(params, freeze, unfreeze) -> dict:
 
 def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainResult:
     options = resolve_run_options(config)  # "auto" keys -> this platform's choice (training/defaults.py)
+    recorded_accum = _recorded_accum_steps(workdir) if config.accum_steps == "auto" else None
     _record_run_options(workdir, options)
     dtype = parse_dtype(options.dtype)
     model_opts = options.model_options()
@@ -265,6 +296,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
             architecture["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lora.items()}
         check_model_config(workdir, architecture, resuming=resuming)
 
+    config = resolve_accum_steps(config, model_config, recorded_accum)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (n_batch_shards * config.accum_steps):
@@ -296,7 +328,9 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
         model, tx, mesh, config.seed, loss=config.loss, init_params=init_params, lora=lora
     )
     del init_params
-    _record_run_options(workdir, options, _param_counts(state.params, freeze, unfreeze))
+    _record_run_options(
+        workdir, options, _param_counts(state.params, freeze, unfreeze), extra={"accum_steps": config.accum_steps}
+    )
     # what the evaluator and the export see: the model's own tree, adapters merged (modeling.lora)
     model_shardings = {k: v for k, v in shardings.params.items() if k != LORA_KEY}
     merged_params = jax.jit(merge_lora, out_shardings=model_shardings) if lora is not None else (lambda p: p)

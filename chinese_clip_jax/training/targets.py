@@ -31,6 +31,7 @@ __all__ = [
     "gpu_target_config",
     "parse_target",
     "open_target",
+    "local_target",
     "hbm_refusal",
 ]
 
@@ -173,6 +174,27 @@ def open_target(text: str) -> Target:
         f"(XLA_PYTHON_CLIENT_MEM_FRACTION) = {hbm * fraction / GiB:.2f} GiB per device ({n} devices)"
     )
     return Target(text, "cuda", list(devices), int(hbm * fraction), note, device_bytes=hbm)
+
+
+def local_target() -> Target | None:
+    """This host's accelerators as a ``Target`` (all devices of the run; usable bytes per device
+    from the device's own ``memory_stats()["bytes_limit"]``, the least over devices), for the
+    trainer's ``accum_steps="auto"``; None on CPU or where the devices do not report a limit."""
+    import jax
+
+    devices = jax.devices()
+    platform = devices[0].platform
+    if platform == "cpu":
+        return None
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+    if not all(limits):
+        return None
+    if platform == "gpu":
+        platform = "rocm" if "rocm" in str(getattr(devices[0].client, "platform_version", "")).lower() else "cuda"
+    usable = min(int(x) for x in limits)
+    kind = devices[0].device_kind
+    note = f"{kind}, {usable / GiB:.2f} GiB usable per device (memory_stats) ({len(devices)} devices)"
+    return Target(f"{len(devices)} x {kind}", platform, list(devices), usable, note)
 
 
 def hbm_refusal(message: str) -> tuple[int, int, bool] | None:

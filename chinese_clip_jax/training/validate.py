@@ -115,8 +115,12 @@ def validate_config(config, reference=None) -> None:
     from ..modeling.layers import REMAT_POLICIES
     from .optim import FROZEN_PREFIXES
 
-    for key in ("total_steps", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
+    for key in ("total_steps", "batch_size", "log_every", "keep_checkpoints"):
         _int_at_least(config, key, 1)
+    accum = config.accum_steps
+    if accum != "auto":
+        ok = isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1
+        _check(ok, "accum_steps", accum, "an int >= 1 or 'auto'")
     _number_at_least(config, "epochs", 0.0)
     for key, low in (("checkpoint_every", 1), ("eval_every", 0)):
         if config[key] == -1:  # once per epoch
@@ -243,6 +247,27 @@ def _check_trainable(config) -> None:
             f"config.model.scan_layers = {scan!r}: unfreeze_last_layers needs unrolled layers (one param "
             "subtree per layer): pass --config.model.scan_layers=False"
         )
+
+
+def lora_settings(config) -> dict | None:
+    """``config.lora`` as ``create_train_state`` takes it (towers and targets parsed), or None
+    when ``lora.rank`` is 0."""
+    from ..modeling.lora import LORA_TARGETS, LORA_TOWERS, parse_names
+
+    c = config.lora
+    if int(c.rank) == 0:
+        return None
+    return dict(
+        rank=int(c.rank),
+        alpha=float(c.alpha),
+        towers=parse_names(c.towers, LORA_TOWERS, "config.lora.towers"),
+        targets=parse_names(c.targets, LORA_TARGETS, "config.lora.targets"),
+    )
+
+
+def unfreeze_settings(config) -> dict | None:
+    """``config.unfreeze_last_layers`` as the optimizer and the step take it: {tower: N >= 0}, or None."""
+    return {t: int(n) for t, n in config.unfreeze_last_layers.items() if int(n) >= 0} or None
 
 
 def build_model_config(model_cfg) -> ChineseCLIPConfig:

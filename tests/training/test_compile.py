@@ -113,13 +113,73 @@ def test_the_does_not_fit_line_says_by_how_much_and_names_the_knobs():
         assert knob in line
 
 
+def _accum_peak(k, rows=4096, usable=None):
+    """A GradCache step's peak at K micro-batches of ``rows`` per device: state (3 x params), the
+    accumulated gradient (one more params) once K > 1, and activations per micro-batch row with a
+    little curvature; K = 1 is refused by the (TPU) compiler with what it needed."""
+    params = 500
+    micro = rows // k
+    return 3 * params + (params if k > 1 else 0) + 9 * micro + micro * micro // 4000
+
+
+@pytest.mark.parametrize("usable", [3_000, 20_000, 40_000, 10**9])
+def test_fewest_accum_steps_is_the_smallest_divisor_that_fits(monkeypatch, usable):
+    calls = []
+
+    def fake(config, target, mesh_sizes=None, model_config=None):
+        calls.append(config.accum_steps)
+        r = _fake_report(config.batch_size, _accum_peak(config.accum_steps), usable, mesh={"data": 1, "fsdp": 1})
+        r.accum_steps, r.state_bytes = config.accum_steps, 1500
+        if config.accum_steps == 1 and not r.fits:
+            r.refused = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm"
+        return r
+
+    monkeypatch.setattr(aot, "compile_step", fake)
+    import jax
+
+    target = targets.Target("fake", "tpu", jax.devices()[:1], usable, "")
+    config = _size_config("base", 4096, data=1, fsdp=1, tensor=1)
+    k, report, tried = aot.fewest_accum_steps(config, target, log=lambda _: None)
+    every = [j for j in range(1, 4097) if 4096 % j == 0 and _accum_peak(j) <= usable]
+    assert k == (every[0] if every else None)
+    if k is not None:
+        assert report.accum_steps == k and report.fits
+    assert len(calls) <= 4, calls
+
+
+@pytest.mark.slow
+def test_fewest_accum_steps_on_this_cpu_agrees_with_compiling_each_k():
+    """The demo model on this host's CPU (XLA:CPU's memory analysis), with the usable memory set
+    between the peaks of K = 2 and K = 4, each compiled here: "auto" must answer 4."""
+    import jax
+
+    from chinese_clip_jax.training.recipes import demo
+
+    config = demo.get_config()
+    config.batch_size = 64
+    host = targets.Target("cpu", "cpu", jax.devices()[:1], 10**12, "this host")
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    peaks = {}
+    for k in (2, 4):
+        config.accum_steps = k
+        peaks[k] = aot.compile_step(config, host).peak_bytes
+    assert peaks[4] < peaks[2]
+    config.accum_steps = "auto"
+    target = targets.Target("cpu", "cpu", jax.devices()[:1], (peaks[2] + peaks[4]) // 2, "this host, capped")
+    lines = []
+    k, report, tried = aot.fewest_accum_steps(config, target, log=lines.append)
+    assert k == 4 and report.peak_bytes == peaks[4], lines
+    assert not tried[2].fits and not tried[1].fits, lines
+    with pytest.raises(ValueError, match="accum_steps='auto' is chosen by compiling"):
+        aot.build_step(config, "cpu")
+
+
 # ---- TPU (libtpu) -------------------------------------------------------------------------------
 
 
 @needs_tpu
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["base", "large"])
-@pytest.mark.parametrize("chips", ["v5p:2x2x2", "v5e:2x4"])
+@pytest.mark.parametrize("size, chips", [("base", "v5p:2x2x2"), ("large", "v5e:2x4")])
 def test_tpu_fsdp_over_8_chips_compiles_and_shards_the_params(compiled, size, chips):
     report, target = compiled(size, chips, 256, fsdp=8)
     assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -152,6 +212,27 @@ def test_an_over_large_batch_exits_non_zero_with_one_line(entry):
     assert len(lines) == 1, res.stdout + res.stderr[-3000:]
     assert lines[0].startswith("does not fit v5e:2x2 at batch 65536: needs ") and " over by " in lines[0]
     assert "accum_steps" in lines[0]
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_the_pretrain_recipe_as_written_fits_4_v5p_chips_with_auto_accumulation():
+    """recipe:pretrain_stage2, the paper's global batch 32768 on 4 chips: accum_steps "auto"
+    compiles K = 1 (refused), then the fewest micro-batches that fit, and exits 0 with the
+    figures of that step."""
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "recipe:pretrain_stage2", "--compile-only", "--target", "v5p:2x2x1"],  # noqa: E501
+        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    chosen = [line for line in res.stdout.splitlines() if line.startswith("accum_steps 'auto' -> ")]
+    assert len(chosen) == 1, res.stdout
+    k = int(chosen[0].split("-> ")[1].split(":")[0])
+    assert k > 1 and 8192 % k == 0
+    assert f"global batch 32768 in {k} micro-batches of {32768 // k}" in res.stdout
+    assert "accum_steps 1 (8192 rows per device per micro-batch): " in res.stdout and "does not fit" in res.stdout
+    assert "peak estimate" in res.stdout and "headroom" in res.stdout
 
 
 # ---- NVIDIA GPUs (the CUDA plugin) ---------------------------------------------------------------

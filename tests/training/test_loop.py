@@ -63,6 +63,27 @@ def _run_steps(freeze, n=3, **state_overrides):
     return before, state, scales
 
 
+def test_auto_accum_steps_is_1_on_cpu_and_a_resume_keeps_the_one_its_run_chose(tmp_path):
+    """``accum_steps="auto"`` (the pretraining recipes'): 1 on this CPU host; a resumed run reads
+    the K its first start chose from DIR/run_options.json (only where checkpoints exist)."""
+    from chinese_clip_jax.io import as_path
+    from chinese_clip_jax.training.loop import _recorded_accum_steps, resolve_accum_steps
+
+    config = demo.get_config()
+    config.accum_steps = "auto"
+    workdir = as_path(str(tmp_path))
+    assert _recorded_accum_steps(workdir) is None
+    assert resolve_accum_steps(config, None).accum_steps == 1
+    (tmp_path / "run_options.json").write_text(json.dumps({"accum_steps": 8}))
+    assert _recorded_accum_steps(workdir) is None  # no checkpoint yet: a fresh start chooses again
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+    assert _recorded_accum_steps(workdir) == 8
+    assert resolve_accum_steps(config, None, recorded=8).accum_steps == 8
+    assert config.accum_steps == "auto"  # the caller's config is not changed
+    config.accum_steps = 2
+    assert resolve_accum_steps(config, None, recorded=8).accum_steps == 2  # a number is kept as given
+
+
 @pytest.mark.parametrize(
     "freeze,frozen,trained",
     [

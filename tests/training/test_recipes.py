@@ -90,8 +90,10 @@ def test_recipe_has_the_papers_hyperparameters_and_trains_on_a_tiny_copy(name, t
     c.optimizer.warmup_steps = 1
     c.data.worker_count = 0
     c.data.num_threads = 1
+    assert c.accum_steps == ("auto" if name.startswith("pretrain") else 1)
     result = train(c, str(tmp_path / "run"), progress=False)
     assert result["step"] == 2 and result["last_eval"] is not None
+    assert json.loads((tmp_path / "run" / "run_options.json").read_text())["accum_steps"] == 1  # "auto" on CPU
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

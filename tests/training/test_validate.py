@@ -23,7 +23,8 @@ def _set(config, dotted, value):
     "key,value,message",
     [
         ("log_every", 0, "config.log_every = 0: must be an int >= 1"),
-        ("accum_steps", 0, "config.accum_steps = 0: must be an int >= 1"),
+        ("accum_steps", 0, "config.accum_steps = 0: must be an int >= 1 or 'auto'"),
+        ("accum_steps", "automatic", "config.accum_steps = 'automatic': must be an int >= 1 or 'auto'"),
         ("keep_checkpoints", 0, "config.keep_checkpoints = 0: must be an int >= 1"),
         ("optimizer.warmup_steps", -10, "config.optimizer.warmup_steps = -10: must be an int >= 0"),
         ("model.vision.num_attention_heads", 0, "config.model.vision.num_attention_heads must be an int >= 1, got 0"),

@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     # DIR/run_length.json for resumes (chinese_clip_jax/training/run_length.py). 0 = total_steps.
     c.epochs = 0.0
     c.batch_size = 256  # GLOBAL batch (all processes, all micro-batches)
-    c.accum_steps = 1  # micro-batches per step; the gradient is still the full-batch one (GradCache)
+    # micro-batches per step; the gradient is still the full-batch one (GradCache). "auto": the fewest
+    # that fit the devices' memory, found by compiling the step before the run (training/compile.py
+    # fewest_accum_steps; 1 on CPU), printed and kept in DIR/run_options.json for resumes.
+    c.accum_steps = FieldReference(1, field_type=object)
     c.loss = "softmax"  # "softmax" (CLIP InfoNCE) | "sigmoid" (SigLIP, learnable bias)
     # How the loss is computed (same value and gradients): "gather" (each device's local_B x global_B
     # logits of the all-gathered batch) | "ring" (image rows passed round the batch devices, logits

@@ -28,6 +28,9 @@ def get_config():
     c.freeze = "image"
     c.total_steps = 20_000
     c.batch_size = 32_768  # global
+    # the fewest micro-batches that fit the devices (same gradient: GradCache), so the paper's batch
+    # runs on any slice; a pod where it fits at once gets 1 (training/compile.py)
+    c.accum_steps = "auto"
     c.dtype = "bfloat16"
     c.log_every = 100
     c.eval_every = 1000
