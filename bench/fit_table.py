@@ -7,8 +7,12 @@ for the accelerator on this host (``chinese_clip_jax.training.compile.search_max
 Each row: ``--targets`` (TPU topology or GPU:N), ``--variants`` of the trainer's base config
 (``default``: the platform's run options; ``remat=dots`` / ``remat=full``; ``fsdp``: params and
 optimizer state sharded over every device; ``KEY=VALUE``: any config override), each searched
-with ``--max-compiles`` compiles starting at ``--start`` rows per device. A row is appended to
-``--out`` as soon as it is known, so an interrupted run keeps what it measured.
+with ``--max-compiles`` compiles: the first at ``--start`` rows per device (default: a per-size
+guess; the next variant of the same size and target starts where the previous one ended), then
+where a line through the measured peaks puts the limit. The row gives the largest batch that
+compiled and fitted and, where one was compiled, the smallest that did not: the bracket the
+search ended on. A row is appended to ``--out`` as soon as it is known, so an interrupted run
+keeps what it measured.
 Needs ``[tpu-compile]`` for TPU targets, ``[cuda-compile]`` for GPU ones.
 """
 
@@ -26,6 +30,8 @@ from chinese_clip_jax.training import compile as aot
 from chinese_clip_jax.training import targets
 from chinese_clip_jax.training.recipes import base
 
+# rows per device of a row's first compile when --start is 0: near the limit of a 16 GiB chip
+FIRST_GUESS = {"base-patch16": 128, "large-patch14": 32, "large-patch14-336px": 16, "huge-patch14": 16}
 SIZES = {
     "base-patch16": "chinese-clip-vit-base-patch16",
     "large-patch14": "chinese-clip-vit-large-patch14",
@@ -39,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--targets", default="h100:1,v5e:2x2,v5p:2x2x1")
     p.add_argument("--variants", default="default,remat=dots,fsdp")
-    p.add_argument("--start", type=int, default=64, help="rows per device of the first compile")
-    p.add_argument("--max-compiles", type=int, default=5)
+    p.add_argument("--start", type=int, default=0, help="rows per device of the first compile (0: per size)")
+    p.add_argument("--max-compiles", type=int, default=3)
     p.add_argument("--out", default="", help="append markdown rows here")
     return p.parse_args(argv)
 
@@ -81,8 +87,9 @@ def main(argv=None) -> None:
         target = targets.open_target(target_text)
         n = len(target.devices)
         for size in args.sizes.split(","):
+            start = args.start or FIRST_GUESS[size]
             for variant in args.variants.split(","):
-                config = variant_config(size, variant, n, args.start)
+                config = variant_config(size, variant, n, start)
                 t0 = time.perf_counter()
                 try:
                     best, tried = aot.search_max_batch(
@@ -92,6 +99,8 @@ def main(argv=None) -> None:
                     row = f"| {size} | {target_text} | {variant} | error: {str(e).splitlines()[0][:80]} | | | |"
                 else:
                     shards = tried[0].mesh["data"] * tried[0].mesh["fsdp"]
+                    if best and not args.start:
+                        start = best.batch_size // shards
                     misses = [r.batch_size // shards for r in tried if not r.fits]
                     per_device = f"{best.batch_size // shards}" if best else "none fits"
                     if misses and best:  # the bracket the search ended on
