@@ -281,7 +281,9 @@ def _with_accum(config, accum_steps: int):
     return c
 
 
-def fewest_accum_steps(config, target: Target, *, max_compiles: int = 5, model_config=None, log=print):
+def fewest_accum_steps(
+    config, target: Target, *, margin: float = 0.05, max_compiles: int = 5, model_config=None, log=print
+):
     """``accum_steps="auto"``: the fewest micro-batches K whose step fits ``target`` (K divides
     the per-device batch; the gradient is the full-batch one whatever K, ``training.step``).
 
@@ -293,8 +295,14 @@ def fewest_accum_steps(config, target: Target, *, max_compiles: int = 5, model_c
     below the fitting one, to confirm it), within ``max_compiles``. Returns (K or None when
     nothing fits, the report of K (else of the largest K compiled), all reports by K). K is the
     smallest that fits when the next smaller divisor was compiled and did not; ``log`` says
-    when it was not."""
+    when it was not. "Fits" here leaves ``margin`` of the usable memory free (default 5%: the
+    allocator's fragmentation and what an estimate misses), since a run is about to rely on it."""
     from .. import sharding as shd
+
+    limit = int(target.usable_bytes * (1 - margin))
+
+    def ok(r):
+        return not r.refused and r.peak_bytes <= limit
 
     m = config.mesh
     mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"], devices=target.devices)
@@ -308,7 +316,11 @@ def fewest_accum_steps(config, target: Target, *, max_compiles: int = 5, model_c
     def compile_k(k):
         reports[k] = compile_step(_with_accum(config, k), target, model_config=model_config)
         r = reports[k]
-        log(f"accum_steps {k} ({rows // k} rows per device per micro-batch): " + _short(r).split(": ", 1)[1])
+        state = "fits" if ok(r) else f"does not fit with {margin:.0%} left free" if r.fits else "does not fit"
+        log(
+            f"accum_steps {k} ({rows // k} rows per device per micro-batch): peak {_gib(r.peak_bytes)} of "
+            f"{_gib(r.usable_bytes)} per device, {state}"
+        )
         return r
 
     def predicted(k):  # peak at K: a line in micro-batch rows through the compiled K > 1, else from K = 1
@@ -327,21 +339,21 @@ def fewest_accum_steps(config, target: Target, *, max_compiles: int = 5, model_c
         return stays + grads + per_row * x
 
     first = compile_k(1)
-    if first.fits:
+    if ok(first):
         return 1, first, reports
     while len(reports) < max_compiles:
-        fits = sorted(k for k, r in reports.items() if r.fits)
-        misses = sorted(k for k, r in reports.items() if not r.fits)
+        fits = sorted(k for k, r in reports.items() if ok(r))
+        misses = sorted(k for k, r in reports.items() if not ok(r))
         lo = max(misses)  # the largest K known not to fit
         hi = min(fits) if fits else None  # the smallest K known to fit
         cands = [k for k in divisors if k > lo and (hi is None or k < hi)]
         if not cands:
             break
-        want = [k for k in cands if predicted(k) <= target.usable_bytes]
+        want = [k for k in cands if predicted(k) <= limit]
         # the smallest K the line says fits; none: the largest candidate (hi's neighbour below it,
         # compiled to confirm hi is the smallest; without hi, whether anything fits at all)
         compile_k(want[0] if want else cands[-1])
-    fits = sorted(k for k, r in reports.items() if r.fits)
+    fits = sorted(k for k, r in reports.items() if ok(r))
     if not fits:
         return None, reports[max(reports)], reports
     best = fits[0]

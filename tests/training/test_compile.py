@@ -140,7 +140,7 @@ def test_fewest_accum_steps_is_the_smallest_divisor_that_fits(monkeypatch, usabl
     target = targets.Target("fake", "tpu", jax.devices()[:1], usable, "")
     config = _size_config("base", 4096, data=1, fsdp=1, tensor=1)
     k, report, tried = aot.fewest_accum_steps(config, target, log=lambda _: None)
-    every = [j for j in range(1, 4097) if 4096 % j == 0 and _accum_peak(j) <= usable]
+    every = [j for j in range(1, 4097) if 4096 % j == 0 and _accum_peak(j) <= 0.95 * usable]  # 5% left free
     assert k == (every[0] if every else None)
     if k is not None:
         assert report.accum_steps == k and report.fits
@@ -150,7 +150,8 @@ def test_fewest_accum_steps_is_the_smallest_divisor_that_fits(monkeypatch, usabl
 @pytest.mark.slow
 def test_fewest_accum_steps_on_this_cpu_agrees_with_compiling_each_k():
     """The demo model on this host's CPU (XLA:CPU's memory analysis), with the usable memory set
-    between the peaks of K = 2 and K = 4, each compiled here: "auto" must answer 4."""
+    so that K = 4's peak fits it with 5% left free and K = 2's does not, each compiled here:
+    "auto" must answer 4."""
     import jax
 
     from chinese_clip_jax.training.recipes import demo
@@ -165,11 +166,12 @@ def test_fewest_accum_steps_on_this_cpu_agrees_with_compiling_each_k():
         peaks[k] = aot.compile_step(config, host).peak_bytes
     assert peaks[4] < peaks[2]
     config.accum_steps = "auto"
-    target = targets.Target("cpu", "cpu", jax.devices()[:1], (peaks[2] + peaks[4]) // 2, "this host, capped")
+    usable = int((peaks[2] + peaks[4] / 0.95) / 2)
+    target = targets.Target("cpu", "cpu", jax.devices()[:1], usable, "this host, capped")
     lines = []
     k, report, tried = aot.fewest_accum_steps(config, target, log=lines.append)
     assert k == 4 and report.peak_bytes == peaks[4], lines
-    assert not tried[2].fits and not tried[1].fits, lines
+    assert 2 in tried and tried[2].peak_bytes > 0.95 * usable and 1 in tried, lines
     with pytest.raises(ValueError, match="accum_steps='auto' is chosen by compiling"):
         aot.build_step(config, "cpu")
 
