@@ -99,10 +99,11 @@ def _classification(spec, *, data_dir: str | None = None) -> ClassificationSet:
     )
 
 
-def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
+def _retrieval(spec, *, encoding: str = "utf-8", data_dir: str | None = None) -> RetrievalSet:
+    """``data_dir``: the TFDS data directory of ``tfds:NAME`` (the trainer's ``data.tfds.data_dir``)."""
     del encoding  # TFDS text features are UTF-8 by definition
     tfds = import_tfds()
-    builder = _builder(spec)
+    builder = _builder(spec, data_dir)
     features, images, _ = _features_by_type(builder)
     needed = {"text", "image_id", "text_id"}
     if len(images) != 1 or not needed <= set(features):
