@@ -272,9 +272,21 @@ def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
         "gs://bucket/wds/{a0,b1}.tar", "gs://bucket/ds", fmt="webdataset", split="train", progress=False
     )
     assert summary["written"] == 4 and fake_gcs.store.get("bucket/ds/dataset_info.json") is not None
+    # a second split joins the first in the same gs:// OUT (io.staged_output copies into it)
+    build_mod.build("gs://bucket/wds/a0.tar", "gs://bucket/ds", fmt="webdataset", split="valid", progress=False)
     local = copy_tree(as_path("gs://bucket/ds"), as_path(tmp_path / "ds"))
     _, records = read_tfds(local)
     assert sorted(r["text"].decode() for r in records) == sorted(t for t, _ in good.values())
+    _, records = read_tfds(local, "valid")
+    assert sorted(r["text"].decode() for r in records) == sorted(t for k, (t, _) in good.items() if k < "001")
+    # a build that fails copies nothing to gs://: no half-written OUT
+    write_tar(tmp_path / "bad.tar", [("x.jpg", b"\xff\xd8\xff not a jpeg"), ("x.txt", "坏的".encode())])
+    copy_tree(as_path(tmp_path / "bad.tar"), as_path("gs://bucket/wds/bad.tar"))
+    with pytest.raises(ValueError, match="no usable"):
+        build_mod.build(
+            "gs://bucket/wds/bad.tar", "gs://bucket/failed", fmt="webdataset", split="train", progress=False
+        )
+    assert not [k for k in fake_gcs.store if k.startswith("bucket/failed")]
 
 
 def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monkeypatch):
