@@ -9,8 +9,8 @@ directory: ``tfds.builder_from_directory``), or a prepared TFDS dataset by name:
 Config keys (``data.tfds.*``): ``builder_dir``, or ``name`` (e.g. "my_pairs" or
 "my_pairs:1.0.0") with ``data_dir``; ``split`` (training split, any TFDS split string such as
 "train[:90%]"); ``eval_split`` (in-training retrieval: the split as ``ccj-eval retrieval --data
-tfds-dir:BUILDER_DIR@EVAL_SPLIT`` reads it, ``tfds_sets``: features ``text``, ``image_id``,
-``text_id`` and one Image; "" = none); ``eval_max_samples`` (at most this many of its captions:
+tfds-dir:BUILDER_DIR@EVAL_SPLIT`` reads it, ``tfds_sets``, with ``image_key`` / ``text_key``;
+"" = none); ``eval_max_samples`` (at most this many of its captions:
 ``sets.retrieval_eval_set``);
 ``image_key`` / ``text_key`` (feature names, default "image" / "text"). The image feature is
 read as its encoded bytes (``tfds.decode.SkipDecoding``) and decoded in the pipeline's workers
@@ -164,13 +164,14 @@ def _eval_split(c) -> EvalSplit | None:
     if not c.eval_split:
         return None
     split = str(c.eval_split)
+    features = {"text_key": c.text_key, "image_key": c.image_key}
     if c.builder_dir:
         spec = Spec("tfds-dir", str(c.builder_dir), split, f"tfds-dir:{c.builder_dir}@{split}")
-        return EvalSplit(spec, _EVAL, int(c.eval_max_samples))
+        return EvalSplit(spec, _EVAL, int(c.eval_max_samples), options=features)
     if not c.name:
         raise ValueError("data.tfds: set data.tfds.builder_dir (a built directory) or data.tfds.name")
     spec = Spec("tfds", str(c.name), split, f"tfds:{c.name}@{split}")
-    return EvalSplit(spec, _EVAL, int(c.eval_max_samples), options={"data_dir": _data_dir(c)})
+    return EvalSplit(spec, _EVAL, int(c.eval_max_samples), options={"data_dir": _data_dir(c), **features})
 
 
 _EVAL = "data.tfds.eval_split"

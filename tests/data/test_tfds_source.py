@@ -167,6 +167,42 @@ def test_tfds_eval_split_and_bad_keys(tfds_dir):
         train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
 
 
+def test_tfds_eval_split_without_ids_uses_the_sources_feature_keys(tmp_path):
+    """data.tfds.eval_split of a dataset with other feature names and no image_id / text_id: the
+    trainer's keys reach the shared reader; each record's image is a candidate (id = the record
+    number, as ccj-embed numbers it), a caption's positives are the images with that text."""
+    import tensorflow_datasets as tfds
+
+    from chinese_clip_jax.data.readers import open_images
+
+    rows = [("猫", jpeg(1)), ("狗", jpeg(2)), ("猫", jpeg(3))]
+
+    class NoIdPairs(tfds.core.GeneratorBasedBuilder):
+        __module__ = "tiny_builders"  # one part: tfds looks no code file up for it
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"jpeg": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"valid": self._generate_examples()}
+
+        def _generate_examples(self):
+            for n, (text, image) in enumerate(rows):
+                yield n, {"jpeg": io.BytesIO(image), "caption": text}
+
+    builder = NoIdPairs(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    cfg = _tfds_cfg(builder.data_dir)
+    cfg.tfds.update(eval_split="valid", image_key="jpeg", text_key="caption")
+    r = eval_sets(cfg, image_size=S)["retrieval"]
+    assert r["image_ids"] == [0, 1, 2] and r["texts"] == ["猫", "狗"] and r["text_to_images"] == [[0, 2], [1]]
+    embedded = open_images(f"tfds-dir:{builder.data_dir}@valid").records
+    assert [embedded[i]["id"] for i in range(len(embedded))] == r["image_ids"]
+    np.testing.assert_array_equal(ImageDecoder(S)(r["images"][1]), ImageDecoder(S)(rows[1][1]))
+
+
 def _with_eval(out):
     cfg = _tfds_cfg(out)
     cfg.tfds.eval_split = "valid"
