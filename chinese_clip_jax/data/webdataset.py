@@ -315,7 +315,7 @@ class _Images:
 
 def _tar_source(spec, encoding: str, caption_keys: str = "txt,json") -> TarSource:
     try:
-        return TarSource(spec.location, caption_keys, progress=False, encoding=encoding, retry="--encoding")
+        return TarSource(spec.location, caption_keys, encoding=encoding, retry="--encoding")
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(f"{spec}: {str(e).splitlines()[0]}") from e
 

@@ -97,6 +97,33 @@ def test_a_cn_clip_split_gives_the_same_ids_everywhere(one_set):
     assert _ids(by_keys) == expected["cn_clip"] and by_keys["texts"] == CAPTIONS
 
 
+def test_a_cn_clip_root_with_both_layouts_gives_each_layouts_ids(one_set):
+    """cn_clip's own dataset folder holds the TSV files and their LMDB build side by side:
+    data.cn_clip.format picks the layout, and the ids are those ccj-eval reads from it (LMDB: key
+    order; ``cn_clip:ROOT/lmdb`` spells that layout)."""
+    lmdb = pytest.importorskip("lmdb")
+    import pickle
+
+    root, expected = one_set
+    cn = root / "cn"
+    split = cn / "lmdb" / "valid"
+    split.mkdir(parents=True)
+    lines = (cn / "valid_imgs.tsv").read_text().splitlines()
+    with lmdb.open(str(split / "imgs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for line in lines:
+            image_id, b64 = line.split("\t")
+            txn.put(image_id.encode(), b64.encode())
+    with lmdb.open(str(split / "pairs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for k, (text, image_id) in enumerate(zip(CAPTIONS, expected["cn_clip"], strict=True)):
+            txn.put(str(k).encode(), pickle.dumps((int(image_id), k, text)))
+        txn.put(b"num_samples", str(len(CAPTIONS)).encode())
+    key_order = sorted(expected["cn_clip"])  # LMDB iterates its keys sorted
+    evaluated = [str(i) for i in open_retrieval(f"cn_clip:{cn / 'lmdb'}@valid").image_ids]
+    assert evaluated == key_order
+    for fmt, ids in (("lmdb", key_order), ("tsv", expected["cn_clip"])):
+        assert _ids(_trained_by_keys("cn_clip", root=str(cn), eval_split="valid", format=fmt)) == ids, fmt
+
+
 def test_a_files_table_gives_the_same_ids_everywhere(one_set):
     root, expected = one_set
     for spec in (f"files:{root / 'pairs.csv'}", str(root / "pairs.csv")):
