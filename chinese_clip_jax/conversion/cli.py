@@ -21,7 +21,6 @@ import contextlib
 import os
 import resource
 import sys
-import tempfile
 import time
 
 from chinese_clip_jax.io import first_line
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # convert in host memory, whatever accelerators exist
     from chinese_clip_jax import conversion
     from chinese_clip_jax.conversion import mapping
-    from chinese_clip_jax.io import as_path, copy_tree, is_local, staged_input
+    from chinese_clip_jax.io import as_path, is_local, staged_input, staged_output
 
     start = time.perf_counter()
     try:  # gs://... SRC / OUT (epath): a bad scheme or a missing backend fails here, first
@@ -184,11 +183,12 @@ def main(argv=None) -> int:
         )
         return 2
     out_existed = remote_out is None and os.path.isdir(args.out)
-    # a remote SRC is staged by io.staged_input; a remote OUT is written here, copied once complete
-    with tempfile.TemporaryDirectory(prefix="ccj-convert-") as tmp, contextlib.ExitStack() as staged:
-        out = os.path.join(tmp, "out") if remote_out else args.out
-        try:
+    # SRC and OUT through io.staged_input / staged_output: a remote SRC is read from a local copy, a
+    # remote OUT written locally and copied once complete (nothing is copied after a failure)
+    try:
+        with contextlib.ExitStack() as staged:
             src = str(staged.enter_context(staged_input(remote_src, what="SRC"))) if remote_src else args.src
+            out = str(staged.enter_context(staged_output(remote_out or args.out, what="OUT")))
             if os.path.isdir(src):  # its image settings are copied: a bad file fails before any work
                 from chinese_clip_jax.processing.image_settings import read_image_settings
 
@@ -211,13 +211,11 @@ def main(argv=None) -> int:
                 save(out, cfg, params, dtype=args.dtype, processor_from=directory)
                 if args.to == "hf":
                     card_written = _write_card(args, out, remote_out, cfg, params, kind, directory, argv)
-            if remote_out:
-                copy_tree(as_path(out), remote_out)
-        except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
-            if not remote_out:
-                _remove_outputs(args.out, names, out_existed)
-            print(f"error: {first_line(e, with_type=False)}", file=sys.stderr)
-            return 2
+    except (OSError, ValueError, ImportError) as e:  # CheckpointError is a ValueError: no traceback
+        if not remote_out:
+            _remove_outputs(args.out, names, out_existed)
+        print(f"error: {first_line(e, with_type=False)}", file=sys.stderr)
+        return 2
     if args.to == "hf" and not args.export:
         print(f"model card: {'README.md written' if card_written else 'an existing README.md kept as it is'}")
     n_params = sum(x.size for x in mapping.flatten(params).values())

@@ -16,8 +16,9 @@ one sub-config per source, ``data.demo``, ``data.cn_clip``, ``data.webdataset``,
 ``data.spec`` (a data-set spec, docs/data.md: ``files:pairs.csv``, ``cn_clip:ROOT@train``,
 ``tfds-dir:PATH``, ``webdataset:SHARDS``, ``demo:``) is short for ``data.name`` and that source's
 keys (``apply_spec``); ``data.eval_spec`` names the trainer's retrieval eval set as ``ccj-eval
-retrieval`` reads it (``readers.open_retrieval``: the same records in the same order).
-``data.max_bad``: undecodable training samples tolerated (``bad_records``).
+retrieval`` reads it, and so do the sources' own eval keys (``eval_sets``: both through
+``readers.open_retrieval``, the same records in the same order).
+``data.max_bad``: unreadable records tolerated, in training and in each eval set (``bad_records``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "jpeg_draft": False,  # training: decode big JPEGs at a reduced DCT scale (docs/data.md)
             "spec": "",  # a data-set spec for the training pairs: sets name + that source's keys
             "eval_spec": "",  # a data-set spec for the retrieval eval set ("" = the source's eval keys)
-            "max_bad": -1,  # undecodable training samples tolerated (-1: the default, bad_records)
+            "max_bad": -1,  # unreadable training samples / eval images tolerated (-1: the default, bad_records)
             "distinct_captions": False,  # training: no two samples with the same caption in one batch
             **{n: dict(source.defaults) for n, source in registry.sources().items()},
         }
@@ -170,24 +171,35 @@ def eval_sets(data_cfg, *, image_size: int, context_length: int = DEFAULT_CONTEX
     """Named eval sets (the same on every process), images held lazily as ``images`` (a
     random-access sequence of raw images that the evaluator decodes batch by batch).
 
-    demo: see ``demo.eval_sets`` ("zeroshot", "zeroshot_unseen", "retrieval").
-    the others: "retrieval" only, from the eval split / shards / table ({} if none given):
-    {"images", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}.
-    ``data.eval_spec`` replaces that "retrieval" set with the spec's retrieval split, exactly as
-    ``ccj-eval retrieval`` reads it (plus "image_ids"; default split "valid").
+    "retrieval": the split ``data.eval_spec`` names, else the one the source's own eval keys
+    name (``data.cn_clip.eval_split``, ``data.files.eval_table``, ``data.tfds.eval_split``,
+    ``data.webdataset.eval_shards``: ``source.EvalSplit``), opened by ``readers.open_retrieval``
+    exactly as ``ccj-eval retrieval`` opens that spec (the same records, order and image ids),
+    then capped by the source's ``eval_max_texts`` / ``eval_max_samples`` (``data.eval_spec``:
+    never capped) in one place, ``sets.retrieval_eval_set``: {"images", "image_ids",
+    "image_name", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}.
+    {} when neither is set. demo: ``demo.eval_sets`` ("zeroshot", "zeroshot_unseen",
+    "retrieval"), its "retrieval" replaced by ``data.eval_spec``'s when that is set.
+    ``image_size``: of the images a source renders itself (the demo); the others are decoded by
+    the evaluator.
     """
+    from .readers import open_retrieval
+    from .sets import retrieval_eval_set
+    from .source import EvalSplit
+    from .spec import resolve
+
     apply_spec(data_cfg)
     name = data_cfg.name
+    source, sub = registry.get(name), data_cfg.get(name)
     eval_spec = str(data_cfg.get("eval_spec", "") or "")
     sets = {}
-    if not eval_spec or name == "demo":  # the demo's zero-shot sets stay beside an eval_spec
-        sub = data_cfg.get(name)
-        sets = registry.get(name).eval_sets(sub, image_size=image_size, context_length=context_length)
+    if source.eval_sets is not None and (not eval_spec or name == "demo"):  # the demo's zero-shot sets stay
+        sets = source.eval_sets(sub, image_size=image_size, context_length=context_length)
     if eval_spec:
-        from .readers import open_retrieval
-        from .sets import retrieval_eval_set
-
-        sets = {k: v for k, v in sets.items() if k != "retrieval"}
-        rset = open_retrieval(eval_spec, "valid", what="data.eval_spec")
-        sets["retrieval"] = retrieval_eval_set(rset, context_length)
+        split = EvalSplit(resolve(eval_spec, what="data.eval_spec", default_split="valid"), "data.eval_spec")
+    else:
+        split = source.eval_split(sub) if source.eval_split is not None else None
+    if split is not None:
+        rset = open_retrieval(split.spec, "valid", split.encoding, what=split.what, **split.options)
+        sets["retrieval"] = retrieval_eval_set(rset, context_length, split.max_texts)
     return sets

@@ -29,7 +29,8 @@ and counted, and a summary is printed at the end.
 
 How it writes without TensorFlow: ``tfds.features.FeaturesDict.serialize_example`` (tfds'
 own example serializer, pure Python), ``array_record``'s ``ArrayRecordWriter`` for the shards
-(written to a local temp dir, then copied to OUT via epath, so any epath scheme works), and
+(written through ``io.staged_output``: into OUT, or for ``gs://...`` a local temp dir copied to
+OUT once every shard is complete; a failed build removes its shards), and
 ``tfds.core.DatasetInfo.write_to_directory`` for the metadata, written last, so a split only
 appears in OUT once its shards are complete.
 """
@@ -44,9 +45,7 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 
 from . import registry
 from .tfds_source import import_tfds
@@ -136,6 +135,57 @@ def _existing_dataset(out_path, split: str):
     return existing
 
 
+def _write_shards(records, paths, workers: int, progress: bool, split: str, skipped: list, reasons: list):
+    """Checks and writes ``records`` round robin into ArrayRecord shards at ``paths`` (local);
+    -> (pairs written, per-shard lengths). Skipped records are counted in ``skipped[0]``."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    num_shards = len(paths)
+    writers = [ArrayRecordWriter(os.fspath(p), "group_size:1") for p in paths]
+    lengths = [0] * num_shards
+    bar = None
+    if progress:
+        from ..console import progress_bar
+
+        bar = progress_bar(desc=f"build {split}", unit="pair", dynamic_ncols=True, mininterval=1.0)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker) if workers > 1 else None
+    _init_worker()
+    written = 0
+    try:
+        results = pool.imap(_check, records, chunksize=32) if pool else map(_check, records)
+        for example, why in results:
+            if example is None:
+                skipped[0] += 1
+                if len(reasons) < 10:
+                    logger.warning("build: skipping %s", why)
+                reasons.append(why)
+            else:
+                shard = written % num_shards  # round robin: shard sizes differ by at most one
+                writers[shard].write(example)
+                lengths[shard] += 1
+                written += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(skipped=skipped[0], refresh=False)
+    finally:
+        if pool:
+            pool.terminate()
+        for w in writers:
+            w.close()
+        if bar is not None:
+            bar.close()
+    return written, lengths
+
+
+def _remove_partial(paths, created_dir) -> None:
+    """Removes the shards of a build that failed (and OUT itself when this build created it empty)."""
+    for p in paths:
+        if os.path.lexists(p):
+            os.remove(p)
+    if created_dir is not None and os.path.isdir(created_dir) and not os.listdir(created_dir):
+        os.rmdir(created_dir)
+
+
 def build(
     src: str,
     out: str,
@@ -156,11 +206,10 @@ def build(
     "gbk"; a JSONL line not in it stops the build before any work, naming the file and line; a
     webdataset caption not in it is skipped and counted, naming the member."""
     import_tfds()  # the [tfds] extra, or one line naming it
-    from array_record.python.array_record_module import ArrayRecordWriter
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
     from tensorflow_datasets.core import splits as splits_lib
 
-    from ..io import as_path
+    from ..io import as_path, staged_output
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -191,55 +240,27 @@ def build(
     # opened here, before any work: captions in another encoding stop the build naming file and line
     records = source.build_records(src, split, skipped, {**options, "encoding": encoding})
     reasons: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="ccj-build-") as tmp:
+    # shards into OUT through io.staged_output (gs://...: written locally, copied once all are
+    # complete); dataset_info.json, what makes the split visible, only after that
+    created = not out_path.exists()
+    with staged_output(out_path, what="OUT") as local:
+        local.mkdir(parents=True, exist_ok=True)
         template = naming.ShardedFileTemplate(
-            data_dir=tmp, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
+            data_dir=local, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
         )
         paths = [template.sharded_filepath(shard_index=i, num_shards=num_shards) for i in range(num_shards)]
-        writers = [ArrayRecordWriter(os.fspath(p), "group_size:1") for p in paths]
-        lengths = [0] * num_shards
-        bar = None
-        if progress:
-            from ..console import progress_bar
-
-            bar = progress_bar(desc=f"build {split}", unit="pair", dynamic_ncols=True, mininterval=1.0)
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker) if workers > 1 else None
-        _init_worker()
         try:
-            results = pool.imap(_check, records, chunksize=32) if pool else map(_check, records)
-            written = 0
-            for example, why in results:
-                if example is None:
-                    skipped[0] += 1
-                    if len(reasons) < 10:
-                        logger.warning("build: skipping %s", why)
-                    reasons.append(why)
-                else:
-                    shard = written % num_shards  # round robin: shard sizes differ by at most one
-                    writers[shard].write(example)
-                    lengths[shard] += 1
-                    written += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(skipped=skipped[0], refresh=False)
-        finally:
-            if pool:
-                pool.terminate()
-            for w in writers:
-                w.close()
-            if bar is not None:
-                bar.close()
+            written, lengths = _write_shards(records, paths, workers, progress, split, skipped, reasons)
+        except BaseException:
+            _remove_partial(paths, local if created else None)  # nothing half-written is left in OUT
+            raise
         if not written:
+            _remove_partial(paths, local if created else None)
             raise ValueError(
                 f"SRC {src!r}: no usable (image, text) pairs in split {split!r} "
                 f"({skipped[0]} skipped; first: {reasons[:1]})"
             )
-        out_path.mkdir(parents=True, exist_ok=True)
-        num_bytes = 0
-        for p in paths:  # shards first; dataset_info.json (what makes the split visible) last
-            num_bytes += os.path.getsize(p)
-            with open(p, "rb") as f_in, (out_path / p.name).open("wb") as f_out:
-                shutil.copyfileobj(f_in, f_out, 16 << 20)
+        num_bytes = sum(os.path.getsize(p) for p in paths)
     origin = f"cn_clip ({options['cn_clip_format']})" if fmt == "cn_clip" else fmt
     out_template = naming.ShardedFileTemplate(
         data_dir=out_path, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"

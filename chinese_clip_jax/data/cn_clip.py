@@ -22,7 +22,9 @@ naming an image that is not in the TSV) are logged with file:line, skipped and c
 
 Config keys (``data.cn_clip.*``): ``root`` (directory, local or gs://), ``format`` ("tsv" or
 "lmdb"; LMDB needs the ``lmdb`` package), ``split`` (training split), ``eval_split`` (retrieval
-eval; "" = none), ``eval_max_texts`` (at most this many eval captions).
+eval during training: the split ``cn_clip:ROOT@EVAL_SPLIT`` names, in ``format``'s layout, read
+by ``cn_clip_sets``; "" = none), ``eval_max_texts`` (at most this many of its captions:
+``sets.retrieval_eval_set``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ import threading
 from etils import epath
 
 from ..io import RangeReader, as_path, local_copy
-from ..processing import DEFAULT_CONTEXT_LENGTH
-from .pipeline import CachingTokenizer, LazyImages, check_image
-from .source import Source
+from .source import EvalSplit, Source
+from .spec import Spec
 from .text import decoded_lines
 
-__all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "eval_sets", "FORMATS"]
+__all__ = ["TsvImages", "LmdbImages", "PairSource", "find_split", "open_split", "open_source", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 FORMATS = ("tsv", "lmdb")
@@ -299,7 +300,7 @@ def open_split(
 
 
 def _open(c, split: str):
-    """(images, pairs as [(image_id, text)], per-caption [(text, [image_ids])], skipped counter)."""
+    """(images, pairs as [(image_id, text, text_id)], skipped counter)."""
     if not str(c.root):
         raise ValueError("cn_clip: set data.cn_clip.root to the dataset directory")
     skipped = [0]
@@ -312,57 +313,25 @@ def _open(c, split: str):
                 _skip(skipped, f"caption {text!r}", f"image id {image_id} is not in {images.path}")
             else:
                 pairs.append((str(image_id), text, text_id))
-    return images, pairs, [(text, ids) for _, text, ids, _ in captions], skipped
+    return images, pairs, skipped
 
 
 def open_source(c, split: str) -> PairSource:
     """The training source of one split (see the module docstring for ``c``)."""
-    images, pairs, _, skipped = _open(c, split)
+    images, pairs, skipped = _open(c, split)
     if skipped[0]:
         logger.warning("cn_clip: %d records skipped while indexing split %r", skipped[0], split)
     return PairSource(images, pairs, skipped[0])
 
 
-def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
-    """{"retrieval": ...} over the first ``eval_max_texts`` captions of ``eval_split``.
-
-    images: a lazy ``LazyImages`` of every image those captions name (decoded batch by batch at
-    evaluation; images PIL cannot identify dropped with a warning), input_ids/attention_mask
-    int32 (n_texts, L), texts, and text_to_images: indices of each caption's images. Captions
-    left with no image are dropped. ``image_size`` is unused (the evaluator decodes).
-    """
-    del image_size
+def _eval_split(c) -> EvalSplit | None:
+    """``cn_clip:ROOT@EVAL_SPLIT`` in the layout ``format`` names; at most ``eval_max_texts`` captions."""
     if not c.eval_split:
-        return {}
-    images, _, captions, skipped = _open(c, c.eval_split)
-    slot: dict[str, int] = {}
-    ids, texts, positives = [], [], []
-    for text, image_ids in captions[: c.eval_max_texts]:
-        mine = []
-        for image_id in map(str, image_ids):
-            if image_id not in slot:
-                try:
-                    check_image(images[image_id][0])
-                    ids.append(image_id)
-                    slot[image_id] = len(ids) - 1
-                except Exception as e:  # noqa: BLE001 - a broken eval image is dropped, not fatal
-                    slot[image_id] = -1
-                    _skip(skipped, f"eval image {image_id}", f"{type(e).__name__}: {e}")
-            if slot[image_id] >= 0:
-                mine.append(slot[image_id])
-        if mine:
-            texts.append(text)
-            positives.append(mine)
-    if not texts:
-        raise ValueError(f"cn_clip: split {c.eval_split!r} under {c.root} gave no usable eval pairs")
-    return {
-        "retrieval": {
-            "images": LazyImages(images, ids, 0),
-            **CachingTokenizer(context_length)(texts),
-            "texts": texts,
-            "text_to_images": positives,
-        }
-    }
+        return None
+    if not str(c.root):
+        raise ValueError("cn_clip: set data.cn_clip.root to the dataset directory")
+    spec = Spec("cn_clip", str(c.root), str(c.eval_split), f"cn_clip:{c.root}@{c.eval_split}")
+    return EvalSplit(spec, "data.cn_clip.eval_split", int(c.eval_max_texts), options={"layout": c.format})
 
 
 def _open_train(c, *, image_size: int, shard=None) -> PairSource:
@@ -416,14 +385,14 @@ DEFAULTS = {
     "format": "tsv",  # "tsv" | "lmdb" (cn_clip's LMDB build; needs the lmdb package)
     "split": "train",  # training split
     "eval_split": "valid",  # retrieval eval split ("" = none)
-    "eval_max_texts": 1000,  # at most this many eval captions
+    "eval_max_texts": 1000,  # at most this many eval captions (the first; <= 0: the whole split)
 }
 
 SOURCE = Source(
     name="cn_clip",
     defaults=DEFAULTS,
     open_train=_open_train,
-    eval_sets=eval_sets,
+    eval_split=_eval_split,
     path_keys=("root",),
     build_records=_build_records,
     build_check=_build_check,

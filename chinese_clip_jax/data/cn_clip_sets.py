@@ -25,16 +25,18 @@ def _b64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text)  # cn_clip's encoding; plain base64 decodes the same
 
 
-def _find(spec):
+def _find(spec, layout: str | None = None):
     root = as_path(spec.location, what=str(spec))
     try:
-        return root, *find_split(root, spec.split, None, choose_with="a layout")
+        return root, *find_split(root, spec.split, layout, choose_with="a layout")
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(f"{spec}: {str(e).removeprefix('cn_clip: ')}") from None
 
 
-def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
-    root, fmt, directory = _find(spec)
+def _retrieval(spec, *, encoding: str = "utf-8", layout: str | None = None) -> RetrievalSet:
+    """``layout``: "tsv" or "lmdb" where ROOT holds the split both ways (the trainer's
+    ``data.cn_clip.format``); None: the one ROOT holds."""
+    root, fmt, directory = _find(spec, layout)
     split = spec.split
     if fmt == "tsv":
         counter: list = [0, None]  # the count data.cn_clip readers keep, and the reasons

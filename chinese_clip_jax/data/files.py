@@ -18,9 +18,10 @@ Config keys (``data.files.*``): ``table`` (the training table), ``image_key`` / 
 (column names, default "image" / "caption"), ``label_key`` (an optional column, default "label":
 a class or group id per row that ``loss_positives="label"`` makes positives of each other; rows
 with an empty cell are skipped under that setting), ``eval_table`` (a table for retrieval eval during
-training; "" = none), ``eval_max_samples``. ``python -m chinese_clip_jax.data.build TABLE OUT
---format files`` converts a table to TFDS/ArrayRecord; ``ccj-eval retrieval --data TABLE``
-scores a model on one (``evaluation.sets.open_retrieval``).
+training, read as ``ccj-eval retrieval --data files:EVAL_TABLE`` reads it; "" = none),
+``eval_max_samples`` (at most this many of its captions: ``sets.retrieval_eval_set``).
+``python -m chinese_clip_jax.data.build TABLE OUT --format files`` converts a table to
+TFDS/ArrayRecord; ``ccj-eval retrieval --data TABLE`` scores a model on one (``readers.open_retrieval``).
 """
 
 from __future__ import annotations
@@ -28,20 +29,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 
 from ..io import as_path, is_local
-from ..processing import DEFAULT_CONTEXT_LENGTH
 from .folder import FileImages
-from .pipeline import CachingTokenizer, LazyImages, check_image
 from .sets import DatasetError, ImageCorpus, LazyList, RetrievalSet
-from .source import Offers, Source
+from .source import EvalSplit, Offers, Source
+from .spec import Spec
 from .text import read_text
 
-__all__ = ["TABLE_SUFFIXES", "Table", "read_table", "read_image", "retrieval_lists", "FilesSource", "eval_sets"]
+__all__ = ["TABLE_SUFFIXES", "Table", "read_table", "read_image", "retrieval_lists", "FilesSource"]
 
-logger = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 SAMPLE_ROWS = 16  # image paths checked before work: the first 8 rows and 8 spread over the table
 
@@ -187,17 +185,13 @@ class FilesSource:
         return self._pairs[index]
 
 
-def retrieval_lists(table: Table, max_samples: int | None = None):
+def retrieval_lists(table: Table):
     """(image paths in first-seen order, captions in first-seen order, each caption's image indices)."""
     image_slot: dict[str, int] = {}
     text_slot: dict[str, int] = {}
     positives: list[list[int]] = []
-    pairs = 0
     for image, captions, _ in table.rows:
         for caption in captions:
-            if max_samples is not None and pairs >= max_samples:
-                break
-            pairs += 1
             i = image_slot.setdefault(image, len(image_slot))
             t = text_slot.setdefault(caption, len(text_slot))
             if t == len(positives):
@@ -207,45 +201,13 @@ def retrieval_lists(table: Table, max_samples: int | None = None):
     return list(image_slot), list(text_slot), positives
 
 
-def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
-    """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_table`` (images that
-    PIL cannot identify are dropped with a warning, and captions left with no image)."""
-    del image_size  # the evaluator decodes
+def _eval_split(c) -> EvalSplit | None:
+    """``files:EVAL_TABLE`` with the source's columns and encoding; at most ``eval_max_samples`` captions."""
     if not c.eval_table:
-        return {}
-    table = _table(c.eval_table, c, "data.files.eval_table")
-    paths, texts, positives = retrieval_lists(table, int(c.eval_max_samples))
-    keep = []
-    for i, path in enumerate(paths):
-        try:
-            check_image(read_image(path))
-            keep.append(i)
-        except Exception as e:  # noqa: BLE001 - a broken eval image is dropped, not fatal
-            logger.warning("files: dropping eval image %s: %s: %s", path, type(e).__name__, e)
-    slot = {old: new for new, old in enumerate(keep)}
-    kept = [(t, [slot[i] for i in p if i in slot]) for t, p in zip(texts, positives, strict=True)]
-    kept = [(t, p) for t, p in kept if p]
-    if not kept:
-        raise ValueError(f"data.files.eval_table {c.eval_table!r}: no usable eval pairs")
-    texts = [t for t, _ in kept]
-    return {
-        "retrieval": {
-            "images": LazyImages(_ImageFiles([paths[i] for i in keep]), range(len(keep)), 0),
-            **CachingTokenizer(context_length)(texts),
-            "texts": texts,
-            "text_to_images": [p for _, p in kept],
-        }
-    }
-
-
-class _ImageFiles:
-    """``files[i]`` -> (encoded bytes of image i,): the record form ``LazyImages`` reads."""
-
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-
-    def __getitem__(self, i: int) -> tuple[bytes]:
-        return (read_image(self.paths[i]),)
+        return None
+    spec = Spec("files", str(c.eval_table), None, f"files:{c.eval_table}")
+    columns = {"image_key": c.image_key, "caption_key": c.caption_key}
+    return EvalSplit(spec, "data.files.eval_table", int(c.eval_max_samples), c.encoding, columns)
 
 
 def _open_train(c, *, image_size: int, shard=None) -> FilesSource:
@@ -324,7 +286,7 @@ DEFAULTS = {
     "caption_key": "caption",  # the table's caption column (one caption, or a list of them)
     "label_key": "label",  # an optional column of class / group ids (loss_positives="label")
     "eval_table": "",  # a table for retrieval eval during training ("" = none)
-    "eval_max_samples": 1000,  # at most this many eval (image, caption) pairs
+    "eval_max_samples": 1000,  # at most this many eval captions (the first; <= 0: the whole table)
     "encoding": "utf-8",  # the tables' text encoding (UTF-8 with or without a BOM; e.g. "gbk")
 }
 
@@ -332,7 +294,7 @@ SOURCE = Source(
     name="files",
     defaults=DEFAULTS,
     open_train=_open_train,
-    eval_sets=eval_sets,
+    eval_split=_eval_split,
     path_keys=("table", "eval_table"),
     check=_check,
     build_records=_build_records,
@@ -341,18 +303,22 @@ SOURCE = Source(
 )
 
 
-def _spec_table(spec, encoding: str) -> Table:
+def _spec_table(spec, encoding: str, image_key: str = "image", caption_key: str = "caption") -> Table:
     try:
-        return read_table(spec.location, what=str(spec), encoding=encoding)
+        columns = {"image_key": image_key, "caption_key": caption_key}
+        return read_table(spec.location, what=str(spec), encoding=encoding, **columns)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise DatasetError(e.args[0] if e.args else str(e)) from None
 
 
-def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
+def _retrieval(
+    spec, *, encoding: str = "utf-8", image_key: str = "image", caption_key: str = "caption"
+) -> RetrievalSet:
     """The table as a retrieval set: the candidate images are its distinct images in first-seen
     order, the queries its distinct captions; a caption's positives are every image it is paired
-    with. Image ids are the paths as resolved, text ids the caption's position."""
-    table = _spec_table(spec, encoding)
+    with. Image ids are the paths as resolved, text ids the caption's position. ``image_key`` /
+    ``caption_key``: the columns (the trainer's ``data.files`` keys)."""
+    table = _spec_table(spec, encoding, image_key, caption_key)
     images, texts, positives = retrieval_lists(table)
     return RetrievalSet(
         LazyList(len(images), lambda i: read_image(images[i])),

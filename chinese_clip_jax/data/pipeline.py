@@ -58,8 +58,6 @@ __all__ = [
     "label_id",
     "ImageDecoder",
     "CachingTokenizer",
-    "LazyImages",
-    "check_image",
     "TRAIN_CROPS",
     "EVAL_CROPS",
 ]
@@ -114,31 +112,6 @@ def random_resized_box(
         w, h = width, height
     top, left = (height - h) // 2, (width - w) // 2
     return left, top, left + w, top + h
-
-
-class LazyImages:
-    """Eval images read on demand: ``seq[i]`` -> ``source[keys[i]][field]`` (a raw image: base64
-    text, encoded bytes or an array), so a split's pixels are never all in memory."""
-
-    def __init__(self, source, keys, field):
-        self.source, self.keys, self.field = source, list(keys), field
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int):
-        return self.source[self.keys[i]][self.field]
-
-
-def check_image(image) -> None:
-    """Raises if a raw eval image (base64 text or encoded bytes) is not one PIL can identify;
-    cheap (no full decode). Arrays pass."""
-    if isinstance(image, np.ndarray):
-        return
-    if isinstance(image, str):
-        image = base64.urlsafe_b64decode(image)
-    with PIL.Image.open(io.BytesIO(image)) as im:
-        im.verify()
 
 
 class ImageDecoder:

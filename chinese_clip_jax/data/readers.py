@@ -48,12 +48,15 @@ def _reader(spec_text, what: str, task: str, default_split: str | None, flag: st
     return spec, reader
 
 
-def open_retrieval(spec, split: str | None = "valid", encoding: str = "utf-8", *, what: str = "--data") -> RetrievalSet:
+def open_retrieval(
+    spec, split: str | None = "valid", encoding: str = "utf-8", *, what: str = "--data", **options
+) -> RetrievalSet:
     """A retrieval split: images, captions and each caption's positives. ``split``: the default
-    for a spec without ``@SPLIT``; ``encoding``: of the caption files."""
+    for a spec without ``@SPLIT``; ``encoding``: of the caption files; ``options``: what a
+    trainer source's keys add that the grammar cannot spell (``source.EvalSplit.options``)."""
     spec, reader = _reader(spec, "retrieval", "retrieval split (images + captions)", split, what)
     try:
-        return reader(spec, encoding=encoding)
+        return reader(spec, encoding=encoding, **options)
     except TextDecodeError as e:
         raise DatasetError(str(e)) from None
 

@@ -2,7 +2,8 @@
 
 A source is one module of this package that ends with ``SOURCE = Source(...)``
 (``data.source.Source``, the protocol): its config
-defaults (``data.<name>.*``), how to open its training records and its eval sets, and
+defaults (``data.<name>.*``), how to open its training records, the spec its eval keys name
+(``source.EvalSplit``, opened by ``readers`` as every command opens a spec), and
 optionally how ``python -m chinese_clip_jax.data.build`` reads it. Adding a source is that
 module plus its name in :func:`sources` (one line); ``data.train_iterator``, ``data.eval_sets``,
 ``data.check_config``, ``default_data_config`` and ``data.build --format`` all read the registry.

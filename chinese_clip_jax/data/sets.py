@@ -162,20 +162,40 @@ def retrieval_set(images, ids: list, captions, layout: str, source: str, **kw) -
     )
 
 
-def retrieval_eval_set(rset: RetrievalSet, context_length: int) -> dict:
-    """A RetrievalSet as the trainer's eval set: {"images" (the same lazy candidates, same order),
-    "image_ids", "input_ids", "attention_mask" int32 (t, L), "texts", "text_to_images"}; captions
-    with no candidate image are left out (they cannot be scored)."""
+def retrieval_eval_set(rset: RetrievalSet, context_length: int, max_texts: int = 0) -> dict:
+    """A RetrievalSet as the trainer's eval set: {"images" (lazy candidates), "image_ids",
+    "image_name" (names image k in reports), "input_ids", "attention_mask" int32 (t, L), "texts",
+    "text_to_images"}; captions with no candidate image are left out (they cannot be scored).
+
+    ``max_texts`` (the trainer's one cap, ``eval_max_texts`` / ``eval_max_samples``): > 0 and fewer
+    than the set's captions keeps the first ``max_texts`` captions, in the set's order, and as
+    candidates the images those captions name, in the set's order (a sub-sequence of
+    ``rset.image_ids``). Otherwise (<= 0, or the set is that small) the set is used whole: the
+    same candidates, in the same order, as ``ccj-eval retrieval`` scores."""
     from .pipeline import CachingTokenizer
 
     kept = [t for t, positives in enumerate(rset.text_to_images) if positives]
     if not kept:
         raise DatasetError(f"{rset.source}: no caption has an image among the split's candidates")
+    positives = [rset.text_to_images[t] for t in kept]
+    images, image_ids, image_name = rset.images, list(rset.image_ids), rset.image_name
+    if 0 < int(max_texts) < len(kept):
+        kept, positives = kept[: int(max_texts)], positives[: int(max_texts)]
+        chosen = sorted({j for p in positives for j in p})
+        slot = {j: k for k, j in enumerate(chosen)}
+        positives = [[slot[j] for j in p] for p in positives]
+        images = LazyList(len(chosen), lambda k: rset.images[chosen[k]])
+        image_ids = [rset.image_ids[j] for j in chosen]
+
+        def image_name(k: int) -> str:
+            return rset.image_name(chosen[k])
+
     texts = [rset.texts[t] for t in kept]
     return {
-        "images": rset.images,
-        "image_ids": list(rset.image_ids),
+        "images": images,
+        "image_ids": image_ids,
+        "image_name": image_name,
         **CachingTokenizer(context_length)(texts),
         "texts": texts,
-        "text_to_images": [rset.text_to_images[t] for t in kept],
+        "text_to_images": positives,
     }

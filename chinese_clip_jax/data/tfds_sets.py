@@ -6,10 +6,11 @@ NAME: ``NAME``, ``NAME/CONFIG`` or ``NAME:VERSION``, prepared under the TFDS dat
 (``data_dir``, default ``~/tensorflow_datasets``). PATH: a directory holding ``dataset_info.json``
 (``data.build`` writes one), or holding one a level or two down.
 Classification: exactly one Image and one ClassLabel feature (found by type); label names from
-the ClassLabel. Retrieval: one Image feature and ``text``, ``image_id``, ``text_id`` (one record
-per pair): candidates are the distinct image ids in first-record order, queries the distinct
-text ids in first-record order. Image corpus: one row per record (a pairs dataset repeats an
-image per caption); id = the ``image_id`` feature when there is one, else the record number.
+the ClassLabel. Retrieval: one Image feature and ``text``, optionally ``image_id``, ``text_id``
+(one record per pair): candidates are the distinct image ids in first-record order, queries the
+distinct text ids in first-record order (``_retrieval``: without the ids). Image corpus: one
+row per record (a pairs dataset repeats an image per caption); id = the ``image_id`` feature
+when there is one, else the record number.
 """
 
 from __future__ import annotations
@@ -99,16 +100,24 @@ def _classification(spec, *, data_dir: str | None = None) -> ClassificationSet:
     )
 
 
-def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
+def _retrieval(
+    spec, *, encoding: str = "utf-8", data_dir: str | None = None, text_key: str = "text", image_key: str | None = None
+) -> RetrievalSet:
+    """``data_dir``: the TFDS data directory of ``tfds:NAME``; ``text_key`` / ``image_key``: the
+    caption and image features (default ``text`` and the one Image feature): the trainer's
+    ``data.tfds`` keys. Without an ``image_id`` feature each record's image is a candidate of
+    its own (id: the record number, as the image corpus numbers it); without ``text_id`` a
+    caption's positives are every image paired with the same text."""
     del encoding  # TFDS text features are UTF-8 by definition
     tfds = import_tfds()
-    builder = _builder(spec)
+    builder = _builder(spec, data_dir)
     features, images, _ = _features_by_type(builder)
-    needed = {"text", "image_id", "text_id"}
-    if len(images) != 1 or not needed <= set(features):
+    if image_key is not None and image_key in images:
+        images = [image_key]
+    if len(images) != 1 or text_key not in features:
         raise DatasetError(
-            f"{builder.data_dir}: a TFDS retrieval set needs one Image feature and {sorted(needed)}; "
-            f"has {sorted(features)}"
+            f"{builder.data_dir}: a TFDS retrieval set needs one Image feature and a {text_key!r} text feature "
+            f"(optional: 'image_id', 'text_id'); has {sorted(features)}"
         )
     image_key = images[0]
     source = _split_source(builder, spec.split, decoders={image_key: tfds.decode.SkipDecoding()})
@@ -116,9 +125,11 @@ def _retrieval(spec, *, encoding: str = "utf-8") -> RetrievalSet:
     captions: dict[str, tuple[str, list]] = {}
     for r in range(len(source)):  # one pass over ids and captions; images stay encoded, unread
         rec = source[r]
-        iid, tid = as_text(rec["image_id"]), as_text(rec["text_id"])
+        text = as_text(rec[text_key])
+        iid = as_text(rec["image_id"]) if "image_id" in features else str(r)
+        tid = as_text(rec["text_id"]) if "text_id" in features else text
         record_of_image.setdefault(iid, r)
-        captions.setdefault(tid, (as_text(rec["text"]), []))[1].append(iid)
+        captions.setdefault(tid, (text, []))[1].append(iid)
     ids = list(record_of_image)
     records = [record_of_image[i] for i in ids]
     directory = builder.data_dir

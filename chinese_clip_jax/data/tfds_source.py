@@ -8,7 +8,10 @@ directory: ``tfds.builder_from_directory``), or a prepared TFDS dataset by name:
 
 Config keys (``data.tfds.*``): ``builder_dir``, or ``name`` (e.g. "my_pairs" or
 "my_pairs:1.0.0") with ``data_dir``; ``split`` (training split, any TFDS split string such as
-"train[:90%]"); ``eval_split`` (in-training retrieval; "" = none); ``eval_max_samples``;
+"train[:90%]"); ``eval_split`` (in-training retrieval: the split as ``ccj-eval retrieval --data
+tfds-dir:BUILDER_DIR@EVAL_SPLIT`` reads it, ``tfds_sets``, with ``image_key`` / ``text_key``;
+"" = none); ``eval_max_samples`` (at most this many of its captions:
+``sets.retrieval_eval_set``);
 ``image_key`` / ``text_key`` (feature names, default "image" / "text"). The image feature is
 read as its encoded bytes (``tfds.decode.SkipDecoding``) and decoded in the pipeline's workers
 with the processor, so pixels are those of ``ChineseCLIPImageProcessor``; an image stored as a
@@ -18,14 +21,11 @@ uint8 array is used as is.
 from __future__ import annotations
 
 import difflib
-import logging
 
-from ..processing import DEFAULT_CONTEXT_LENGTH
-from .source import Source
+from .source import EvalSplit, Source
+from .spec import Spec
 
-__all__ = ["TfdsSource", "import_tfds", "open_builder", "builder_by_name", "eval_sets"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["TfdsSource", "import_tfds", "open_builder", "builder_by_name"]
 
 
 def import_tfds():
@@ -56,9 +56,14 @@ def open_builder(c):
             )
         return tfds.builder_from_directory(str(path))
     if c.name:
-        data_dir = str(as_path(c.data_dir, what="data.tfds.data_dir")) if c.data_dir else None
-        return builder_by_name(c.name, data_dir, what="data.tfds.name")
+        return builder_by_name(c.name, _data_dir(c), what="data.tfds.name")
     raise ValueError("data.tfds: set data.tfds.builder_dir (a built directory) or data.tfds.name")
+
+
+def _data_dir(c) -> str | None:
+    from ..io import as_path
+
+    return str(as_path(c.data_dir, what="data.tfds.data_dir")) if c.data_dir else None
 
 
 def builder_by_name(name: str, data_dir: str | None, *, what: str = "data.tfds.name"):
@@ -153,49 +158,23 @@ class TfdsSource:
             return {"error": f"{type(e).__name__}: {e}", "where": where}
 
 
-def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
-    """{"retrieval": ...} over the first ``eval_max_samples`` pairs of ``eval_split``; images
-    held lazily (``LazyImages``: the evaluator decodes them batch by batch).
-
-    Images are deduplicated by ``image_id`` when the dataset has one; a text's positives are the
-    images paired with its ``text_id`` (or, without ids, with the same caption).
-    """
-    from .pipeline import CachingTokenizer, LazyImages, check_image
-
-    del image_size  # the evaluator decodes
+def _eval_split(c) -> EvalSplit | None:
+    """``tfds-dir:BUILDER_DIR@EVAL_SPLIT`` (or ``tfds:NAME@EVAL_SPLIT`` under ``data_dir``), read by
+    ``tfds_sets``; at most ``eval_max_samples`` captions."""
     if not c.eval_split:
-        return {}
-    source = TfdsSource(c, c.eval_split)
-    indices, image_slot, texts, text_slot, positives = [], {}, [], {}, []
-    for i in range(min(len(source), int(c.eval_max_samples))):
-        record = source[i]
-        try:
-            if record.get("error") or not record["text"]:
-                raise ValueError(record.get("error") or "empty caption")
-            image_key = record.get("image_id", i)
-            if image_key not in image_slot:
-                check_image(record["image"])
-                indices.append(i)
-                image_slot[image_key] = len(indices) - 1
-            text_key = record.get("text_id", record["text"])
-            if text_key not in text_slot:
-                text_slot[text_key] = len(texts)
-                texts.append(record["text"])
-                positives.append([])
-            if image_slot[image_key] not in positives[text_slot[text_key]]:
-                positives[text_slot[text_key]].append(image_slot[image_key])
-        except Exception as e:  # noqa: BLE001 - a broken eval sample is dropped, not fatal
-            logger.warning("tfds: dropping eval sample %s: %s", record["where"], e)
-    if not texts:
-        raise ValueError(f"data.tfds: no usable eval samples in split {c.eval_split!r}")
-    return {
-        "retrieval": {
-            "images": LazyImages(source, indices, "image"),
-            **CachingTokenizer(context_length)(texts),
-            "texts": texts,
-            "text_to_images": positives,
-        }
-    }
+        return None
+    split = str(c.eval_split)
+    features = {"text_key": c.text_key, "image_key": c.image_key}
+    if c.builder_dir:
+        spec = Spec("tfds-dir", str(c.builder_dir), split, f"tfds-dir:{c.builder_dir}@{split}")
+        return EvalSplit(spec, _EVAL, int(c.eval_max_samples), options=features)
+    if not c.name:
+        raise ValueError("data.tfds: set data.tfds.builder_dir (a built directory) or data.tfds.name")
+    spec = Spec("tfds", str(c.name), split, f"tfds:{c.name}@{split}")
+    return EvalSplit(spec, _EVAL, int(c.eval_max_samples), options={"data_dir": _data_dir(c), **features})
+
+
+_EVAL = "data.tfds.eval_split"
 
 
 def _check(c) -> None:
@@ -222,7 +201,7 @@ DEFAULTS = {
     "data_dir": "",  # TFDS data directory for name ("" = ~/tensorflow_datasets)
     "split": "train",  # training split (any TFDS split string, e.g. "train[:90%]")
     "eval_split": "",  # retrieval eval split ("" = none)
-    "eval_max_samples": 1000,  # at most this many eval pairs
+    "eval_max_samples": 1000,  # at most this many eval captions (the first; <= 0: the whole split)
     "image_key": "image",  # image feature name
     "text_key": "text",  # caption feature name
 }
@@ -231,7 +210,7 @@ SOURCE = Source(
     name="tfds",
     defaults=DEFAULTS,
     open_train=_open_train,
-    eval_sets=eval_sets,
+    eval_split=_eval_split,
     path_keys=("builder_dir", "data_dir"),
     check=_check,
 )

@@ -9,7 +9,12 @@ A key with no image or no caption, or a truncated tar, is logged, skipped and co
 
 Config keys (``data.webdataset.*``): ``shards`` (comma-separated paths, globs, brace ranges and
 alternations, e.g. "/data/{00000..00099}.tar" or "gs://b/{laion,wukong}/{000..009}.tar"),
-``eval_shards`` (same, for retrieval eval; "" = none), ``caption_keys`` (e.g. "txt,json"), ``eval_max_samples``.
+``eval_shards`` (same, for retrieval eval during training, read as ``ccj-eval retrieval --data
+webdataset:EVAL_SHARDS`` reads them; "" = none), ``caption_keys`` (e.g. "txt,json"),
+``eval_max_samples`` (at most this many eval captions: ``sets.retrieval_eval_set``).
+
+As a ``webdataset:SHARDS`` spec: training pairs, an image corpus (id "SHARD:KEY") and a
+retrieval split (``_retrieval``: each sample's image a candidate, the distinct captions queries).
 """
 
 from __future__ import annotations
@@ -25,13 +30,12 @@ import tarfile
 import numpy as np
 
 from ..io import RangeReader
-from ..processing import DEFAULT_CONTEXT_LENGTH
-from .pipeline import CachingTokenizer, LazyImages, check_image
-from .sets import DatasetError, ImageCorpus
-from .source import Offers, Source
+from .sets import DatasetError, ImageCorpus, LazyList, RetrievalSet, retrieval_set
+from .source import EvalSplit, Offers, Source
+from .spec import Spec
 from .text import TextDecodeError, decode_bytes
 
-__all__ = ["expand_shards", "TarSource", "eval_sets", "INDEX_DTYPE"]
+__all__ = ["expand_shards", "TarSource", "INDEX_DTYPE"]
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -226,54 +230,36 @@ class TarSource:
             block = self._read(shard, offset - tarfile.BLOCKSIZE, size + tarfile.BLOCKSIZE)
             where = f"{self.paths[shard]}:{self._key_of(block[: tarfile.BLOCKSIZE], offset)}"
             image = block[tarfile.BLOCKSIZE :]
-            data = self._read(shard, int(row["caption_offset"]), int(row["caption_size"]))
-            kind = self.caption_keys[int(row["kind"])]
             try:
-                raw = decode_bytes(data, where=f"{where}.{kind}", encoding=self.encoding, retry=self._retry)
+                text = self.caption(index, where)
             except TextDecodeError as e:
                 return {"error": str(e), "where": where}
-            text = json.loads(raw).get("caption") if kind == "json" else raw.strip()
         except Exception as e:  # noqa: BLE001 - reported as a skipped sample
             return {"error": f"{type(e).__name__}: {e}", "where": where}
         return {"image": image, "text": text, "where": where}
 
+    def name(self, index: int) -> str:
+        """ "SHARD:KEY": how records name sample ``index`` (its image member's tar header)."""
+        return f"{self.paths[int(self._rows[index]['shard'])]}:{self.key(index)}"
 
-def eval_sets(c, *, image_size: int, context_length: int = DEFAULT_CONTEXT_LENGTH) -> dict:
-    """{"retrieval": ...} over the first ``eval_max_samples`` good samples of ``eval_shards``.
+    def caption(self, index: int, where: str | None = None) -> str:
+        """Sample ``index``'s caption alone (its image is not read); raises when it cannot be read
+        (``TextDecodeError`` naming ``where``, the sample, for bytes not in ``encoding``)."""
+        row = self._rows[index]
+        data = self._read(int(row["shard"]), int(row["caption_offset"]), int(row["caption_size"]))
+        kind = self.caption_keys[int(row["kind"])]
+        where = where or self.name(index)
+        raw = decode_bytes(data, where=f"{where}.{kind}", encoding=self.encoding, retry=self._retry)
+        return json.loads(raw).get("caption") if kind == "json" else raw.strip()
 
-    text_to_images: each caption's positives are all images with exactly that caption.
-    """
+
+def _eval_split(c) -> EvalSplit | None:
+    """``webdataset:EVAL_SHARDS`` with the source's caption keys; at most ``eval_max_samples`` captions."""
     if not c.eval_shards:
-        return {}
-    del image_size  # the evaluator decodes, batch by batch
-    source = TarSource(c.eval_shards, c.caption_keys)
-    indices, texts = [], []
-    for i in range(len(source)):
-        if len(texts) >= c.eval_max_samples:
-            break
-        record = source[i]
-        try:
-            if record.get("error") or not record["text"]:
-                raise ValueError(record.get("error") or "empty caption")
-            check_image(record["image"])
-            indices.append(i)
-            texts.append(record["text"])
-        except Exception as e:  # noqa: BLE001 - a broken eval sample is dropped, not fatal
-            logger.warning("webdataset: dropping eval sample %s: %s", record["where"], e)
-    if not texts:
-        raise ValueError(f"webdataset: no usable eval samples in {c.eval_shards!r}")
-    by_text: dict[str, list[int]] = {}
-    for i, t in enumerate(texts):
-        by_text.setdefault(t, []).append(i)
-    images = LazyImages(source, indices, "image")
-    return {
-        "retrieval": {
-            "images": images,
-            **CachingTokenizer(context_length)(texts),
-            "texts": texts,
-            "text_to_images": [by_text[t] for t in texts],
-        }
-    }
+        return None
+    spec = Spec("webdataset", str(c.eval_shards), None, f"webdataset:{c.eval_shards}")
+    options = {"caption_keys": c.caption_keys}
+    return EvalSplit(spec, "data.webdataset.eval_shards", int(c.eval_max_samples), options=options)
 
 
 def _open_train(c, *, image_size: int, shard=None) -> TarSource:
@@ -295,14 +281,14 @@ DEFAULTS = {
     "shards": "",  # tar shards: comma-separated paths, globs, braces ("/data/{00000..00099}.tar"); local or gs://
     "eval_shards": "",  # the same, for retrieval eval ("" = none)
     "caption_keys": "txt,json",  # caption member, first present: txt (its text) or json (its "caption")
-    "eval_max_samples": 1000,  # at most this many eval samples
+    "eval_max_samples": 1000,  # at most this many eval captions (the first; <= 0: all of the shards)
 }
 
 SOURCE = Source(
     name="webdataset",
     defaults=DEFAULTS,
     open_train=_open_train,
-    eval_sets=eval_sets,
+    eval_split=_eval_split,
     path_keys=("shards", "eval_shards"),
     build_records=_build_records,
 )
@@ -327,12 +313,63 @@ class _Images:
         return out
 
 
-def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
+def _tar_source(spec, encoding: str, caption_keys: str = "txt,json") -> TarSource:
     try:
-        source = TarSource(spec.location, encoding=encoding, retry="--encoding")
+        return TarSource(spec.location, caption_keys, encoding=encoding, retry="--encoding")
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(f"{spec}: {str(e).splitlines()[0]}") from e
-    return ImageCorpus(_Images(source), f"webdataset:{spec.location}")
 
 
-OFFERS = (Offers("webdataset", images=_images, training=lambda spec: ("webdataset", {"shards": spec.location})),)
+def _images(spec, *, encoding: str = "utf-8") -> ImageCorpus:
+    return ImageCorpus(_Images(_tar_source(spec, encoding)), f"webdataset:{spec.location}")
+
+
+def _image(source: TarSource, i: int) -> bytes:
+    record = source[i]
+    if record.get("error"):
+        raise OSError(record["error"])
+    return record["image"]
+
+
+def _retrieval(spec, *, encoding: str = "utf-8", caption_keys: str = "txt,json") -> RetrievalSet:
+    """The shards as a retrieval set: every sample's image is a candidate, in shard and member
+    order, with id "SHARD:KEY" (``ccj-embed``'s record id); the queries are the distinct captions
+    in first-seen order, each with every image that has exactly that caption as its positives. A
+    caption that cannot be read is listed in ``skipped`` (its image stays a candidate).
+    ``caption_keys``: the trainer's ``data.webdataset.caption_keys``."""
+    source = _tar_source(spec, encoding, caption_keys)
+    ids, by_text, skipped = [], {}, []
+    for i in range(len(source)):  # ids and captions; images stay unread
+        name = source.name(i)
+        ids.append(name)
+        try:
+            text = source.caption(i, name)
+        except Exception as e:  # noqa: BLE001 - one unreadable caption is listed, not fatal
+            skipped.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if isinstance(text, str) and text.strip():
+            by_text.setdefault(text, []).append(name)
+        else:
+            skipped.append(f"{name}: empty caption")
+    if source.skipped_at_index:
+        skipped.append(f"{spec.location}: {source.skipped_at_index} keys without an image or a caption")
+    captions = [(t, text, names) for t, (text, names) in enumerate(by_text.items())]
+    return retrieval_set(
+        LazyList(len(ids), lambda i: _image(source, i)),
+        ids,
+        captions,
+        "webdataset",
+        f"webdataset:{spec.location}",
+        where=lambda i: ids[i],
+        skipped=skipped,
+    )
+
+
+OFFERS = (
+    Offers(
+        "webdataset",
+        retrieval=_retrieval,
+        images=_images,
+        training=lambda spec: ("webdataset", {"shards": spec.location}),
+    ),
+)

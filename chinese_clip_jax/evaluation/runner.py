@@ -88,9 +88,11 @@ def embed_images(
     batch_size: int | None = None,
     progress: bool | None = None,
     max_bad: int | None = None,
+    max_bad_flag: str = "--max-bad",
 ) -> tuple[np.ndarray, list[BadImage]]:
     """-> ((N, D) float32 embeddings, bad images). A bad image's row is meaningless (it was
     embedded from a blank image to keep the batch); the caller drops the rows listed in ``bad``.
+    ``max_bad_flag``: the setting the cap's error names (the trainer's ``data.max_bad``).
 
     ``preprocess(items, start)`` -> float32 (len(items), 3, H, W); a batch that fails is redone
     one image at a time to find the bad ones.
@@ -105,7 +107,7 @@ def embed_images(
         bad.append(BadImage(i, name_of(i), reason))
         if len(bad) > limit:
             shown = "; ".join(f"{b.image}: {b.reason}" for b in bad[:3])
-            raise TooManyBadImages(too_many(len(bad), n, limit, shown, what="images"))
+            raise TooManyBadImages(too_many(len(bad), n, limit, shown, what="images", flag=max_bad_flag))
 
     def guarded(chunk, start):
         if not any(isinstance(x, _Unreadable) for x in chunk):
@@ -147,7 +149,7 @@ class ZeroShotScores:
     confusion: np.ndarray  # (C, C) [true, predicted] counts over the read images
 
 
-def _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad):
+def _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad, max_bad_flag):
     """``embed_images`` plus the mask of the images that were read (False where one was skipped)."""
     embeds, bad = embed_images(
         encoder,
@@ -158,6 +160,7 @@ def _embed_readable(encoder, images, preprocess, name_of, params, batch_size, pr
         batch_size=batch_size,
         progress=progress,
         max_bad=max_bad,
+        max_bad_flag=max_bad_flag,
     )
     ok = np.ones(len(images), bool)
     ok[[b.index for b in bad]] = False
@@ -177,6 +180,7 @@ def zero_shot_scores(
     batch_size: int | None = None,
     progress: bool | None = None,
     max_bad: int | None = None,
+    max_bad_flag: str = "--max-bad",
     topk: Sequence[int] = (1, 5),
 ) -> ZeroShotScores:
     """Prompt-ensemble class embeddings of ``class_prompts`` (prompts per class, ``tokenize``d),
@@ -185,7 +189,8 @@ def zero_shot_scores(
     if len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     classes = encoder.class_embeddings(class_prompts, tokenize, params=params, batch_size=batch_size, progress=False)
-    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad)
+    cap = (max_bad, max_bad_flag)
+    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, *cap)
     if not ok.any():
         raise TooManyBadImages(
             f"none of the {len(labels)} images could be read; first: {bad[0].image}: {bad[0].reason}"
@@ -230,6 +235,7 @@ def retrieval_scores(
     batch_size: int | None = None,
     progress: bool | None = None,
     max_bad: int | None = None,
+    max_bad_flag: str = "--max-bad",
 ) -> RetrievalScores:
     """``text_tokens``: {"input_ids", "attention_mask"[, "token_type_ids"]} (T, L) of the texts."""
     texts = encoder.encode_text(
@@ -242,7 +248,8 @@ def retrieval_scores(
     )
     if len(text_to_images) != len(texts):
         raise ValueError(f"text_to_images has {len(text_to_images)} entries for {len(texts)} texts")
-    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, max_bad)
+    cap = (max_bad, max_bad_flag)
+    embeds, bad, ok = _embed_readable(encoder, images, preprocess, name_of, params, batch_size, progress, *cap)
     new_index = np.cumsum(ok) - 1  # set index -> index among the read images
     scored, positives, orphaned = [], [], []
     for t, pos in enumerate(text_to_images):

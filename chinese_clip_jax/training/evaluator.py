@@ -1,6 +1,13 @@
 """Evaluation during training: the eval sets go through ``chinese_clip_jax.evaluation.runner``
 (the runner ``ccj-eval`` and ``evaluation.zero_shot`` / ``retrieval`` use), embedded by an
-``encoding.Encoder`` with the (sharded) params; bad images are skipped and logged, never fatal.
+``encoding.Encoder`` with the (sharded) params.
+
+Unreadable images follow the one policy of ``data.bad_records``, as in training, ``ccj-eval`` and
+``ccj-embed``: skipped, counted (``{set}/bad_images`` in the metrics the trainer logs, when any),
+named (each in the log, once; the first in the warning) and capped by ``max_bad`` (the run's
+``data.max_bad``; -1 / None: 1% of the set's images, at least 5): one more stops the run with
+``TooManyBadImages``, one line naming the first ones. A set that skipped anything says so once
+per run in one warning line on stderr (``bad_records.skipped_line``).
 
 An eval set holds its images as ``images``: a random-access sequence of raw images (uint8
 arrays, encoded bytes, base64 strings: what ``data.pipeline.ImageDecoder`` reads), decoded one
@@ -13,6 +20,7 @@ every process, so the same code runs on one device or many hosts.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -37,7 +45,10 @@ class Evaluator:
     evaluation transform): ``processing.eval_transform``.
     context_length: the tokenizer length of zero-shot prompts (the run's ``context_length``).
     ``predictions[set]``: each zero-shot set's top-1 class per image at the last call (-1: an
-    image that could not be read). ``bad_images[set]``: the images skipped at the last call.
+    image that could not be read). ``bad_images[set]``: the images skipped at the last call
+    (``runner.BadImage``: index, name, reason), named by the set's ``image_name`` (a callable,
+    e.g. ``data.sets.retrieval_eval_set``'s) or ``image_names`` (a sequence) when it has one.
+    max_bad: unreadable images tolerated per set (module docstring).
     """
 
     def __init__(
@@ -50,6 +61,7 @@ class Evaluator:
         resize_mode: str = "center",
         progress: bool = False,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
+        max_bad: int | None = None,
     ):
         from ..data.pipeline import ImageDecoder
 
@@ -61,6 +73,8 @@ class Evaluator:
         self.context_length = int(context_length)
         self.predictions: dict[str, np.ndarray] = {}  # zero-shot set -> top-1 class per image, last call
         self.bad_images: dict[str, list] = {}
+        self.max_bad = None if max_bad is None or int(max_bad) < 0 else int(max_bad)
+        self._warned: set[str] = set()  # sets whose skipped images were already reported
         size = model.config.vision_config.image_size
         self._decode = ImageDecoder(size, crop=resize_mode)
 
@@ -80,8 +94,12 @@ class Evaluator:
             encode = CachingTokenizer(self.context_length)
         return encode
 
-    def _no_limit(self, s: dict) -> int:
-        return len(self._images(s)[0])  # in training a bad eval image is logged, never fatal
+    def _cap(self, s: dict) -> dict:
+        """The runner's bad-image arguments for set ``s``: its names, the cap and the setting."""
+        names = s.get("image_name")
+        if names is None and s.get("image_names") is not None:
+            names = s["image_names"].__getitem__
+        return {"name_of": names, "max_bad": self.max_bad, "max_bad_flag": "data.max_bad"}
 
     def zero_shot(self, params, name: str, encode=None) -> runner.ZeroShotScores:
         """The runner's scores of zero-shot set ``name``."""
@@ -96,7 +114,7 @@ class Evaluator:
             preprocess=preprocess,
             params=params,
             progress=self.progress,
-            max_bad=self._no_limit(s),
+            **self._cap(s),
         )
 
     def retrieval(self, params, name: str) -> runner.RetrievalScores:
@@ -111,7 +129,7 @@ class Evaluator:
             preprocess=preprocess,
             params=params,
             progress=self.progress,
-            max_bad=self._no_limit(s),
+            **self._cap(s),
         )
 
     def __call__(self, params, encode=None) -> dict[str, float]:
@@ -127,13 +145,28 @@ class Evaluator:
                 metrics.update({f"{name}/{k}": float(v) for k, v in scores.metrics.items()})
             else:
                 continue
-            self.bad_images[name] = scores.bad_images
-            if scores.bad_images:
-                b = scores.bad_images[0]
-                logger.warning(
-                    "eval set %s: %d images skipped (first: %s: %s)", name, len(scores.bad_images), b.image, b.reason
-                )
+            bad = scores.bad_images
+            self.bad_images[name] = bad
+            if bad:
+                metrics[f"{name}/bad_images"] = float(len(bad))
+                self._report_once(name, bad, len(self._images(s)[0]))
         return metrics
+
+    def _report_once(self, name: str, bad: list, n: int) -> None:
+        """The first time set ``name`` skips images: each named in the log, one line on stderr."""
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        import jax
+
+        from ..data.bad_records import skipped_line
+
+        for b in bad:
+            logger.warning("eval set %s: skipped %s: %s", name, b.image, b.reason)
+        if jax.process_index() == 0:
+            first = f"{bad[0].image}: {bad[0].reason}"
+            line = skipped_line(len(bad), n, first, what=f"images of eval set {name}", listed="the log")
+            print(line, file=sys.stderr, flush=True)
 
     def chance(self) -> dict[str, float]:
         """Expected metrics of a random ranking: zero-shot 1/classes and 5/classes; retrieval

@@ -356,6 +356,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
                 resize_mode=resize_mode,
                 progress=progress and jax.process_index() == 0,
                 context_length=config.context_length,
+                max_bad=config.data.get("max_bad", -1),
             )
             if eval_sets
             else None

@@ -47,3 +47,32 @@ def test_convert_into_a_file_is_named_as_a_file(small_hf_dir, tmp_path):
         f"error: OUT {target}: is a file, not a directory; choose a new or empty directory"
     ]
     assert target.read_text() == "mine\n"
+
+
+def test_a_gs_out_is_staged_and_written_only_when_the_conversion_succeeds(
+    small_hf_dir, tmp_path, fake_gcs, capsys, monkeypatch
+):
+    """OUT gs://... goes through io.staged_output (in-process: the fake gs:// lives in this
+    process): the files are those of the same conversion into a local OUT; a conversion that
+    fails after writing its weights copies nothing."""
+    from chinese_clip_jax.conversion import cli
+    from chinese_clip_jax.conversion.cli import main
+    from chinese_clip_jax.io import as_path
+
+    local = tmp_path / "local"
+    assert main([str(small_hf_dir), str(local), "--to", "hf", "--skip-parity"]) == 0
+    assert main([str(small_hf_dir), "gs://bucket/conv", "--to", "hf", "--skip-parity"]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert as_path(f"gs://bucket/conv/{name}").read_bytes() == (local / name).read_bytes(), name
+    assert sorted(p.name for p in as_path("gs://bucket/conv").iterdir()) == sorted(os.listdir(local))
+    capsys.readouterr()
+    written = []
+
+    def card_fails(args, out, *rest):  # the weights are in the staged OUT; then the card fails
+        written.extend(sorted(os.listdir(out)))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cli, "_write_card", card_fails)
+    assert main([str(small_hf_dir), "gs://bucket/failed", "--to", "hf", "--skip-parity"]) == 2
+    assert capsys.readouterr().err.strip() == "error: No space left on device"
+    assert "model.safetensors" in written and not [k for k in fake_gcs.store if k.startswith("bucket/failed")]

@@ -3,7 +3,9 @@ decoding path (``data.text``) and one bad-record policy (``data.bad_records``).
 
 The done-criterion: the same spec string gives the same image ids, in the same order, to
 ``ccj-eval retrieval`` (``open_retrieval``), ``ccj-embed`` (``open_images``) and a trainer eval
-set (``data.eval_spec``); the reference is the order the files were written in by this test.
+set, named by ``data.eval_spec`` or by the source's own eval keys (``data.cn_clip.eval_split``,
+``data.files.eval_table``, ``data.tfds.eval_split``, ``data.webdataset.eval_shards``); the
+reference is the order the files were written in by this test.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
+from _makers import write_tar
 
 from chinese_clip_jax.data import default_data_config, eval_sets, train_iterator
 from chinese_clip_jax.data.readers import open_classification, open_images, open_retrieval, read_texts
@@ -73,11 +76,52 @@ def _ids_everywhere(spec: str) -> tuple[list, list, list]:
     return evaluated, embedded, trained
 
 
+def _trained_by_keys(name: str, **keys) -> dict:
+    """The trainer's eval set named by ``data.<name>``'s own eval keys (no ``data.eval_spec``)."""
+    cfg = default_data_config(name)
+    for key, value in keys.items():
+        cfg[name][key] = value
+    return eval_sets(cfg, image_size=8)["retrieval"]
+
+
+def _ids(s: dict) -> list[str]:
+    return [str(i) for i in s["image_ids"]]
+
+
 def test_a_cn_clip_split_gives_the_same_ids_everywhere(one_set):
     root, expected = one_set
     for spec in (f"cn_clip:{root / 'cn'}@valid", f"cn_clip:{root / 'cn'}", str(root / "cn")):
         evaluated, embedded, trained = _ids_everywhere(spec)
         assert evaluated == embedded == trained == expected["cn_clip"], spec
+    by_keys = _trained_by_keys("cn_clip", root=str(root / "cn"), eval_split="valid")
+    assert _ids(by_keys) == expected["cn_clip"] and by_keys["texts"] == CAPTIONS
+
+
+def test_a_cn_clip_root_with_both_layouts_gives_each_layouts_ids(one_set):
+    """cn_clip's own dataset folder holds the TSV files and their LMDB build side by side:
+    data.cn_clip.format picks the layout, and the ids are those ccj-eval reads from it (LMDB: key
+    order; ``cn_clip:ROOT/lmdb`` spells that layout)."""
+    lmdb = pytest.importorskip("lmdb")
+    import pickle
+
+    root, expected = one_set
+    cn = root / "cn"
+    split = cn / "lmdb" / "valid"
+    split.mkdir(parents=True)
+    lines = (cn / "valid_imgs.tsv").read_text().splitlines()
+    with lmdb.open(str(split / "imgs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for line in lines:
+            image_id, b64 = line.split("\t")
+            txn.put(image_id.encode(), b64.encode())
+    with lmdb.open(str(split / "pairs"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for k, (text, image_id) in enumerate(zip(CAPTIONS, expected["cn_clip"], strict=True)):
+            txn.put(str(k).encode(), pickle.dumps((int(image_id), k, text)))
+        txn.put(b"num_samples", str(len(CAPTIONS)).encode())
+    key_order = sorted(expected["cn_clip"])  # LMDB iterates its keys sorted
+    evaluated = [str(i) for i in open_retrieval(f"cn_clip:{cn / 'lmdb'}@valid").image_ids]
+    assert evaluated == key_order
+    for fmt, ids in (("lmdb", key_order), ("tsv", expected["cn_clip"])):
+        assert _ids(_trained_by_keys("cn_clip", root=str(cn), eval_split="valid", format=fmt)) == ids, fmt
 
 
 def test_a_files_table_gives_the_same_ids_everywhere(one_set):
@@ -85,6 +129,53 @@ def test_a_files_table_gives_the_same_ids_everywhere(one_set):
     for spec in (f"files:{root / 'pairs.csv'}", str(root / "pairs.csv")):
         evaluated, embedded, trained = _ids_everywhere(spec)
         assert evaluated == embedded == trained == expected["files"], spec
+    by_keys = _trained_by_keys("files", table=str(root / "pairs.csv"), eval_table=str(root / "pairs.csv"))
+    assert _ids(by_keys) == expected["files"] and by_keys["texts"] == CAPTIONS
+
+
+def test_webdataset_shards_give_the_same_ids_everywhere(tmp_path):
+    members = []
+    for k, caption in zip(["k3", "k1", "k2"], ["一只猫", "一条狗", "一只猫"], strict=True):
+        members += [(f"{k}.png", _image_bytes(len(members))), (f"{k}.txt", caption.encode())]
+    write_tar(tmp_path / "00000.tar", members)
+    spec = f"webdataset:{tmp_path / '00000.tar'}"
+    expected = [f"{tmp_path / '00000.tar'}:{k}" for k in ("k3", "k1", "k2")]  # member order
+    evaluated, embedded, trained = _ids_everywhere(spec)
+    assert evaluated == embedded == trained == expected
+    by_keys = _trained_by_keys("webdataset", eval_shards=str(tmp_path / "00000.tar"))
+    assert _ids(by_keys) == expected
+    assert by_keys["texts"] == ["一只猫", "一条狗"] and by_keys["text_to_images"] == [[0, 2], [1]]
+
+
+def test_the_eval_cap_keeps_the_first_captions_and_the_images_they_name(tmp_path):
+    """``eval_max_texts`` / ``eval_max_samples``: one meaning for every source (the first N
+    captions of the split as ccj-eval reads it; as candidates the images they name, in the
+    split's order); a cap the split does not reach changes nothing. Hand-written positives."""
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    (cn / "valid_imgs.tsv").write_text(
+        "".join(f"{i}\t{base64.b64encode(_image_bytes(i)).decode()}\n" for i in (5, 6, 7))
+    )
+    captions = [("c0", [7]), ("c1", [5, 7]), ("c2", [6])]
+    (cn / "valid_texts.jsonl").write_text(
+        "".join(json.dumps({"text_id": t, "text": c, "image_ids": i}) + "\n" for t, (c, i) in enumerate(captions))
+    )
+    capped = _trained_by_keys("cn_clip", root=str(cn), eval_split="valid", eval_max_texts=2)
+    assert _ids(capped) == ["5", "7"] and capped["texts"] == ["c0", "c1"]
+    assert capped["text_to_images"] == [[1], [0, 1]] and len(capped["images"]) == 2
+    assert capped["images"][0] == _image_bytes(5) and capped["image_name"](1).startswith("image 7 (")
+    for cap in (3, 0):
+        whole = _trained_by_keys("cn_clip", root=str(cn), eval_split="valid", eval_max_texts=cap)
+        assert _ids(whole) == ["5", "6", "7"] and whole["text_to_images"] == [[2], [0, 2], [1]]
+    table = tmp_path / "t.jsonl"  # the same cap through data.files.eval_max_samples
+    table.write_text(
+        "".join(json.dumps({"image": f"cn/{i}.png", "caption": c}) + "\n" for c, ids in captions for i in ids)
+    )
+    for i in (5, 6, 7):
+        (cn / f"{i}.png").write_bytes(_image_bytes(i))
+    capped = _trained_by_keys("files", table=str(table), eval_table=str(table), eval_max_samples=2)
+    assert [i.rsplit("/", 1)[1] for i in _ids(capped)] == ["7.png", "5.png"]  # the table's image order
+    assert capped["text_to_images"] == [[0], [1, 0]]
 
 
 def test_a_tfds_directory_gives_the_same_ids_everywhere(one_set, capsys):
@@ -96,10 +187,13 @@ def test_a_tfds_directory_gives_the_same_ids_everywhere(one_set, capsys):
     # data.build takes the spec too: files:TABLE gives the format, --split names the split written
     assert build.main([f"files:{root / 'pairs.csv'}", str(out), "--split", "valid", "--workers", "1"]) == 0
     capsys.readouterr()
+    expected = ["imgs/d.png", "imgs/b.png", "imgs/c.png", "imgs/a.png"]
     for spec in (f"tfds-dir:{out}@valid", f"tfds-dir:{out}", str(out)):
         evaluated, embedded, trained = _ids_everywhere(spec)
         # data.build writes the table's pairs in row order; image ids are the table's relative paths
-        assert evaluated == embedded == trained == ["imgs/d.png", "imgs/b.png", "imgs/c.png", "imgs/a.png"], spec
+        assert evaluated == embedded == trained == expected, spec
+    by_keys = _trained_by_keys("tfds", builder_dir=str(out), eval_split="valid")
+    assert _ids(by_keys) == expected and by_keys["texts"] == CAPTIONS
 
 
 def test_data_build_takes_a_cn_clip_spec_and_keeps_its_records(one_set, capsys):

@@ -167,6 +167,42 @@ def test_tfds_eval_split_and_bad_keys(tfds_dir):
         train_iterator(cfg, global_batch_size=2, seed=0, image_size=S, process_index=0, process_count=1)
 
 
+def test_tfds_eval_split_without_ids_uses_the_sources_feature_keys(tmp_path):
+    """data.tfds.eval_split of a dataset with other feature names and no image_id / text_id: the
+    trainer's keys reach the shared reader; each record's image is a candidate (id = the record
+    number, as ccj-embed numbers it), a caption's positives are the images with that text."""
+    import tensorflow_datasets as tfds
+
+    from chinese_clip_jax.data.readers import open_images
+
+    rows = [("猫", jpeg(1)), ("狗", jpeg(2)), ("猫", jpeg(3))]
+
+    class NoIdPairs(tfds.core.GeneratorBasedBuilder):
+        __module__ = "tiny_builders"  # one part: tfds looks no code file up for it
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"jpeg": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"valid": self._generate_examples()}
+
+        def _generate_examples(self):
+            for n, (text, image) in enumerate(rows):
+                yield n, {"jpeg": io.BytesIO(image), "caption": text}
+
+    builder = NoIdPairs(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    cfg = _tfds_cfg(builder.data_dir)
+    cfg.tfds.update(eval_split="valid", image_key="jpeg", text_key="caption")
+    r = eval_sets(cfg, image_size=S)["retrieval"]
+    assert r["image_ids"] == [0, 1, 2] and r["texts"] == ["猫", "狗"] and r["text_to_images"] == [[0, 2], [1]]
+    embedded = open_images(f"tfds-dir:{builder.data_dir}@valid").records
+    assert [embedded[i]["id"] for i in range(len(embedded))] == r["image_ids"]
+    np.testing.assert_array_equal(ImageDecoder(S)(r["images"][1]), ImageDecoder(S)(rows[1][1]))
+
+
 def _with_eval(out):
     cfg = _tfds_cfg(out)
     cfg.tfds.eval_split = "valid"
@@ -272,9 +308,21 @@ def test_gs_paths_follow_the_epath_route(tmp_path, fake_gcs):
         "gs://bucket/wds/{a0,b1}.tar", "gs://bucket/ds", fmt="webdataset", split="train", progress=False
     )
     assert summary["written"] == 4 and fake_gcs.store.get("bucket/ds/dataset_info.json") is not None
+    # a second split joins the first in the same gs:// OUT (io.staged_output copies into it)
+    build_mod.build("gs://bucket/wds/a0.tar", "gs://bucket/ds", fmt="webdataset", split="valid", progress=False)
     local = copy_tree(as_path("gs://bucket/ds"), as_path(tmp_path / "ds"))
     _, records = read_tfds(local)
     assert sorted(r["text"].decode() for r in records) == sorted(t for t, _ in good.values())
+    _, records = read_tfds(local, "valid")
+    assert sorted(r["text"].decode() for r in records) == sorted(t for k, (t, _) in good.items() if k < "001")
+    # a build that fails copies nothing to gs://: no half-written OUT
+    write_tar(tmp_path / "bad.tar", [("x.jpg", b"\xff\xd8\xff not a jpeg"), ("x.txt", "坏的".encode())])
+    copy_tree(as_path(tmp_path / "bad.tar"), as_path("gs://bucket/wds/bad.tar"))
+    with pytest.raises(ValueError, match="no usable"):
+        build_mod.build(
+            "gs://bucket/wds/bad.tar", "gs://bucket/failed", fmt="webdataset", split="train", progress=False
+        )
+    assert not [k for k in fake_gcs.store if k.startswith("bucket/failed")]
 
 
 def test_unknown_scheme_or_missing_backend_fails_before_any_work(tmp_path, monkeypatch):

@@ -306,6 +306,48 @@ def test_a_truncated_a_zero_byte_and_a_missing_image_are_skipped_and_listed(save
         evaluation.zero_shot(clip, f"folder:{root}", templates=TEMPLATES, batch_size=8, max_bad=2, progress=False)
 
 
+def test_the_trainers_eval_set_skips_counts_names_and_caps_bad_images(saved_tiny, tmp_path, capsys):
+    """A trainer eval set (data.files.eval_table) with one corrupt image follows data.bad_records:
+    under data.max_bad 0 one error line naming the file; under 1 it completes, warns once per run,
+    logs the count, and scores what the same set without that row scores (run from scratch)."""
+    from chinese_clip_jax.data import default_data_config, eval_sets
+    from chinese_clip_jax.data.bad_records import TooManyBadRecords
+    from chinese_clip_jax.training.evaluator import Evaluator
+
+    _, _, clip, _ = saved_tiny
+    rng = np.random.default_rng(5)
+    rows = [(f"{i}.png", f"第{i}张") for i in range(5)]
+    for name, _ in rows:
+        (tmp_path / name).write_bytes(png(rng, 30, 40))
+    (tmp_path / "2.png").write_bytes(b"not an image at all")
+    tables = {}
+    for kind, kept in (("bad", rows), ("clean", [r for r in rows if r[0] != "2.png"])):
+        tables[kind] = tmp_path / f"{kind}.csv"
+        tables[kind].write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c in kept), encoding="utf-8")
+
+    def evaluator(kind, max_bad):
+        cfg = default_data_config("files")
+        cfg.files.eval_table = str(tables[kind])
+        sets = eval_sets(cfg, image_size=RES)
+        return Evaluator(clip.model, clip.mesh, clip.encoder.param_shardings, sets, chunk=8, max_bad=max_bad)
+
+    with pytest.raises(TooManyBadRecords) as e:
+        evaluator("bad", 0)(clip.params)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "2.png") in message
+    assert message.startswith("more than 0 of 5 images could not be read (data.max_bad 0; 1 so far)")
+    capsys.readouterr()
+    ev = evaluator("bad", 1)
+    got = ev(clip.params)
+    assert got["retrieval/bad_images"] == 1.0 and [b.index for b in ev.bad_images["retrieval"]] == [2]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: 1 of 5 images of eval set retrieval could not be read")
+    assert str(tmp_path / "2.png") in err[0]
+    assert ev(clip.params) == got and capsys.readouterr().err == ""  # once per run, the count every time
+    clean = evaluator("clean", 0)(clip.params)
+    assert {k: v for k, v in got.items() if k != "retrieval/bad_images"} == clean
+
+
 def _templates(tmp_path):
     p = tmp_path / "templates.txt"
     p.write_text("\n".join(TEMPLATES) + "\n", encoding="utf-8")
