@@ -102,7 +102,13 @@ def main(argv=None) -> None:
                     if best and not args.start:
                         start = best.batch_size // shards
                     misses = [r.batch_size // shards for r in tried if not r.fits]
-                    per_device = f"{best.batch_size // shards}" if best else "none fits"
+                    low, gib = tried[0], targets.GiB  # the smallest batch compiled
+                    per_device = (
+                        f"{best.batch_size // shards}"
+                        if best
+                        else f"none fits ({low.batch_size // shards} rows need {low.peak_bytes / gib:.1f} GiB; "
+                        f"params + optimizer state alone {low.state_bytes / gib:.1f})"
+                    )
                     if misses and best:  # the bracket the search ended on
                         per_device += f" ({min(misses)} does not fit)"
                     peak = (
