@@ -281,8 +281,11 @@ def _with_accum(config, accum_steps: int):
     return c
 
 
+AUTO_MARGIN = 0.05  # of the usable memory that accum_steps "auto" leaves free
+
+
 def fewest_accum_steps(
-    config, target: Target, *, margin: float = 0.05, max_compiles: int = 5, model_config=None, log=print
+    config, target: Target, *, margin: float = AUTO_MARGIN, max_compiles: int = 5, model_config=None, log=print
 ):
     """``accum_steps="auto"``: the fewest micro-batches K whose step fits ``target`` (K divides
     the per-device batch; the gradient is the full-batch one whatever K, ``training.step``).
@@ -420,9 +423,11 @@ def _short(r: CompileReport) -> str:
     return f"batch {r.batch_size}: peak {_gib(r.peak_bytes)} of {_gib(r.usable_bytes)} per device, {state}"
 
 
-def does_not_fit_line(r: CompileReport) -> str:
-    """The one line printed when the step does not fit, with the knobs that would help."""
-    over = r.peak_bytes - r.usable_bytes
+def does_not_fit_line(r: CompileReport, margin: float = 0.0) -> str:
+    """The one line printed when the step does not fit (with ``margin`` of the usable memory left
+    free: ``fewest_accum_steps``), with the knobs that would help."""
+    limit = int(r.usable_bytes * (1 - margin))
+    over = r.peak_bytes - limit
     knobs = []
     if r.mesh.get("fsdp", 1) == 1:
         knobs.append("--config.mesh.fsdp=N (shard params and optimizer state)")
@@ -438,8 +443,12 @@ def does_not_fit_line(r: CompileReport) -> str:
             f"or XLA_PYTHON_CLIENT_MEM_FRACTION={math.ceil(100 * r.peak_bytes / r.device_bytes) / 100 + 0.02:.2f}"
         )
     return (
-        f"does not fit {r.target} at batch {r.batch_size}: needs {_gib(r.peak_bytes)} per device of "
-        f"{_gib(r.usable_bytes)}, over by {over / GiB:.2f} GiB; try " + ", ".join(knobs)
+        f"does not fit {r.target} at batch {r.batch_size}"
+        + (f" in {r.accum_steps} micro-batches" if r.accum_steps > 1 else "")
+        + f": needs {_gib(r.peak_bytes)} per device of {_gib(r.usable_bytes)}"
+        + (f" ({_gib(limit)} with {margin:.0%} left free)" if margin else "")
+        + f", over by {over / GiB:.2f} GiB; try "
+        + ", ".join(knobs)
     )
 
 
@@ -525,7 +534,7 @@ def run(config, target_text: str, *, max_batch: bool = False, out=print) -> int:
         if config.accum_steps == AUTO:
             k, report, tried = fewest_accum_steps(config, target, log=out)
             if k is None:
-                out(does_not_fit_line(report))
+                out(does_not_fit_line(report, margin=AUTO_MARGIN))
                 return 1
             out(f"accum_steps 'auto' -> {k}: the fewest micro-batches that fit ({len(tried)} compiles)")
             out(format_report(report))

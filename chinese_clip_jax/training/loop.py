@@ -228,7 +228,7 @@ def resolve_accum_steps(config, model_config, recorded: int | None = None):
     fewest micro-batches whose step, compiled for this host's devices, fits their memory
     (``compile.fewest_accum_steps``); a step that fits at no K is a ``ValueError`` with the
     does-not-fit line. Every process gets process 0's K."""
-    from .compile import AUTO, does_not_fit_line, fewest_accum_steps
+    from .compile import AUTO, AUTO_MARGIN, does_not_fit_line, fewest_accum_steps
     from .targets import local_target
 
     if config.accum_steps != AUTO:
@@ -243,7 +243,7 @@ def resolve_accum_steps(config, model_config, recorded: int | None = None):
             log = (lambda line: print("  " + line, flush=True)) if jax.process_index() == 0 else (lambda _: None)
             k, report, tried = fewest_accum_steps(config, target, model_config=model_config, log=log)
             if k is None:
-                raise ValueError("accum_steps 'auto': " + does_not_fit_line(report))
+                raise ValueError("accum_steps 'auto': " + does_not_fit_line(report, margin=AUTO_MARGIN))
             how = f"the fewest micro-batches whose step fits {target.name} ({len(tried)} compiles)"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -111,6 +111,9 @@ def test_the_does_not_fit_line_says_by_how_much_and_names_the_knobs():
     assert line.startswith("does not fit fake at batch 512: needs 30.00 GiB per device of 16.00 GiB, over by 14.00")
     for knob in ("mesh.fsdp", "accum_steps", "model.remat=dots", "batch_size"):
         assert knob in line
+    # accum_steps "auto" leaves 5% free: 15.5 GiB of 16 fits the usable memory but not that
+    line = aot.does_not_fit_line(_fake_report(512, int(15.5 * targets.GiB), 16 * targets.GiB), margin=0.05)
+    assert ": needs 15.50 GiB per device of 16.00 GiB (15.20 GiB with 5% left free), over by 0.30 GiB;" in line
 
 
 def _accum_peak(k, rows=4096, usable=None):

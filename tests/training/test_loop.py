@@ -84,6 +84,38 @@ def test_auto_accum_steps_is_1_on_cpu_and_a_resume_keeps_the_one_its_run_chose(t
     assert resolve_accum_steps(config, None, recorded=8).accum_steps == 2  # a number is kept as given
 
 
+@pytest.mark.slow
+def test_the_trainer_compiles_auto_accum_steps_for_its_devices_and_a_resume_keeps_it(tmp_path, monkeypatch, capsys):
+    """The trainer with accum_steps "auto" on devices whose memory (here: this CPU, its usable
+    bytes capped between the compiled peaks of K = 2 and K = 4, as an accelerator's
+    ``memory_stats`` would give them) fits K = 4 but not K = 2: it trains with 4 and records it;
+    the resume keeps 4 although the devices would now fit K = 1."""
+    from chinese_clip_jax.training import compile as aot
+    from chinese_clip_jax.training import targets
+
+    config = tiny_train_config(2, checkpoint_every=2, batch_size=64)
+    config.model.vision.image_size = 32  # activations large enough beside the state for K to matter
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    host = targets.Target("cpu", "cpu", jax.devices()[:1], 10**12, "this host")
+    peaks = {}
+    for k in (2, 4):
+        config.accum_steps = k
+        peaks[k] = aot.compile_step(config, host).peak_bytes
+    assert peaks[4] < 0.95 * peaks[2]
+    capped = targets.Target("cpu", "cpu", jax.devices()[:1], int((peaks[2] + peaks[4] / 0.95) / 2), "capped")
+    monkeypatch.setattr(targets, "local_target", lambda: capped)
+    config.accum_steps = "auto"
+    workdir = str(tmp_path / "run")
+    assert train(config, workdir, data_iter=make_iterator(config), progress=False)["step"] == 2
+    assert "accum_steps 'auto' -> 4: the fewest micro-batches whose step fits" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run_options.json").read_text())["accum_steps"] == 4
+    monkeypatch.setattr(targets, "local_target", lambda: host)  # K = 1 would fit now
+    config.total_steps = 3
+    assert train(config, workdir, data_iter=make_iterator(config), progress=False)["step"] == 3
+    assert "accum_steps 'auto' -> 4: as this run chose at its first start" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run_options.json").read_text())["accum_steps"] == 4
+
+
 @pytest.mark.parametrize(
     "freeze,frozen,trained",
     [
