@@ -11,7 +11,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from _train_helpers import fake_batches, max_rel_err, mesh_for, opt_config, tiny_config  # noqa: E402
 
 import chinese_clip_jax as ccj  # noqa: E402

@@ -72,7 +72,9 @@ def test_splash_scales_by_the_true_head_dim_and_masks_padding_keys():
 
 def test_bad_uses_fail_in_one_line_naming_the_problem():
     x = jnp.zeros((2, 5, 2, 8))
-    with pytest.raises(ValueError, match=r"^splash attention takes q, k, v of one shape .*\(2, 5, 2, 8\), \(2, 6, 2, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"^splash attention takes q, k, v of one shape .*\(2, 5, 2, 8\), \(2, 6, 2, 8\)"
+    ):
         splash_attention(x, jnp.zeros((2, 6, 2, 8)), x, None)
     with pytest.raises(ValueError, match=r"^splash attention takes a bool key-padding mask .*\(2, 1, 5, 5\)$"):
         splash_attention(x, x, x, jnp.ones((2, 1, 5, 5), jnp.bool_))  # a full (q, k) mask: not key padding
