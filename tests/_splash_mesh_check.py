@@ -22,7 +22,7 @@ from chinese_clip_jax.training.step import make_grad_fn  # noqa: E402
 MESHES = [(2, 2, 2), (2, 1, 4)]
 
 
-def model(cfg, impl):
+def scanned_model(cfg, impl):
     return ccj.ChineseCLIPModel(cfg, attention_impl=impl, scan_layers=True, remat="dots")
 
 
@@ -33,12 +33,12 @@ def main():
     out = {"devices": jax.device_count(), "cases": []}
     for shape in MESHES:
         mesh = mesh_for(shape)
-        state, _ = create_train_state(model(cfg, "xla"), tx, mesh, seed=0)
+        state, _ = create_train_state(scanned_model(cfg, "xla"), tx, mesh, seed=0)
         batch = shd.shard_batch(host_batch, mesh)
         rng = jax.random.key(1)
         with shd.use_mesh_and_rules(mesh):
-            lx, gx = jax.jit(make_grad_fn(model(cfg, "xla"), mesh))(state.params, batch, rng)
-            ls, gs = jax.jit(make_grad_fn(model(cfg, "splash"), mesh))(state.params, batch, rng)
+            lx, gx = jax.jit(make_grad_fn(scanned_model(cfg, "xla"), mesh))(state.params, batch, rng)
+            ls, gs = jax.jit(make_grad_fn(scanned_model(cfg, "splash"), mesh))(state.params, batch, rng)
         rel, key_bias = max_rel_err(gs, gx)
         out["cases"].append(
             {"mesh": shape, "rel": rel, "key_bias": key_bias, "loss": abs(float(ls) - float(lx)) / abs(float(lx))}
