@@ -16,9 +16,9 @@ q, k, v the other attention paths take, (batch, seq, heads, head_dim):
   partitioner, so each device runs it on its own rows (batch over ("data", "fsdp")) and heads
   (over "tensor"); an axis that does not divide its dimension is left out (that dimension is then
   replicated along it, as ``sharding.param_shardings`` does for params);
-* off TPU (the CPU tests) the same kernel runs in Pallas' interpret mode. The platform is the
-  current mesh's (so a step compiled for a TPU topology on a CPU host gets the real kernel), else
-  ``jax.default_backend()``.
+* on CPU (the tests) the same kernel runs in Pallas' interpret mode; on GPU it is refused. The
+  platform is the current mesh's (so a step compiled for a TPU topology on a CPU host gets the
+  real kernel), else ``jax.default_backend()``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     widths = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, widths).transpose(0, 2, 1, 3) for t in (q, k, v))  # (b, heads, padded, d)
-    interpret = _platform() != "tpu"
+    platform = _platform()
+    if platform not in ("tpu", "cpu"):
+        raise ValueError(
+            f"attention_impl='splash' is a TPU kernel (interpret mode on CPU), not for {platform}: "
+            "use 'cudnn' or 'xla' there"
+        )
+    interpret = platform == "cpu"
 
     def run(q, k, v, kv_segments):
         kernel = _kernel(padded, q.shape[1], interpret)

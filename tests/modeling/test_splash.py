@@ -70,7 +70,7 @@ def test_splash_scales_by_the_true_head_dim_and_masks_padding_keys():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_uses_fail_in_one_line_naming_the_problem():
+def test_bad_uses_fail_in_one_line_naming_the_problem(monkeypatch):
     x = jnp.zeros((2, 5, 2, 8))
     with pytest.raises(
         ValueError, match=r"^splash attention takes q, k, v of one shape .*\(2, 5, 2, 8\), \(2, 6, 2, 8\)"
@@ -80,6 +80,9 @@ def test_bad_uses_fail_in_one_line_naming_the_problem():
         splash_attention(x, x, x, jnp.ones((2, 1, 5, 5), jnp.bool_))  # a full (q, k) mask: not key padding
     with pytest.raises(ValueError, match=r"^attention_impl must be one of .*'splash'.*got 'flash'$"):
         ccj.ChineseCLIPModel(tiny_config(), attention_impl="flash")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # no mesh: the default backend decides
+    with pytest.raises(ValueError, match=r"^attention_impl='splash' is a TPU kernel .*not for gpu: use 'cudnn'"):
+        splash_attention(x, x, x, None)
 
 
 @pytest.mark.slow
