@@ -34,6 +34,10 @@ from chinese_clip_jax.sharding import BATCH_AXES
 
 SPLASH_SEQ_MULTIPLE = 128  # the kernel's lane width: every block size is a multiple of it
 _BLOCKS = (512, 256, 128)  # block sizes tried, largest first, for q and kv alike
+# q, k, v laid out (heads, head_dim, seq) for the kernel: with head_dim (64, 80) minor, TPU's
+# 128-lane tiles pad every copy around the kernel to 128 (the base step's temporaries at batch 512
+# on v5e: 11.8 GiB head_dim-minor; figures in docs/accelerators.md).
+_LAYOUTS = {f"{n}_layout": splash.QKVLayout.SEQ_MINOR for n in ("q", "k", "v")}
 
 
 def splash_padded_length(seq: int) -> int:
@@ -78,6 +82,7 @@ def _kernel(padded: int, heads: int, interpret: bool):
         block_kv_dkv_compute=block,
         block_q_dq=block,
         block_kv_dq=block,
+        **_LAYOUTS,
     )
     mask = splash.MultiHeadMask([splash.FullMask((padded, padded))] * heads)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
