@@ -34,10 +34,6 @@ from chinese_clip_jax.sharding import BATCH_AXES
 
 SPLASH_SEQ_MULTIPLE = 128  # the kernel's lane width: every block size is a multiple of it
 _BLOCKS = (512, 256, 128)  # block sizes tried, largest first, for q and kv alike
-# q, k, v laid out (heads, head_dim, seq) for the kernel: with head_dim (64, 80) minor, TPU's
-# 128-lane tiles pad every copy around the kernel to 128 (the base step's temporaries at batch 512
-# on v5e: 11.8 GiB head_dim-minor; figures in docs/accelerators.md).
-_LAYOUTS = {f"{n}_layout": splash.QKVLayout.SEQ_MINOR for n in ("q", "k", "v")}
 
 
 def splash_padded_length(seq: int) -> int:
@@ -71,8 +67,9 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
         )
 
 
-def _kernel(padded: int, heads: int, interpret: bool):
+def _kernel(padded: int, heads: int, interpret: bool, seq_minor: bool):
     block = block_size(padded)
+    layout = splash.QKVLayout.SEQ_MINOR if seq_minor else splash.QKVLayout.HEAD_DIM_MINOR
     sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -82,7 +79,9 @@ def _kernel(padded: int, heads: int, interpret: bool):
         block_kv_dkv_compute=block,
         block_q_dq=block,
         block_kv_dq=block,
-        **_LAYOUTS,
+        q_layout=layout,
+        k_layout=layout,
+        v_layout=layout,
     )
     mask = splash.MultiHeadMask([splash.FullMask((padded, padded))] * heads)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
@@ -96,12 +95,17 @@ def _fit(axes: tuple[str, ...], dim: int, mesh) -> tuple[str, ...]:
     return tuple(keep)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, seq_minor: bool = True
+) -> jax.Array:
     """Softmax attention by the Pallas splash kernel, same maths as ``head_major_attention``.
 
     q, k, v: (batch, seq, heads, head_dim); mask: bool (batch, 1, 1, seq), True for keys that may
     be attended, or None. Returns (batch, seq, heads, head_dim) in q's dtype. Scores, softmax and
-    the probabilities-times-values product are fp32 inside the kernel.
+    the probabilities-times-values product are fp32 inside the kernel. ``seq_minor``: the kernel
+    takes q, k, v laid out (heads, head_dim, seq); with head_dim (64, 80) minor instead, TPU's
+    128-lane tiles pad every copy around the kernel to 128 wide (the base step's temporaries at
+    batch 512 on v5e: 11.8 GiB against 10.7; ``bench/attention_memory.py``, docs/accelerators.md).
     """
     _check(q, k, v, mask)
     b, seq, heads, head_dim = q.shape
@@ -121,7 +125,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     interpret = platform == "cpu"
 
     def run(q, k, v, kv_segments):
-        kernel = _kernel(padded, q.shape[1], interpret)
+        kernel = _kernel(padded, q.shape[1], interpret, seq_minor)
         q_segments = jnp.zeros_like(kv_segments)
         return jax.vmap(lambda *a: kernel(*a[:3], segment_ids=splash.SegmentIds(*a[3:])))(
             q, k, v, q_segments, kv_segments

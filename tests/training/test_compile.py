@@ -194,21 +194,16 @@ def test_h100_large_patch14_batch_256_fits_one_80gb_gpu(compiled):
 
 @needs_tpu
 @pytest.mark.slow
-def test_tpu_splash_attention_compiles_in_both_towers_with_fewer_temporaries_than_xla():
+def test_tpu_splash_attention_compiles_in_both_towers_forward_and_backward():
     """``model.attention_impl="splash"`` (the Pallas TPU kernel) in the base step on v5e:2x2 at
     batch 64, TPU defaults otherwise (scanned, remat "dots"): 8 Pallas kernels, per tower the
     forward, its recomputation in the backward pass (remat) and the dq and dkv kernels (one tower
-    alone would give 4; counts are per loop iteration); fewer temporary bytes than XLA attention
-    at the same batch, which keeps (seq x seq) scores and probabilities."""
-    target = targets.open_target("v5e:2x2")
-    reports = {}
-    for impl in ("splash", "xla"):
-        config = _size_config("base", 64)
-        config.model.attention_impl = impl
-        reports[impl] = aot.compile_step(config, target)
-        print(aot.format_report(reports[impl]))
-    splash, xla = reports["splash"], reports["xla"]
-    assert splash.options["attention_impl"] == "splash" and xla.options["attention_impl"] == "xla"
-    assert splash.counts.get("pallas_tpu_kernel") == 8, aot.format_report(splash)
-    assert xla.counts.get("pallas_tpu_kernel", 0) == 0
-    assert splash.fits and splash.temp_bytes < xla.temp_bytes, (splash.temp_bytes, xla.temp_bytes)
+    alone would give 4; counts are per loop iteration). Its temporaries are not asserted: at
+    batch 512 they are above XLA attention's (docs/accelerators.md)."""
+    config = _size_config("base", 64)
+    config.model.attention_impl = "splash"
+    report = aot.compile_step(config, targets.open_target("v5e:2x2"))
+    print(aot.format_report(report))
+    assert report.options["attention_impl"] == "splash"
+    assert report.counts.get("pallas_tpu_kernel") == 8, aot.format_report(report)
+    assert report.fits, aot.format_report(report)
