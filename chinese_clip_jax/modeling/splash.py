@@ -15,7 +15,8 @@ q, k, v the other attention paths take, (batch, seq, heads, head_dim):
   step) the kernel runs in ``jax.shard_map``: a ``pallas_call`` is opaque to XLA's SPMD
   partitioner, so each device runs it on its own rows (batch over ("data", "fsdp")) and heads
   (over "tensor"); an axis that does not divide its dimension is left out (that dimension is then
-  replicated along it, as ``sharding.param_shardings`` does for params);
+  replicated along it, as ``sharding.param_shardings`` does for params); with no mesh set, the
+  kernel is called as it is (one device; XLA would gather sharded inputs to run it whole);
 * on CPU (the tests) the same kernel runs in Pallas' interpret mode; on GPU it is refused. The
   platform is the current mesh's (so a step compiled for a TPU topology on a CPU host gets the
   real kernel), else ``jax.default_backend()``.

@@ -31,7 +31,7 @@ def _loss_and_features(impl, params, batch, cfg):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
-@pytest.mark.slow  # interpret mode: ~25 s of CPU
+@pytest.mark.slow  # interpret mode: 17 s on 2 cores
 def test_splash_model_equals_xla_attention_forward_and_gradients():
     """Both towers, scanned layers + remat "dots", fp32: text rows of lengths 2..6 padded to 6
     (the splash kernel runs them at 128 with the padding keys in another segment) and an image of
