@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from chinese_clip_jax.modeling.splash import splash_attention
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -175,7 +177,8 @@ class Attention(nn.Module):
     ``implementation``: "xla" or "cudnn" go through ``jax.nn.dot_product_attention`` with that
     implementation (the mask in the form each takes, ``attention_mask_kwargs``; cudnn with odd
     lengths padded, ``padded_attention``); None uses it too (JAX picks) except on the CPU
-    backend, where the faster ``head_major_attention`` runs.
+    backend, where the faster ``head_major_attention`` runs. "splash" runs the Pallas TPU splash
+    kernel (``splash.splash_attention``; interpret mode off TPU).
     """
 
     num_heads: int
@@ -202,6 +205,8 @@ class Attention(nn.Module):
             y = head_major_attention(q, k, v, mask)
         elif self.implementation == "cudnn":
             y = padded_attention(q, k, v, mask, "cudnn")
+        elif self.implementation == "splash":
+            y = splash_attention(q, k, v, mask)
         else:
             y = jax.nn.dot_product_attention(
                 q, k, v, implementation=self.implementation, **attention_mask_kwargs(mask, self.implementation)
@@ -251,12 +256,17 @@ def matmul_precision(precision: str | None):
     return jax.default_matmul_precision(precision)
 
 
+# ``attention_impl`` values (see ``Attention``).
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
+
+
 class ConfiguredModule(nn.Module):
     """Fields of the towers and of the joint model: the architecture and how to run it.
 
     config: the architecture (a text, vision or joint config). dtype: compute dtype (params stay
     fp32; LayerNorm statistics, softmax and logits are fp32). attention_impl: ``implementation``
-    for ``jax.nn.dot_product_attention`` (None, "xla", "cudnn"; see ``Attention``). scan_layers:
+    for ``jax.nn.dot_product_attention`` (None, "xla", "cudnn"), or "splash" (the Pallas TPU kernel;
+    see ``Attention``). scan_layers:
     stacked layer params run with ``nn.scan`` (True, False or "auto": ``resolve_scan_layers``).
     remat: recompute layer activations in the backward pass, a key of ``REMAT_POLICIES``
     ("dots", "full"; True means "full") or False (see ``LayerStack``). precision: matmul
@@ -276,8 +286,8 @@ class ConfiguredModule(nn.Module):
         resolve_scan_layers(self.scan_layers)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be None or one of {PRECISIONS}, got {self.precision!r}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         super().__post_init__()
 
 

@@ -51,7 +51,7 @@ _WHY = {
     "cpu": "the CPU benchmarks' choice (docs/performance.md)",
     "cuda": "fused cuDNN attention, unrolled layers, RngBitGenerator dropout, no remat (docs/accelerators.md)",
     "rocm": "as cuda, with XLA attention (cuDNN is NVIDIA's)",
-    "tpu": "XLA attention (the Pallas kernels need head_dim 128), scanned layers, RngBitGenerator dropout",
+    "tpu": "XLA attention (splash: more temporaries, speed unmeasured), scanned layers, RngBitGenerator dropout",
 }
 
 

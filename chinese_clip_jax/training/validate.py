@@ -168,7 +168,7 @@ def validate_config(config, reference=None) -> None:
         remat,
         "one of 'auto', 'none', " + ", ".join(repr(k) for k in REMAT_POLICIES),
     )
-    _choice(config, "model.attention_impl", ("auto", "", None, "xla", "cudnn"))
+    _choice(config, "model.attention_impl", ("auto", "", None, "xla", "cudnn", "splash"))
     scan = config.model.scan_layers
     _check(
         scan in (True, False) or (isinstance(scan, str) and scan.lower() in ("auto", "true", "false")),

@@ -276,3 +276,20 @@ def test_h100_large_patch14_batch_256_fits_one_80gb_gpu(compiled):
     if not report.fits:
         assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0." in aot.does_not_fit_line(report)
     assert report.counts.get("cudnn_attention_forward@264") == 24, report.counts  # 257 patches + class, padded
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_tpu_splash_attention_compiles_in_both_towers_forward_and_backward():
+    """``model.attention_impl="splash"`` (the Pallas TPU kernel) in the base step on v5e:2x2 at
+    batch 64, TPU defaults otherwise (scanned, remat "dots"): 8 Pallas kernels, per tower the
+    forward, its recomputation in the backward pass (remat) and the dq and dkv kernels (one tower
+    alone would give 4; counts are per loop iteration). Its temporaries are not asserted: at
+    batch 512 they are above XLA attention's (docs/accelerators.md)."""
+    config = _size_config("base", 64)
+    config.model.attention_impl = "splash"
+    report = aot.compile_step(config, targets.open_target("v5e:2x2"))
+    print(aot.format_report(report))
+    assert report.options["attention_impl"] == "splash"
+    assert report.counts.get("pallas_tpu_kernel") == 8, aot.format_report(report)
+    assert report.fits, aot.format_report(report)

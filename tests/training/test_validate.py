@@ -32,6 +32,11 @@ def _set(config, dotted, value):
         ("dtype", "fp16", "config.dtype = 'fp16': must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
         ("optimizer.learning_rate", 1e-3, "unknown config key 'optimizer.learning_rate'; did you mean 'optimizer.lr'"),
         ("foo", 1, "unknown config key 'foo'"),
+        (
+            "model.attention_impl",
+            "flash",
+            "config.model.attention_impl = 'flash': must be one of 'auto', '', None, 'xla', 'cudnn', 'splash'",
+        ),
     ],
 )
 def test_bad_training_values_are_one_line_errors(key, value, message):
@@ -41,6 +46,12 @@ def test_bad_training_values_are_one_line_errors(key, value, message):
         validate_config(config, reference=base.get_config())
     assert message in str(info.value) and "\n" not in str(info.value)
     assert validate_config(demo.get_config(), reference=base.get_config()) is None
+
+
+def test_splash_attention_is_a_valid_choice():
+    config = demo.get_config()
+    config.model.attention_impl = "splash"
+    assert validate_config(config, reference=base.get_config()) is None
 
 
 def test_cn_clip_format_choice_is_checked():

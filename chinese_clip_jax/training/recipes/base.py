@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
             # XLA attention, scanned layers, remat "dots" (the lowest memory at no loss of speed);
             # GPU: cuDNN attention, unrolled layers, no remat; TPU: XLA attention, scanned, "dots".
             # Untyped fields (a recipe may assign True / False / None as well as a string):
-            "attention_impl": FieldReference("auto", field_type=object),  # "auto" | "xla" | "cudnn" ("" = auto)
+            "attention_impl": FieldReference("auto", field_type=object),  # "auto" ("") | "xla" | "cudnn" | "splash"
             "scan_layers": FieldReference("auto", field_type=object),  # "auto" | True | False
             "remat": FieldReference("auto", field_type=object),  # "auto" | "dots" | "full" (whole layers) | "none"
         }
