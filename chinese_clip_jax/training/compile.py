@@ -267,17 +267,12 @@ def compile_step(config, target: Target, *, mesh_sizes=None, model_config=None) 
     )
 
 
-def _with_batch(config, batch_size: int):
+def _with(config, **values: int):
+    """A copy of ``config`` with these top-level keys set to ints (``accum_steps`` "auto" too)."""
     c = copy.deepcopy(config)
-    with c.unlocked():
-        c.batch_size = int(batch_size)
-    return c
-
-
-def _with_accum(config, accum_steps: int):
-    c = copy.deepcopy(config)
-    with c.ignore_type():  # "auto" (a str) -> a number
-        c.accum_steps = int(accum_steps)
+    with c.ignore_type():
+        for key, value in values.items():
+            c[key] = int(value)
     return c
 
 
@@ -317,7 +312,7 @@ def fewest_accum_steps(
     reports: dict[int, CompileReport] = {}
 
     def compile_k(k):
-        reports[k] = compile_step(_with_accum(config, k), target, model_config=model_config)
+        reports[k] = compile_step(_with(config, accum_steps=k), target, model_config=model_config)
         r = reports[k]
         state = "fits" if ok(r) else f"does not fit with {margin:.0%} left free" if r.fits else "does not fit"
         log(
@@ -405,7 +400,7 @@ def search_max_batch(config, target: Target, *, quantum: int = 0, max_compiles: 
             guess = (lo + (hi if hi is not None else 2 * lo)) // 2 // step * step
         if guess <= lo or guess in reports:
             break
-        reports[guess] = compile_step(_with_batch(config, guess), target)
+        reports[guess] = compile_step(_with(config, batch_size=guess), target)
         log(_short(reports[guess]))
     fits = known(True)
     return (reports[fits[-1]] if fits else None), [reports[b] for b in sorted(reports)]
@@ -530,7 +525,7 @@ def run(config, target_text: str, *, max_batch: bool = False, out=print) -> int:
     try:
         if config.accum_steps == AUTO and max_batch:
             out("accum_steps 'auto': the search runs at accum_steps 1 (give a number to search at another)")
-            config = _with_accum(config, 1)
+            config = _with(config, accum_steps=1)
         if config.accum_steps == AUTO:
             k, report, tried = fewest_accum_steps(config, target, log=out)
             if k is None:

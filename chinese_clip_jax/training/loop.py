@@ -209,11 +209,15 @@ def _record_run_options(workdir, options, param_counts: dict | None = None, extr
     atomic_write(path, json.dumps(record, indent=1, sort_keys=True))
 
 
+def _has_checkpoints(ckpt_dir) -> bool:
+    """Whether DIR/checkpoints holds a step to resume from (a directory named by its step)."""
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def _recorded_accum_steps(workdir) -> int | None:
     """The accum_steps an earlier start of this run chose for "auto" (DIR/run_options.json), if it
     has checkpoints to resume; None otherwise."""
-    ckpt_dir = workdir / "checkpoints"
-    if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    if not _has_checkpoints(workdir / "checkpoints"):
         return None
     try:
         value = json.loads((workdir / "run_options.json").read_text()).get("accum_steps")
@@ -290,7 +294,7 @@ def _train(config, workdir, data_iter, eval_sets, progress, t_start) -> TrainRes
     ckpt_dir = workdir / "checkpoints"
     resuming = None
     if jax.process_index() == 0:
-        resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+        resuming = _has_checkpoints(ckpt_dir)
         architecture = _architecture(model_config)
         if lora is not None:  # the adapters are part of what the checkpoints hold
             architecture["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lora.items()}
