@@ -236,13 +236,14 @@ def test_openapi_describes_the_endpoints(client):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, asset
 
 
+def _serve_cli(*args):
+    """``python -m chinese_clip_jax.serve ARGS`` to its end (the refusals come before the model loads)."""
+    cmd = [sys.executable, "-m", "chinese_clip_jax.serve", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def test_not_a_ccj_embed_directory_is_a_one_line_error_before_the_model_loads(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = _serve_cli("--embeddings", str(tmp_path))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --embeddings {tmp_path}: no images.json or texts.json (not a ccj-embed --out directory)"
@@ -254,12 +255,7 @@ def test_a_taken_port_is_a_one_line_error_before_the_model_loads(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        res = subprocess.run(
-            [sys.executable, "-m", "chinese_clip_jax.serve", "--embeddings", str(tmp_path), "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = _serve_cli("--embeddings", str(tmp_path), "--port", str(port))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --host 127.0.0.1 --port {port}: cannot bind (Address already in use)"
